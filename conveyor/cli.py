@@ -1,0 +1,73 @@
+"""The ``conveyor`` command: ``gateway``, ``worker`` (and ``up``, which runs everything)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags given on the command line override the environment; absent ones leave it alone."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _gateway(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(**_overrides(args, ["host", "port", "models"]))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=10)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from worker.main import run
+    from worker.settings import WorkerSettings
+
+    overrides = _overrides(args, ["model", "model_path", "engine", "task", "max_jobs", "poll_delay",
+                                  "metrics_port", "fake_token_delay"])
+    if args.engine_args is not None:
+        overrides["engine_args"] = json.loads(args.engine_args)
+    run(WorkerSettings(**overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible HTTP API")
+    gateway.add_argument("--host")
+    gateway.add_argument("--port", type=int)
+    gateway.add_argument("--models", help="comma-separated served model names this deployment expects")
+    gateway.set_defaults(handler=_gateway)
+
+    worker = commands.add_parser("worker", help="serve one model's queue with one engine")
+    worker.add_argument("--model", help="served model name (the queue to drain)")
+    worker.add_argument("--model-path", dest="model_path", help="local folder or Hugging Face id of the weights")
+    worker.add_argument("--engine", choices=["vllm", "fake"], help="fake is a test/benchmark tool")
+    worker.add_argument("--task", choices=["auto", "generate", "embed"])
+    worker.add_argument("--engine-args", dest="engine_args", help="JSON object of vLLM engine arguments")
+    worker.add_argument("--max-jobs", dest="max_jobs", type=int)
+    worker.add_argument("--poll-delay", dest="poll_delay", type=float)
+    worker.add_argument("--metrics-port", dest="metrics_port", type=int)
+    worker.add_argument("--fake-token-delay", dest="fake_token_delay", type=float)
+    worker.set_defaults(handler=_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

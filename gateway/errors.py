@@ -1,0 +1,68 @@
+"""The one mapping from exceptions to OpenAI-shaped error responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from conveyor.errors import ConveyorError, InvalidRequest, NotFound, error_body
+
+log = logging.getLogger("conveyor.gateway")
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    param = _param(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return InvalidRequest(message, param=param)
+
+
+def respond(request: Request, error: ConveyorError) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    model = getattr(request.state, "model", "")
+    if metrics is not None and request.url.path.startswith("/v1/"):
+        metrics.requests.labels(model, request.url.path, str(error.status)).inc()
+        metrics.failures.labels(model, error.code or error.type).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ConveyorError)
+    async def _conveyor(request: Request, exc: ConveyorError) -> JSONResponse:
+        return respond(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return respond(request, NotFound(f"No route {request.method} {request.url.path}."))
+        error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
+        error.status = exc.status_code
+        return respond(request, error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return respond(request, ConveyorError(f"Internal error: {type(exc).__name__}", code="internal_error"))
+
+
+__all__ = ["error_body", "install", "respond", "validation_error"]

@@ -1,0 +1,44 @@
+"""Typed settings of the gateway process (env prefix ``CONVEYOR_GATEWAY_``), built once in the entry point."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_GATEWAY_", extra="forbid")
+
+    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="CONVEYOR_REDIS_URL")
+    host: str = "0.0.0.0"
+    port: int = 8000
+    #: served model names this deployment expects (comma-separated); a request for one with no live worker is
+    #: answered 503 at once, a name that is neither configured nor served by any worker is 404
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: bearer keys clients must send (comma-separated); empty = no authentication
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: default and ceiling of a request's deadline in seconds; clients may ask for less with
+    #: the ``X-Conveyor-Timeout`` header
+    request_timeout: float = Field(default=600, gt=0)
+    #: jobs waiting or running per model before new ones are refused with 429
+    max_queue_depth: int = Field(default=1024, ge=1)
+    retry_after_seconds: int = Field(default=1, ge=1)
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, keys: list[str]) -> list[str]:
+        bad = [k for k in keys if k.lower() in PLACEHOLDER_KEYS or len(k) < 8]
+        if bad:
+            raise ValueError("api_keys holds a placeholder or a key shorter than 8 characters; set real keys")
+        return keys

@@ -1,0 +1,67 @@
+"""Client disconnects, noticed at once for both kinds of response, so the job is cancelled right away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
+from typing import TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (which cancels the job) and raise
+    ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class EventStream(StreamingResponse):
+    """SSE response that listens for the disconnect itself (whatever the server's ASGI version) and closes the
+    relay at once, so its clean-up cancels the job even while no token is flowing."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, relay: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None) -> None:
+        super().__init__(relay, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await _wait_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            await self._relay.aclose()

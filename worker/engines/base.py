@@ -1,0 +1,47 @@
+"""The engine interface a worker drives. One engine per worker process, one model per engine."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from conveyor.contract import JobKind
+
+
+class Engine(ABC):
+    """An inference engine serving one model.
+
+    ``run`` returns a complete OpenAI response body; ``stream`` yields OpenAI chunk objects (``chat.completion.chunk``
+    or ``text_completion``) in order, including the final usage chunk when ``stream_options.include_usage`` asks for
+    it. Both raise ``conveyor.errors.ConveyorError`` subclasses for problems the client should see (a bad sampling
+    parameter is ``InvalidRequest``). Cancelling the awaiting task must abort the request inside the engine.
+    """
+
+    #: capabilities advertised to the gateway: "generate" (chat + completions) and/or "embed"
+    capabilities: frozenset[str]
+    #: longest prompt + completion the engine accepts, if known
+    max_model_len: int | None = None
+
+    @property
+    @abstractmethod
+    def concurrency(self) -> int:
+        """How many requests the engine batches at once: the worker runs this many jobs concurrently."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model. Called once before the worker takes jobs."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release the model."""
+
+    @abstractmethod
+    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Serve one non-streamed request."""
+
+    @abstractmethod
+    def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Serve one streamed request (chat or completion)."""
+
+    def running_requests(self) -> int:
+        """Requests currently inside the engine (for metrics and cancellation tests)."""
+        return 0

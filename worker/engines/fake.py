@@ -1,0 +1,167 @@
+"""FakeEngine: a deterministic stand-in for vLLM. A test and benchmark tool only, never a default.
+
+It answers in OpenAI's shapes with text and vectors derived from a hash of the input, so tests can check that what
+comes out is what this input produces, and benchmarks can measure Conveyor's own overhead without a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from conveyor.contract import JobKind
+from conveyor.errors import InvalidRequest
+from worker.engines.base import Engine
+
+VOCAB = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima")
+DEFAULT_MAX_TOKENS = 16
+MAX_MODEL_LEN = 2048
+
+
+def fake_tokens(prompt: str, count: int) -> list[str]:
+    """The completion the fake engine gives ``prompt``: ``count`` words picked by a hash of the prompt."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    return [" " + VOCAB[(digest[i % len(digest)] + i) % len(VOCAB)] for i in range(count)]
+
+
+def fake_vector(item: str | list[int], dim: int) -> list[float]:
+    """The unit vector the fake engine gives one input (a text or a token array)."""
+    seed = hashlib.sha256(repr(item).encode()).digest()
+    raw = [(seed[i % len(seed)] ^ (i * 37 % 256)) / 127.5 - 1.0 for i in range(dim)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+def _prompt_text(kind: JobKind, body: dict[str, Any]) -> str:
+    if kind is JobKind.CHAT:
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in body.get("messages", []))
+    prompt = body.get("prompt", "")
+    return prompt if isinstance(prompt, str) else repr(prompt)
+
+
+class FakeEngine(Engine):
+    def __init__(self, model: str, *, embed: bool = False, token_delay: float = 0.0, embedding_dim: int = 32,
+                 concurrency: int = 64) -> None:
+        self.model = model
+        self.capabilities = frozenset({"embed"} if embed else {"generate"})
+        self.max_model_len = MAX_MODEL_LEN
+        self.token_delay = token_delay
+        self.embedding_dim = embedding_dim
+        self._concurrency = concurrency
+        self._running = 0
+
+    @property
+    def concurrency(self) -> int:
+        return self._concurrency
+
+    def running_requests(self) -> int:
+        return self._running
+
+    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self._running += 1
+        try:
+            if kind is JobKind.EMBEDDING:
+                return self._embed(body)
+            choices: list[list[str]] = [[] for _ in range(int(body.get("n") or 1))]
+            async for index, token in self._generate(kind, body):
+                choices[index].append(token)
+            return self._response(kind, body, request_id, ["".join(c) for c in choices])
+        finally:
+            self._running -= 1
+
+    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+        self._running += 1
+        try:
+            base = self._base(kind, body, request_id, chunk=True)
+            n = int(body.get("n") or 1)
+            if kind is JobKind.CHAT:
+                for i in range(n):
+                    yield base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "finish_reason": None}]}
+            async for index, token in self._generate(kind, body):
+                yield base | {"choices": [self._choice(kind, index, token, None, chunk=True)]}
+            finish = self._finish_reason(body)
+            for i in range(n):
+                yield base | {"choices": [self._choice(kind, i, "", finish, chunk=True)]}
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield base | {"choices": [], "usage": self._usage(kind, body)}
+        finally:
+            self._running -= 1
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def _max_tokens(self, body: dict[str, Any]) -> int:
+        return int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS)
+
+    def _finish_reason(self, body: dict[str, Any]) -> str:
+        return "length" if body.get("max_tokens") or body.get("max_completion_tokens") else "stop"
+
+    def _prompt_tokens(self, kind: JobKind, body: dict[str, Any]) -> int:
+        count = len(_prompt_text(kind, body).split())
+        if count + self._max_tokens(body) > self.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{count} prompt tokens plus {self._max_tokens(body)} completion tokens.", param="messages")
+        return count
+
+    async def _generate(self, kind: JobKind, body: dict[str, Any]) -> AsyncIterator[tuple[int, str]]:
+        self._prompt_tokens(kind, body)
+        prompt = _prompt_text(kind, body)
+        n = int(body.get("n") or 1)
+        for token in fake_tokens(prompt, self._max_tokens(body)):
+            for index in range(n):
+                yield index, token
+            await asyncio.sleep(self.token_delay)
+
+    def _usage(self, kind: JobKind, body: dict[str, Any]) -> dict[str, int]:
+        prompt = self._prompt_tokens(kind, body)
+        completion = self._max_tokens(body) * int(body.get("n") or 1)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _base(self, kind: JobKind, body: dict[str, Any], request_id: str, *, chunk: bool) -> dict[str, Any]:
+        if kind is JobKind.CHAT:
+            obj, prefix = ("chat.completion.chunk" if chunk else "chat.completion"), "chatcmpl"
+        else:
+            obj, prefix = "text_completion", "cmpl"
+        return {"id": f"{prefix}-{request_id}", "object": obj, "created": int(time.time()), "model": self.model}
+
+    @staticmethod
+    def _choice(kind: JobKind, index: int, text: str, finish: str | None, *, chunk: bool) -> dict[str, Any]:
+        if kind is JobKind.COMPLETION:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        key, value = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
+        return {"index": index, key: value, "logprobs": None, "finish_reason": finish}
+
+    def _response(self, kind: JobKind, body: dict[str, Any], request_id: str, texts: list[str]) -> dict[str, Any]:
+        finish = self._finish_reason(body)
+        return self._base(kind, body, request_id, chunk=False) | {
+            "choices": [self._choice(kind, i, text, finish, chunk=False) for i, text in enumerate(texts)],
+            "usage": self._usage(kind, body),
+        }
+
+    # --- embeddings ---------------------------------------------------------------------------------------------
+
+    def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        raw = body["input"]
+        items: list[str | list[int]]
+        if isinstance(raw, str) or (raw and all(isinstance(x, int) for x in raw)):
+            items = [raw]
+        else:
+            items = list(raw)
+        dim = int(body.get("dimensions") or self.embedding_dim)
+        data = []
+        for index, item in enumerate(items):
+            vector = fake_vector(item, dim)
+            embedding: list[float] | str = vector
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in items)
+        return {"object": "list", "data": data, "model": self.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
