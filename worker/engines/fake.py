@@ -76,6 +76,7 @@ class FakeEngine(Engine):
             self._running -= 1
 
     async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+        self._prompt_tokens(kind, body)  # like vLLM: a bad request fails before the first chunk
         self._running += 1
         try:
             base = self._base(kind, body, request_id, chunk=True)

@@ -1,0 +1,144 @@
+"""Fixtures shared by every tier: a real redis-server per session and factories for real gateway/worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from conveyor import processes, redis_server
+from conveyor.registry import WorkerInfo
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = redis_server.free_port()
+    server = redis_server.start(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(10)
+
+
+@dataclass
+class Gateway:
+    port: int
+    process: subprocess.Popen[bytes]
+    clients: list[OpenAI] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str = "unused", **kwargs: object) -> OpenAI:
+        client = OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+@dataclass
+class Worker:
+    info: WorkerInfo
+    process: subprocess.Popen[bytes]
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics as {'name{label="v",...}': value}."""
+        return scrape(f"http://127.0.0.1:{self.info.metrics_port}/metrics")
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+@dataclass
+class Processes:
+    redis_url: str
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    gateways: list[Gateway] = field(default_factory=list)
+
+    def gateway(self, **settings: str) -> Gateway:
+        port = redis_server.free_port()
+        env = {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
+        process = processes.start_gateway(self.redis_url, port, env, output=subprocess.DEVNULL)
+        self.started.append(process)
+        self.gateways.append(Gateway(port, process))
+        return self.gateways[-1]
+
+    def worker(self, model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> Worker:
+        process, info = processes.start_worker(self.redis_url, model, args, env=env, output=subprocess.DEVNULL,
+                                               timeout=timeout)
+        self.started.append(process)
+        return Worker(info, process)
+
+    def fake_worker(self, model: str, *args: str, embed: bool = False) -> Worker:
+        return self.worker(model, "--engine", "fake", "--task", "embed" if embed else "generate", *args)
+
+    def stop_all(self) -> None:
+        for gateway in self.gateways:
+            gateway.close_clients()
+        for process in reversed(self.started):
+            processes.stop(process, grace=10)
+        self.started.clear()
+
+
+@pytest.fixture(scope="session")
+def session_processes(redis_url: str) -> Iterator[Processes]:
+    procs = Processes(redis_url)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture
+def spawn(redis_url: str) -> Iterator[Processes]:
+    """Processes that live for one test."""
+    procs = Processes(redis_url)
+    yield procs
+    procs.stop_all()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a condition on another process's state (metrics, registry) until it holds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        sample_name, _, rest = key.partition("{")
+        if sample_name == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+def models_arg(names: Sequence[str]) -> str:
+    return ",".join(names)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

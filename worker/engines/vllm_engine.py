@@ -1,0 +1,289 @@
+"""The real engine: vLLM's ``AsyncLLM`` in-process, driven through vLLM's own OpenAI serving objects.
+
+Nothing of the OpenAI API is re-implemented here. ``start`` parses vLLM's own server CLI (``make_arg_parser``) into
+the same namespace ``vllm serve`` would build, creates ``AsyncLLM`` from it and lets vLLM's ``init_app_state`` build
+the serving objects (``OpenAIServingChat``, ``OpenAIServingCompletion``, ``ServingEmbedding``, ...) exactly as the
+HTTP server does. Each job body is validated into vLLM's request model and handed to the matching serving object;
+its response is dumped like the server's ``JSONResponse`` does, and its SSE strings are parsed back into chunk dicts.
+
+Importing this module imports no vLLM (vLLM starts its CPU workers with spawn, and the environment below must be set
+before vLLM reads it): everything vLLM happens in ``start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from conveyor.contract import JobKind
+from conveyor.errors import (
+    ConveyorError,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+)
+from worker.engines.base import Engine
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+_ERROR_CLASSES: dict[int, type[ConveyorError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    413: InvalidRequest,
+    422: InvalidRequest,
+    429: Overloaded,
+    501: InvalidRequest,  # vLLM: "the model does not support ..." (NotImplementedError)
+}
+
+
+def data_dir() -> Path:
+    configured = os.environ.get("CONVEYOR_DATA_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "conveyor"
+
+
+def configure_environment(settings: WorkerSettings, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set what vLLM reads from the environment (must happen before vLLM is imported). Returns ``env``.
+
+    The CPU knobs are harmless on GPUs. ``HF_HUB_OFFLINE`` and ``VLLM_CACHE_ROOT`` are only defaults.
+    """
+    target = os.environ if env is None else env
+    target["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space)
+    if settings.cpu_threads_bind != "auto":
+        target["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+    target.setdefault("HF_HUB_OFFLINE", "1")
+    target.setdefault("VLLM_CACHE_ROOT", str(data_dir() / "vllm"))
+    return dict(target)
+
+
+def error_from_vllm(error: dict[str, Any]) -> ConveyorError:
+    """A ``ConveyorError`` from vLLM's error object (``ErrorResponse.error``: message, type, param, code=status)."""
+    status = int(error.get("code") or 500)
+    message = str(error.get("message") or "engine error")
+    cls = _ERROR_CLASSES.get(status) or (InvalidRequest if 400 <= status < 500 else EngineFailure)
+    if status == 404 and "model" in message.lower():
+        cls = ModelNotFound
+    exc = cls(message, param=error.get("param"))
+    if error.get("type"):
+        exc.type = str(error["type"])  # type: ignore[misc]  # keep vLLM's type, as its HTTP server returns it
+    return exc
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors()
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if "[" not in str(p) and "-" not in str(p))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    first_loc = [str(p) for p in errors[0].get("loc", ())] if errors else []
+    param = next((p for p in first_loc if "[" not in p and "-" not in p), None)
+    return InvalidRequest("; ".join(parts) or "invalid request", param=param)
+
+
+def _chat_cli_args(settings: WorkerSettings, weights: str, on_cpu: bool) -> list[str]:
+    argv = ["--model", weights, "--served-model-name", settings.model]
+    if on_cpu:
+        argv += ["--dtype", "float32", "--enforce-eager"]
+    if settings.task == "embed":
+        argv += ["--runner", "pooling"]
+    elif settings.task == "generate":
+        argv += ["--runner", "generate"]
+    return argv
+
+
+class VLLMEngine(Engine):
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.capabilities = frozenset()
+        self.max_model_len = None
+        self.start_seconds: float | None = None
+        self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM
+        self._state: Any = None  # starlette State holding vLLM's serving objects
+        self._max_num_seqs = 1
+        self._embedding_adapter: Any = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    @property
+    def concurrency(self) -> int:
+        return self._max_num_seqs
+
+    async def _weights(self) -> str:
+        weights = self.settings.weights
+        if Path(weights).expanduser().exists():
+            return str(Path(weights).expanduser())
+        from worker import model_prep
+
+        if weights.lower() in model_prep.PACKAGED_MODELS:  # an offline packaged model: locate / convert it
+            return str(await asyncio.to_thread(model_prep.resolve, weights))
+        return weights  # a hub id
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        configure_environment(self.settings)
+        weights = await self._weights()
+
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs  # type: ignore[import-untyped]
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state  # type: ignore[import-untyped]
+        from vllm.entrypoints.launchers.cli_args import (  # type: ignore[import-untyped]
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+        from vllm.platforms import current_platform  # type: ignore[import-untyped]
+        from vllm.usage.usage_lib import UsageContext  # type: ignore[import-untyped]
+        from vllm.utils.argparse_utils import FlexibleArgumentParser  # type: ignore[import-untyped]
+        from vllm.v1.engine.async_llm import AsyncLLM  # type: ignore[import-untyped]
+
+        on_cpu = bool(current_platform.is_cpu())
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(_chat_cli_args(self.settings, weights, on_cpu))
+        engine_fields = set(AsyncEngineArgs.__dataclass_fields__)
+        for key, value in self.settings.engine_args.items():
+            if key not in engine_fields:
+                raise ValueError(f"engine_args: {key!r} is not a vLLM AsyncEngineArgs field")
+            setattr(args, key, value)
+        validate_parsed_serve_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        log.info("starting vLLM (%s, cpu=%s) for %s from %s", platform.machine(), on_cpu, self.settings.model, weights)
+        llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        try:
+            tasks = tuple(await llm.get_supported_tasks())
+            state = State()
+            await init_app_state(llm, state, args, tasks)
+        except BaseException:
+            llm.shutdown()
+            raise
+        self._llm, self._state = llm, state
+        caps = {"generate"} if "generate" in tasks else set()
+        if "embed" in tasks and getattr(state, "serving_embedding", None) is not None:
+            caps.add("embed")
+        self.capabilities = frozenset(caps)
+        self.max_model_len = int(llm.model_config.max_model_len)
+        self._max_num_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
+        self.start_seconds = time.monotonic() - started
+        log.info("vLLM ready in %.1f s: tasks=%s max_model_len=%s max_num_seqs=%s", self.start_seconds, tasks,
+                 self.max_model_len, self._max_num_seqs)
+
+    async def stop(self) -> None:
+        llm, self._llm, self._state = self._llm, None, None
+        if llm is not None:
+            llm.shutdown()
+
+    def running_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def _serving(self, name: str) -> Any:
+        if self._state is None:
+            raise EngineFailure("engine not started")
+        serving = getattr(self._state, name, None)
+        if serving is None:
+            raise InvalidRequest(f"model {self.settings.model!r} does not support this endpoint")
+        return serving
+
+    def _request(self, kind: JobKind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
+        """Validate ``body`` into vLLM's own request model (what FastAPI does in vLLM's server)."""
+        data = {**body, "request_id": request_id}
+        if kind is not JobKind.EMBEDDING:
+            data["stream"] = stream
+        try:
+            if kind is JobKind.CHAT:
+                from vllm.entrypoints.openai.chat_completion.protocol import (  # type: ignore[import-untyped]
+                    ChatCompletionRequest,
+                )
+
+                return ChatCompletionRequest.model_validate(data)
+            if kind is JobKind.COMPLETION:
+                from vllm.entrypoints.openai.completion.protocol import (  # type: ignore[import-untyped]
+                    CompletionRequest,
+                )
+
+                return CompletionRequest.model_validate(data)
+            if self._embedding_adapter is None:
+                from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest  # type: ignore[import-untyped]
+
+                self._embedding_adapter = TypeAdapter(EmbeddingRequest)
+            return self._embedding_adapter.validate_python(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def _call(self, kind: JobKind, request: Any) -> Any:
+        """Call the serving object; exceptions become errors the way vLLM's exception handlers map them."""
+        from vllm.entrypoints.serve.exception_handling.error_response import (  # type: ignore[import-untyped]
+            create_error_response,
+        )
+
+        try:
+            if kind is JobKind.CHAT:
+                return await self._serving("openai_serving_chat").create_chat_completion(request)
+            if kind is JobKind.COMPLETION:
+                return await self._serving("openai_serving_completion").create_completion(request)
+            return await self._serving("serving_embedding")(request)
+        except ConveyorError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM's server turns every exception into an error response
+            raise error_from_vllm(create_error_response(exc).error.model_dump()) from exc
+
+    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
+            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+        result = await self._call(kind, self._request(kind, body, request_id, stream=False))
+        _raise_if_error(result)
+        if kind is JobKind.EMBEDDING:  # a starlette JSONResponse (or ORJSONResponse): its body is the JSON
+            body_bytes = getattr(result, "body", None)
+            if not isinstance(body_bytes, bytes | bytearray | memoryview):
+                raise EngineFailure("unexpected embedding response from vLLM")
+            parsed: dict[str, Any] = json.loads(bytes(body_bytes))
+            if "error" in parsed:
+                raise error_from_vllm(parsed["error"])
+            return parsed
+        if not hasattr(result, "model_dump"):
+            raise EngineFailure("vLLM returned a stream for a non-streamed request")
+        dumped: dict[str, Any] = result.model_dump(mode="json")  # vLLM's server: JSONResponse(result.model_dump())
+        return dumped
+
+    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+        if kind is JobKind.EMBEDDING:
+            raise InvalidRequest("embeddings cannot be streamed", param="stream")
+        result = await self._call(kind, self._request(kind, body, request_id, stream=True))
+        _raise_if_error(result)
+        if hasattr(result, "model_dump"):  # vLLM answered in one piece
+            raise EngineFailure("vLLM returned a full response for a streamed request")
+        try:
+            async for event in result:
+                for line in str(event).splitlines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, SSE comments (keep-alives)
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                        raise error_from_vllm(chunk["error"])
+                    yield chunk
+        finally:
+            # On cancellation vLLM's generator already saw CancelledError and aborted the request; on an early
+            # close (the consumer stopped iterating) closing it raises GeneratorExit inside, which aborts too.
+            await result.aclose()
+
+
+def _raise_if_error(result: Any) -> None:
+    error = getattr(result, "error", None)
+    if error is not None and hasattr(error, "code") and type(result).__name__ == "ErrorResponse":
+        raise error_from_vllm(error.model_dump())
