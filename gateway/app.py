@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from arq.connections import ArqRedis
 from fastapi import FastAPI
 
 from conveyor import redis_client
@@ -17,12 +18,14 @@ from gateway.service import ServingService
 from gateway.settings import GatewaySettings
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings,
+               connect: Callable[[str], ArqRedis] = redis_client.connect) -> FastAPI:
+    """``connect`` builds the Redis client in the lifespan (tests pass one backed by fakeredis)."""
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_client.connect(settings.redis_url)
+        redis = connect(settings.redis_url)
         mux = PubSubMultiplexer(redis)
         service = ServingService(JobQueue(redis, settings, metrics), mux, settings, metrics)
         app.state.service = service

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import base64
+import struct
+
+import pytest
+
+from conveyor.contract import JobKind
+from conveyor.errors import InvalidRequest
+from worker.engines.fake import FakeEngine, fake_tokens, fake_vector
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
+
+
+async def test_chat_is_deterministic_and_counts_usage() -> None:
+    engine = FakeEngine("m")
+    first = await engine.run(JobKind.CHAT, CHAT, "r1")
+    second = await engine.run(JobKind.CHAT, CHAT, "r2")
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    assert first["choices"][0]["message"]["content"] == "".join(fake_tokens("user: hi there", 4))
+    assert first["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert engine.running_requests() == 0
+
+
+async def test_stream_joins_to_run_and_reports_usage_last() -> None:
+    engine = FakeEngine("m")
+    chunks = [c async for c in engine.stream(JobKind.CHAT, CHAT | {"stream_options": {"include_usage": True}},
+                                             "r")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == (await engine.run(JobKind.CHAT, CHAT, "r"))["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_too_long_request_is_refused_before_streaming() -> None:
+    stream = FakeEngine("m").stream(JobKind.CHAT, CHAT | {"max_tokens": 10_000}, "r")
+    with pytest.raises(InvalidRequest):
+        await anext(stream)
+
+
+async def test_embeddings_float_and_base64_agree() -> None:
+    engine = FakeEngine("m", embed=True, embedding_dim=8)
+    floats = await engine.run(JobKind.EMBEDDING, {"input": ["a", "b"]}, "r")
+    packed = await engine.run(JobKind.EMBEDDING, {"input": ["a", "b"], "encoding_format": "base64"}, "r")
+    decoded = struct.unpack("<8f", base64.b64decode(packed["data"][1]["embedding"]))
+    assert floats["data"][1]["embedding"] == pytest.approx(decoded, abs=1e-6)
+    assert floats["data"][0]["embedding"] == fake_vector("a", 8)
+    assert sum(x * x for x in fake_vector("a", 8)) == pytest.approx(1.0)

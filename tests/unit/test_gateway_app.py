@@ -1,0 +1,113 @@
+"""The gateway app in-process on fakeredis: admission, validation mapping and the stream relay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import fakeredis
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from fastapi import FastAPI
+
+from conveyor import contract, registry
+from conveyor.contract import StreamMessage
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.unit.conftest import fake_connect
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def app(fake_server: fakeredis.FakeServer) -> AsyncIterator[FastAPI]:
+    settings = GatewaySettings(models=["chat", "idle"], max_queue_depth=2, request_timeout=5)
+    application = create_app(settings, connect=lambda _url: fake_connect(fake_server))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        yield c
+
+
+async def register(redis: ArqRedis, model: str, capabilities: list[str]) -> None:
+    info = registry.WorkerInfo(worker_id=f"w-{model}", model=model, capabilities=capabilities, max_jobs=1,
+                               host="h", pid=1, started=time.time())
+    await registry.heartbeat(redis, info, ttl=30)
+
+
+async def test_validation_error_is_openai_shaped_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json={"model": "chat", "messages": "nope"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_unknown_route_is_openai_shaped_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+async def test_admission_order(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+    assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "ghost"})).status_code == 404
+    assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "idle"})).status_code == 503
+    await register(redis, "embedder", ["embed"])
+    refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "embedder"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_model_capability"
+    await register(redis, "chat", ["generate"])
+    await redis.zadd(contract.queue_name("chat"), {"a": 1, "b": 2})
+    full = await client.post("/v1/chat/completions", json=CHAT)
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+
+
+async def test_sync_request_gets_the_reply_pushed_by_a_worker(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+    await register(redis, "chat", ["generate"])
+
+    async def fake_worker() -> None:
+        while not (ids := await redis.zrange(contract.queue_name("chat"), 0, -1)):
+            await asyncio.sleep(0.001)
+        await redis.rpush(contract.reply_key(ids[0].decode()), '{"body": {"ok": true}}')
+
+    worker = asyncio.create_task(fake_worker())
+    response = await client.post("/v1/chat/completions", json=CHAT)
+    await worker
+    assert response.status_code == 200 and response.json() == {"ok": True}
+
+
+async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+    await register(redis, "chat", ["generate"])
+
+    async def fake_worker() -> None:
+        while not (ids := await redis.zrange(contract.queue_name("chat"), 0, -1)):
+            await asyncio.sleep(0.001)
+        channel = contract.stream_channel(ids[0].decode())
+        for seq in (0, 2):  # chunk 1 is lost
+            await redis.publish(channel, StreamMessage(seq=seq, type="chunk", data={"n": seq}).model_dump_json())
+
+    worker = asyncio.create_task(fake_worker())
+    response = await client.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    await worker
+    events = [line for line in response.text.splitlines() if line.startswith("data:")]
+    assert events[0] == 'data: {"n":0}'
+    assert '"code":"stream_gap"' in events[1]
+    assert events[-1] == "data: [DONE]"
+
+
+async def test_ready_reports_each_configured_model(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+    not_ready = await client.get("/ready")
+    assert not_ready.status_code == 503
+    await register(redis, "chat", ["generate"])
+    await register(redis, "idle", ["generate"])
+    ready = await client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["models"]["chat"] == {"live_workers": 1}
+
+
+def test_placeholder_api_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match="placeholder"):
+        GatewaySettings(api_keys="changeme")  # type: ignore[arg-type]
+    assert GatewaySettings(models="a, b").models == ["a", "b"]  # type: ignore[arg-type]
