@@ -23,7 +23,7 @@ def _gateway(args: argparse.Namespace) -> None:
 
     settings = GatewaySettings(**_overrides(args, ["host", "port", "models"]))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=10)
+                access_log=settings.access_log, timeout_graceful_shutdown=10)
 
 
 def _worker(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -65,13 +66,40 @@ class Reply(BaseModel):
     error: ErrorInfo | None = None
 
 
-class StreamMessage(BaseModel):
-    """One message on a request's stream channel. ``seq`` counts from 0 without gaps."""
+@dataclass(frozen=True, slots=True)
+class StreamFrame:
+    """One message on a request's stream channel, on the wire as ``<seq>|<type>|<payload>``.
+
+    ``seq`` counts from 0 without gaps. A chunk's payload is the OpenAI chunk's JSON text, relayed untouched (no
+    side re-serialises tokens); an error's payload is an ``ErrorInfo`` as JSON; ``end`` has none.
+    """
 
     seq: int
     type: Literal["chunk", "error", "end"]
-    data: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        return b"%d|%s|%s" % (self.seq, self.type.encode(), self.payload)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StreamFrame:
+        seq, kind, payload = raw.split(b"|", 2)
+        name = kind.decode()
+        if name not in ("chunk", "error", "end"):
+            raise ValueError(f"unknown stream frame type {name!r}")
+        return cls(int(seq), name, payload)  # type: ignore[arg-type]
+
+    @classmethod
+    def chunk(cls, seq: int, chunk: dict[str, Any] | str) -> StreamFrame:
+        text = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
+        return cls(seq, "chunk", text.encode())
+
+    @classmethod
+    def failure(cls, seq: int, info: ErrorInfo) -> StreamFrame:
+        return cls(seq, "error", info.model_dump_json().encode())
+
+    def error_info(self) -> ErrorInfo:
+        return ErrorInfo.model_validate_json(self.payload)
 
 
 # ---- Redis key names: the only place they are spelled --------------------------------------------------------

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from conveyor import contract
-from conveyor.contract import JobEnvelope, Reply, StreamMessage
+from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest
 from worker import metrics
 from worker.engines.base import Engine
@@ -84,13 +84,13 @@ class JobRunner:
         try:
             async with asyncio.timeout(left):
                 async for chunk in self.engine.stream(envelope.kind, envelope.body, envelope.request_id):
-                    await self._publish(channel, StreamMessage(seq=seq, type="chunk", data=chunk))
+                    await self._publish(channel, StreamFrame.chunk(seq, chunk))
                     seq += 1
         except Exception as exc:
             error = self._client_error(envelope, exc)
-            await self._publish(channel, StreamMessage(seq=seq, type="error", error=error.info()))
+            await self._publish(channel, StreamFrame.failure(seq, error.info()))
             return _outcome(error)
-        await self._publish(channel, StreamMessage(seq=seq, type="end"))
+        await self._publish(channel, StreamFrame(seq, "end"))
         return "ok"
 
     def _client_error(self, envelope: JobEnvelope, exc: Exception) -> ConveyorError:
@@ -103,13 +103,12 @@ class JobRunner:
 
     async def _deliver_error(self, request_id: str, stream: bool, error: ConveyorError) -> None:
         if stream:
-            await self._publish(contract.stream_channel(request_id), StreamMessage(seq=0, type="error",
-                                                                                   error=error.info()))
+            await self._publish(contract.stream_channel(request_id), StreamFrame.failure(0, error.info()))
         else:
             await self._reply(request_id, Reply(error=error.info()))
 
-    async def _publish(self, channel: str, message: StreamMessage) -> None:
-        await self.redis.publish(channel, message.model_dump_json(exclude_none=True))
+    async def _publish(self, channel: str, frame: StreamFrame) -> None:
+        await self.redis.publish(channel, frame.encode())
         metrics.STREAM_MESSAGES.labels(self.model).inc()
 
     async def _reply(self, request_id: str, reply: Reply) -> None:

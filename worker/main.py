@@ -48,6 +48,8 @@ async def _heartbeat_forever(redis: Redis, info: registry.WorkerInfo, settings: 
 
 
 async def serve(settings: WorkerSettings) -> None:
+    if not settings.log_jobs:
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
     engine = build_engine(settings)
     log.info("loading %s engine for model %s", settings.engine, settings.model)
     await engine.start()

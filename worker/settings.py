@@ -35,6 +35,8 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0)
     metrics_host: str = "0.0.0.0"
     worker_id: str | None = None
+    #: arq's two log lines per job; off by default (they cost CPU on every job)
+    log_jobs: bool = False
     # --- CPU engine knobs (ignored on GPUs) ---
     #: KV-cache size in GiB for vLLM's CPU backend (``VLLM_CPU_KVCACHE_SPACE``)
     cpu_kvcache_space: int = Field(default=2, ge=1)

@@ -13,7 +13,7 @@ from arq.connections import ArqRedis
 from fastapi import FastAPI
 
 from conveyor import contract, registry
-from conveyor.contract import StreamMessage
+from conveyor.contract import StreamFrame
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.unit.conftest import fake_connect
@@ -87,7 +87,7 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
             await asyncio.sleep(0.001)
         channel = contract.stream_channel(ids[0].decode())
         for seq in (0, 2):  # chunk 1 is lost
-            await redis.publish(channel, StreamMessage(seq=seq, type="chunk", data={"n": seq}).model_dump_json())
+            await redis.publish(channel, StreamFrame.chunk(seq, {"n": seq}).encode())
 
     worker = asyncio.create_task(fake_worker())
     response = await client.post("/v1/chat/completions", json=CHAT | {"stream": True})

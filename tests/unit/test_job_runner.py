@@ -6,7 +6,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from conveyor import contract
-from conveyor.contract import JobEnvelope, JobKind, Reply, StreamMessage
+from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
 from worker.engines.fake import FakeEngine
 from worker.jobs import JobRunner
 
@@ -39,7 +39,7 @@ async def test_stream_job_publishes_ordered_chunks_then_end(redis: ArqRedis) -> 
     await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True))
     messages = []
     while (raw := await pubsub.get_message(timeout=0.5)) is not None:
-        messages.append(StreamMessage.model_validate_json(raw["data"]))
+        messages.append(StreamFrame.decode(raw["data"]))
     await pubsub.aclose()
     assert [m.seq for m in messages] == list(range(len(messages)))
     assert [m.type for m in messages] == ["chunk"] * (len(messages) - 1) + ["end"]

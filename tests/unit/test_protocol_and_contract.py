@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from conveyor import contract
-from conveyor.contract import JobEnvelope, JobKind, StreamMessage
+from conveyor.contract import ErrorInfo, JobEnvelope, JobKind, StreamFrame
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 
@@ -60,5 +60,12 @@ def test_key_names_are_distinct_per_request_and_model() -> None:
     assert all(name.startswith(contract.KEY_PREFIX + ":") for name in names)
 
 
-def test_stream_message_omits_empty_fields() -> None:
-    assert StreamMessage(seq=3, type="end").model_dump_json(exclude_none=True) == '{"seq":3,"type":"end"}'
+def test_stream_frames_round_trip_and_keep_chunk_text_untouched() -> None:
+    chunk = StreamFrame.chunk(7, '{"choices":[{"delta":{"content":"a|b"}}]}')
+    assert StreamFrame.decode(chunk.encode()) == chunk
+    assert chunk.payload == b'{"choices":[{"delta":{"content":"a|b"}}]}'
+    info = ErrorInfo(status=400, message="bad", type="invalid_request_error")
+    assert StreamFrame.decode(StreamFrame.failure(2, info).encode()).error_info() == info
+    assert StreamFrame.decode(b"3|end|") == StreamFrame(3, "end")
+    with pytest.raises(ValueError, match="unknown stream frame"):
+        StreamFrame.decode(b"1|bogus|")
