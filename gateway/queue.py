@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from enum import IntEnum
+from pathlib import Path
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, job_key_prefix
+from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from conveyor import contract, registry
-from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, JobKind, Reply
+from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, Reply
 from conveyor.errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -24,6 +26,19 @@ from conveyor.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+
+
+ADMISSION_SCRIPT = (Path(__file__).parent / "admission.lua").read_text()
+
+
+class Admission(IntEnum):
+    """Result codes of ``admission.lua``."""
+
+    NO_WORKER = 0
+    ENQUEUED = 1
+    QUEUE_FULL = 2
+    INCAPABLE = 3
+    DUPLICATE = 4
 
 
 @contextlib.contextmanager
@@ -40,36 +55,37 @@ class JobQueue:
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
+        self._admit_and_enqueue = redis.register_script(ADMISSION_SCRIPT)
 
-    async def admit(self, model: str, kind: JobKind) -> None:
-        """Refuse before enqueueing: unknown model 404, no live worker 503, wrong capability 400, queue full 429."""
+    async def submit(self, envelope: JobEnvelope) -> None:
+        """Admit and enqueue in one atomic step (``admission.lua``). Refusals, in order: unknown model 404, no live
+        worker 503, wrong capability 400, queue full 429."""
+        model = envelope.model
+        enqueued_ms = int(envelope.created * 1000)
+        job = serialize_job(contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms,
+                            serializer=contract.dumps)
+        keys = [contract.model_workers_key(model), contract.model_card_key(model), contract.queue_name(model),
+                job_key_prefix + envelope.request_id]
+        args = [repr(time.time()), self.settings.max_queue_depth, CAPABILITY_FOR_KIND[envelope.kind], job,
+                max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
         with redis_errors():
-            status = await registry.model_status(self.redis, model)
-            if status.live_workers == 0 and model not in self.settings.models:
+            code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
+            if code == Admission.NO_WORKER and model not in self.settings.models:
                 if model not in await registry.known_models(self.redis):
                     raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        self.metrics.live_workers.labels(model).set(status.live_workers)
-        self.metrics.queue_depth.labels(model).set(status.queue_depth)
-        if status.live_workers == 0 or status.info is None:
+        self.metrics.live_workers.labels(model).set(live)
+        self.metrics.queue_depth.labels(model).set(depth)
+        if code == Admission.NO_WORKER:
             raise NoLiveWorker(f"No live worker serves `{model}` right now; try again when one has started.",
                                param="model")
-        needed = CAPABILITY_FOR_KIND[kind]
-        if needed not in status.info.capabilities:
-            raise InvalidRequest(f"`{model}` does not support {kind.value} requests "
-                                 f"(it serves: {', '.join(status.info.capabilities)}).", param="model",
+        if code == Admission.INCAPABLE:
+            raise InvalidRequest(f"`{model}` does not support {envelope.kind.value} requests.", param="model",
                                  code="unsupported_model_capability")
-        if status.queue_depth >= self.settings.max_queue_depth:
-            raise Overloaded(f"`{model}` has {status.queue_depth} jobs queued (limit "
+        if code == Admission.QUEUE_FULL:
+            raise Overloaded(f"`{model}` has {depth} jobs queued or running (limit "
                              f"{self.settings.max_queue_depth}); retry later.",
                              headers={"Retry-After": str(self.settings.retry_after_seconds)})
-
-    async def enqueue(self, envelope: JobEnvelope) -> None:
-        with redis_errors():
-            job = await self.redis.enqueue_job(
-                contract.JOB_FUNCTION, envelope.model_dump(mode="json"), _job_id=envelope.request_id,
-                _queue_name=contract.queue_name(envelope.model),
-                _expires=timedelta(seconds=max(envelope.seconds_left(), 0.001)))
-        if job is None:  # arq refuses a job id that already exists
+        if code == Admission.DUPLICATE:
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
 
     async def wait_reply(self, envelope: JobEnvelope) -> Reply:

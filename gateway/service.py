@@ -56,8 +56,7 @@ class ServingService:
     # --- non-streamed ---------------------------------------------------------------------------------------------
 
     async def complete(self, envelope: JobEnvelope) -> dict[str, Any]:
-        await self.queue.admit(envelope.model, envelope.kind)
-        await self.queue.enqueue(envelope)
+        await self.queue.submit(envelope)
         try:
             reply = await self.queue.wait_reply(envelope)
         except BaseException:  # deadline, client gone (CancelledError), Redis down: the job must not run on
@@ -74,12 +73,11 @@ class ServingService:
     async def open_stream(self, envelope: JobEnvelope) -> AsyncIterator[bytes]:
         """Admit, subscribe, enqueue, and wait for the first message, so that anything that fails before the first
         token is an ordinary HTTP error. Returns the relay of the rest as SSE bytes."""
-        await self.queue.admit(envelope.model, envelope.kind)
         channel = contract.stream_channel(envelope.request_id)
         with redis_errors():
             messages = await self.mux.subscribe(channel)
         try:
-            await self.queue.enqueue(envelope)
+            await self.queue.submit(envelope)
             first = await self._next(messages, envelope)
             if first.type == "error":
                 raise RemoteError(first.error_info())
