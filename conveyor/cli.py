@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -37,6 +38,15 @@ def _worker(args: argparse.Namespace) -> None:
     run(WorkerSettings(**overrides))
 
 
+def _up(args: argparse.Namespace) -> None:
+    from conveyor.up import serve
+
+    models = Path(args.models_file)
+    if not models.is_file():
+        raise SystemExit(f"conveyor up: no models file at {models} (see models.toml in the repository)")
+    raise SystemExit(serve(models, args.host, args.port))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -59,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", dest="metrics_port", type=int)
     worker.add_argument("--fake-token-delay", dest="fake_token_delay", type=float)
     worker.set_defaults(handler=_worker)
+
+    up = commands.add_parser("up", help="run Redis, a worker per model in the models file, and the gateway")
+    up.add_argument("--models-file", default="models.toml", help="TOML file of models to serve (default: %(default)s)")
+    up.add_argument("--host", default="0.0.0.0")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(handler=_up)
     return parser
 
 

