@@ -18,7 +18,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

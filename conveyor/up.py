@@ -121,8 +121,7 @@ def _wait_for_workers(workers: list[Child], redis_url: str) -> None:
         model = child.name.split(" #")[0]
         try:
             processes.wait_registered(redis_url, model, child.process, WORKER_START_TIMEOUT,
-                                      progress=lambda text: say(f"{text}, {time.monotonic() - started:.0f} s "
-                                                                f"since start (log: {child.log})"))
+                                      progress=lambda text, log=child.log: say(f"{text} (log: {log})"))
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}\n--- last lines of {child.log} ---\n{child.tail()}") from exc
         say(f"worker {child.name} is serving ({time.monotonic() - started:.0f} s)")

@@ -27,7 +27,6 @@ from conveyor.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
-
 ADMISSION_SCRIPT = (Path(__file__).parent / "admission.lua").read_text()
 
 
@@ -70,9 +69,9 @@ class JobQueue:
                 max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
         with redis_errors():
             code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
-            if code == Admission.NO_WORKER and model not in self.settings.models:
-                if model not in await registry.known_models(self.redis):
-                    raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+            unconfigured = code == Admission.NO_WORKER and model not in self.settings.models
+            if unconfigured and model not in await registry.known_models(self.redis):
+                raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         self.metrics.live_workers.labels(model).set(live)
         self.metrics.queue_depth.labels(model).set(depth)
         if code == Admission.NO_WORKER:
@@ -94,7 +93,8 @@ class JobQueue:
         with redis_errors():
             popped = await self.redis.blpop([contract.reply_key(envelope.request_id)], timeout=max(left, 0.001))
         if popped is None:
-            raise DeadlineExceeded(f"no answer within the request's deadline ({envelope.deadline - envelope.created:.1f} s)")
+            budget = envelope.deadline - envelope.created
+            raise DeadlineExceeded(f"no answer within the request's deadline ({budget:.1f} s)")
         return Reply.model_validate_json(popped[1])
 
     async def cancel(self, request_id: str) -> None:

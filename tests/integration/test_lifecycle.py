@@ -8,12 +8,18 @@ import signal
 import httpx
 import openai
 import pytest
+import redis
 
-from conveyor import redis_server
+from conveyor import contract, redis_server
 from tests.conftest import Processes, Worker, metric, wait_for
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 SLOW = ("--fake-token-delay", "0.05")  # 20 tokens/s: 400 tokens take 20 s
+
+
+def queue_depth(redis_url: str, model: str) -> int:
+    with redis.Redis.from_url(redis_url) as client:
+        return int(client.zcard(contract.queue_name(model)))
 
 
 def engine_idle(worker: Worker) -> bool:
@@ -74,16 +80,15 @@ def test_full_queue_answers_429_with_retry_after(spawn: Processes) -> None:
             first = asyncio.create_task(client.post(url, json=body))
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the first job to run")
             second = asyncio.create_task(client.post(url, json=body))
+            await asyncio.to_thread(wait_for, lambda: queue_depth(spawn.redis_url, "tiny-queue") == 2, 10.0,
+                                    "the second job to queue")
             sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
             try:
-                # the second job is queued behind the first: depth 2 = the limit, so the next one is refused
-                while True:
-                    try:
-                        await sdk.chat.completions.create(model="tiny-queue", messages=MESSAGES, max_tokens=1)
-                    except openai.RateLimitError as exc:
-                        assert exc.response.headers["retry-after"] == "3"
-                        assert exc.code == "queue_full"
-                        break
+                # one job runs and one waits: depth 2 = the limit, so the next one is refused
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await sdk.chat.completions.create(model="tiny-queue", messages=MESSAGES, max_tokens=1)
+                assert caught.value.response.headers["retry-after"] == "3"
+                assert caught.value.code == "queue_full"
             finally:
                 await sdk.close()
                 first.cancel()

@@ -69,9 +69,8 @@ async def test_sync_request_gets_the_reply_pushed_by_a_worker(client: httpx.Asyn
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
-        while not (ids := await redis.zrange(contract.queue_name("chat"), 0, -1)):
-            await asyncio.sleep(0.001)
-        await redis.rpush(contract.reply_key(ids[0].decode()), '{"body": {"ok": true}}')
+        _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
+        await redis.rpush(contract.reply_key(job_id.decode()), '{"body": {"ok": true}}')
 
     worker = asyncio.create_task(fake_worker())
     response = await client.post("/v1/chat/completions", json=CHAT)
@@ -83,9 +82,8 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
-        while not (ids := await redis.zrange(contract.queue_name("chat"), 0, -1)):
-            await asyncio.sleep(0.001)
-        channel = contract.stream_channel(ids[0].decode())
+        _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
+        channel = contract.stream_channel(job_id.decode())
         for seq in (0, 2):  # chunk 1 is lost
             await redis.publish(channel, StreamFrame.chunk(seq, {"n": seq}).encode())
 

@@ -150,11 +150,8 @@ class FakeEngine(Engine):
 
     def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
         raw = body["input"]
-        items: list[str | list[int]]
-        if isinstance(raw, str) or (raw and all(isinstance(x, int) for x in raw)):
-            items = [raw]
-        else:
-            items = list(raw)
+        single = isinstance(raw, str) or all(isinstance(x, int) for x in raw)
+        items: list[str | list[int]] = [raw] if single else list(raw)
         dim = int(body.get("dimensions") or self.embedding_dim)
         data = []
         for index, item in enumerate(items):
