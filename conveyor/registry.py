@@ -7,7 +7,9 @@ heartbeating drops out on its own. A model card (capabilities, context length) i
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -72,7 +74,7 @@ async def model_status(redis: Redis, model: str) -> ModelStatus:
 
 
 async def known_models(redis: Redis) -> set[str]:
-    members = await redis.smembers(contract.MODELS_KEY)
+    members = await cast(Awaitable[set[bytes]], redis.smembers(contract.MODELS_KEY))
     return {m.decode() if isinstance(m, bytes) else m for m in members}
 
 

@@ -119,9 +119,12 @@ def _wait_for_workers(workers: list[Child], redis_url: str) -> None:
     started = time.monotonic()
     for child in workers:
         model = child.name.split(" #")[0]
+
+        def progress(text: str, log: Path | None = child.log) -> None:
+            say(f"{text} (log: {log})")
+
         try:
-            processes.wait_registered(redis_url, model, child.process, WORKER_START_TIMEOUT,
-                                      progress=lambda text, log=child.log: say(f"{text} (log: {log})"))
+            processes.wait_registered(redis_url, model, child.process, WORKER_START_TIMEOUT, progress)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}\n--- last lines of {child.log} ---\n{child.tail()}") from exc
         say(f"worker {child.name} is serving ({time.monotonic() - started:.0f} s)")

@@ -25,7 +25,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
-    message = first.get("msg", "invalid request")
+    message = str(first.get("msg", "invalid request"))
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:

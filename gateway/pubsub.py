@@ -81,7 +81,7 @@ class PubSubMultiplexer:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _read_forever(self) -> None:
         while True:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from enum import IntEnum
 from pathlib import Path
+from typing import cast
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, job_key_prefix
@@ -65,8 +66,9 @@ class JobQueue:
                             serializer=contract.dumps)
         keys = [contract.model_workers_key(model), contract.model_card_key(model), contract.queue_name(model),
                 job_key_prefix + envelope.request_id]
-        args = [repr(time.time()), self.settings.max_queue_depth, CAPABILITY_FOR_KIND[envelope.kind], job,
-                max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
+        args: list[str | int | bytes] = [
+            repr(time.time()), self.settings.max_queue_depth, CAPABILITY_FOR_KIND[envelope.kind], job,
+            max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
         with redis_errors():
             code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
             unconfigured = code == Admission.NO_WORKER and model not in self.settings.models
@@ -91,7 +93,9 @@ class JobQueue:
         """Block on the request's reply list until the worker pushes the answer or the deadline passes."""
         left = envelope.seconds_left()
         with redis_errors():
-            popped = await self.redis.blpop([contract.reply_key(envelope.request_id)], timeout=max(left, 0.001))
+            # Redis >= 6 takes a fractional timeout; redis-py's stubs say int
+            popped = await cast(Awaitable[list[bytes] | None], self.redis.blpop(
+                [contract.reply_key(envelope.request_id)], timeout=max(left, 0.001)))  # type: ignore[arg-type]
         if popped is None:
             budget = envelope.deadline - envelope.created
             raise DeadlineExceeded(f"no answer within the request's deadline ({budget:.1f} s)")

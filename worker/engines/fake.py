@@ -105,9 +105,9 @@ class FakeEngine(Engine):
 
     def _prompt_tokens(self, kind: JobKind, body: dict[str, Any]) -> int:
         count = len(_prompt_text(kind, body).split())
-        if count + self._max_tokens(body) > self.max_model_len:
+        if count + self._max_tokens(body) > MAX_MODEL_LEN:
             raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"This model's maximum context length is {MAX_MODEL_LEN} tokens; the request asks for "
                 f"{count} prompt tokens plus {self._max_tokens(body)} completion tokens.", param="messages")
         return count
 
