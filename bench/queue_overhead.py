@@ -1,0 +1,124 @@
+"""What the queue path adds: the same fake engine called in-process versus through gateway -> Redis -> worker.
+
+    uv run --frozen --extra cpu python -m bench.queue_overhead [--requests 400]
+
+Prints p50/p95/p99 per concurrency for chat (sync), chat (stream: time to first token) and embeddings, the added
+p50/p95 (Conveyor minus in-process, same concurrency), and the request rate reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from bench.common import machine, ms, percentile, stack, table
+from conveyor.contract import JobKind
+from worker.engines.fake import FakeEngine
+
+CHAT = {"model": "bench-chat", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
+EMBED = {"model": "bench-embed", "input": "a sentence to embed", "encoding_format": "float"}
+CONCURRENCY = (1, 16, 64)
+
+
+async def measure(call: Callable[[], Awaitable[float]], concurrency: int, total: int) -> tuple[list[float], float]:
+    """Run ``total`` calls, ``concurrency`` at a time; returns latencies and the achieved requests/s."""
+    latencies: list[float] = []
+    remaining = total
+
+    async def loop() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append(await call())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return latencies, total / (time.perf_counter() - started)
+
+
+def in_process_calls() -> dict[str, Callable[[], Awaitable[float]]]:
+    chat, embed = FakeEngine("bench-chat"), FakeEngine("bench-embed", embed=True)
+
+    async def chat_sync() -> float:
+        t = time.perf_counter()
+        await chat.run(JobKind.CHAT, CHAT, "r")
+        return time.perf_counter() - t
+
+    async def chat_ttft() -> float:
+        t = time.perf_counter()
+        stream = chat.stream(JobKind.CHAT, CHAT | {"stream": True}, "r")
+        await anext(stream)
+        elapsed = time.perf_counter() - t
+        async for _ in stream:
+            pass
+        return elapsed
+
+    async def embeddings() -> float:
+        t = time.perf_counter()
+        await embed.run(JobKind.EMBEDDING, EMBED, "r")
+        return time.perf_counter() - t
+
+    return {"chat (sync)": chat_sync, "chat (stream TTFT)": chat_ttft, "embeddings": embeddings}
+
+
+def conveyor_calls(client: httpx.AsyncClient) -> dict[str, Callable[[], Awaitable[float]]]:
+    async def chat_sync() -> float:
+        t = time.perf_counter()
+        (await client.post("/v1/chat/completions", json=CHAT)).raise_for_status()
+        return time.perf_counter() - t
+
+    async def chat_ttft() -> float:
+        t = time.perf_counter()
+        async with client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+            response.raise_for_status()
+            elapsed = 0.0
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and not elapsed:
+                    elapsed = time.perf_counter() - t
+        return elapsed
+
+    async def embeddings() -> float:
+        t = time.perf_counter()
+        (await client.post("/v1/embeddings", json=EMBED)).raise_for_status()
+        return time.perf_counter() - t
+
+    return {"chat (sync)": chat_sync, "chat (stream TTFT)": chat_ttft, "embeddings": embeddings}
+
+
+async def run(total: int, base_url: str) -> list[list[object]]:
+    rows: list[list[object]] = []
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+        local, remote = in_process_calls(), conveyor_calls(client)
+        for name in remote:
+            await measure(remote[name], 4, 20)  # warm up connections and the worker
+            for concurrency in CONCURRENCY:
+                base, _ = await measure(local[name], concurrency, total)
+                lat, rate = await measure(remote[name], concurrency, total)
+                rows.append([name, concurrency, ms(percentile(lat, 50)), ms(percentile(lat, 95)),
+                             ms(percentile(lat, 99)), ms(percentile(lat, 50) - percentile(base, 50)),
+                             ms(percentile(lat, 95) - percentile(base, 95)), f"{rate:.0f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=400, help="requests per cell")
+    parser.add_argument("--poll-delay", default="0.01", help="worker poll delay in seconds")
+    args = parser.parse_args()
+    with stack(["bench-chat", "bench-embed"]) as conveyor:
+        conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay)
+        conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay)
+        rows = asyncio.run(run(args.requests, conveyor.base_url))
+    print(f"Queue-path overhead, fake engine, {args.requests} requests per row, worker poll delay "
+          f"{args.poll_delay} s; {machine()}; client, gateway, worker and Redis share the cores.\n")
+    print(table(["workload", "concurrency", "p50 ms", "p95 ms", "p99 ms", "added p50 ms", "added p95 ms",
+                 "requests/s"], rows))
+
+
+if __name__ == "__main__":
+    main()
