@@ -35,15 +35,13 @@ def build_engine(settings: WorkerSettings) -> Engine:
     return VLLMEngine(settings)
 
 
-async def _heartbeat_forever(redis: Redis, info: registry.WorkerInfo, settings: WorkerSettings,
-                             engine: Engine) -> None:
+async def _heartbeat_forever(redis: Redis, info: registry.WorkerInfo, settings: WorkerSettings) -> None:
     ttl = settings.heartbeat_interval * 3
     while True:
         try:
             await registry.heartbeat(redis, info, ttl)
         except Exception:  # Redis blips must not kill the worker; the next beat retries
             log.warning("heartbeat failed", exc_info=True)
-        metrics.ENGINE_RUNNING.labels(info.model).set(engine.running_requests())
         await asyncio.sleep(settings.heartbeat_interval)
 
 
@@ -77,7 +75,8 @@ async def serve(settings: WorkerSettings) -> None:
         max_tries=3,
         handle_signals=True,
     )
-    heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings, engine))
+    metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
+    heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings))
     log.info("worker %s serving %s on %s (max_jobs=%d, metrics on :%d)", info.worker_id, settings.model,
              contract.queue_name(settings.model), max_jobs, server.server_port)
     print(f"conveyor worker ready: model={settings.model} worker_id={info.worker_id} "

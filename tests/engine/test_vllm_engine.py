@@ -1,0 +1,219 @@
+"""The real engine on the CPU: ``VLLMEngine`` in-process with the packaged offline models, against vLLM's own server.
+
+One engine per model, held by a class-scoped fixture, so the two engines are never loaded at the same time. These
+check the adapter's own contract (errors, cancellation); test_serving.py checks the whole system through the SDK.
+Slow: every engine start takes ~20-70 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from conveyor.contract import JobKind
+from conveyor.errors import InvalidRequest, ModelNotFound
+from worker import model_prep
+from worker.engines.vllm_engine import VLLMEngine
+from worker.settings import WorkerSettings
+
+pytestmark = [
+    pytest.mark.engine,
+    # vLLM, torch and transformers warn at import and load time about things that are not ours to fix
+    pytest.mark.filterwarnings(
+        "ignore::DeprecationWarning",
+        "ignore::FutureWarning",
+        "ignore::UserWarning",
+        "ignore::ResourceWarning",
+        "ignore::pytest.PytestUnraisableExceptionWarning",
+    ),
+]
+
+CHAT_MODEL = "smollm2"
+EMBED_MODEL = "minilm"
+THREADS = "0-1"  # both cores, for the in-process engine and vLLM's server alike
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def _started(settings: WorkerSettings) -> VLLMEngine:
+    engine = VLLMEngine(settings)
+    await engine.start()
+    print(f"\n{settings.model}: engine started in {engine.start_seconds:.1f} s")
+    return engine
+
+
+def _text(body: dict[str, Any]) -> str:
+    choice = body["choices"][0]
+    return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+def _joined(chunks: list[dict[str, Any]]) -> str:
+    parts = []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            parts.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    return "".join(parts)
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestGenerate:
+    @pytest_asyncio.fixture(scope="class", loop_scope="class")
+    async def engine(self) -> AsyncIterator[VLLMEngine]:
+        settings = WorkerSettings(model=CHAT_MODEL, model_path=model_prep.SMOLLM2, cpu_threads_bind=THREADS)
+        engine = await _started(settings)
+        yield engine
+        await engine.stop()
+
+    async def test_capital_of_france(self, engine: VLLMEngine) -> None:
+        assert engine.capabilities == frozenset({"generate"})
+        assert engine.concurrency >= 1
+        assert (engine.max_model_len or 0) >= 2048
+        body = await engine.run(
+            JobKind.CHAT, {"model": CHAT_MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 30}, "paris-1"
+        )
+        assert body["object"] == "chat.completion"
+        assert body["model"] == CHAT_MODEL
+        assert "paris-1" in body["id"]
+        assert "Paris" in _text(body)
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] > 0
+        json.dumps(body)  # plain JSON, as it crosses Redis
+
+    @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
+    async def test_streamed_deltas_join_to_the_full_text(self, engine: VLLMEngine, kind: JobKind) -> None:
+        body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "max_tokens": 24}
+        body |= (
+            {"messages": [{"role": "user", "content": "Name three colours."}]}
+            if kind is JobKind.CHAT
+            else {"prompt": "A queue is a data structure that"}
+        )
+        full = await engine.run(kind, body, f"full-{kind}")
+        chunks = [
+            json.loads(c) if isinstance(c, str) else c
+            async for c in engine.stream(kind, {**body, "stream_options": {"include_usage": True}}, f"stream-{kind}")
+        ]
+        assert len(chunks) > 3
+        assert chunks[0]["object"] == ("chat.completion.chunk" if kind is JobKind.CHAT else "text_completion")
+        assert _joined(chunks) == _text(full)
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == full["choices"][0]["finish_reason"]
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"] == {
+            k: full["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+
+    async def test_json_schema_response_format(self, engine: VLLMEngine) -> None:
+        schema = {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+            "required": ["city", "country"],
+            "additionalProperties": False,
+        }
+        body = await engine.run(
+            JobKind.CHAT,
+            {
+                "model": CHAT_MODEL,
+                "temperature": 0,
+                "max_tokens": 60,
+                "messages": PARIS,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+            },
+            "json-1",
+        )
+        parsed = json.loads(_text(body))
+        assert set(parsed) == {"city", "country"}
+        assert all(isinstance(v, str) for v in parsed.values())
+
+    async def test_invalid_sampling_parameter_is_a_400(self, engine: VLLMEngine) -> None:
+        with pytest.raises(InvalidRequest) as caught:
+            await engine.run(JobKind.CHAT, {"model": CHAT_MODEL, "messages": PARIS, "temperature": -1}, "bad-1")
+        assert caught.value.status == 400
+        assert caught.value.param == "temperature"
+        with pytest.raises(InvalidRequest):
+            await engine.run(JobKind.CHAT, {"model": CHAT_MODEL, "messages": "not a list"}, "bad-2")
+        with pytest.raises(InvalidRequest):
+            await engine.run(JobKind.EMBEDDING, {"model": CHAT_MODEL, "input": "x"}, "bad-3")
+        with pytest.raises(InvalidRequest):  # a streamed request fails before its first chunk
+            _ = [
+                c
+                async for c in engine.stream(
+                    JobKind.CHAT, {"model": CHAT_MODEL, "messages": PARIS, "max_tokens": -5}, "bad-4"
+                )
+            ]
+        with pytest.raises(ModelNotFound):
+            await engine.run(JobKind.CHAT, {"model": "no-such-model", "messages": PARIS}, "bad-5")
+
+    async def test_cancelling_a_stream_aborts_the_request(self, engine: VLLMEngine) -> None:
+        first = asyncio.Event()
+        received = 0
+
+        async def consume() -> None:
+            nonlocal received
+            body = {"model": CHAT_MODEL, "messages": PARIS, "max_tokens": 2000, "ignore_eos": True}
+            async for _ in engine.stream(JobKind.CHAT, body, "cancel-1"):
+                received += 1
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 60)
+        assert engine.running_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.running_requests() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert engine.running_requests() == 0
+        assert received < 500  # it stopped long before 2000 tokens
+
+    async def test_cancelling_a_non_streamed_request_aborts_it(self, engine: VLLMEngine) -> None:
+        body = {"model": CHAT_MODEL, "messages": PARIS, "max_tokens": 2000, "ignore_eos": True}
+        task = asyncio.create_task(engine.run(JobKind.CHAT, body, "cancel-2"))
+        for _ in range(600):
+            if engine.running_requests() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.running_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.running_requests() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert engine.running_requests() == 0
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestEmbed:
+    @pytest_asyncio.fixture(scope="class", loop_scope="class")
+    async def engine(self) -> AsyncIterator[VLLMEngine]:
+        settings = WorkerSettings(model=EMBED_MODEL, model_path=model_prep.MINILM, cpu_threads_bind=THREADS)
+        engine = await _started(settings)
+        yield engine
+        await engine.stop()
+
+    async def test_embeddings_match_sentence_transformers(self, engine: VLLMEngine) -> None:
+        import numpy as np
+        from sentence_transformers import SentenceTransformer
+
+        assert engine.capabilities == frozenset({"embed"})
+        texts = ["The capital of France is Paris.", "Queues decouple producers from consumers.", "hello"]
+        body = await engine.run(JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": texts}, "embed-1")
+        assert body["object"] == "list"
+        assert [d["index"] for d in body["data"]] == [0, 1, 2]
+        assert body["usage"]["prompt_tokens"] > 0
+        got = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+        assert got.shape == (3, 384)
+        reference = SentenceTransformer(str(model_prep.minilm_path()), device="cpu").encode(texts)
+        cosine = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+        assert cosine.min() > 0.999, cosine
+
+    async def test_generation_on_an_embedding_model_is_refused(self, engine: VLLMEngine) -> None:
+        with pytest.raises(InvalidRequest):
+            await engine.run(JobKind.CHAT, {"model": EMBED_MODEL, "messages": PARIS}, "chat-on-embed")
