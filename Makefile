@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+# vLLM starts three processes that each import it: with bytecode compiled at install that import is ~2x faster
+export UV_COMPILE_BYTECODE ?= 1
 EXTRA ?= cpu
 RUN := $(UV) run --frozen --extra $(EXTRA)
 

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 
 from bench.common import machine, ms, percentile, stack, table
+from tests.conftest import scrape
 from tests.engine.vllm_server import vllm_server
 from worker import model_prep
 
@@ -35,6 +36,24 @@ class Cell:
     items: int
     seconds: float
     errors: int
+    per_step: float = 0.0  # engine requests finished per engine step: the batch size vLLM ran
+
+
+def engine_counts(metrics_url: str) -> tuple[float, float]:
+    """(engine requests finished, engine steps) from vLLM's own metrics."""
+    samples = scrape(metrics_url)
+    requests = sum(v for k, v in samples.items() if k.startswith("vllm:request_success_total{"))
+    steps = sum(v for k, v in samples.items() if k.startswith("vllm:iteration_tokens_total_count{"))
+    return requests, steps
+
+
+@contextlib.asynccontextmanager
+async def batch_size(metrics_url: str, cell_box: list[Cell]) -> AsyncIterator[None]:
+    before = await asyncio.to_thread(engine_counts, metrics_url)
+    yield
+    after = await asyncio.to_thread(engine_counts, metrics_url)
+    steps = after[1] - before[1]
+    cell_box[0].per_step = (after[0] - before[0]) / steps if steps else 0.0
 
 
 async def _drive(cell: Cell, concurrency: int, total: int, call: Callable[[int], Awaitable[None]]) -> Cell:
@@ -98,21 +117,26 @@ def _client(base_url: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=128))
 
 
-async def measure_embed(base_url: str, quick: bool) -> dict[tuple[str, int], Cell]:
+async def measure_embed(urls: Urls, quick: bool) -> dict[tuple[str, int], Cell]:
     out: dict[tuple[str, int], Cell] = {}
-    async with _client(base_url) as client:
+    async with _client(urls.base) as client:
         await embeddings(client, 1, 4, 16)  # warm-up
         for concurrency in (1, 16, 64):
-            single_total = 64 if quick else (128 if concurrency == 1 else 512)
-            out[("1 text", concurrency)] = await embeddings(client, 1, concurrency, single_total)
-            batch_total = max(concurrency, 4 if quick else 16)
-            out[("64 texts", concurrency)] = await embeddings(client, 64, concurrency, batch_total)
+            for batch in (1, 64):
+                if batch == 1:
+                    total = 64 if quick else (128 if concurrency == 1 else 512)
+                else:
+                    total = max(concurrency, 4 if quick else 16)
+                box: list[Cell] = []
+                async with batch_size(urls.metrics, box):
+                    box.append(await embeddings(client, batch, concurrency, total))
+                out[(f"{batch} text{'s' if batch > 1 else ''}", concurrency)] = box[0]
     return out
 
 
-async def measure_generate(base_url: str, quick: bool) -> dict[tuple[str, int], Cell]:
+async def measure_generate(urls: Urls, quick: bool) -> dict[tuple[str, int], Cell]:
     out: dict[tuple[str, int], Cell] = {}
-    async with _client(base_url) as client:
+    async with _client(urls.base) as client:
         await completions(client, 2, 2, 8)  # warm-up
         for concurrency in (1, 8, 32):
             total = concurrency if quick else max(3, concurrency * 2 if concurrency < 32 else concurrency)
@@ -121,18 +145,24 @@ async def measure_generate(base_url: str, quick: bool) -> dict[tuple[str, int], 
     return out
 
 
+@dataclass
+class Urls:
+    base: str
+    metrics: str  # where vLLM's own metrics are: the worker's /metrics, or the server's
+
+
 @contextlib.contextmanager
-def conveyor(model: str, task: str) -> Iterator[str]:
+def conveyor(model: str, task: str) -> Iterator[Urls]:
     with stack([model]) as running:
-        running.worker(model, "--task", task, timeout=900, env={"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND})
-        yield running.base_url
+        info = running.worker(model, "--task", task, timeout=900, env={"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND})
+        yield Urls(running.base_url, f"http://127.0.0.1:{info.metrics_port}/metrics")
 
 
 @contextlib.contextmanager
-def vllm(model: str, task: str) -> Iterator[str]:
+def vllm(model: str, task: str) -> Iterator[Urls]:
     weights = model_prep.resolve(model)
     with vllm_server(str(weights), model, task=task, cpu_threads_bind=BIND, timeout=900) as server:
-        yield server.base_url
+        yield Urls(server.base_url, f"{server.base_url}/metrics")
 
 
 def main() -> None:
@@ -158,9 +188,10 @@ def report(results: dict[str, dict[str, dict[tuple[str, int], Cell]]]) -> str:
                      f"{rate_ours:.0f}", f"{rate_theirs:.0f}", f"{rate_ours / rate_theirs:.2f}x",
                      f"{ms(percentile(ours.latencies, 50))} / {ms(percentile(ours.latencies, 95))}",
                      f"{ms(percentile(theirs.latencies, 50))} / {ms(percentile(theirs.latencies, 95))}",
-                     f"{ours.errors} / {theirs.errors}"])
+                     f"{ours.per_step:.1f} / {theirs.per_step:.1f}", f"{ours.errors} / {theirs.errors}"])
     lines.append(table(["workload", "concurrency", "Conveyor emb/s", "vLLM emb/s", "ratio",
-                        "Conveyor p50 / p95 ms", "vLLM p50 / p95 ms", "errors (C / v)"], rows))
+                        "Conveyor p50 / p95 ms", "vLLM p50 / p95 ms", "batch per engine step (C / v)",
+                        "errors (C / v)"], rows))
     lines.append("")
     rows = []
     for key in results["generate"]["Conveyor"]:
