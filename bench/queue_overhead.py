@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
+import aiohttp
 
 from bench.common import machine, ms, percentile, stack, table
 from conveyor.contract import JobKind
@@ -65,34 +65,36 @@ def in_process_calls() -> dict[str, Callable[[], Awaitable[float]]]:
     return {"chat (sync)": chat_sync, "chat (stream TTFT)": chat_ttft, "embeddings": embeddings}
 
 
-def conveyor_calls(client: httpx.AsyncClient) -> dict[str, Callable[[], Awaitable[float]]]:
-    async def chat_sync() -> float:
+def conveyor_calls(client: aiohttp.ClientSession) -> dict[str, Callable[[], Awaitable[float]]]:
+    async def post(path: str, body: dict[str, object]) -> float:
         t = time.perf_counter()
-        (await client.post("/v1/chat/completions", json=CHAT)).raise_for_status()
+        async with client.post(path, json=body) as response:
+            response.raise_for_status()
+            await response.read()
         return time.perf_counter() - t
+
+    async def chat_sync() -> float:
+        return await post("/v1/chat/completions", CHAT)
 
     async def chat_ttft() -> float:
         t = time.perf_counter()
-        async with client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+        async with client.post("/v1/chat/completions", json=CHAT | {"stream": True}) as response:
             response.raise_for_status()
             elapsed = 0.0
-            async for line in response.aiter_lines():
-                if line.startswith("data:") and not elapsed:
+            async for line in response.content:
+                if line.startswith(b"data:") and not elapsed:
                     elapsed = time.perf_counter() - t
         return elapsed
 
     async def embeddings() -> float:
-        t = time.perf_counter()
-        (await client.post("/v1/embeddings", json=EMBED)).raise_for_status()
-        return time.perf_counter() - t
+        return await post("/v1/embeddings", EMBED)
 
     return {"chat (sync)": chat_sync, "chat (stream TTFT)": chat_ttft, "embeddings": embeddings}
 
 
 async def run(total: int, base_url: str) -> list[list[object]]:
     rows: list[list[object]] = []
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+    async with aiohttp.ClientSession(base_url=base_url, connector=aiohttp.TCPConnector(limit=256)) as client:
         local, remote = in_process_calls(), conveyor_calls(client)
         for name in remote:
             await measure(remote[name], 4, 20)  # warm up connections and the worker

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 
 from bench.common import machine, stack, table
 from worker.engines.fake import fake_tokens
@@ -21,15 +21,16 @@ from worker.engines.fake import fake_tokens
 MODEL = "bench-stream"
 
 
-async def one_stream(client: httpx.AsyncClient, index: int, tokens: int) -> int:
+async def one_stream(client: aiohttp.ClientSession, index: int, tokens: int) -> int:
     content = f"stream {index}"
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
             "stream": True}
     received: list[str] = []
     done = False
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.post("/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
@@ -45,8 +46,8 @@ async def one_stream(client: httpx.AsyncClient, index: int, tokens: int) -> int:
 
 
 async def run(streams: int, tokens: int, base_url: str) -> tuple[int, float]:
-    limits = httpx.Limits(max_connections=streams + 8)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=300) as client:
+    connector = aiohttp.TCPConnector(limit=streams + 8)
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector) as client:
         await one_stream(client, -1, 10)
         started = time.perf_counter()
         counts = await asyncio.gather(*(one_stream(client, i, tokens) for i in range(streams)))

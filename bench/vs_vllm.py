@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from bench.common import machine, ms, percentile, stack, table
 from tests.conftest import scrape
@@ -64,7 +64,7 @@ async def _drive(cell: Cell, concurrency: int, total: int, call: Callable[[int],
         for index in indices:
             try:
                 await call(index)
-            except (httpx.HTTPError, RuntimeError):
+            except (aiohttp.ClientError, RuntimeError):
                 cell.errors += 1
 
     started = time.perf_counter()
@@ -73,21 +73,22 @@ async def _drive(cell: Cell, concurrency: int, total: int, call: Callable[[int],
     return cell
 
 
-async def embeddings(client: httpx.AsyncClient, batch: int, concurrency: int, total: int) -> Cell:
+async def embeddings(client: aiohttp.ClientSession, batch: int, concurrency: int, total: int) -> Cell:
     cell = Cell([], [], 0, 0.0, 0)
 
     async def call(index: int) -> None:
         texts = [f"Sentence {index}-{j} about topic {(index + j) % 11}." for j in range(batch)]
         started = time.perf_counter()
-        response = await client.post("/v1/embeddings", json={"model": EMBED, "input": texts})
-        response.raise_for_status()
+        async with client.post("/v1/embeddings", json={"model": EMBED, "input": texts}) as response:
+            response.raise_for_status()
+            data = (await response.json())["data"]
         cell.latencies.append(time.perf_counter() - started)
-        cell.items += len(response.json()["data"])
+        cell.items += len(data)
 
     return await _drive(cell, concurrency, total, call)
 
 
-async def completions(client: httpx.AsyncClient, concurrency: int, total: int, tokens: int = 100) -> Cell:
+async def completions(client: aiohttp.ClientSession, concurrency: int, total: int, tokens: int = 100) -> Cell:
     cell = Cell([], [], 0, 0.0, 0)
 
     async def call(index: int) -> None:
@@ -95,9 +96,10 @@ async def completions(client: httpx.AsyncClient, concurrency: int, total: int, t
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         first = 0.0
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.post("/v1/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -113,8 +115,9 @@ async def completions(client: httpx.AsyncClient, concurrency: int, total: int, t
     return await _drive(cell, concurrency, total, call)
 
 
-def _client(base_url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=128))
+def _client(base_url: str) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(base_url=base_url, connector=aiohttp.TCPConnector(limit=256),
+                                 timeout=aiohttp.ClientTimeout(total=900))
 
 
 async def measure_embed(urls: Urls, quick: bool) -> dict[tuple[str, int], Cell]:
