@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from conveyor import models_file
+from conveyor.models_file import ModelsFile, ModelSpec
+
+
+def test_the_repository_models_file_serves_the_two_cpu_models(repo_root: Path) -> None:
+    config = models_file.load(repo_root / "models.toml")
+    by_name = {m.name: m for m in config.models}
+    assert by_name["all-minilm-l6-v2"].task == "embed"
+    assert by_name["smollm2-135m-instruct"].task == "generate"
+    binds = {m.cpu_threads_bind for m in config.models}
+    assert len(binds) == 2  # the two engines are pinned to different cores
+
+
+def test_one_worker_per_gpu_pinned_with_cuda_visible_devices() -> None:
+    spec = ModelSpec(name="big", path="org/big", task="generate", gpus=["0", "3"], engine_args={"max_model_len": 8})
+    workers = spec.workers()
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in workers] == ["0", "3"]
+    args = workers[0][0]
+    assert args[args.index("--model-path") + 1] == "org/big"
+    assert json.loads(args[args.index("--engine-args") + 1]) == {"max_model_len": 8}
+
+
+def test_replicas_on_cpu() -> None:
+    spec = ModelSpec(name="m", replicas=3, cpu_threads_bind="1")
+    workers = spec.workers()
+    assert len(workers) == 3
+    assert all(env == {"CONVEYOR_WORKER_CPU_THREADS_BIND": "1"} for _, env in workers)
+
+
+def test_gpus_and_a_different_replica_count_conflict() -> None:
+    with pytest.raises(ValidationError, match="either gpus"):
+        ModelSpec(name="m", gpus=["0"], replicas=2)
+
+
+def test_names_are_unique_and_unknown_keys_refused() -> None:
+    with pytest.raises(ValidationError, match="unique"):
+        ModelsFile(models=[ModelSpec(name="a"), ModelSpec(name="a")])
+    with pytest.raises(ValidationError):
+        ModelsFile.model_validate({"models": [{"name": "a", "gpu": ["0"]}]})
