@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -39,11 +39,19 @@ THREADS = "0-1"  # both cores, for the in-process engine and vLLM's server alike
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-async def _started(settings: WorkerSettings) -> VLLMEngine:
-    engine = VLLMEngine(settings)
+async def _running(model: str, weights: str) -> AsyncIterator[VLLMEngine]:
+    engine = VLLMEngine(WorkerSettings(model=model, model_path=weights, cpu_threads_bind=THREADS))
     await engine.start()
-    print(f"\n{settings.model}: engine started in {engine.start_seconds:.1f} s")
-    return engine
+    print(f"\n{model}: engine started in {engine.start_seconds:.1f} s")
+    yield engine
+    await engine.stop()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll the engine's own state until ``condition`` holds, for 30 s at most (vLLM offers no event for it)."""
+    async with asyncio.timeout(30):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 def _text(body: dict[str, Any]) -> str:
@@ -63,10 +71,8 @@ def _joined(chunks: list[dict[str, Any]]) -> str:
 class TestGenerate:
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
     async def engine(self) -> AsyncIterator[VLLMEngine]:
-        settings = WorkerSettings(model=CHAT_MODEL, model_path=model_prep.SMOLLM2, cpu_threads_bind=THREADS)
-        engine = await _started(settings)
-        yield engine
-        await engine.stop()
+        async for engine in _running(CHAT_MODEL, model_prep.SMOLLM2):
+            yield engine
 
     async def test_capital_of_france(self, engine: VLLMEngine) -> None:
         assert engine.capabilities == frozenset({"generate"})
@@ -164,39 +170,25 @@ class TestGenerate:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if engine.running_requests() == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert engine.running_requests() == 0
+        await _until(lambda: engine.running_requests() == 0)
         assert received < 500  # it stopped long before 2000 tokens
 
     async def test_cancelling_a_non_streamed_request_aborts_it(self, engine: VLLMEngine) -> None:
         body = {"model": CHAT_MODEL, "messages": PARIS, "max_tokens": 2000, "ignore_eos": True}
         task = asyncio.create_task(engine.run(JobKind.CHAT, body, "cancel-2"))
-        for _ in range(600):
-            if engine.running_requests() == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert engine.running_requests() == 1
+        await _until(lambda: engine.running_requests() == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if engine.running_requests() == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert engine.running_requests() == 0
+        await _until(lambda: engine.running_requests() == 0)
 
 
 @pytest.mark.asyncio(loop_scope="class")
 class TestEmbed:
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
     async def engine(self) -> AsyncIterator[VLLMEngine]:
-        settings = WorkerSettings(model=EMBED_MODEL, model_path=model_prep.MINILM, cpu_threads_bind=THREADS)
-        engine = await _started(settings)
-        yield engine
-        await engine.stop()
+        async for engine in _running(EMBED_MODEL, model_prep.MINILM):
+            yield engine
 
     async def test_embeddings_match_sentence_transformers(self, engine: VLLMEngine) -> None:
         import numpy as np
