@@ -59,11 +59,37 @@ class ErrorInfo(BaseModel):
     param: str | None = None
 
 
-class Reply(BaseModel):
-    """The answer to a non-streamed job, pushed to the request's reply list."""
+def json_bytes(body: dict[str, Any] | bytes | str) -> bytes:
+    """An engine's answer as JSON text: dicts are serialised, JSON text passes through untouched."""
+    if isinstance(body, bytes):
+        return body
+    return (body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))).encode()
 
-    body: dict[str, Any] | None = None
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to a non-streamed job, pushed to the request's reply list: ``ok|<body>`` or ``error|<ErrorInfo>``.
+
+    The body is the engine's response JSON, sent on to the client as it is (a 64-text embedding answer is ~200 KB:
+    nobody parses it on the way).
+    """
+
+    body: bytes | None = None
     error: ErrorInfo | None = None
+
+    def encode(self) -> bytes:
+        if self.error is not None:
+            return b"error|" + self.error.model_dump_json().encode()
+        return b"ok|" + (self.body or b"{}")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Reply:
+        kind, _, payload = raw.partition(b"|")
+        if kind == b"ok":
+            return cls(body=payload)
+        if kind == b"error":
+            return cls(error=ErrorInfo.model_validate_json(payload))
+        raise ValueError(f"unknown reply kind {kind[:16]!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +117,7 @@ class StreamFrame:
 
     @classmethod
     def chunk(cls, seq: int, chunk: dict[str, Any] | str) -> StreamFrame:
-        text = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
-        return cls(seq, "chunk", text.encode())
+        return cls(seq, "chunk", json_bytes(chunk))
 
     @classmethod
     def failure(cls, seq: int, info: ErrorInfo) -> StreamFrame:
@@ -130,6 +155,15 @@ def worker_info_key(worker_id: str) -> str:
 def model_card_key(model: str) -> str:
     """What the workers of a model advertise (capabilities, context length); refreshed with every heartbeat."""
     return f"{KEY_PREFIX}:model:{model}"
+
+
+def wake_channel(model: str) -> str:
+    """Pub/sub channel the gateway publishes to when a model's queue changes: ``WAKE_JOB`` or ``WAKE_ABORT``."""
+    return f"{KEY_PREFIX}:wake:{model}"
+
+
+WAKE_JOB = b"job"
+WAKE_ABORT = b"abort"
 
 
 MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever served

@@ -1,5 +1,5 @@
 -- Admit and enqueue one job atomically: one round trip, and the queue-depth bound is exact.
--- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key
+-- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel
 -- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 serialised arq job, 5 expiry ms, 6 score (enqueue ms),
 --       7 job id
 -- Returns {code, live workers, queue depth}: 1 enqueued, 0 no live worker, 2 queue full, 3 capability missing,
@@ -25,4 +25,5 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
 end
 redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('PUBLISH', KEYS[5], 'job')  -- contract.WAKE_JOB
 return {1, live, depth + 1}

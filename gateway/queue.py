@@ -65,7 +65,7 @@ class JobQueue:
         job = serialize_job(contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms,
                             serializer=contract.dumps)
         keys = [contract.model_workers_key(model), contract.model_card_key(model), contract.queue_name(model),
-                job_key_prefix + envelope.request_id]
+                job_key_prefix + envelope.request_id, contract.wake_channel(model)]
         args: list[str | int | bytes] = [
             repr(time.time()), self.settings.max_queue_depth, CAPABILITY_FOR_KIND[envelope.kind], job,
             max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
@@ -99,14 +99,15 @@ class JobQueue:
         if popped is None:
             budget = envelope.deadline - envelope.created
             raise DeadlineExceeded(f"no answer within the request's deadline ({budget:.1f} s)")
-        return Reply.model_validate_json(popped[1])
+        return Reply.decode(popped[1])
 
-    async def cancel(self, request_id: str) -> None:
+    async def cancel(self, envelope: JobEnvelope) -> None:
         """Ask the worker to drop the job if not started, or abort it (in the engine) if running."""
         with contextlib.suppress(RedisError, OSError):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(abort_jobs_ss, {request_id: int(time.time() * 1000)})
-                pipe.delete(contract.reply_key(request_id))
+                pipe.zadd(abort_jobs_ss, {envelope.request_id: int(time.time() * 1000)})
+                pipe.delete(contract.reply_key(envelope.request_id))
+                pipe.publish(contract.wake_channel(envelope.model), contract.WAKE_ABORT)
                 await pipe.execute()
 
     async def ping(self) -> bool:

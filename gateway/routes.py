@@ -60,7 +60,7 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
             response: Response = EventStream(relay, headers=headers)  # type: ignore[arg-type]
         else:
             result = await until_disconnect(request, service.complete(envelope))
-            response = JSONResponse(result, headers=headers)
+            response = Response(result, media_type="application/json", headers=headers)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     service.metrics.requests.labels(envelope.model, endpoint, "200").inc()

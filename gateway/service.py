@@ -55,12 +55,13 @@ class ServingService:
 
     # --- non-streamed ---------------------------------------------------------------------------------------------
 
-    async def complete(self, envelope: JobEnvelope) -> dict[str, Any]:
+    async def complete(self, envelope: JobEnvelope) -> bytes:
+        """The engine's response JSON, untouched."""
         await self.queue.submit(envelope)
         try:
             reply = await self.queue.wait_reply(envelope)
         except BaseException:  # deadline, client gone (CancelledError), Redis down: the job must not run on
-            self._later(self.queue.cancel(envelope.request_id))
+            self._later(self.queue.cancel(envelope))
             raise
         if reply.error is not None:
             raise RemoteError(reply.error)
@@ -83,7 +84,7 @@ class ServingService:
                 raise RemoteError(first.error_info())
         except BaseException:
             self._later(self.mux.unsubscribe(channel))
-            self._later(self.queue.cancel(envelope.request_id))
+            self._later(self.queue.cancel(envelope))
             raise
         self.metrics.ttft.labels(envelope.model).observe(time.time() - envelope.created)
         return self._relay(envelope, messages, first)
@@ -113,7 +114,7 @@ class ServingService:
             self.metrics.open_streams.dec()
             self._later(self.mux.unsubscribe(contract.stream_channel(envelope.request_id)))
             if not finished:
-                self._later(self.queue.cancel(envelope.request_id))
+                self._later(self.queue.cancel(envelope))
 
     async def _next(self, messages: asyncio.Queue[Any], envelope: JobEnvelope) -> StreamFrame:
         try:

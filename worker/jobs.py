@@ -15,6 +15,7 @@ from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest
 from worker import metrics
 from worker.engines.base import Engine
+from worker.publisher import BatchPublisher
 
 log = logging.getLogger("conveyor.worker")
 
@@ -30,6 +31,7 @@ class JobRunner:
         self.redis = redis
         self.engine = engine
         self.model = model
+        self.publisher = BatchPublisher(redis)
 
     async def job(self, ctx: dict[str, Any], raw: dict[str, Any]) -> None:
         """arq job function (registered under ``contract.JOB_FUNCTION``)."""
@@ -75,7 +77,7 @@ class JobRunner:
             error = self._client_error(envelope, exc)
             await self._reply(envelope.request_id, Reply(error=error.info()))
             return _outcome(error)
-        await self._reply(envelope.request_id, Reply(body=body))
+        await self._reply(envelope.request_id, Reply(body=contract.json_bytes(body)))
         return "ok"
 
     async def _stream(self, envelope: JobEnvelope, left: float) -> str:
@@ -108,13 +110,13 @@ class JobRunner:
             await self._reply(request_id, Reply(error=error.info()))
 
     async def _publish(self, channel: str, frame: StreamFrame) -> None:
-        await self.redis.publish(channel, frame.encode())
+        await self.publisher.publish(channel, frame.encode())
         metrics.STREAM_MESSAGES.labels(self.model).inc()
 
     async def _reply(self, request_id: str, reply: Reply) -> None:
         key = contract.reply_key(request_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, reply.model_dump_json(exclude_none=True))
+            pipe.rpush(key, reply.encode())
             pipe.expire(key, REPLY_TTL_SECONDS)
             await pipe.execute()
 

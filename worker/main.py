@@ -10,16 +10,16 @@ import socket
 import time
 import uuid
 
-from arq import Worker
 from arq.worker import func
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from conveyor import contract, redis_client, registry
-from worker import metrics
+from worker import metrics, wakeup
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
 from worker.settings import WorkerSettings
+from worker.wakeup import WakeableWorker
 
 log = logging.getLogger("conveyor.worker")
 
@@ -60,12 +60,12 @@ async def serve(settings: WorkerSettings) -> None:
         started=time.time())
     redis = redis_client.connect(settings.redis_url)
     runner = JobRunner(redis, engine, settings.model)
-    worker = Worker(
+    worker = WakeableWorker(
         functions=[func(runner.job, name=contract.JOB_FUNCTION)],
         queue_name=contract.queue_name(settings.model),
         redis_pool=redis,
         max_jobs=max_jobs,
-        poll_delay=settings.poll_delay,
+        idle_poll_delay=settings.poll_delay,
         job_timeout=settings.job_timeout,
         keep_result=0,
         allow_abort_jobs=True,
@@ -77,6 +77,7 @@ async def serve(settings: WorkerSettings) -> None:
     )
     metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
     heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings))
+    wakeups = asyncio.create_task(wakeup.listen(redis, contract.wake_channel(settings.model), worker))
     log.info("worker %s serving %s on %s (max_jobs=%d, metrics on :%d)", info.worker_id, settings.model,
              contract.queue_name(settings.model), max_jobs, server.server_port)
     print(f"conveyor worker ready: model={settings.model} worker_id={info.worker_id} "
@@ -86,6 +87,8 @@ async def serve(settings: WorkerSettings) -> None:
             await worker.async_run()
     finally:
         heartbeat.cancel()
+        wakeups.cancel()
+        await runner.publisher.close()
         with contextlib.suppress(Exception):
             await registry.deregister(redis, info)
         await redis_client.close(redis)

@@ -24,8 +24,9 @@ class WorkerSettings(BaseSettings):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     #: concurrent jobs; 0 = the engine's own concurrency (vLLM: ``max_num_seqs``)
     max_jobs: int = Field(default=0, ge=0)
-    #: seconds between queue polls: 0.01 measured ~9 ms enqueue-to-start at ~6% of a core when idle
-    poll_delay: float = Field(default=0.01, gt=0)
+    #: seconds between queue polls when no wake-up arrives (jobs normally start on the gateway's wake-up at once;
+    #: this timer only covers lost wake-ups and jobs handed back by a dead worker)
+    poll_delay: float = Field(default=0.5, gt=0)
     #: hard ceiling for one job (arq re-runs a job whose worker vanished after this plus 10 s)
     job_timeout: float = Field(default=600, gt=0)
     #: on SIGTERM: stop taking jobs and let running ones finish for this long, then hand them back

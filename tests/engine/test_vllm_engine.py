@@ -54,6 +54,12 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.05)
 
 
+async def _run(engine: VLLMEngine, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """The engine's answer (JSON text, as it crosses Redis) parsed."""
+    parsed: dict[str, Any] = json.loads(await engine.run(kind, body, request_id))
+    return parsed
+
+
 def _text(body: dict[str, Any]) -> str:
     choice = body["choices"][0]
     return str(choice["message"]["content"] if "message" in choice else choice["text"])
@@ -78,16 +84,14 @@ class TestGenerate:
         assert engine.capabilities == frozenset({"generate"})
         assert engine.concurrency >= 1
         assert (engine.max_model_len or 0) >= 2048
-        body = await engine.run(
-            JobKind.CHAT, {"model": CHAT_MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 30}, "paris-1"
-        )
+        request = {"model": CHAT_MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 30}
+        body = await _run(engine, JobKind.CHAT, request, "paris-1")
         assert body["object"] == "chat.completion"
         assert body["model"] == CHAT_MODEL
         assert "paris-1" in body["id"]
         assert "Paris" in _text(body)
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["usage"]["completion_tokens"] > 0
-        json.dumps(body)  # plain JSON, as it crosses Redis
 
     @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
     async def test_streamed_deltas_join_to_the_full_text(self, engine: VLLMEngine, kind: JobKind) -> None:
@@ -97,7 +101,7 @@ class TestGenerate:
             if kind is JobKind.CHAT
             else {"prompt": "A queue is a data structure that"}
         )
-        full = await engine.run(kind, body, f"full-{kind}")
+        full = await _run(engine, kind, body, f"full-{kind}")
         chunks = [
             json.loads(c) if isinstance(c, str) else c
             async for c in engine.stream(kind, {**body, "stream_options": {"include_usage": True}}, f"stream-{kind}")
@@ -119,7 +123,8 @@ class TestGenerate:
             "required": ["city", "country"],
             "additionalProperties": False,
         }
-        body = await engine.run(
+        body = await _run(
+            engine,
             JobKind.CHAT,
             {
                 "model": CHAT_MODEL,
@@ -196,7 +201,7 @@ class TestEmbed:
 
         assert engine.capabilities == frozenset({"embed"})
         texts = ["The capital of France is Paris.", "Queues decouple producers from consumers.", "hello"]
-        body = await engine.run(JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": texts}, "embed-1")
+        body = await _run(engine, JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": texts}, "embed-1")
         assert body["object"] == "list"
         assert [d["index"] for d in body["data"]] == [0, 1, 2]
         assert body["usage"]["prompt_tokens"] > 0

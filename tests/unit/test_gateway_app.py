@@ -70,7 +70,7 @@ async def test_sync_request_gets_the_reply_pushed_by_a_worker(client: httpx.Asyn
 
     async def fake_worker() -> None:
         _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
-        await redis.rpush(contract.reply_key(job_id.decode()), '{"body": {"ok": true}}')
+        await redis.rpush(contract.reply_key(job_id.decode()), b'ok|{"ok":true}')
 
     worker = asyncio.create_task(fake_worker())
     response = await client.post("/v1/chat/completions", json=CHAT)

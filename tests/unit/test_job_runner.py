@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ def envelope(stream: bool = False, deadline_in: float = 10.0, body: dict[str, An
 async def reply_of(redis: ArqRedis) -> Reply:
     popped = await redis.blpop([contract.reply_key("req")], timeout=1)
     assert popped is not None
-    return Reply.model_validate_json(popped[1])
+    return Reply.decode(popped[1])
 
 
 async def test_sync_job_pushes_the_body_to_the_reply_list(redis: ArqRedis) -> None:
@@ -29,7 +30,7 @@ async def test_sync_job_pushes_the_body_to_the_reply_list(redis: ArqRedis) -> No
     assert 0 < await redis.ttl(contract.reply_key("req")) <= 60  # an unread reply does not linger
     reply = await reply_of(redis)
     assert reply.error is None and reply.body is not None
-    assert reply.body["usage"]["completion_tokens"] == 3
+    assert json.loads(reply.body)["usage"]["completion_tokens"] == 3
 
 
 async def test_stream_job_publishes_ordered_chunks_then_end(redis: ArqRedis) -> None:

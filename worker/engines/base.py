@@ -12,10 +12,11 @@ from conveyor.contract import JobKind
 class Engine(ABC):
     """An inference engine serving one model.
 
-    ``run`` returns a complete OpenAI response body. ``stream`` yields OpenAI chunks (``chat.completion.chunk`` or
-    ``text_completion``) in order, as dicts or as their JSON text (relayed untouched), including the final usage
-    chunk when ``stream_options.include_usage`` asks for it. Both raise ``conveyor.errors.ConveyorError``
-    subclasses for problems the client should see (a bad sampling parameter is ``InvalidRequest``).
+    ``run`` returns a complete OpenAI response body; ``stream`` yields OpenAI chunks (``chat.completion.chunk`` or
+    ``text_completion``) in order, including the final usage chunk when ``stream_options.include_usage`` asks for
+    it. Either may give dicts or their JSON text, which is relayed to the client untouched. Both raise
+    ``conveyor.errors.ConveyorError`` subclasses for problems the client should see (a bad sampling parameter is
+    ``InvalidRequest``).
     Cancelling the awaiting task must abort the request inside the engine.
     """
 
@@ -36,7 +37,7 @@ class Engine(ABC):
         """Release the model."""
 
     @abstractmethod
-    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any] | bytes:
         """Serve one non-streamed request."""
 
     @abstractmethod

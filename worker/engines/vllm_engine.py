@@ -254,7 +254,7 @@ class VLLMEngine(Engine):
             raise asyncio.CancelledError
         return result
 
-    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> bytes:
         if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         result = await self._call(kind, self._request(kind, body, request_id, stream=False))
@@ -263,14 +263,13 @@ class VLLMEngine(Engine):
             body_bytes = getattr(result, "body", None)
             if not isinstance(body_bytes, bytes | bytearray | memoryview):
                 raise EngineFailure("unexpected embedding response from vLLM")
-            parsed: dict[str, Any] = json.loads(bytes(body_bytes))
-            if "error" in parsed:
-                raise error_from_vllm(parsed["error"])
-            return parsed
-        if not hasattr(result, "model_dump"):
+            if getattr(result, "status_code", 200) != 200:
+                raise error_from_vllm(json.loads(bytes(body_bytes))["error"])
+            return bytes(body_bytes)  # relayed as it is: nobody parses ~200 KB of floats on the way
+        if not hasattr(result, "model_dump_json"):
             raise EngineFailure("vLLM returned a stream for a non-streamed request")
-        dumped: dict[str, Any] = result.model_dump(mode="json")  # vLLM's server: JSONResponse(result.model_dump())
-        return dumped
+        dumped: str = result.model_dump_json()  # the fields vLLM's server sends (JSONResponse(result.model_dump()))
+        return dumped.encode()
 
     async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
         if kind is JobKind.EMBEDDING:
