@@ -31,7 +31,7 @@ test-fast: install  ## without the real-engine tier
 
 lint: install
 	$(RUN) ruff check .
-	$(RUN) ruff format --check .
+	$(RUN) ruff format --check conveyor gateway worker tests bench
 
 typecheck: install
 	$(RUN) mypy

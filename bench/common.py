@@ -20,10 +20,12 @@ class Stack:
     base_url: str
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def worker(self, model: str, *args: str, timeout: float = 30,
-               env: dict[str, str] | None = None) -> processes.registry.WorkerInfo:
-        process, info = processes.start_worker(self.redis_url, model, args, env=env, output=subprocess.DEVNULL,
-                                               timeout=timeout)
+    def worker(
+        self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None
+    ) -> processes.registry.WorkerInfo:
+        process, info = processes.start_worker(
+            self.redis_url, model, args, env=env, output=subprocess.DEVNULL, timeout=timeout
+        )
         self.children.append(process)
         return info
 

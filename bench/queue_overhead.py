@@ -101,9 +101,18 @@ async def run(total: int, base_url: str) -> list[list[object]]:
             for concurrency in CONCURRENCY:
                 base, _ = await measure(local[name], concurrency, total)
                 lat, rate = await measure(remote[name], concurrency, total)
-                rows.append([name, concurrency, ms(percentile(lat, 50)), ms(percentile(lat, 95)),
-                             ms(percentile(lat, 99)), ms(percentile(lat, 50) - percentile(base, 50)),
-                             ms(percentile(lat, 95) - percentile(base, 95)), f"{rate:.0f}"])
+                rows.append(
+                    [
+                        name,
+                        concurrency,
+                        ms(percentile(lat, 50)),
+                        ms(percentile(lat, 95)),
+                        ms(percentile(lat, 99)),
+                        ms(percentile(lat, 50) - percentile(base, 50)),
+                        ms(percentile(lat, 95) - percentile(base, 95)),
+                        f"{rate:.0f}",
+                    ]
+                )
     return rows
 
 
@@ -116,10 +125,16 @@ def main() -> None:
         conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay)
         conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay)
         rows = asyncio.run(run(args.requests, conveyor.base_url))
-    print(f"Queue-path overhead, fake engine, {args.requests} requests per row, worker poll delay "
-          f"{args.poll_delay} s; {machine()}; client, gateway, worker and Redis share the cores.\n")
-    print(table(["workload", "concurrency", "p50 ms", "p95 ms", "p99 ms", "added p50 ms", "added p95 ms",
-                 "requests/s"], rows))
+    print(
+        f"Queue-path overhead, fake engine, {args.requests} requests per row, worker poll delay "
+        f"{args.poll_delay} s; {machine()}; client, gateway, worker and Redis share the cores.\n"
+    )
+    print(
+        table(
+            ["workload", "concurrency", "p50 ms", "p95 ms", "p99 ms", "added p50 ms", "added p95 ms", "requests/s"],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

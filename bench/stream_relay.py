@@ -23,8 +23,7 @@ MODEL = "bench-stream"
 
 async def one_stream(client: aiohttp.ClientSession, index: int, tokens: int) -> int:
     content = f"stream {index}"
-    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
-            "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": tokens, "stream": True}
     received: list[str] = []
     done = False
     async with client.post("/v1/chat/completions", json=body) as response:
@@ -63,8 +62,12 @@ def main() -> None:
         conveyor.worker(MODEL, "--engine", "fake", "--max-jobs", str(args.streams))
         total, elapsed = asyncio.run(run(args.streams, args.tokens, conveyor.base_url))
     print(f"Stream relay, fake engine, {machine()}; client, gateway, worker and Redis share the cores.\n")
-    print(table(["streams", "tokens each", "tokens relayed", "seconds", "tokens/s", "lost or reordered"],
-                [[args.streams, args.tokens, total, f"{elapsed:.2f}", f"{total / elapsed:,.0f}", 0]]))
+    print(
+        table(
+            ["streams", "tokens each", "tokens relayed", "seconds", "tokens/s", "lost or reordered"],
+            [[args.streams, args.tokens, total, f"{elapsed:.2f}", f"{total / elapsed:,.0f}", 0]],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -92,8 +92,14 @@ async def completions(client: aiohttp.ClientSession, concurrency: int, total: in
     cell = Cell([], [], 0, 0.0, 0)
 
     async def call(index: int) -> None:
-        body = {"model": CHAT, "prompt": f"Story number {index}: once upon a time", "max_tokens": tokens,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": CHAT,
+            "prompt": f"Story number {index}: once upon a time",
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         started = time.perf_counter()
         first = 0.0
         async with client.post("/v1/completions", json=body) as response:
@@ -116,8 +122,9 @@ async def completions(client: aiohttp.ClientSession, concurrency: int, total: in
 
 
 def _client(base_url: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(base_url=base_url, connector=aiohttp.TCPConnector(limit=256),
-                                 timeout=aiohttp.ClientTimeout(total=900))
+    return aiohttp.ClientSession(
+        base_url=base_url, connector=aiohttp.TCPConnector(limit=256), timeout=aiohttp.ClientTimeout(total=900)
+    )
 
 
 async def measure_embed(urls: Urls, quick: bool) -> dict[tuple[str, int], Cell]:
@@ -187,26 +194,67 @@ def report(results: dict[str, dict[str, dict[tuple[str, int], Cell]]]) -> str:
     for key in results["embed"]["Conveyor"]:
         ours, theirs = results["embed"]["Conveyor"][key], results["embed"]["vLLM server"][key]
         rate_ours, rate_theirs = ours.items / ours.seconds, theirs.items / theirs.seconds
-        rows.append([f"embeddings, {key[0]} per request", key[1],
-                     f"{rate_ours:.0f}", f"{rate_theirs:.0f}", f"{rate_ours / rate_theirs:.2f}x",
-                     f"{ms(percentile(ours.latencies, 50))} / {ms(percentile(ours.latencies, 95))}",
-                     f"{ms(percentile(theirs.latencies, 50))} / {ms(percentile(theirs.latencies, 95))}",
-                     f"{ours.per_step:.1f} / {theirs.per_step:.1f}", f"{ours.errors} / {theirs.errors}"])
-    lines.append(table(["workload", "concurrency", "Conveyor emb/s", "vLLM emb/s", "ratio",
-                        "Conveyor p50 / p95 ms", "vLLM p50 / p95 ms", "batch per engine step (C / v)",
-                        "errors (C / v)"], rows))
+        rows.append(
+            [
+                f"embeddings, {key[0]} per request",
+                key[1],
+                f"{rate_ours:.0f}",
+                f"{rate_theirs:.0f}",
+                f"{rate_ours / rate_theirs:.2f}x",
+                f"{ms(percentile(ours.latencies, 50))} / {ms(percentile(ours.latencies, 95))}",
+                f"{ms(percentile(theirs.latencies, 50))} / {ms(percentile(theirs.latencies, 95))}",
+                f"{ours.per_step:.1f} / {theirs.per_step:.1f}",
+                f"{ours.errors} / {theirs.errors}",
+            ]
+        )
+    lines.append(
+        table(
+            [
+                "workload",
+                "concurrency",
+                "Conveyor emb/s",
+                "vLLM emb/s",
+                "ratio",
+                "Conveyor p50 / p95 ms",
+                "vLLM p50 / p95 ms",
+                "batch per engine step (C / v)",
+                "errors (C / v)",
+            ],
+            rows,
+        )
+    )
     lines.append("")
     rows = []
     for key in results["generate"]["Conveyor"]:
         ours, theirs = results["generate"]["Conveyor"][key], results["generate"]["vLLM server"][key]
         rate_ours, rate_theirs = ours.items / ours.seconds, theirs.items / theirs.seconds
-        rows.append([key[0], key[1], f"{rate_ours:.0f}", f"{rate_theirs:.0f}", f"{rate_ours / rate_theirs:.2f}x",
-                     f"{ms(percentile(ours.ttfts, 50))} / {ms(percentile(ours.latencies, 95))}",
-                     f"{ms(percentile(theirs.ttfts, 50))} / {ms(percentile(theirs.latencies, 95))}",
-                     f"{ours.errors} / {theirs.errors}"])
-    lines.append(table(["completions", "concurrency", "Conveyor tok/s", "vLLM tok/s", "ratio",
-                        "Conveyor TTFT p50 / p95 latency ms", "vLLM TTFT p50 / p95 latency ms",
-                        "errors (C / v)"], rows))
+        rows.append(
+            [
+                key[0],
+                key[1],
+                f"{rate_ours:.0f}",
+                f"{rate_theirs:.0f}",
+                f"{rate_ours / rate_theirs:.2f}x",
+                f"{ms(percentile(ours.ttfts, 50))} / {ms(percentile(ours.latencies, 95))}",
+                f"{ms(percentile(theirs.ttfts, 50))} / {ms(percentile(theirs.latencies, 95))}",
+                f"{ours.errors} / {theirs.errors}",
+            ]
+        )
+    lines.append(
+        table(
+            [
+                "completions",
+                "concurrency",
+                "Conveyor tok/s",
+                "vLLM tok/s",
+                "ratio",
+                "Conveyor TTFT p50 / p95 latency ms",
+                "vLLM TTFT p50 / p95 latency ms",
+                "errors (C / v)",
+            ],
+            rows,
+        )
+    )
     return "\n".join(lines)
 
 

@@ -23,16 +23,23 @@ def _gateway(args: argparse.Namespace) -> None:
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings(**_overrides(args, ["host", "port", "models"]))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                access_log=settings.access_log, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower(),
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def _worker(args: argparse.Namespace) -> None:
     from worker.main import run
     from worker.settings import WorkerSettings
 
-    overrides = _overrides(args, ["model", "model_path", "engine", "task", "max_jobs", "poll_delay",
-                                  "metrics_port", "fake_token_delay"])
+    overrides = _overrides(
+        args, ["model", "model_path", "engine", "task", "max_jobs", "poll_delay", "metrics_port", "fake_token_delay"]
+    )
     if args.engine_args is not None:
         overrides["engine_args"] = json.loads(args.engine_args)
     run(WorkerSettings(**overrides))
@@ -80,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args.handler(args)
 
 

@@ -1,11 +1,11 @@
 """The models file ``conveyor up`` reads: which models to serve, how, and how many workers of each.
 
-    [[models]]
-    name = "smollm2-135m-instruct"      # the served model name clients ask for
-    path = "HuggingFaceTB/SmolLM2-135M-Instruct"   # weights: local folder, Hugging Face id or packaged name
-    task = "generate"                   # auto | generate | embed
-    gpus = ["0", "1"]                   # one worker per GPU (CUDA_VISIBLE_DEVICES); or replicas = N on CPU
-    engine_args = { max_model_len = 4096 }
+[[models]]
+name = "smollm2-135m-instruct"      # the served model name clients ask for
+path = "HuggingFaceTB/SmolLM2-135M-Instruct"   # weights: local folder, Hugging Face id or packaged name
+task = "generate"                   # auto | generate | embed
+gpus = ["0", "1"]                   # one worker per GPU (CUDA_VISIBLE_DEVICES); or replicas = N on CPU
+engine_args = { max_model_len = 4096 }
 """
 
 from __future__ import annotations

@@ -29,12 +29,18 @@ def conveyor_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "conveyor.cli", *args]
 
 
-def spawn(args: Sequence[str], env: Mapping[str, str] | None = None, output: IO[bytes] | int | None = None
-          ) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], env: Mapping[str, str] | None = None, output: IO[bytes] | int | None = None
+) -> subprocess.Popen[bytes]:
     """Start a child in its own process group, so stopping it also stops whatever it started (vLLM's helpers)."""
-    return subprocess.Popen(list(args), env={**os.environ, **(env or {})}, stdout=output,
-                            stderr=subprocess.STDOUT if output is not None else None, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        list(args),
+        env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
 
 
 def _die_with_parent() -> None:
@@ -80,8 +86,9 @@ def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> 
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
-def wait_registered(redis_url: str, model: str, process: subprocess.Popen[bytes], timeout: float,
-                    progress: Progress | None = None) -> registry.WorkerInfo:
+def wait_registered(
+    redis_url: str, model: str, process: subprocess.Popen[bytes], timeout: float, progress: Progress | None = None
+) -> registry.WorkerInfo:
     """Wait until the worker process ``process`` appears among the live workers of ``model``."""
 
     async def poll() -> registry.WorkerInfo:
@@ -106,10 +113,19 @@ def wait_registered(redis_url: str, model: str, process: subprocess.Popen[bytes]
     return asyncio.run(poll())
 
 
-def start_gateway(redis_url: str, port: int, env: Mapping[str, str] | None = None, host: str = "127.0.0.1",
-                  output: IO[bytes] | int | None = None, timeout: float = 30.0) -> subprocess.Popen[bytes]:
-    process = spawn(conveyor_command("gateway", "--host", host, "--port", str(port)),
-                    {"CONVEYOR_REDIS_URL": redis_url, **(env or {})}, output)
+def start_gateway(
+    redis_url: str,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
+    output: IO[bytes] | int | None = None,
+    timeout: float = 30.0,
+) -> subprocess.Popen[bytes]:
+    process = spawn(
+        conveyor_command("gateway", "--host", host, "--port", str(port)),
+        {"CONVEYOR_REDIS_URL": redis_url, **(env or {})},
+        output,
+    )
     try:
         wait_http_ok(f"http://{host}:{port}/health", process, timeout)
     except BaseException:
@@ -118,11 +134,18 @@ def start_gateway(redis_url: str, port: int, env: Mapping[str, str] | None = Non
     return process
 
 
-def start_worker(redis_url: str, model: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 output: IO[bytes] | int | None = None, timeout: float = 30.0,
-                 progress: Progress | None = None) -> tuple[subprocess.Popen[bytes], registry.WorkerInfo]:
-    process = spawn(conveyor_command("worker", "--model", model, *args),
-                    {"CONVEYOR_REDIS_URL": redis_url, **(env or {})}, output)
+def start_worker(
+    redis_url: str,
+    model: str,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    output: IO[bytes] | int | None = None,
+    timeout: float = 30.0,
+    progress: Progress | None = None,
+) -> tuple[subprocess.Popen[bytes], registry.WorkerInfo]:
+    process = spawn(
+        conveyor_command("worker", "--model", model, *args), {"CONVEYOR_REDIS_URL": redis_url, **(env or {})}, output
+    )
     try:
         info = wait_registered(redis_url, model, process, timeout, progress)
     except BaseException:

@@ -65,8 +65,9 @@ class EmbeddingRequest(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _input_not_empty(self) -> EmbeddingRequest:
-        if isinstance(self.input, list) and (not self.input or any(
-                isinstance(item, (str, list)) and len(item) == 0 for item in self.input)):
+        if isinstance(self.input, list) and (
+            not self.input or any(isinstance(item, (str, list)) and len(item) == 0 for item in self.input)
+        ):
             raise ValueError("input must not be empty")
         if self.input == "":
             raise ValueError("input must not be empty")

@@ -108,8 +108,11 @@ def _start_workers(config: models_file.ModelsFile, redis_url: str, logs: Path) -
         for index, (args, env) in enumerate(spec.workers()):
             log = logs / f"worker-{spec.name}-{index}.log"
             with log.open("wb") as output:
-                process = processes.spawn(processes.conveyor_command("worker", "--model", spec.name, *args),
-                                          {"CONVEYOR_REDIS_URL": redis_url, **env}, output)
+                process = processes.spawn(
+                    processes.conveyor_command("worker", "--model", spec.name, *args),
+                    {"CONVEYOR_REDIS_URL": redis_url, **env},
+                    output,
+                )
             workers.append(Child(f"{spec.name} #{index}", process, log))
             say(f"starting worker {spec.name} #{index} (log: {log})")
     return workers
@@ -135,14 +138,26 @@ def _banner(base: str, config: models_file.ModelsFile) -> None:
     embed = next((m.name for m in config.models if m.task == "embed"), None)
     lines = ["", f"Conveyor is up: {base}/v1  (models: {base}/v1/models, metrics: {base}/metrics)", ""]
     if chat:
-        lines += ["  curl " + base + "/v1/chat/completions -H 'Content-Type: application/json' \\",
-                  f"    -d '{{\"model\": \"{chat}\", \"messages\": [{{\"role\": \"user\", "
-                  f"\"content\": \"What is the capital of France?\"}}]}}'", ""]
-    lines += ["  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + base + "/v1', api_key='none'); "
-              + (f"print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', "
-                 "'content': 'Hi!'}]).choices[0].message.content)\"" if chat else
-                 f"print(len(c.embeddings.create(model='{embed}', input='hi').data[0].embedding))\""), "",
-              "Ctrl-C stops everything.", ""]
+        lines += [
+            "  curl " + base + "/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f'    -d \'{{"model": "{chat}", "messages": [{{"role": "user", '
+            f'"content": "What is the capital of France?"}}]}}\'',
+            "",
+        ]
+    lines += [
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='"
+        + base
+        + "/v1', api_key='none'); "
+        + (
+            f"print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', "
+            "'content': 'Hi!'}]).choices[0].message.content)\""
+            if chat
+            else f"print(len(c.embeddings.create(model='{embed}', input='hi').data[0].embedding))\""
+        ),
+        "",
+        "Ctrl-C stops everything.",
+        "",
+    ]
     print("\n".join(lines), flush=True)
 
 

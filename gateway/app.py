@@ -18,8 +18,7 @@ from gateway.service import ServingService
 from gateway.settings import GatewaySettings
 
 
-def create_app(settings: GatewaySettings,
-               connect: Callable[[str], ArqRedis] = redis_client.connect) -> FastAPI:
+def create_app(settings: GatewaySettings, connect: Callable[[str], ArqRedis] = redis_client.connect) -> FastAPI:
     """``connect`` builds the Redis client in the lifespan (tests pass one backed by fakeredis)."""
     metrics = GatewayMetrics()
 

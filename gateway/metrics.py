@@ -11,16 +11,30 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("conveyor_requests", "Requests answered, by HTTP status.",
-                                ["model", "endpoint", "status"], registry=r)
-        self.duration = Histogram("conveyor_request_duration_seconds", "Time from arrival to the last byte.",
-                                  ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("conveyor_time_to_first_token_seconds", "Streams: arrival to the first chunk.",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.failures = Counter("conveyor_request_failures", "Failed requests by reason (the error code).",
-                                ["model", "reason"], registry=r)
-        self.queue_depth = Gauge("conveyor_queue_depth", "Jobs waiting or running, seen at the last admission.",
-                                 ["model"], registry=r)
-        self.live_workers = Gauge("conveyor_live_workers", "Live workers, seen at the last admission.",
-                                  ["model"], registry=r)
+        self.requests = Counter(
+            "conveyor_requests", "Requests answered, by HTTP status.", ["model", "endpoint", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "conveyor_request_duration_seconds",
+            "Time from arrival to the last byte.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "conveyor_time_to_first_token_seconds",
+            "Streams: arrival to the first chunk.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failures = Counter(
+            "conveyor_request_failures", "Failed requests by reason (the error code).", ["model", "reason"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "conveyor_queue_depth", "Jobs waiting or running, seen at the last admission.", ["model"], registry=r
+        )
+        self.live_workers = Gauge(
+            "conveyor_live_workers", "Live workers, seen at the last admission.", ["model"], registry=r
+        )
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from enum import IntEnum
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, job_key_prefix
@@ -62,13 +62,25 @@ class JobQueue:
         worker 503, wrong capability 400, queue full 429."""
         model = envelope.model
         enqueued_ms = int(envelope.created * 1000)
-        job = serialize_job(contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms,
-                            serializer=contract.dumps)
-        keys = [contract.model_workers_key(model), contract.model_card_key(model), contract.queue_name(model),
-                job_key_prefix + envelope.request_id, contract.wake_channel(model)]
+        job = serialize_job(
+            contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms, serializer=contract.dumps
+        )
+        keys = [
+            contract.model_workers_key(model),
+            contract.model_card_key(model),
+            contract.queue_name(model),
+            job_key_prefix + envelope.request_id,
+            contract.wake_channel(model),
+        ]
         args: list[str | int | bytes] = [
-            repr(time.time()), self.settings.max_queue_depth, CAPABILITY_FOR_KIND[envelope.kind], job,
-            max(int(envelope.seconds_left() * 1000), 1), enqueued_ms, envelope.request_id]
+            repr(time.time()),
+            self.settings.max_queue_depth,
+            CAPABILITY_FOR_KIND[envelope.kind],
+            job,
+            max(int(envelope.seconds_left() * 1000), 1),
+            enqueued_ms,
+            envelope.request_id,
+        ]
         with redis_errors():
             code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
             unconfigured = code == Admission.NO_WORKER and model not in self.settings.models
@@ -77,15 +89,20 @@ class JobQueue:
         self.metrics.live_workers.labels(model).set(live)
         self.metrics.queue_depth.labels(model).set(depth)
         if code == Admission.NO_WORKER:
-            raise NoLiveWorker(f"No live worker serves `{model}` right now; try again when one has started.",
-                               param="model")
+            raise NoLiveWorker(
+                f"No live worker serves `{model}` right now; try again when one has started.", param="model"
+            )
         if code == Admission.INCAPABLE:
-            raise InvalidRequest(f"`{model}` does not support {envelope.kind.value} requests.", param="model",
-                                 code="unsupported_model_capability")
+            raise InvalidRequest(
+                f"`{model}` does not support {envelope.kind.value} requests.",
+                param="model",
+                code="unsupported_model_capability",
+            )
         if code == Admission.QUEUE_FULL:
-            raise Overloaded(f"`{model}` has {depth} jobs queued or running (limit "
-                             f"{self.settings.max_queue_depth}); retry later.",
-                             headers={"Retry-After": str(self.settings.retry_after_seconds)})
+            raise Overloaded(
+                f"`{model}` has {depth} jobs queued or running (limit {self.settings.max_queue_depth}); retry later.",
+                headers={"Retry-After": str(self.settings.retry_after_seconds)},
+            )
         if code == Admission.DUPLICATE:
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
 
@@ -94,8 +111,11 @@ class JobQueue:
         left = envelope.seconds_left()
         with redis_errors():
             # Redis >= 6 takes a fractional timeout; redis-py's stubs say int
-            popped = await cast(Awaitable[list[bytes] | None], self.redis.blpop(
-                [contract.reply_key(envelope.request_id)], timeout=max(left, 0.001)))  # type: ignore[arg-type]
+            timeout: Any = max(left, 0.001)
+            popped = await cast(
+                Awaitable[list[bytes] | None],
+                self.redis.blpop([contract.reply_key(envelope.request_id)], timeout=timeout),
+            )
         if popped is None:
             budget = envelope.deadline - envelope.created
             raise DeadlineExceeded(f"no answer within the request's deadline ({budget:.1f} s)")

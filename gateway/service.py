@@ -39,8 +39,9 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 class ServingService:
-    def __init__(self, queue: JobQueue, mux: PubSubMultiplexer, settings: GatewaySettings,
-                 metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, queue: JobQueue, mux: PubSubMultiplexer, settings: GatewaySettings, metrics: GatewayMetrics
+    ) -> None:
         self.queue = queue
         self.mux = mux
         self.settings = settings
@@ -50,8 +51,15 @@ class ServingService:
     def envelope(self, kind: JobKind, body: dict[str, Any], timeout: float | None = None) -> JobEnvelope:
         now = time.time()
         budget = min(timeout, self.settings.request_timeout) if timeout else self.settings.request_timeout
-        return JobEnvelope(request_id=uuid.uuid4().hex, model=body["model"], kind=kind, body=body,
-                           stream=bool(body.get("stream")), created=now, deadline=now + budget)
+        return JobEnvelope(
+            request_id=uuid.uuid4().hex,
+            model=body["model"],
+            kind=kind,
+            body=body,
+            stream=bool(body.get("stream")),
+            created=now,
+            deadline=now + budget,
+        )
 
     # --- non-streamed ---------------------------------------------------------------------------------------------
 
@@ -89,15 +97,21 @@ class ServingService:
         self.metrics.ttft.labels(envelope.model).observe(time.time() - envelope.created)
         return self._relay(envelope, messages, first)
 
-    async def _relay(self, envelope: JobEnvelope, messages: asyncio.Queue[Any],
-                     frame: StreamFrame) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, envelope: JobEnvelope, messages: asyncio.Queue[Any], frame: StreamFrame
+    ) -> AsyncIterator[bytes]:
         finished = False
         self.metrics.open_streams.inc()
         try:
             for expected in itertools.count():
                 if frame.seq != expected:
-                    yield sse(error_body(EngineFailure(
-                        f"stream corrupted: expected chunk {expected}, got {frame.seq}", code="stream_gap").info()))
+                    yield sse(
+                        error_body(
+                            EngineFailure(
+                                f"stream corrupted: expected chunk {expected}, got {frame.seq}", code="stream_gap"
+                            ).info()
+                        )
+                    )
                     break
                 if frame.type != "chunk":
                     finished = True
@@ -136,8 +150,12 @@ class ServingService:
             status = await registry.model_status(self.queue.redis, model)
         if status.info is None:
             return None
-        return ModelCard(id=model, max_model_len=status.info.max_model_len, capabilities=status.info.capabilities,
-                         live_workers=status.live_workers)
+        return ModelCard(
+            id=model,
+            max_model_len=status.info.max_model_len,
+            capabilities=status.info.capabilities,
+            live_workers=status.live_workers,
+        )
 
     async def live_models(self) -> list[ModelCard]:
         with redis_errors():

@@ -82,8 +82,9 @@ class Processes:
         return self.gateways[-1]
 
     def worker(self, model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> Worker:
-        process, info = processes.start_worker(self.redis_url, model, args, env=env, output=subprocess.DEVNULL,
-                                               timeout=timeout)
+        process, info = processes.start_worker(
+            self.redis_url, model, args, env=env, output=subprocess.DEVNULL, timeout=timeout
+        )
         self.started.append(process)
         return Worker(info, process)
 

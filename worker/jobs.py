@@ -44,8 +44,10 @@ class JobRunner:
                 await self._deliver_error(request_id, stream, InvalidRequest("malformed job envelope"))
             return
         if envelope.v != contract.ENVELOPE_VERSION:
-            error = EngineFailure(f"job envelope v{envelope.v} is not understood by this worker "
-                                  f"(v{contract.ENVELOPE_VERSION})", code="envelope_version")
+            error = EngineFailure(
+                f"job envelope v{envelope.v} is not understood by this worker (v{contract.ENVELOPE_VERSION})",
+                code="envelope_version",
+            )
             await self._deliver_error(envelope.request_id, envelope.stream, error)
             return
         await self.run(envelope)

@@ -28,8 +28,13 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "fake":
         from worker.engines.fake import FakeEngine
 
-        return FakeEngine(settings.model, embed=settings.task == "embed", token_delay=settings.fake_token_delay,
-                          embedding_dim=settings.fake_embedding_dim, concurrency=settings.max_jobs or 64)
+        return FakeEngine(
+            settings.model,
+            embed=settings.task == "embed",
+            token_delay=settings.fake_token_delay,
+            embedding_dim=settings.fake_embedding_dim,
+            concurrency=settings.max_jobs or 64,
+        )
     from worker.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(settings)
@@ -55,9 +60,15 @@ async def serve(settings: WorkerSettings) -> None:
     max_jobs = settings.max_jobs or engine.concurrency
     info = registry.WorkerInfo(
         worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-        model=settings.model, capabilities=sorted(engine.capabilities), max_model_len=engine.max_model_len,
-        max_jobs=max_jobs, host=socket.gethostname(), pid=os.getpid(), metrics_port=server.server_port,
-        started=time.time())
+        model=settings.model,
+        capabilities=sorted(engine.capabilities),
+        max_model_len=engine.max_model_len,
+        max_jobs=max_jobs,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        metrics_port=server.server_port,
+        started=time.time(),
+    )
     redis = redis_client.connect(settings.redis_url)
     runner = JobRunner(redis, engine, settings.model)
     worker = WakeableWorker(
@@ -78,10 +89,18 @@ async def serve(settings: WorkerSettings) -> None:
     metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
     heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings))
     wakeups = asyncio.create_task(wakeup.listen(redis, contract.wake_channel(settings.model), worker))
-    log.info("worker %s serving %s on %s (max_jobs=%d, metrics on :%d)", info.worker_id, settings.model,
-             contract.queue_name(settings.model), max_jobs, server.server_port)
-    print(f"conveyor worker ready: model={settings.model} worker_id={info.worker_id} "
-          f"metrics_port={server.server_port}", flush=True)
+    log.info(
+        "worker %s serving %s on %s (max_jobs=%d, metrics on :%d)",
+        info.worker_id,
+        settings.model,
+        contract.queue_name(settings.model),
+        max_jobs,
+        server.server_port,
+    )
+    print(
+        f"conveyor worker ready: model={settings.model} worker_id={info.worker_id} metrics_port={server.server_port}",
+        flush=True,
+    )
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await worker.async_run()

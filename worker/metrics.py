@@ -6,13 +6,23 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-JOBS = Counter("conveyor_worker_jobs", "Jobs finished, by outcome (ok, error, cancelled, expired).",
-               ["model", "kind", "outcome"])
-QUEUE_WAIT = Histogram("conveyor_worker_queue_wait_seconds", "From enqueue by the gateway to start on this worker.",
-                       ["model"], buckets=LATENCY_BUCKETS)
-JOB_DURATION = Histogram("conveyor_worker_job_duration_seconds", "Time a job spent running on this worker.",
-                         ["model", "kind"], buckets=LATENCY_BUCKETS)
+JOBS = Counter(
+    "conveyor_worker_jobs", "Jobs finished, by outcome (ok, error, cancelled, expired).", ["model", "kind", "outcome"]
+)
+QUEUE_WAIT = Histogram(
+    "conveyor_worker_queue_wait_seconds",
+    "From enqueue by the gateway to start on this worker.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+JOB_DURATION = Histogram(
+    "conveyor_worker_job_duration_seconds",
+    "Time a job spent running on this worker.",
+    ["model", "kind"],
+    buckets=LATENCY_BUCKETS,
+)
 RUNNING_JOBS = Gauge("conveyor_worker_running_jobs", "Jobs running on this worker now.", ["model"])
-ENGINE_RUNNING = Gauge("conveyor_worker_engine_running_requests", "Requests inside this worker's engine now.",
-                       ["model"])
+ENGINE_RUNNING = Gauge(
+    "conveyor_worker_engine_running_requests", "Requests inside this worker's engine now.", ["model"]
+)
 STREAM_MESSAGES = Counter("conveyor_worker_stream_messages", "Stream messages published.", ["model"])

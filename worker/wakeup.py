@@ -74,8 +74,10 @@ class WakeableWorker(Worker):
                 return
             self.job_counter += 1
             job_id = raw_id.decode()
-            score = await self._claim(keys=[in_progress_key_prefix + job_id, self.queue_name],
-                                      args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)])
+            score = await self._claim(
+                keys=[in_progress_key_prefix + job_id, self.queue_name],
+                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+            )
             if score is None:  # running elsewhere, finished, or deferred
                 self.job_counter -= 1
                 self.sem.release()
@@ -104,8 +106,7 @@ async def listen(redis: Redis, channel: str, worker: WakeableWorker) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis went away: fall back to the timer until it is back
-            log.warning("wake-up channel lost (%s); polling every %.2f s until it is back", exc,
-                        worker.idle_poll_delay)
+            log.warning("wake-up channel lost (%s); polling every %.2f s until it is back", exc, worker.idle_poll_delay)
             await asyncio.sleep(1)
         finally:
             with contextlib.suppress(Exception):

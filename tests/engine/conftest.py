@@ -56,9 +56,13 @@ def real_stack(redis_url: str, repo_root: Path, tmp_path_factory: pytest.TempPat
     log = tmp_path_factory.mktemp("up") / "conveyor-up.log"
     with log.open("wb") as output:
         up = subprocess.Popen(
-            processes.conveyor_command("up", "--models-file", str(repo_root / "models.toml"), "--port", str(port),
-                                       "--host", "127.0.0.1"),
-            env={**os.environ, "CONVEYOR_REDIS_URL": redis_url}, stdout=output, stderr=subprocess.STDOUT)
+            processes.conveyor_command(
+                "up", "--models-file", str(repo_root / "models.toml"), "--port", str(port), "--host", "127.0.0.1"
+            ),
+            env={**os.environ, "CONVEYOR_REDIS_URL": redis_url},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(base_url, up, log), timeout=START_TIMEOUT, what="conveyor up with real engines")

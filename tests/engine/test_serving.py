@@ -19,7 +19,10 @@ from worker import model_prep
 
 pytestmark = pytest.mark.filterwarnings(
     # sentence-transformers, torch and transformers warn at import and load time about things that are not ours
-    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+    "ignore::DeprecationWarning",
+    "ignore::FutureWarning",
+    "ignore::UserWarning",
+)
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -38,8 +41,12 @@ def test_capital_of_france(client: OpenAI) -> None:
 
 
 def test_streamed_deltas_join_to_the_full_text(client: OpenAI) -> None:
-    request: dict[str, Any] = {"model": CHAT, "temperature": 0, "max_tokens": 40,
-                               "messages": [{"role": "user", "content": "Name three colours."}]}
+    request: dict[str, Any] = {
+        "model": CHAT,
+        "temperature": 0,
+        "max_tokens": 40,
+        "messages": [{"role": "user", "content": "Name three colours."}],
+    }
     full = client.chat.completions.create(**request)
     chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -47,17 +54,28 @@ def test_streamed_deltas_join_to_the_full_text(client: OpenAI) -> None:
     assert chunks[-1].usage is not None and full.usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     completion = client.completions.create(model=CHAT, prompt="A queue is", temperature=0, max_tokens=20)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=CHAT, prompt="A queue is", temperature=0, max_tokens=20, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=CHAT, prompt="A queue is", temperature=0, max_tokens=20, stream=True)
+        if c.choices
+    )
     assert streamed == completion.choices[0].text
 
 
 def test_json_schema_response_parses(client: OpenAI) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
-              "required": ["city", "country"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
     response = client.chat.completions.create(
-        model=CHAT, temperature=0, max_tokens=60, messages=[{"role": "user", "content": "Capital of France, as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+        model=CHAT,
+        temperature=0,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Capital of France, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
     parsed = json.loads(response.choices[0].message.content or "")
     assert set(parsed) == {"city", "country"}
 
@@ -83,25 +101,40 @@ def test_embeddings_rank_paraphrases_and_match_sentence_transformers(client: Ope
 def test_a_dropped_stream_frees_the_engine(real_stack: RealStack) -> None:
     body = {"model": CHAT, "messages": PARIS, "max_tokens": 1500, "ignore_eos": True, "stream": True}
     cancelled_before = metric(real_stack.worker_metrics(CHAT), "conveyor_worker_jobs_total", outcome="cancelled")
-    with httpx.Client(timeout=120) as http, http.stream(
-            "POST", f"{real_stack.base_url}/v1/chat/completions", json=body) as response:
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream("POST", f"{real_stack.base_url}/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         data = (line for line in response.iter_lines() if line.startswith("data:"))
         for _ in range(3):
             next(data)
         assert metric(real_stack.worker_metrics(CHAT), "conveyor_worker_engine_running_requests") == 1
-    wait_for(lambda: metric(real_stack.worker_metrics(CHAT), "conveyor_worker_engine_running_requests") == 0,
-             timeout=30, what="the engine to drop the request")
+    wait_for(
+        lambda: metric(real_stack.worker_metrics(CHAT), "conveyor_worker_engine_running_requests") == 0,
+        timeout=30,
+        what="the engine to drop the request",
+    )
     after = metric(real_stack.worker_metrics(CHAT), "conveyor_worker_jobs_total", outcome="cancelled")
     assert after == cancelled_before + 1
 
 
 PARITY_REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {"messages": PARIS, "max_tokens": 30}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a haiku about queues."}],
-                              "max_tokens": 24, "logprobs": True, "top_logprobs": 2, "seed": 7}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 20,
-                              "stop": [","]}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Write a haiku about queues."}],
+            "max_tokens": 24,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "seed": 7,
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 20, "stop": [","]},
+    ),
     ("/v1/chat/completions", {"messages": PARIS, "n": 2}),  # vLLM refuses n > 1 with greedy sampling: same 400
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 16}),
 ]
@@ -110,8 +143,10 @@ PARITY_REQUESTS: list[tuple[str, dict[str, Any]]] = [
 def test_responses_equal_those_of_vllm_own_server(real_stack: RealStack) -> None:
     with httpx.Client(base_url=real_stack.base_url, timeout=300) as http:
         ours = [http.post(path, json={"model": CHAT, "temperature": 0, **body}) for path, body in PARITY_REQUESTS]
-    with vllm_server(str(model_prep.smollm2_path()), CHAT, cpu_threads_bind="1") as server, \
-            httpx.Client(base_url=server.base_url, timeout=300) as http:
+    with (
+        vllm_server(str(model_prep.smollm2_path()), CHAT, cpu_threads_bind="1") as server,
+        httpx.Client(base_url=server.base_url, timeout=300) as http,
+    ):
         theirs = [http.post(path, json={"model": CHAT, "temperature": 0, **body}) for path, body in PARITY_REQUESTS]
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.status_code == reference.status_code, (mine.text, reference.text)

@@ -38,8 +38,10 @@ def test_dropped_stream_cancels_the_job_in_the_engine(spawn: Processes) -> None:
     gateway = spawn.gateway()
     worker = spawn.fake_worker("slow-stream", *SLOW)
     body = {"model": "slow-stream", "messages": MESSAGES, "max_tokens": 400, "stream": True}
-    with httpx.Client(timeout=10) as client, client.stream(
-            "POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
@@ -57,8 +59,7 @@ def test_dropped_sync_request_cancels_the_job(spawn: Processes) -> None:
 
     async def call_then_hang_up() -> None:
         async with httpx.AsyncClient() as client:
-            request = asyncio.create_task(client.post(f"{gateway.base_url}/v1/chat/completions", json=body,
-                                                      timeout=30))
+            request = asyncio.create_task(client.post(f"{gateway.base_url}/v1/chat/completions", json=body, timeout=30))
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the job to run")
             request.cancel()  # closes the connection mid-request
             with pytest.raises(asyncio.CancelledError):
@@ -80,8 +81,9 @@ def test_full_queue_answers_429_with_retry_after(spawn: Processes) -> None:
             first = asyncio.create_task(client.post(url, json=body))
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the first job to run")
             second = asyncio.create_task(client.post(url, json=body))
-            await asyncio.to_thread(wait_for, lambda: queue_depth(spawn.redis_url, "tiny-queue") == 2, 10.0,
-                                    "the second job to queue")
+            await asyncio.to_thread(
+                wait_for, lambda: queue_depth(spawn.redis_url, "tiny-queue") == 2, 10.0, "the second job to queue"
+            )
             sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
             try:
                 # one job runs and one waits: depth 2 = the limit, so the next one is refused
@@ -102,8 +104,9 @@ def test_deadline_answers_504_and_stops_the_job(spawn: Processes) -> None:
     worker = spawn.fake_worker("deadline", *SLOW)
     client = gateway.client()
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="deadline", messages=MESSAGES, max_tokens=400,
-                                       extra_headers={"X-Conveyor-Timeout": "0.5"})
+        client.chat.completions.create(
+            model="deadline", messages=MESSAGES, max_tokens=400, extra_headers={"X-Conveyor-Timeout": "0.5"}
+        )
     assert caught.value.status_code == 504
     assert caught.value.code == "deadline_exceeded"
     wait_for(lambda: running_jobs(worker) == 0 and engine_idle(worker), what="the job to stop")
@@ -116,8 +119,9 @@ def test_two_workers_on_one_queue_both_serve(spawn: Processes) -> None:
     async def burst() -> None:
         sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
         try:
-            await asyncio.gather(*(sdk.chat.completions.create(model="pair", messages=MESSAGES, max_tokens=20)
-                                   for _ in range(8)))
+            await asyncio.gather(
+                *(sdk.chat.completions.create(model="pair", messages=MESSAGES, max_tokens=20) for _ in range(8))
+            )
         finally:
             await sdk.close()
 
@@ -134,8 +138,7 @@ def test_sigterm_finishes_the_running_job_then_exits(spawn: Processes) -> None:
     async def request_then_terminate() -> str | None:
         sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
         try:
-            call = asyncio.create_task(sdk.chat.completions.create(model="graceful", messages=MESSAGES,
-                                                                   max_tokens=40))
+            call = asyncio.create_task(sdk.chat.completions.create(model="graceful", messages=MESSAGES, max_tokens=40))
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the job to run")
             worker.process.send_signal(signal.SIGTERM)
             return (await call).choices[0].message.content

@@ -28,7 +28,8 @@ def test_chat_completion(stack: Stack) -> None:
 
 def test_chat_completion_stream_joins_to_the_same_text(stack: Stack) -> None:
     stream = stack.gateway.client().chat.completions.create(
-        model=CHAT, messages=MESSAGES, max_tokens=9, stream=True, stream_options={"include_usage": True})
+        model=CHAT, messages=MESSAGES, max_tokens=9, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected_chat_text(9)
@@ -40,15 +41,19 @@ def test_completion_sync_and_stream(stack: Stack) -> None:
     client = stack.gateway.client()
     full = client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5)
     assert full.choices[0].text == "".join(fake_tokens("Once upon a time", 5))
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=CHAT, prompt="Once upon a time", max_tokens=5, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5, stream=True)
+        if c.choices
+    )
     assert streamed == full.choices[0].text
 
 
 def test_unknown_fields_pass_through_to_the_worker(stack: Stack) -> None:
     # n is honoured by the engine; top_k is unknown to the gateway and must simply travel with the job
     response = stack.gateway.client().chat.completions.create(
-        model=CHAT, messages=MESSAGES, max_tokens=3, n=2, extra_body={"top_k": 5})
+        model=CHAT, messages=MESSAGES, max_tokens=3, n=2, extra_body={"top_k": 5}
+    )
     assert [c.index for c in response.choices] == [0, 1]
 
 
@@ -64,8 +69,7 @@ def test_embeddings_single_batch_and_tokens(stack: Stack) -> None:
 
 
 def test_embeddings_base64(stack: Stack) -> None:
-    raw = stack.gateway.client().embeddings.with_raw_response.create(
-        model=EMBED, input=["x"], encoding_format="base64")
+    raw = stack.gateway.client().embeddings.with_raw_response.create(model=EMBED, input=["x"], encoding_format="base64")
     payload = raw.http_response.json()["data"][0]["embedding"]
     assert isinstance(payload, str)
     decoded = struct.unpack("<32f", base64.b64decode(payload))
@@ -120,8 +124,9 @@ def test_engine_side_validation_error_is_400(stack: Stack) -> None:
 
 def test_stream_error_before_first_token_is_an_http_error(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError):
-        list(stack.gateway.client().chat.completions.create(
-            model=CHAT, messages=MESSAGES, max_tokens=5000, stream=True))
+        list(
+            stack.gateway.client().chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=5000, stream=True)
+        )
 
 
 def test_gateway_answers_health_ready_and_metrics(stack: Stack) -> None:

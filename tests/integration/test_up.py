@@ -59,17 +59,22 @@ def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> No
     port = redis_server.free_port()
     env = {**os.environ, "CONVEYOR_DATA_DIR": str(tmp_path / "data")}
     env.pop("CONVEYOR_REDIS_URL", None)  # exercise the embedded redis-server
-    up = subprocess.Popen(processes.conveyor_command("up", "--models-file", str(models), "--port", str(port),
-                                                     "--host", "127.0.0.1"),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        processes.conveyor_command("up", "--models-file", str(models), "--port", str(port), "--host", "127.0.0.1"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ready(base), timeout=60, what="conveyor up to be ready")
         with httpx.Client(base_url=base, timeout=10) as client:
             models_served = {m["id"]: m["live_workers"] for m in client.get("/v1/models").json()["data"]}
             assert models_served == {"up-chat": 2, "up-embed": 1}
-            chat = client.post("/v1/chat/completions", json={"model": "up-chat", "max_tokens": 3,
-                                                             "messages": [{"role": "user", "content": "hi"}]})
+            chat = client.post(
+                "/v1/chat/completions",
+                json={"model": "up-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert chat.status_code == 200
             assert client.post("/v1/embeddings", json={"model": "up-embed", "input": "hi"}).status_code == 200
         family = descendants(up.pid)

@@ -24,8 +24,7 @@ async def test_chat_is_deterministic_and_counts_usage() -> None:
 
 async def test_stream_joins_to_run_and_reports_usage_last() -> None:
     engine = FakeEngine("m")
-    chunks = [c async for c in engine.stream(JobKind.CHAT, CHAT | {"stream_options": {"include_usage": True}},
-                                             "r")]
+    chunks = [c async for c in engine.stream(JobKind.CHAT, CHAT | {"stream_options": {"include_usage": True}}, "r")]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == (await engine.run(JobKind.CHAT, CHAT, "r"))["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4

@@ -36,8 +36,9 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def register(redis: ArqRedis, model: str, capabilities: list[str]) -> None:
-    info = registry.WorkerInfo(worker_id=f"w-{model}", model=model, capabilities=capabilities, max_jobs=1,
-                               host="h", pid=1, started=time.time())
+    info = registry.WorkerInfo(
+        worker_id=f"w-{model}", model=model, capabilities=capabilities, max_jobs=1, host="h", pid=1, started=time.time()
+    )
     await registry.heartbeat(redis, info, ttl=30)
 
 

@@ -15,8 +15,14 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 
 def envelope(stream: bool = False, deadline_in: float = 10.0, body: dict[str, Any] | None = None) -> JobEnvelope:
-    return JobEnvelope(request_id="req", model="m", kind=JobKind.CHAT, body=body or CHAT, stream=stream,
-                       deadline=time.time() + deadline_in)
+    return JobEnvelope(
+        request_id="req",
+        model="m",
+        kind=JobKind.CHAT,
+        body=body or CHAT,
+        stream=stream,
+        deadline=time.time() + deadline_in,
+    )
 
 
 async def reply_of(redis: ArqRedis) -> Reply:
@@ -62,7 +68,8 @@ async def test_engine_refusal_is_answered_with_its_status(redis: ArqRedis) -> No
 
 async def test_deadline_during_the_run_is_answered_504(redis: ArqRedis) -> None:
     await JobRunner(redis, FakeEngine("m", token_delay=0.05), "m").run(
-        envelope(deadline_in=0.2, body=CHAT | {"max_tokens": 100}))
+        envelope(deadline_in=0.2, body=CHAT | {"max_tokens": 100})
+    )
     reply = await reply_of(redis)
     assert reply.error is not None and reply.error.code == "deadline_exceeded"
 

@@ -12,18 +12,22 @@ from conveyor.protocol import ChatCompletionRequest, CompletionRequest, Embeddin
 
 def test_unknown_fields_are_kept() -> None:
     request = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 3, "guided_json": {"a": 1}})
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 3, "guided_json": {"a": 1}}
+    )
     dumped = request.model_dump(exclude_unset=True)
     assert dumped["top_k"] == 3 and dumped["guided_json"] == {"a": 1}
 
 
-@pytest.mark.parametrize("body", [
-    {"model": "m", "messages": []},
-    {"model": "m", "messages": [{"role": "robot", "content": "hi"}]},
-    {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},
-    {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
-    {"model": "", "messages": [{"role": "user", "content": "hi"}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": []},
+        {"model": "m", "messages": [{"role": "robot", "content": "hi"}]},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+        {"model": "", "messages": [{"role": "user", "content": "hi"}]},
+    ],
+)
 def test_invalid_chat_requests_are_refused(body: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate(body)
@@ -45,17 +49,24 @@ def test_completion_prompt_forms() -> None:
 
 
 def test_envelope_round_trips_through_json() -> None:
-    envelope = JobEnvelope(request_id="r1", model="m", kind=JobKind.CHAT, body={"x": [1, "y"]},
-                           stream=True, deadline=time.time() + 5)
+    envelope = JobEnvelope(
+        request_id="r1", model="m", kind=JobKind.CHAT, body={"x": [1, "y"]}, stream=True, deadline=time.time() + 5
+    )
     again = JobEnvelope.model_validate(contract.loads(contract.dumps(envelope.model_dump(mode="json"))))
     assert again == envelope
     assert 4 < again.seconds_left() <= 5
 
 
 def test_key_names_are_distinct_per_request_and_model() -> None:
-    names = {contract.reply_key("a"), contract.reply_key("b"), contract.stream_channel("a"),
-             contract.queue_name("a"), contract.model_workers_key("a"), contract.model_card_key("a"),
-             contract.worker_info_key("a")}
+    names = {
+        contract.reply_key("a"),
+        contract.reply_key("b"),
+        contract.stream_channel("a"),
+        contract.queue_name("a"),
+        contract.model_workers_key("a"),
+        contract.model_card_key("a"),
+        contract.worker_info_key("a"),
+    }
     assert len(names) == 7
     assert all(name.startswith(contract.KEY_PREFIX + ":") for name in names)
 

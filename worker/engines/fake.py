@@ -46,8 +46,15 @@ def _prompt_text(kind: JobKind, body: dict[str, Any]) -> str:
 
 
 class FakeEngine(Engine):
-    def __init__(self, model: str, *, embed: bool = False, token_delay: float = 0.0, embedding_dim: int = 32,
-                 concurrency: int = 64) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        embed: bool = False,
+        token_delay: float = 0.0,
+        embedding_dim: int = 32,
+        concurrency: int = 64,
+    ) -> None:
         self.model = model
         self.capabilities = frozenset({"embed"} if embed else {"generate"})
         self.max_model_len = MAX_MODEL_LEN
@@ -83,8 +90,9 @@ class FakeEngine(Engine):
             n = int(body.get("n") or 1)
             if kind is JobKind.CHAT:
                 for i in range(n):
-                    yield base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "finish_reason": None}]}
+                    yield base | {
+                        "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                    }
             async for index, token in self._generate(kind, body):
                 yield base | {"choices": [self._choice(kind, index, token, None, chunk=True)]}
             finish = self._finish_reason(body)
@@ -108,7 +116,9 @@ class FakeEngine(Engine):
         if count + self._max_tokens(body) > MAX_MODEL_LEN:
             raise InvalidRequest(
                 f"This model's maximum context length is {MAX_MODEL_LEN} tokens; the request asks for "
-                f"{count} prompt tokens plus {self._max_tokens(body)} completion tokens.", param="messages")
+                f"{count} prompt tokens plus {self._max_tokens(body)} completion tokens.",
+                param="messages",
+            )
         return count
 
     async def _generate(self, kind: JobKind, body: dict[str, Any]) -> AsyncIterator[tuple[int, str]]:
@@ -161,5 +171,9 @@ class FakeEngine(Engine):
                 embedding = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in items)
-        return {"object": "list", "data": data, "model": self.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
