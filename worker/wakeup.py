@@ -6,9 +6,9 @@ publishes to the model's wake channel in the same Lua script that enqueues a job
 the worker listens and polls at once. The timer stays as a fallback for wake-ups lost while pub/sub reconnects, for
 jobs handed back by a dead worker, and for a slot freeing up while jobs wait.
 
-Two more savings per job, both keeping arq's semantics and data: the abort list is read only when the gateway has
-signalled an abort (or on the timer), and a job is claimed by one Lua script instead of arq's WATCH / EXISTS / ZSCORE /
-MULTI round trips.
+Two more savings, both keeping arq's semantics and data: the abort list is read only when the gateway has signalled
+an abort (or on the timer), and all the jobs a poll finds are claimed by one Lua script instead of arq's WATCH /
+EXISTS / ZSCORE / MULTI round trips for each, one job after the other.
 """
 
 from __future__ import annotations
@@ -25,13 +25,27 @@ from redis.asyncio import Redis
 
 from conveyor.contract import WAKE_ABORT
 
-#: claim a job if nobody runs it and it is due: KEYS in-progress key, queue; ARGV job id, now ms, in-progress ttl ms
+#: claim up to a number of the given jobs that nobody runs and that are due, as arq's WATCH/MULTI claim does for one
+#: (the queue also lists running jobs: they are skipped, not counted). KEYS: the queue. ARGV: in-progress key prefix,
+#: now ms, in-progress ttl ms, most to claim, job ids... Returns each job's score, or false where it was not claimed.
 CLAIM_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
+local claimed = {}
+local left = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  local in_progress = ARGV[1] .. ARGV[i]
+  local score = false
+  if left > 0 and redis.call('EXISTS', in_progress) == 0 then
+    score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) <= tonumber(ARGV[2]) then
+      redis.call('PSETEX', in_progress, ARGV[3], '1')
+      left = left - 1
+    else
+      score = false
+    end
+  end
+  claimed[#claimed + 1] = score
+end
+return claimed
 """
 
 log = logging.getLogger("conveyor.worker")
@@ -66,22 +80,21 @@ class WakeableWorker(Worker):
             await super()._cancel_aborted_jobs()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's ``start_jobs`` with the claim in one script (same in-progress key, same checks)."""
-        for raw_id in job_ids:
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
+        """arq's ``start_jobs``, claiming every job that fits in one script (same in-progress keys, same checks), so
+        a burst of jobs reaches the engine together and is batched together."""
+        free = self.max_jobs - self.job_counter
+        if not job_ids or free <= 0:
+            return
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        scores = await self._claim(
+            keys=[self.queue_name], args=[in_progress_key_prefix, timestamp_ms(), ttl_ms, free, *job_ids]
+        )
+        for raw_id, score in zip(job_ids, scores, strict=True):
+            if score is None:
+                continue
+            await self.sem.acquire()  # never waits: only free slots were claimed
             self.job_counter += 1
             job_id = raw_id.decode()
-            score = await self._claim(
-                keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
-            )
-            if score is None:  # running elsewhere, finished, or deferred
-                self.job_counter -= 1
-                self.sem.release()
-                continue
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -65,9 +66,13 @@ def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout or ()), daemon=True)
+    reader.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ready(base), timeout=60, what="conveyor up to be ready")
+        wait_for(lambda: "Conveyor is up" in "".join(lines), timeout=60, what="conveyor up to print its banner")
+        assert _ready(base)
         with httpx.Client(base_url=base, timeout=10) as client:
             models_served = {m["id"]: m["live_workers"] for m in client.get("/v1/models").json()["data"]}
             assert models_served == {"up-chat": 2, "up-embed": 1}
@@ -80,13 +85,17 @@ def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         family = descendants(up.pid)
         assert len(family) >= 4  # redis, gateway, 3 workers
         up.send_signal(signal.SIGINT)
-        output = up.communicate(timeout=60)[0].decode()
+        up.wait(60)
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
+        reader.join(10)
+        if up.stdout:
+            up.stdout.close()
+    output = "".join(lines)
     assert up.returncode == 0, output
-    assert "Conveyor is up" in output and "curl" in output
+    assert "curl" in output and "stopped" in output
     assert [pid for pid in family if alive(pid)] == []
 
 
