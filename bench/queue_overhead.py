@@ -119,15 +119,15 @@ async def run(total: int, base_url: str) -> list[list[object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="requests per cell")
-    parser.add_argument("--poll-delay", default="0.01", help="worker poll delay in seconds")
+    parser.add_argument("--poll-delay", default="0.5", help="workers' fallback poll delay (jobs start on wake-ups)")
     args = parser.parse_args()
     with stack(["bench-chat", "bench-embed"]) as conveyor:
         conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay)
         conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay)
         rows = asyncio.run(run(args.requests, conveyor.base_url))
     print(
-        f"Queue-path overhead, fake engine, {args.requests} requests per row, worker poll delay "
-        f"{args.poll_delay} s; {machine()}; client, gateway, worker and Redis share the cores.\n"
+        f"Queue-path overhead, fake engine, {args.requests} requests per row, workers woken on enqueue (fallback "
+        f"poll {args.poll_delay} s); {machine()}; client, gateway, worker and Redis share the cores.\n"
     )
     print(
         table(
