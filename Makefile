@@ -9,7 +9,7 @@ export UV_COMPILE_BYTECODE ?= 1
 EXTRA ?= cpu
 RUN := $(UV) run --frozen --extra $(EXTRA)
 
-.PHONY: uv install install-gateway up test test-fast lint typecheck bench clean
+.PHONY: uv install install-gateway up test test-fast lint typecheck bench bench-engine clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -40,6 +40,9 @@ bench: install
 	$(RUN) python -m bench.queue_overhead
 	$(RUN) python -m bench.stream_relay
 	$(RUN) python -m bench.idle_cost
+
+bench-engine: install  ## Conveyor vs vLLM's own OpenAI server on the default CPU models (~15 min)
+	$(RUN) python -m bench.vs_vllm
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
