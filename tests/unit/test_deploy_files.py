@@ -301,7 +301,8 @@ def test_dockerfiles_install_the_lock_with_a_cache_and_run_unprivileged(name: st
     for args in syncs:
         assert "--frozen" in args
         assert "--no-dev" in args
-        assert "--mount=type=cache,target=/root/.cache/uv" in args
+        assert "--mount=type=cache,target=/uv-cache" in args  # the UV_CACHE_DIR the Dockerfiles set
+    assert any(word == "ENV" and "UV_CACHE_DIR=/uv-cache" in args for word, args in instructions)
     final = _final_stage(instructions)
     users = [args for word, args in final if word == "USER"]
     assert users
