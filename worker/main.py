@@ -88,6 +88,13 @@ async def serve(settings: WorkerSettings) -> None:
     )
     metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
     heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings))
+    leaving: list[asyncio.Task[None]] = []
+
+    def drain() -> None:  # stop advertising this worker while its last jobs finish
+        heartbeat.cancel()
+        leaving.append(asyncio.create_task(registry.deregister(redis, info)))
+
+    worker.on_drain = drain
     wakeups = asyncio.create_task(wakeup.listen(redis, contract.wake_channel(settings.model), worker))
     log.info(
         "worker %s serving %s on %s (max_jobs=%d, metrics on :%d)",
@@ -107,6 +114,7 @@ async def serve(settings: WorkerSettings) -> None:
     finally:
         heartbeat.cancel()
         wakeups.cancel()
+        await asyncio.gather(*leaving, return_exceptions=True)
         await runner.publisher.close()
         with contextlib.suppress(Exception):
             await registry.deregister(redis, info)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from signal import Signals
 from typing import Any
 
 from arq import Worker
@@ -60,6 +62,14 @@ class WakeableWorker(Worker):
         self._wake = asyncio.Event()
         self._check_aborts = True
         self._claim = self.pool.register_script(CLAIM_SCRIPT)
+        #: called when a signal starts the drain
+        self.on_drain: Callable[[], None] | None = None
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        """SIGTERM: leave the registry at once (no new work is routed here), then arq's drain."""
+        if self.on_drain is not None:
+            self.on_drain()
+        super().handle_sig_wait_for_completion(signum)
 
     def wake(self, abort: bool = False) -> None:
         self._check_aborts |= abort

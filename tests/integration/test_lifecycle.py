@@ -17,6 +17,10 @@ MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 SLOW = ("--fake-token-delay", "0.05")  # 20 tokens/s: 400 tokens take 20 s
 
 
+def live_models(base_url: str) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]]
+
+
 def queue_depth(redis_url: str, model: str) -> int:
     with redis.Redis.from_url(redis_url) as client:
         return int(client.zcard(contract.queue_name(model)))
@@ -131,22 +135,27 @@ def test_two_workers_on_one_queue_both_serve(spawn: Processes) -> None:
     assert all(count > 0 for count in served), served
 
 
-def test_sigterm_finishes_the_running_job_then_exits(spawn: Processes) -> None:
-    gateway = spawn.gateway()
-    worker = spawn.fake_worker("graceful", "--fake-token-delay", "0.05")
+def test_sigterm_leaves_the_registry_finishes_the_running_job_then_exits(spawn: Processes) -> None:
+    gateway = spawn.gateway(models="graceful")
+    worker = spawn.fake_worker("graceful", "--fake-token-delay", "0.02")  # 300 tokens: ~6 s
 
     async def request_then_terminate() -> str | None:
         sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
         try:
-            call = asyncio.create_task(sdk.chat.completions.create(model="graceful", messages=MESSAGES, max_tokens=40))
+            call = asyncio.create_task(sdk.chat.completions.create(model="graceful", messages=MESSAGES, max_tokens=300))
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the job to run")
             worker.process.send_signal(signal.SIGTERM)
+            # no new work is routed to a draining worker: with no other worker, new requests are refused at once
+            await asyncio.to_thread(wait_for, lambda: not live_models(gateway.base_url), 3.0, "the worker to leave")
+            with pytest.raises(openai.InternalServerError) as refused:
+                await sdk.chat.completions.create(model="graceful", messages=MESSAGES, max_tokens=1)
+            assert refused.value.code == "no_live_worker"
             return (await call).choices[0].message.content
         finally:
             await sdk.close()
 
     text = asyncio.run(request_then_terminate())
-    assert text is not None and len(text.split()) == 40
+    assert text is not None and len(text.split()) == 300
     assert worker.process.wait(30) == 0
 
 
