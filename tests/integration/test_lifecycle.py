@@ -146,7 +146,9 @@ def test_sigterm_leaves_the_registry_finishes_the_running_job_then_exits(spawn: 
             await asyncio.to_thread(wait_for, lambda: running_jobs(worker) == 1, 10.0, "the job to run")
             worker.process.send_signal(signal.SIGTERM)
             # no new work is routed to a draining worker: with no other worker, new requests are refused at once
-            await asyncio.to_thread(wait_for, lambda: not live_models(gateway.base_url), 3.0, "the worker to leave")
+            await asyncio.to_thread(
+                wait_for, lambda: "graceful" not in live_models(gateway.base_url), 3.0, "the worker to leave"
+            )
             with pytest.raises(openai.InternalServerError) as refused:
                 await sdk.chat.completions.create(model="graceful", messages=MESSAGES, max_tokens=1)
             assert refused.value.code == "no_live_worker"
