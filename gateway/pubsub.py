@@ -44,10 +44,6 @@ class PubSubMultiplexer:
                 await self._reader
         await self._drop_connection()
 
-    @property
-    def open_channels(self) -> int:
-        return len(self._queues)
-
     async def subscribe(self, channel: str) -> asyncio.Queue[Any]:
         pubsub = await self._connection()
         queue: asyncio.Queue[Any] = asyncio.Queue()
