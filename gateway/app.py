@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -29,9 +30,11 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], ArqRedis] = r
         service = ServingService(JobQueue(redis, settings, metrics), mux, settings, metrics)
         app.state.service = service
         await mux.start()
+        gauges = asyncio.create_task(service.refresh_gauges_forever(), name="gauge-refresh")
         try:
             yield
         finally:
+            gauges.cancel()
             await service.drain()
             await mux.stop()
             await redis_client.close(redis)

@@ -32,9 +32,9 @@ class GatewayMetrics:
             "conveyor_request_failures", "Failed requests by reason (the error code).", ["model", "reason"], registry=r
         )
         self.queue_depth = Gauge(
-            "conveyor_queue_depth", "Jobs waiting or running, seen at the last admission.", ["model"], registry=r
+            "conveyor_queue_depth", "Jobs waiting or running (at each admission, and every 5 s).", ["model"], registry=r
         )
         self.live_workers = Gauge(
-            "conveyor_live_workers", "Live workers, seen at the last admission.", ["model"], registry=r
+            "conveyor_live_workers", "Live workers (at each admission, and every 5 s).", ["model"], registry=r
         )
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)

@@ -6,6 +6,7 @@ Built once per app in the lifespan and kept on ``app.state.service``; routes sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -32,6 +33,8 @@ from gateway.queue import JobQueue, redis_errors
 from gateway.settings import GatewaySettings
 
 DONE = b"data: [DONE]\n\n"
+#: how often the queue-depth and live-worker gauges are refreshed between requests (Prometheus scrapes every ~15 s)
+GAUGE_REFRESH_SECONDS = 5.0
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -186,6 +189,21 @@ class ServingService:
                 return {"ready": False, "redis": False, "models": models}
         ready = all(count > 0 for count in models.values())
         return {"ready": ready, "redis": True, "models": {m: {"live_workers": n} for m, n in models.items()}}
+
+    async def refresh_gauges(self) -> None:
+        """Queue depth and live workers of every known model, so dashboards stay current while no request arrives."""
+        with redis_errors():
+            names = await registry.known_models(self.queue.redis) | set(self.settings.models)
+            for model in names:
+                status = await registry.model_status(self.queue.redis, model)
+                self.metrics.queue_depth.labels(model).set(status.queue_depth)
+                self.metrics.live_workers.labels(model).set(status.live_workers)
+
+    async def refresh_gauges_forever(self, interval: float = GAUGE_REFRESH_SECONDS) -> None:
+        while True:
+            with contextlib.suppress(BackendUnavailable):  # /ready and the requests report Redis being down
+                await self.refresh_gauges()
+            await asyncio.sleep(interval)
 
     # --- housekeeping -------------------------------------------------------------------------------------------
 

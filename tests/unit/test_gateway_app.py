@@ -110,3 +110,13 @@ def test_placeholder_api_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="placeholder"):
         GatewaySettings(api_keys="changeme")  # type: ignore[arg-type]
     assert GatewaySettings(models="a, b").models == ["a", "b"]  # type: ignore[arg-type]
+
+
+async def test_gauges_are_refreshed_without_requests(app: FastAPI, redis: ArqRedis) -> None:
+    await register(redis, "chat", ["generate"])
+    await redis.zadd(contract.queue_name("chat"), {"a": 1, "b": 2, "c": 3})
+    await app.state.service.refresh_gauges()
+    registry_ = app.state.metrics.registry
+    assert registry_.get_sample_value("conveyor_queue_depth", {"model": "chat"}) == 3
+    assert registry_.get_sample_value("conveyor_live_workers", {"model": "chat"}) == 1
+    assert registry_.get_sample_value("conveyor_live_workers", {"model": "idle"}) == 0
