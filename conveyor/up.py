@@ -43,8 +43,20 @@ class Stop(Exception):
     """SIGINT or SIGTERM arrived."""
 
 
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise Stop(signal.Signals(signum).name)
+class _StopSignals:
+    """SIGINT/SIGTERM raise ``Stop``: the first starts a graceful stop, a second one a second or more later ends the
+    wait. The same Ctrl-C often arrives twice within milliseconds (from the terminal and forwarded by ``uv run`` or
+    ``make``); that copy is ignored rather than taken as an impatient second press."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.first is not None and now - self.first < 1.0:
+            return
+        self.first = self.first or now
+        raise Stop(signal.Signals(signum).name)
 
 
 def _redis(data: Path, children: list[Child]) -> str:
@@ -70,7 +82,8 @@ def serve(models_path: Path, host: str, port: int) -> int:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    on_signal = _StopSignals()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         redis_url = _redis(data, children)
         names = ",".join(m.name for m in config.models)
@@ -98,8 +111,8 @@ def serve(models_path: Path, host: str, port: int) -> int:
             for child in children:
                 with processes.no_such_process():
                     os.killpg(child.process.pid, signal.SIGKILL)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, restored in previous.items():
+            signal.signal(sig, restored)
 
 
 def _start_workers(config: models_file.ModelsFile, redis_url: str, logs: Path) -> list[Child]:

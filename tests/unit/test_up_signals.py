@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from conveyor import up
+
+
+def test_one_ctrl_c_delivered_twice_is_one_stop_and_a_later_press_ends_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([100.0, 100.01, 101.5])
+    monkeypatch.setattr(up.time, "monotonic", lambda: next(clock))
+    handler = up._StopSignals()
+    with pytest.raises(up.Stop):
+        handler(signal.SIGINT, None)  # from the terminal
+    handler(signal.SIGINT, None)  # the same press forwarded by uv/make: ignored
+    with pytest.raises(up.Stop):
+        handler(signal.SIGINT, None)  # a real second press: stop waiting
