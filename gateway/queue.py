@@ -83,8 +83,7 @@ class JobQueue:
         ]
         with redis_errors():
             code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
-            unconfigured = code == Admission.NO_WORKER and model not in self.settings.models
-            if unconfigured and model not in await registry.known_models(self.redis):
+            if code == Admission.NO_WORKER and not await self.is_known(model):
                 raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         self.metrics.live_workers.labels(model).set(live)
         self.metrics.queue_depth.labels(model).set(depth)
@@ -105,6 +104,14 @@ class JobQueue:
             )
         if code == Admission.DUPLICATE:
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
+
+    async def model_names(self) -> set[str]:
+        """Every model this deployment knows: configured, or served by a worker at some time."""
+        return await registry.known_models(self.redis) | set(self.settings.models)
+
+    async def is_known(self, model: str) -> bool:
+        """A known model without a live worker is 503; anything else is 404."""
+        return model in self.settings.models or model in await registry.known_models(self.redis)
 
     async def wait_reply(self, envelope: JobEnvelope) -> Reply:
         """Block on the request's reply list until the worker pushes the answer or the deadline passes."""

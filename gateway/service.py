@@ -162,7 +162,7 @@ class ServingService:
 
     async def live_models(self) -> list[ModelCard]:
         with redis_errors():
-            names = await registry.known_models(self.queue.redis) | set(self.settings.models)
+            names = await self.queue.model_names()
         cards = [await self._card(name) for name in sorted(names)]
         return [card for card in cards if card is not None]
 
@@ -171,7 +171,7 @@ class ServingService:
         if card is not None:
             return card
         with redis_errors():
-            known = model in self.settings.models or model in await registry.known_models(self.queue.redis)
+            known = await self.queue.is_known(model)
         if known:
             raise NoLiveWorker(f"No live worker serves `{model}` right now.", param="model")
         raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
@@ -193,8 +193,7 @@ class ServingService:
     async def refresh_gauges(self) -> None:
         """Queue depth and live workers of every known model, so dashboards stay current while no request arrives."""
         with redis_errors():
-            names = await registry.known_models(self.queue.redis) | set(self.settings.models)
-            for model in names:
+            for model in await self.queue.model_names():
                 status = await registry.model_status(self.queue.redis, model)
                 self.metrics.queue_depth.labels(model).set(status.queue_depth)
                 self.metrics.live_workers.labels(model).set(status.live_workers)
