@@ -42,7 +42,7 @@ def _worker(args: argparse.Namespace) -> None:
     )
     if args.engine_args is not None:
         overrides["engine_args"] = json.loads(args.engine_args)
-    run(WorkerSettings(**overrides))
+    raise SystemExit(run(WorkerSettings(**overrides)))
 
 
 def _up(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 JOB_FUNCTION = "conveyor_run"
 KEY_PREFIX = "conveyor"
 
@@ -34,10 +34,12 @@ CAPABILITY_FOR_KIND: dict[JobKind, str] = {
 
 
 class JobEnvelope(BaseModel):
-    """What the gateway puts on a model's queue. ``request_id`` is also the arq job id."""
+    """What the gateway puts on a model's queue. ``request_id`` is also the queue's job id; ``reply_to`` names the
+    gateway whose inbox takes the answer of a non-streamed job (``inbox_key``)."""
 
     v: int = ENVELOPE_VERSION
     request_id: str
+    reply_to: str = ""
     model: str
     kind: JobKind
     body: dict[str, Any]
@@ -68,27 +70,30 @@ def json_bytes(body: dict[str, Any] | bytes | str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The answer to a non-streamed job, pushed to the request's reply list: ``ok|<body>`` or ``error|<ErrorInfo>``.
+    """The answer to a non-streamed job, pushed to its gateway's inbox as ``<request id>|ok|<body>`` or
+    ``<request id>|error|<ErrorInfo>``.
 
     The body is the engine's response JSON, sent on to the client as it is (a 64-text embedding answer is ~200 KB:
     nobody parses it on the way).
     """
 
+    request_id: str
     body: bytes | None = None
     error: ErrorInfo | None = None
 
     def encode(self) -> bytes:
+        head = self.request_id.encode()
         if self.error is not None:
-            return b"error|" + self.error.model_dump_json().encode()
-        return b"ok|" + (self.body or b"{}")
+            return head + b"|error|" + self.error.model_dump_json().encode()
+        return head + b"|ok|" + (self.body or b"{}")
 
     @classmethod
     def decode(cls, raw: bytes) -> Reply:
-        kind, _, payload = raw.partition(b"|")
+        request_id, kind, payload = raw.split(b"|", 2)
         if kind == b"ok":
-            return cls(body=payload)
+            return cls(request_id.decode(), body=payload)
         if kind == b"error":
-            return cls(error=ErrorInfo.model_validate_json(payload))
+            return cls(request_id.decode(), error=ErrorInfo.model_validate_json(payload))
         raise ValueError(f"unknown reply kind {kind[:16]!r}")
 
 
@@ -127,16 +132,22 @@ class StreamFrame:
         return ErrorInfo.model_validate_json(self.payload)
 
 
-# ---- Redis key names: the only place they are spelled --------------------------------------------------------
+# ---- Conveyor's own Redis key names (the queue backend's own keys live in its two seam modules) ---------------
 
 
 def queue_name(model: str) -> str:
-    """The arq queue (a sorted set of job ids) of one model."""
+    """The queue (a sorted set of job ids, by enqueue time) of one model."""
     return f"{KEY_PREFIX}:queue:{model}"
 
 
-def reply_key(request_id: str) -> str:
-    return f"{KEY_PREFIX}:reply:{request_id}"
+def inbox_key(gateway_id: str) -> str:
+    """A gateway's reply list: workers push the answers of its non-streamed jobs here, one reader pops them."""
+    return f"{KEY_PREFIX}:inbox:{gateway_id}"
+
+
+def abort_key(request_id: str) -> str:
+    """Set (with an expiry) when a client cancels a running job; the worker holding it stops it."""
+    return f"{KEY_PREFIX}:abort:{request_id}"
 
 
 def stream_channel(request_id: str) -> str:
@@ -152,24 +163,35 @@ def worker_info_key(worker_id: str) -> str:
     return f"{KEY_PREFIX}:worker:{worker_id}"
 
 
+def model_loading_key(model: str) -> str:
+    """Sorted set: worker id -> heartbeat expiry, for workers whose engine is still loading."""
+    return f"{KEY_PREFIX}:loading:{model}"
+
+
+def model_failure_key(model: str) -> str:
+    """The last engine failure of a model's workers (JSON, expires): why it is not serving."""
+    return f"{KEY_PREFIX}:failed:{model}"
+
+
 def model_card_key(model: str) -> str:
     """What the workers of a model advertise (capabilities, context length); refreshed with every heartbeat."""
     return f"{KEY_PREFIX}:model:{model}"
 
 
 def wake_channel(model: str) -> str:
-    """Pub/sub channel the gateway publishes to when a model's queue changes: ``WAKE_JOB`` or ``WAKE_ABORT``."""
+    """Pub/sub channel the gateway publishes to when a model's queue changes: ``WAKE_JOB``, or ``WAKE_ABORT``
+    followed by the id of the job to stop."""
     return f"{KEY_PREFIX}:wake:{model}"
 
 
 WAKE_JOB = b"job"
-WAKE_ABORT = b"abort"
+WAKE_ABORT = b"abort:"
 
 
 MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever served
 
 
-# ---- arq serialisation: JSON, never pickle --------------------------------------------------------------------
+# ---- job serialisation: JSON, never pickle --------------------------------------------------------------------
 
 
 def dumps(obj: Any) -> bytes:

@@ -33,6 +33,12 @@ class InvalidRequest(ConveyorError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(ConveyorError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class Unauthorized(ConveyorError):
     status = 401
     type = "authentication_error"
@@ -67,6 +73,14 @@ class NoLiveWorker(ConveyorError):
     status = 503
     type = "service_unavailable"
     default_code = "no_live_worker"
+
+
+class WorkerLost(ConveyorError):
+    """The worker running a request was lost (killed, its engine died) and the request cannot be resumed or retried."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "worker_lost"
 
 
 class BackendUnavailable(ConveyorError):

@@ -75,13 +75,20 @@ class EmbeddingRequest(OpenAIBaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, plus what Conveyor knows of the model's workers."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "conveyor"
+    #: serving (a live worker), loading (workers starting), failed (the last worker's engine failed), unavailable
+    status: Literal["serving", "loading", "failed", "unavailable"] = "serving"
     max_model_len: int | None = None
     capabilities: list[str] = Field(default_factory=list)
     live_workers: int = 0
+    loading_workers: int = 0
+    #: why the last worker stopped, while none serves (engine_dead, engine_stalled, engine_start_failed)
+    failure: str | None = None
 
 
 class ModelList(BaseModel):

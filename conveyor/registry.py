@@ -1,7 +1,9 @@
 """The worker registry in Redis: workers announce themselves with a heartbeat, the gateway reads who is alive.
 
 Per model, a sorted set maps worker id -> the unix time its last heartbeat is good until; a worker that stops
-heartbeating drops out on its own. A model card (capabilities, context length) is refreshed alongside.
+heartbeating drops out on its own. Workers whose engine is still loading beat into a second set, so a model can be
+told apart as loading, serving or failed (the last engine failure is kept for ``FAILURE_TTL_SECONDS``). A model
+card (capabilities, context length) is refreshed alongside by serving workers.
 """
 
 from __future__ import annotations
@@ -9,17 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from conveyor import contract
 
+#: how long a model's last engine failure is reported after it happened
+FAILURE_TTL_SECONDS = 600
+
+WorkerState = Literal["loading", "serving"]
+
 
 class WorkerInfo(BaseModel):
     worker_id: str
     model: str
+    state: WorkerState = "serving"
     capabilities: list[str]
     max_model_len: int | None = None
     max_jobs: int
@@ -35,42 +43,83 @@ class ModelInfo(BaseModel):
     max_model_len: int | None = None
 
 
+class Failure(BaseModel):
+    """Why a worker of a model stopped serving: one of Conveyor's own reasons, never exception text."""
+
+    worker_id: str
+    reason: Literal["engine_dead", "engine_stalled", "engine_start_failed"]
+    at: float
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     live_workers: int
     info: ModelInfo | None
     queue_depth: int
+    loading_workers: int = 0
+    failure: Failure | None = None
+
+    @property
+    def state(self) -> str:
+        """serving (a live worker), loading (only workers still loading), failed (a recent engine failure and no
+        worker), or unavailable."""
+        if self.live_workers:
+            return "serving"
+        if self.loading_workers:
+            return "loading"
+        return "failed" if self.failure is not None else "unavailable"
+
+
+def _sets(worker: WorkerInfo) -> tuple[str, str]:
+    """The registry set this worker beats into, and the one it must leave."""
+    serving, loading = contract.model_workers_key(worker.model), contract.model_loading_key(worker.model)
+    return (serving, loading) if worker.state == "serving" else (loading, serving)
 
 
 async def heartbeat(redis: Redis, worker: WorkerInfo, ttl: float) -> None:
     now = time.time()
-    card = ModelInfo(model=worker.model, capabilities=worker.capabilities, max_model_len=worker.max_model_len)
+    into, out_of = _sets(worker)
     px = int(ttl * 1000)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(contract.model_workers_key(worker.model), {worker.worker_id: now + ttl})
-        pipe.zremrangebyscore(contract.model_workers_key(worker.model), "-inf", now)
+        pipe.zadd(into, {worker.worker_id: now + ttl})
+        pipe.zrem(out_of, worker.worker_id)
+        pipe.zremrangebyscore(into, "-inf", now)
         pipe.set(contract.worker_info_key(worker.worker_id), worker.model_dump_json(), px=px)
-        pipe.set(contract.model_card_key(worker.model), card.model_dump_json(), px=px)
+        if worker.state == "serving":
+            card = ModelInfo(model=worker.model, capabilities=worker.capabilities, max_model_len=worker.max_model_len)
+            pipe.set(contract.model_card_key(worker.model), card.model_dump_json(), px=px)
         pipe.sadd(contract.MODELS_KEY, worker.model)
         await pipe.execute()
 
 
-async def deregister(redis: Redis, worker: WorkerInfo) -> None:
+async def deregister(redis: Redis, worker: WorkerInfo, failure: Failure | None = None) -> None:
+    """Leave the registry at once (drain, or failure: then the reason is kept for the model's status)."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrem(contract.model_workers_key(worker.model), worker.worker_id)
+        pipe.zrem(contract.model_loading_key(worker.model), worker.worker_id)
         pipe.delete(contract.worker_info_key(worker.worker_id))
+        if failure is not None:
+            pipe.set(contract.model_failure_key(worker.model), failure.model_dump_json(), ex=FAILURE_TTL_SECONDS)
         await pipe.execute()
 
 
 async def model_status(redis: Redis, model: str) -> ModelStatus:
-    """Live workers, advertised card and queue depth of one model, in one round trip."""
+    """Live and loading workers, advertised card, last failure and queue depth of one model, in one round trip."""
+    now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(contract.model_workers_key(model), time.time(), "+inf")
+        pipe.zcount(contract.model_workers_key(model), now, "+inf")
         pipe.get(contract.model_card_key(model))
         pipe.zcard(contract.queue_name(model))
-        live, card, depth = await pipe.execute()
-    info = ModelInfo.model_validate_json(card) if card and live else None
-    return ModelStatus(live_workers=int(live), info=info, queue_depth=int(depth))
+        pipe.zcount(contract.model_loading_key(model), now, "+inf")
+        pipe.get(contract.model_failure_key(model))
+        live, card, depth, loading, failure = await pipe.execute()
+    return ModelStatus(
+        live_workers=int(live),
+        info=ModelInfo.model_validate_json(card) if card and live else None,
+        queue_depth=int(depth),
+        loading_workers=int(loading),
+        failure=Failure.model_validate_json(failure) if failure else None,
+    )
 
 
 async def known_models(redis: Redis) -> set[str]:

@@ -1,8 +1,9 @@
-"""The one mapping from exceptions to OpenAI-shaped error responses."""
+"""The one mapping from exceptions to OpenAI-shaped error responses, and the metrics every refusal records."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conveyor.errors import ConveyorError, InvalidRequest, NotFound, error_body
+from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooLarge, error_body
+from gateway.metrics import OTHER
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -33,12 +35,18 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
+def endpoint_label(request: Request) -> str:
+    """The matched route's template (bounded); every unmatched path shares one value."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", OTHER))
+
+
 def respond(request: Request, error: ConveyorError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
-    model = getattr(request.state, "model", "")
     if metrics is not None and request.url.path.startswith("/v1/"):
-        metrics.requests.labels(model, request.url.path, str(error.status)).inc()
-        metrics.failures.labels(model, error.code or error.type).inc()
+        arrived = getattr(request.state, "arrived", time.time())
+        model = getattr(request.state, "model", None)
+        metrics.observe(model, endpoint_label(request), error.status, error.code or error.type, arrived)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -55,6 +63,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return respond(request, NotFound(f"No route {request.method} {request.url.path}."))
+        if exc.status_code == 413:
+            return respond(request, PayloadTooLarge(str(exc.detail)))
         error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
         error.status = exc.status_code
         return respond(request, error)
@@ -62,7 +72,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return respond(request, ConveyorError(f"Internal error: {type(exc).__name__}", code="internal_error"))
+        return respond(request, ConveyorError("The server failed on this request.", code="internal_error"))
 
 
 __all__ = ["error_body", "install", "respond", "validation_error"]

@@ -1,22 +1,32 @@
-"""Gateway metrics, in a registry the app owns (so two apps in one process never collide)."""
+"""Gateway metrics, in a registry the app owns (so two apps in one process never collide).
+
+Label values are bounded: a model label is a model this deployment knows (configured, or registered by a worker),
+else ``OTHER``; an endpoint label is a route template, else ``OTHER``. A client cannot create series.
+"""
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: the label value of every model and route the gateway does not know
+OTHER = "other"
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: models that may appear as label values (kept current by the service's gauge refresh)
+        self.known_models: set[str] = set()
         r = self.registry
         self.requests = Counter(
             "conveyor_requests", "Requests answered, by HTTP status.", ["model", "endpoint", "status"], registry=r
         )
         self.duration = Histogram(
             "conveyor_request_duration_seconds",
-            "Time from arrival to the last byte.",
+            "Time from arrival to the last byte, every outcome.",
             ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -38,3 +48,14 @@ class GatewayMetrics:
             "conveyor_live_workers", "Live workers (at each admission, and every 5 s).", ["model"], registry=r
         )
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)
+
+    def model_label(self, model: str | None) -> str:
+        return model if model and model in self.known_models else OTHER
+
+    def observe(self, model: str | None, endpoint: str, status: int, reason: str | None, arrived: float) -> None:
+        """One request ended: its status, its failure reason if any, its duration to the last byte."""
+        label = self.model_label(model)
+        self.requests.labels(label, endpoint, str(status)).inc()
+        self.duration.labels(label, endpoint).observe(time.time() - arrived)
+        if status >= 400:
+            self.failures.labels(label, reason or "unknown").inc()

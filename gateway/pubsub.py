@@ -19,6 +19,9 @@ log = logging.getLogger("conveyor.gateway")
 CONNECTION_LOST = object()
 #: Redis confirms a SUBSCRIBE within a round trip; far longer than this means it is not answering
 CONFIRM_TIMEOUT_SECONDS = 5.0
+#: the reader never blocks longer than this on one read (the client's socket timeout would call a quiet
+#: connection dead)
+READ_SECONDS = 1.0
 
 
 class PubSubMultiplexer:
@@ -84,7 +87,7 @@ class PubSubMultiplexer:
             try:
                 pubsub = await self._connection()
                 while True:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await pubsub.get_message(timeout=READ_SECONDS)
                     if message is not None:
                         self._dispatch(message)
             except asyncio.CancelledError:

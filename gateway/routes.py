@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import time
+import math
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from conveyor.contract import JobKind
-from conveyor.errors import InvalidRequest, Unauthorized
+from conveyor.errors import InvalidRequest
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList
+from gateway.errors import endpoint_label
+from gateway.relay import CLIENT_CLOSED_REQUEST
 from gateway.service import ServingService
 from gateway.streaming import ClientGone, EventStream, until_disconnect
 
 TIMEOUT_HEADER = "x-conveyor-timeout"
-CLIENT_CLOSED_REQUEST = 499
 
 
 def service_of(request: Request) -> ServingService:
@@ -25,25 +26,19 @@ def service_of(request: Request) -> ServingService:
     return service
 
 
-async def require_api_key(request: Request) -> None:
-    keys = service_of(request).settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in keys:
-        raise Unauthorized("Incorrect API key provided.")
-
-
-def _timeout(request: Request) -> float | None:
+def _timeout(request: Request, ceiling: float) -> float | None:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
-        value = -1
-    if value <= 0:
-        raise InvalidRequest(f"header {TIMEOUT_HEADER} must be a positive number of seconds", param=TIMEOUT_HEADER)
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= ceiling):
+        raise InvalidRequest(
+            f"Header {TIMEOUT_HEADER} must be a number of seconds above 0 and at most {ceiling:g}.",
+            param=TIMEOUT_HEADER,
+        )
     return value
 
 
@@ -51,25 +46,24 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
     service = service_of(request)
     payload: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
     request.state.model = payload["model"]
-    envelope = service.envelope(kind, payload, _timeout(request))
+    envelope = service.envelope(kind, payload, _timeout(request, service.settings.request_timeout))
     headers = {"X-Request-Id": envelope.request_id}
-    endpoint = request.url.path
+    endpoint = endpoint_label(request)
     try:
         if envelope.stream:
-            relay = await until_disconnect(request, service.open_stream(envelope))
-            response: Response = EventStream(relay, headers=headers)  # type: ignore[arg-type]
-        else:
-            result = await until_disconnect(request, service.complete(envelope))
-            response = Response(result, media_type="application/json", headers=headers)
+            relay = await until_disconnect(request, service.open_stream(envelope, endpoint))
+            return EventStream(relay, headers=headers)  # the relay records its outcome when it ends
+        result = await until_disconnect(request, service.complete(envelope))
     except ClientGone:
+        gone = CLIENT_CLOSED_REQUEST
+        service.metrics.observe(envelope.model, endpoint, gone, "client_closed_request", envelope.created)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    service.metrics.requests.labels(envelope.model, endpoint, "200").inc()
-    service.metrics.duration.labels(envelope.model, endpoint).observe(time.time() - envelope.created)
-    return response
+    service.metrics.observe(envelope.model, endpoint, 200, None, envelope.created)
+    return Response(result, media_type="application/json", headers=headers)
 
 
 router = APIRouter()
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gateway.guard
 
 
 @api.post("/chat/completions")
@@ -89,7 +83,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 @api.get("/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=await service_of(request).live_models())
+    return ModelList(data=await service_of(request).models())
 
 
 @api.get("/models/{model_id:path}")

@@ -7,45 +7,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from conveyor import contract, registry
-from conveyor.contract import JobEnvelope, JobKind, StreamFrame
-from conveyor.errors import (
-    BackendUnavailable,
-    ConveyorError,
-    DeadlineExceeded,
-    EngineFailure,
-    ModelNotFound,
-    NoLiveWorker,
-    RemoteError,
-    error_body,
-)
+from conveyor import contract
+from conveyor.contract import JobEnvelope, JobKind
+from conveyor.errors import BackendUnavailable, DeadlineExceeded, EngineFailure, RemoteError
 from conveyor.protocol import ModelCard
+from gateway.directory import ModelDirectory
+from gateway.inbox import ReplyInbox
 from gateway.metrics import GatewayMetrics
-from gateway.pubsub import CONNECTION_LOST, PubSubMultiplexer
+from gateway.pubsub import PubSubMultiplexer
 from gateway.queue import JobQueue, redis_errors
+from gateway.relay import FrameReader, StreamRelay
 from gateway.settings import GatewaySettings
 
-DONE = b"data: [DONE]\n\n"
 #: how often the queue-depth and live-worker gauges are refreshed between requests (Prometheus scrapes every ~15 s)
 GAUGE_REFRESH_SECONDS = 5.0
 
 
-def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
 class ServingService:
     def __init__(
-        self, queue: JobQueue, mux: PubSubMultiplexer, settings: GatewaySettings, metrics: GatewayMetrics
+        self,
+        queue: JobQueue,
+        directory: ModelDirectory,
+        inbox: ReplyInbox,
+        mux: PubSubMultiplexer,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
     ) -> None:
         self.queue = queue
+        self.directory = directory
+        self.inbox = inbox
         self.mux = mux
         self.settings = settings
         self.metrics = metrics
@@ -53,26 +48,36 @@ class ServingService:
 
     def envelope(self, kind: JobKind, body: dict[str, Any], timeout: float | None = None) -> JobEnvelope:
         now = time.time()
-        budget = min(timeout, self.settings.request_timeout) if timeout else self.settings.request_timeout
         return JobEnvelope(
             request_id=uuid.uuid4().hex,
+            reply_to=self.inbox.gateway_id,
             model=body["model"],
             kind=kind,
             body=body,
             stream=bool(body.get("stream")),
             created=now,
-            deadline=now + budget,
+            deadline=now + (timeout or self.settings.request_timeout),
         )
 
     # --- non-streamed ---------------------------------------------------------------------------------------------
 
     async def complete(self, envelope: JobEnvelope) -> bytes:
         """The engine's response JSON, untouched."""
-        await self.queue.submit(envelope)
+        answer = self.inbox.expect(envelope.request_id)
         try:
-            reply = await self.queue.wait_reply(envelope)
-        except BaseException:  # deadline, client gone (CancelledError), Redis down: the job must not run on
+            await self.queue.submit(envelope)
+        except BaseException:  # refused: nothing was enqueued
+            self.inbox.forget(envelope.request_id)
+            raise
+        try:
+            async with asyncio.timeout(max(envelope.seconds_left(), 0.001)):
+                reply = await answer
+        except BaseException as exc:  # deadline, client gone (CancelledError): the job must not run on
+            self.inbox.forget(envelope.request_id)
             self._later(self.queue.cancel(envelope))
+            if isinstance(exc, TimeoutError):
+                budget = envelope.deadline - envelope.created
+                raise DeadlineExceeded(f"no answer within the request's deadline ({budget:.1f} s)") from None
             raise
         if reply.error is not None:
             raise RemoteError(reply.error)
@@ -82,121 +87,82 @@ class ServingService:
 
     # --- streamed ---------------------------------------------------------------------------------------------------
 
-    async def open_stream(self, envelope: JobEnvelope) -> AsyncIterator[bytes]:
-        """Admit, subscribe, enqueue, and wait for the first message, so that anything that fails before the first
-        token is an ordinary HTTP error. Returns the relay of the rest as SSE bytes."""
+    async def open_stream(self, envelope: JobEnvelope, endpoint: str) -> StreamRelay:
+        """Subscribe, admit + enqueue, and wait for the first frame, so that anything that fails before the first
+        token is an ordinary HTTP error. Returns the relay of the rest."""
         channel = contract.stream_channel(envelope.request_id)
         with redis_errors():
             messages = await self.mux.subscribe(channel)
+        enqueued = False
         try:
             await self.queue.submit(envelope)
-            first = await self._next(messages, envelope)
+            enqueued = True
+            reader = FrameReader(self.queue, envelope, messages)
+            first = await reader.next()
             if first.type == "error":
                 raise RemoteError(first.error_info())
         except BaseException:
             self._later(self.mux.unsubscribe(channel))
-            self._later(self.queue.cancel(envelope))
-            raise
-        self.metrics.ttft.labels(envelope.model).observe(time.time() - envelope.created)
-        return self._relay(envelope, messages, first)
-
-    async def _relay(
-        self, envelope: JobEnvelope, messages: asyncio.Queue[Any], frame: StreamFrame
-    ) -> AsyncIterator[bytes]:
-        finished = False
-        self.metrics.open_streams.inc()
-        try:
-            for expected in itertools.count():
-                if frame.seq != expected:
-                    yield sse(
-                        error_body(
-                            EngineFailure(
-                                f"stream corrupted: expected chunk {expected}, got {frame.seq}", code="stream_gap"
-                            ).info()
-                        )
-                    )
-                    break
-                if frame.type != "chunk":
-                    finished = True
-                    if frame.type == "error":
-                        yield sse(error_body(frame.error_info()))
-                    break
-                yield b"data: " + frame.payload + b"\n\n"
-                frame = await self._next(messages, envelope)
-            yield DONE
-        except ConveyorError as exc:  # deadline or backend lost between chunks
-            yield sse(exc.body())
-            yield DONE
-        finally:
-            self.metrics.open_streams.dec()
-            self._later(self.mux.unsubscribe(contract.stream_channel(envelope.request_id)))
-            if not finished:
+            if enqueued:
                 self._later(self.queue.cancel(envelope))
-
-    async def _next(self, messages: asyncio.Queue[Any], envelope: JobEnvelope) -> StreamFrame:
-        try:
-            raw = messages.get_nowait()  # the common case mid-stream, and far cheaper than a timed wait
-        except asyncio.QueueEmpty:
-            try:
-                async with asyncio.timeout(max(envelope.seconds_left(), 0.001)):
-                    raw = await messages.get()
-            except TimeoutError:
-                raise DeadlineExceeded("no answer within the request's deadline") from None
-        if raw is CONNECTION_LOST:
-            raise BackendUnavailable("lost the connection to the queue backend mid-stream")
-        return StreamFrame.decode(raw)
+            raise
+        self.metrics.ttft.labels(self.metrics.model_label(envelope.model)).observe(time.time() - envelope.created)
+        return StreamRelay(envelope, reader, first, self.queue, self.mux, self.metrics, endpoint)
 
     # --- models and readiness ----------------------------------------------------------------------------------
 
     async def _card(self, model: str) -> ModelCard | None:
-        with redis_errors():
-            status = await registry.model_status(self.queue.redis, model)
-        if status.info is None:
+        """A model's card with its state; None for a model that is neither configured nor doing anything."""
+        status = await self.directory.status(model)
+        if status.state == "unavailable" and model not in self.settings.models:
             return None
         return ModelCard(
             id=model,
-            max_model_len=status.info.max_model_len,
-            capabilities=status.info.capabilities,
+            status=status.state,
+            max_model_len=status.info.max_model_len if status.info else None,
+            capabilities=status.info.capabilities if status.info else [],
             live_workers=status.live_workers,
+            loading_workers=status.loading_workers,
+            failure=status.failure.reason if status.failure and not status.live_workers else None,
         )
 
-    async def live_models(self) -> list[ModelCard]:
-        with redis_errors():
-            names = await self.queue.model_names()
-        cards = [await self._card(name) for name in sorted(names)]
+    async def models(self) -> list[ModelCard]:
+        cards = [await self._card(name) for name in sorted(await self.directory.names())]
         return [card for card in cards if card is not None]
 
     async def model_card(self, model: str) -> ModelCard:
-        card = await self._card(model)
-        if card is not None:
-            return card
-        with redis_errors():
-            known = await self.queue.is_known(model)
-        if known:
-            raise NoLiveWorker(f"No live worker serves `{model}` right now.", param="model")
-        raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        card = await self._card(model) if await self.directory.is_known(model) else None
+        if card is None:
+            raise await self.directory.unavailable(model)
+        return card
 
     async def readiness(self) -> dict[str, Any]:
         """Ready when Redis answers and every configured model has a live worker."""
-        if not await self.queue.ping():
-            return {"ready": False, "redis": False, "models": {}}
-        models: dict[str, int] = {}
-        for model in self.settings.models:
+        models: dict[str, dict[str, Any]] = {}
+        try:
+            for model in self.settings.models:
+                status = await self.directory.status(model)
+                models[model] = {"status": status.state, "live_workers": status.live_workers}
+        except BackendUnavailable:
+            return {"ready": False, "redis": False, "models": models}
+        if not self.settings.models:
             try:
                 with redis_errors():
-                    models[model] = (await registry.model_status(self.queue.redis, model)).live_workers
+                    await self.directory.redis.ping()
             except BackendUnavailable:
-                return {"ready": False, "redis": False, "models": models}
-        ready = all(count > 0 for count in models.values())
-        return {"ready": ready, "redis": True, "models": {m: {"live_workers": n} for m, n in models.items()}}
+                return {"ready": False, "redis": False, "models": {}}
+        ready = all(m["live_workers"] > 0 for m in models.values())
+        return {"ready": ready, "redis": True, "models": models}
 
     async def refresh_gauges(self) -> None:
-        """Queue depth and live workers of every known model, so dashboards stay current while no request arrives."""
-        with redis_errors():
-            for model in await self.queue.model_names():
-                status = await registry.model_status(self.queue.redis, model)
-                self.metrics.queue_depth.labels(model).set(status.queue_depth)
-                self.metrics.live_workers.labels(model).set(status.live_workers)
+        """Queue depth and live workers of every known model, so dashboards stay current while no request arrives;
+        also the set of models that may be metric labels."""
+        names = await self.directory.names()
+        self.metrics.known_models = names
+        for model in names:
+            status = await self.directory.status(model)
+            self.metrics.queue_depth.labels(model).set(status.queue_depth)
+            self.metrics.live_workers.labels(model).set(status.live_workers)
 
     async def refresh_gauges_forever(self, interval: float = GAUGE_REFRESH_SECONDS) -> None:
         while True:

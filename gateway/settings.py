@@ -27,6 +27,8 @@ class GatewaySettings(BaseSettings):
     #: jobs waiting or running per model before new ones are refused with 429
     max_queue_depth: int = Field(default=1024, ge=1)
     retry_after_seconds: int = Field(default=1, ge=1)
+    #: largest request body accepted (413 beyond it, refused before it is read)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     #: one log line per request (uvicorn's access log); off by default, it costs ~6% of the gateway's CPU
     access_log: bool = False
 

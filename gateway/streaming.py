@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from gateway.relay import StreamRelay
 
 T = TypeVar("T")
 
@@ -25,28 +27,32 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client disconnects first; then cancel it (which cancels the job) and raise
-    ``ClientGone``."""
+    """Await ``work`` unless the client disconnects first; then cancel it (which cancels the job), wait until it has
+    cleaned up, and raise ``ClientGone``."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):  # whatever the cancelled work raises, the client is gone
+            await task
         raise ClientGone()
     return task.result()
 
 
 class EventStream(StreamingResponse):
     """SSE response that listens for the disconnect itself (whatever the server's ASGI version) and closes the
-    relay at once, so its clean-up cancels the job even while no token is flowing."""
+    relay at once, so its clean-up cancels the job even while no token is flowing, and even before the first byte."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, relay: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, relay: StreamRelay, headers: dict[str, str] | None = None) -> None:
         super().__init__(relay, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._relay = relay
 

@@ -1,58 +1,70 @@
-"""The job function: take one envelope off the queue, run it on the engine, answer through Redis."""
+"""Running one claimed job on the engine and producing its answer.
+
+Every job is answered exactly once: a non-streamed job's answer is returned for the consumer to deliver (only while
+this worker still holds the job); a stream's frames are published as they come. A job whose workers were lost
+``max_tries`` times is answered ``worker_lost`` instead of being run again; a job cancelled by its client, by
+shutdown or by losing its lease is not answered here at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from conveyor import contract
 from conveyor.contract import JobEnvelope, Reply, StreamFrame
-from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest
+from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from worker import metrics
+from worker.consumer import Done, EngineDead
 from worker.engines.base import Engine
+from worker.job_source import Claim, Delivery
 from worker.publisher import BatchPublisher
 
 log = logging.getLogger("conveyor.worker")
 
-#: how long an unread reply may sit in Redis (the gateway reads it within milliseconds or has gone)
-REPLY_TTL_SECONDS = 60
-
 
 class JobRunner:
-    """Runs envelopes on the engine. Every accepted job is answered: a result, an error, or (cancelled) nothing
-    because the client is gone. A job cancelled by shutdown is re-raised so arq hands it back to the queue."""
-
-    def __init__(self, redis: Redis, engine: Engine, model: str) -> None:
-        self.redis = redis
+    def __init__(self, redis: Redis, engine: Engine, model: str, max_tries: int = 3) -> None:
         self.engine = engine
         self.model = model
+        self.max_tries = max_tries
         self.publisher = BatchPublisher(redis)
 
-    async def job(self, ctx: dict[str, Any], raw: dict[str, Any]) -> None:
-        """arq job function (registered under ``contract.JOB_FUNCTION``)."""
+    async def job(self, claim: Claim) -> Done:
+        """The consumer's handler: check the envelope, then run it (or answer why not)."""
         try:
-            envelope = JobEnvelope.model_validate(raw)
+            envelope = JobEnvelope.model_validate(claim.envelope)
         except ValidationError as exc:
-            log.error("refusing a malformed job envelope: %s", exc)
-            request_id, stream = raw.get("request_id"), bool(raw.get("stream"))
-            if isinstance(request_id, str):
-                await self._deliver_error(request_id, stream, InvalidRequest("malformed job envelope"))
-            return
+            log.error("job %s: refusing a malformed envelope: %s", claim.job_id, exc.errors()[:1])
+            raw = claim.envelope
+            return await self._answer(
+                claim.job_id,
+                str(raw.get("reply_to", "")),
+                bool(raw.get("stream")),
+                InvalidRequest("malformed job envelope"),
+                time.time() + 60,
+            )
         if envelope.v != contract.ENVELOPE_VERSION:
             error = EngineFailure(
                 f"job envelope v{envelope.v} is not understood by this worker (v{contract.ENVELOPE_VERSION})",
                 code="envelope_version",
             )
-            await self._deliver_error(envelope.request_id, envelope.stream, error)
-            return
-        await self.run(envelope)
+            return await self._answer_error(envelope, error)
+        if claim.tries > self.max_tries:
+            metrics.JOBS.labels(self.model, envelope.kind.value, "worker_lost").inc()
+            log.warning("job %s: its worker was lost %d times; answering worker_lost", claim.job_id, self.max_tries)
+            lost = WorkerLost(f"the workers running this request were lost {self.max_tries} times; it was not retried")
+            return await self._answer_error(envelope, lost)
+        if claim.tries > 1:
+            log.info("job %s: running again (try %d) after its worker was lost", claim.job_id, claim.tries)
+        return await self.run(envelope)
 
-    async def run(self, envelope: JobEnvelope) -> None:
+    async def run(self, envelope: JobEnvelope) -> Done:
         kind = envelope.kind.value
         started = time.time()
         metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, started - envelope.created))
@@ -60,27 +72,31 @@ class JobRunner:
         if left <= 0:
             metrics.JOBS.labels(self.model, kind, "expired").inc()
             error = DeadlineExceeded("the request's deadline passed before a worker could start it")
-            await self._deliver_error(envelope.request_id, envelope.stream, error)
-            return
+            return await self._answer_error(envelope, error)
         metrics.RUNNING_JOBS.labels(self.model).inc()
         outcome = "cancelled"
         try:
-            outcome = await (self._stream(envelope, left) if envelope.stream else self._complete(envelope, left))
+            if envelope.stream:
+                outcome = await self._stream(envelope, left)
+                return Done(envelope.deadline)
+            outcome, reply = await self._complete(envelope, left)
+            return Done(envelope.deadline, self._delivery(envelope, reply))
+        except EngineDead:
+            outcome = "engine_dead"
+            raise
         finally:
             metrics.RUNNING_JOBS.labels(self.model).dec()
             metrics.JOBS.labels(self.model, kind, outcome).inc()
             metrics.JOB_DURATION.labels(self.model, kind).observe(time.time() - started)
 
-    async def _complete(self, envelope: JobEnvelope, left: float) -> str:
+    async def _complete(self, envelope: JobEnvelope, left: float) -> tuple[str, Reply]:
         try:
             async with asyncio.timeout(left):
                 body = await self.engine.run(envelope.kind, envelope.body, envelope.request_id)
         except Exception as exc:  # CancelledError is not an Exception: it propagates
             error = self._client_error(envelope, exc)
-            await self._reply(envelope.request_id, Reply(error=error.info()))
-            return _outcome(error)
-        await self._reply(envelope.request_id, Reply(body=contract.json_bytes(body)))
-        return "ok"
+            return _outcome(error), Reply(envelope.request_id, error=error.info())
+        return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
     async def _stream(self, envelope: JobEnvelope, left: float) -> str:
         channel = contract.stream_channel(envelope.request_id)
@@ -98,29 +114,38 @@ class JobRunner:
         return "ok"
 
     def _client_error(self, envelope: JobEnvelope, exc: Exception) -> ConveyorError:
+        """What the client is told about ``exc``; raises ``EngineDead`` when the engine died under the job."""
         if isinstance(exc, ConveyorError):
             return exc
         if isinstance(exc, TimeoutError):
             return DeadlineExceeded("the request's deadline passed while it ran")
-        log.exception("job %s failed in the engine", envelope.request_id, exc_info=exc)
-        return EngineFailure(f"the engine failed: {type(exc).__name__}: {exc}")
+        if isinstance(exc, RedisError | OSError):  # publishing failed: nobody can be told; the consumer logs it
+            raise exc
+        if not self.engine.alive():
+            raise EngineDead(str(exc)) from exc
+        log.error("job %s failed in the engine: %s: %s", envelope.request_id, type(exc).__name__, exc, exc_info=exc)
+        return EngineFailure(f"the engine failed on this request (request id {envelope.request_id})")
 
-    async def _deliver_error(self, request_id: str, stream: bool, error: ConveyorError) -> None:
+    async def _answer_error(self, envelope: JobEnvelope, error: ConveyorError) -> Done:
+        return await self._answer(envelope.request_id, envelope.reply_to, envelope.stream, error, envelope.deadline)
+
+    async def _answer(
+        self, request_id: str, reply_to: str, stream: bool, error: ConveyorError, deadline: float
+    ) -> Done:
+        """Answer a job with an error without running it."""
         if stream:
             await self._publish(contract.stream_channel(request_id), StreamFrame.failure(0, error.info()))
-        else:
-            await self._reply(request_id, Reply(error=error.info()))
+            return Done(deadline)
+        reply = Reply(request_id, error=error.info())
+        return Done(deadline, Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None)
+
+    @staticmethod
+    def _delivery(envelope: JobEnvelope, reply: Reply) -> Delivery | None:
+        return Delivery(contract.inbox_key(envelope.reply_to), reply.encode()) if envelope.reply_to else None
 
     async def _publish(self, channel: str, frame: StreamFrame) -> None:
         await self.publisher.publish(channel, frame.encode())
         metrics.STREAM_MESSAGES.labels(self.model).inc()
-
-    async def _reply(self, request_id: str, reply: Reply) -> None:
-        key = contract.reply_key(request_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, reply.encode())
-            pipe.expire(key, REPLY_TTL_SECONDS)
-            await pipe.execute()
 
 
 def _outcome(error: ConveyorError) -> str:

@@ -1,4 +1,9 @@
-"""A worker process: one engine, one model's arq queue, a heartbeat in the registry, its own /metrics."""
+"""A worker process: one engine, one model's queue, a heartbeat in the registry, its own /metrics.
+
+The worker registers as loading before its engine loads (its /metrics answer from the start), as serving once the
+engine is up, and leaves the registry at once when it drains (SIGTERM) or when its engine dies or hangs; then it
+exits non-zero, so its supervisor restarts it. Redis outages are ridden out (``conveyor.outage``).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,28 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
 
 import uvloop
-from arq.worker import func
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client, registry
-from worker import metrics, wakeup
+from conveyor import redis_client, registry
+from conveyor.outage import REDIS_DOWN, Outage
+from worker import metrics
+from worker.arq_source import ArqJobSource
+from worker.consumer import Consumer
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
 from worker.settings import WorkerSettings
-from worker.wakeup import WakeableWorker
 
 log = logging.getLogger("conveyor.worker")
+
+#: exit codes a supervisor can tell apart
+EXIT_ENGINE_FAILED = 3
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
@@ -41,83 +51,75 @@ def build_engine(settings: WorkerSettings) -> Engine:
     return VLLMEngine(settings)
 
 
-async def _heartbeat_forever(redis: Redis, info: registry.WorkerInfo, settings: WorkerSettings) -> None:
-    ttl = settings.heartbeat_interval * 3
+class Heartbeat:
+    """Keeps this worker's registry entry alive; beats at once after a Redis outage (the registry may be empty)."""
+
+    def __init__(self, redis: Redis, info: registry.WorkerInfo, interval: float, outage: Outage) -> None:
+        self.redis = redis
+        self.info = info
+        self.interval = interval
+        self.outage = outage
+        self.now = asyncio.Event()
+        #: cleared when the worker leaves the registry (drain, failure): it must not re-appear
+        self.active = True
+        outage.on_recovery(self.now.set)
+
+    async def beat_forever(self) -> None:
+        delay = self.interval
+        while self.active:
+            self.now.clear()
+            try:
+                await registry.heartbeat(self.redis, self.info, self.interval * 3)
+                self.outage.ok()
+                delay = self.interval
+            except REDIS_DOWN as exc:
+                delay = self.outage.failed(exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.now.wait()
+
+
+async def watch_engine(engine: Engine, consumer: Consumer, settings: WorkerSettings) -> registry.Failure:
+    """Returns when the engine is dead, or has made no progress for ``engine_stall_timeout`` seconds while it had
+    work."""
+    progress, since = engine.progress(), time.monotonic()
     while True:
-        try:
-            await registry.heartbeat(redis, info, ttl)
-        except Exception:  # Redis blips must not kill the worker; the next beat retries
-            log.warning("heartbeat failed", exc_info=True)
-        await asyncio.sleep(settings.heartbeat_interval)
+        await asyncio.sleep(settings.engine_check_interval)
+        if consumer.engine_dead or not engine.alive():
+            return registry.Failure(worker_id=settings.worker_id or "", reason="engine_dead", at=time.time())
+        now = engine.progress()
+        if now != progress or consumer.running == 0:
+            progress, since = now, time.monotonic()
+        elif time.monotonic() - since > settings.engine_stall_timeout:
+            return registry.Failure(worker_id=settings.worker_id or "", reason="engine_stalled", at=time.time())
 
 
-async def serve(settings: WorkerSettings) -> None:
-    if not settings.log_jobs:
-        logging.getLogger("arq.worker").setLevel(logging.WARNING)
+async def serve(settings: WorkerSettings) -> int:
+    """Run until drained (0) or until the engine fails (``EXIT_ENGINE_FAILED``)."""
+    if not settings.worker_id:
+        settings.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     engine = build_engine(settings)
-    log.info("loading %s engine for model %s", settings.engine, settings.model)
-    await engine.start()
     server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    max_jobs = settings.max_jobs or engine.concurrency
     info = registry.WorkerInfo(
-        worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        worker_id=settings.worker_id,
         model=settings.model,
-        capabilities=sorted(engine.capabilities),
-        max_model_len=engine.max_model_len,
-        max_jobs=max_jobs,
+        state="loading",
+        capabilities=[],
+        max_jobs=settings.max_jobs,
         host=socket.gethostname(),
         pid=os.getpid(),
         metrics_port=server.server_port,
         started=time.time(),
     )
     redis = redis_client.connect(settings.redis_url)
-    runner = JobRunner(redis, engine, settings.model)
-    worker = WakeableWorker(
-        functions=[func(runner.job, name=contract.JOB_FUNCTION)],
-        queue_name=contract.queue_name(settings.model),
-        redis_pool=redis,
-        max_jobs=max_jobs,
-        idle_poll_delay=settings.poll_delay,
-        job_timeout=settings.job_timeout,
-        keep_result=0,
-        allow_abort_jobs=True,
-        job_completion_wait=settings.grace_period,
-        job_serializer=contract.dumps,
-        job_deserializer=contract.loads,
-        max_tries=3,
-        handle_signals=True,
-    )
-    metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
-    heartbeat = asyncio.create_task(_heartbeat_forever(redis, info, settings))
-    leaving: list[asyncio.Task[None]] = []
-
-    def drain() -> None:  # stop advertising this worker while its last jobs finish
-        heartbeat.cancel()
-        leaving.append(asyncio.create_task(registry.deregister(redis, info)))
-
-    worker.on_drain = drain
-    wakeups = asyncio.create_task(wakeup.listen(redis, contract.wake_channel(settings.model), worker))
-    log.info(
-        "worker %s serving %s on %s (max_jobs=%d, metrics on :%d)",
-        info.worker_id,
-        settings.model,
-        contract.queue_name(settings.model),
-        max_jobs,
-        server.server_port,
-    )
-    print(
-        f"conveyor worker ready: model={settings.model} worker_id={info.worker_id} metrics_port={server.server_port}",
-        flush=True,
-    )
+    outage = Outage(log, f"worker {info.worker_id}")
+    heartbeat = Heartbeat(redis, info, settings.heartbeat_interval, outage)
+    beating = asyncio.create_task(heartbeat.beat_forever(), name="heartbeat")
     try:
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker.async_run()
+        return await _serve_engine(settings, engine, redis, info, heartbeat, outage)
     finally:
-        heartbeat.cancel()
-        wakeups.cancel()
-        await asyncio.gather(*leaving, return_exceptions=True)
-        await runner.publisher.close()
-        with contextlib.suppress(Exception):
+        beating.cancel()
+        with contextlib.suppress(*REDIS_DOWN):
             await registry.deregister(redis, info)
         await redis_client.close(redis)
         server.shutdown()
@@ -125,6 +127,91 @@ async def serve(settings: WorkerSettings) -> None:
         log.info("worker %s stopped", info.worker_id)
 
 
-def run(settings: WorkerSettings) -> None:
+async def _serve_engine(
+    settings: WorkerSettings,
+    engine: Engine,
+    redis: Redis,
+    info: registry.WorkerInfo,
+    heartbeat: Heartbeat,
+    outage: Outage,
+) -> int:
+    log.info("loading %s engine for model %s", settings.engine, settings.model)
+    try:
+        await engine.start()
+    except Exception:
+        log.exception("the engine for %s failed to start", settings.model)
+        failure = registry.Failure(worker_id=info.worker_id, reason="engine_start_failed", at=time.time())
+        heartbeat.active = False
+        with contextlib.suppress(*REDIS_DOWN):
+            await registry.deregister(redis, info, failure)
+        return EXIT_ENGINE_FAILED
+    info.max_jobs = settings.max_jobs or engine.concurrency
+    info.capabilities = sorted(engine.capabilities)
+    info.max_model_len = engine.max_model_len
+    info.state = "serving"
+    heartbeat.now.set()
+    runner = JobRunner(redis, engine, settings.model, max_tries=settings.max_tries)
+    source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
+    consumer = Consumer(
+        source,
+        runner.job,
+        max_jobs=info.max_jobs,
+        poll_delay=settings.poll_delay,
+        renew_interval=settings.lease_seconds / 3,
+        outage=outage,
+    )
+    metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if draining:
+            return
+        log.info("%s: leaving the registry and draining", signal.Signals(signum).name)
+        heartbeat.active = False
+        draining.append(loop.create_task(_leave_and_drain(redis, info, consumer, settings.grace_period)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    watchdog = asyncio.create_task(watch_engine(engine, consumer, settings), name="engine-watchdog")
+    serving = asyncio.create_task(consumer.run(), name="consumer")
+    log.info(
+        "worker %s serving %s (max_jobs=%d, metrics on :%d)",
+        info.worker_id,
+        info.model,
+        info.max_jobs,
+        info.metrics_port,
+    )
+    print(
+        f"conveyor worker ready: model={info.model} worker_id={info.worker_id} metrics_port={info.metrics_port}",
+        flush=True,
+    )
+    try:
+        await asyncio.wait({watchdog, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not watchdog.done():
+            return 0
+        failure = watchdog.result()
+        heartbeat.active = False
+        log.error("engine failure (%s): leaving the registry, handing jobs back, exiting", failure.reason)
+        with contextlib.suppress(*REDIS_DOWN):
+            await registry.deregister(redis, info, failure)
+        consumer.fail()
+        await serving
+        return EXIT_ENGINE_FAILED
+    finally:
+        watchdog.cancel()
+        serving.cancel()
+        await runner.publisher.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _leave_and_drain(redis: Redis, info: registry.WorkerInfo, consumer: Consumer, grace: float) -> None:
+    with contextlib.suppress(*REDIS_DOWN):
+        await registry.deregister(redis, info)
+    await consumer.drain(grace)
+
+
+def run(settings: WorkerSettings) -> int:
     # uvloop, as vLLM's own server and uvicorn use: the worker's event loop spends most of its time writing to Redis
-    uvloop.run(serve(settings))
+    return uvloop.run(serve(settings))

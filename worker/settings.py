@@ -27,17 +27,22 @@ class WorkerSettings(BaseSettings):
     #: seconds between queue polls when no wake-up arrives (jobs normally start on the gateway's wake-up at once;
     #: this timer only covers lost wake-ups and jobs handed back by a dead worker)
     poll_delay: float = Field(default=0.5, gt=0)
-    #: hard ceiling for one job (arq re-runs a job whose worker vanished after this plus 10 s)
-    job_timeout: float = Field(default=600, gt=0)
     #: on SIGTERM: stop taking jobs and let running ones finish for this long, then hand them back
     grace_period: int = Field(default=25, ge=0)
     heartbeat_interval: float = Field(default=2.0, gt=0)
+    #: a claimed job's lease: renewed every third of it while the job runs; a job whose worker died is run again by
+    #: another worker once this has passed
+    lease_seconds: float = Field(default=6.0, gt=0)
+    #: runs of one job before it is answered ``worker_lost`` (a job that kills every worker that runs it stops here)
+    max_tries: int = Field(default=3, ge=1)
+    #: how often the engine is checked (alive, and making progress while it has work)
+    engine_check_interval: float = Field(default=5.0, gt=0)
+    #: an engine with running requests and no progress for this long counts as hung: the worker exits
+    engine_stall_timeout: float = Field(default=120.0, gt=0)
     #: port of the worker's own /metrics (0 picks a free one; it is advertised in the worker registry)
     metrics_port: int = Field(default=0, ge=0)
     metrics_host: str = "0.0.0.0"
     worker_id: str | None = None
-    #: arq's two log lines per job; off by default (they cost CPU on every job)
-    log_jobs: bool = False
     # --- CPU engine knobs (ignored on GPUs) ---
     #: KV-cache size in GiB for vLLM's CPU backend (``VLLM_CPU_KVCACHE_SPACE``)
     cpu_kvcache_space: int = Field(default=2, ge=1)

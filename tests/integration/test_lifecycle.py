@@ -18,7 +18,7 @@ SLOW = ("--fake-token-delay", "0.05")  # 20 tokens/s: 400 tokens take 20 s
 
 
 def live_models(base_url: str) -> list[str]:
-    return [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]]
+    return [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"] if m["status"] == "serving"]
 
 
 def queue_depth(redis_url: str, model: str) -> int:

@@ -81,9 +81,9 @@ def test_embeddings_base64(stack: Stack) -> None:
 
 def test_models_list_and_retrieve(stack: Stack) -> None:
     client = stack.gateway.client()
-    ids = {m.id for m in client.models.list()}
-    assert {CHAT, EMBED} <= ids
-    assert IDLE not in ids  # configured but nobody serves it
+    status = {m.id: m.to_dict()["status"] for m in client.models.list()}
+    assert status[CHAT] == status[EMBED] == "serving"
+    assert status[IDLE] == "unavailable"  # configured but nobody serves it
     assert client.models.retrieve(EMBED).id == EMBED
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")

@@ -4,11 +4,8 @@ from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
-from arq.connections import ArqRedis
 from fakeredis.aioredis import FakeAsyncRedisConnection
-from redis.asyncio import ConnectionPool
-
-from conveyor import contract
+from redis.asyncio import ConnectionPool, Redis
 
 
 @pytest.fixture
@@ -16,13 +13,13 @@ def fake_server() -> fakeredis.FakeServer:
     return fakeredis.FakeServer()
 
 
-def fake_connect(server: fakeredis.FakeServer) -> ArqRedis:
+def fake_connect(server: fakeredis.FakeServer) -> Redis:
     pool = ConnectionPool(connection_class=FakeAsyncRedisConnection, server=server)
-    return ArqRedis(pool, job_serializer=contract.dumps, job_deserializer=contract.loads)
+    return Redis(connection_pool=pool)
 
 
 @pytest.fixture
-async def redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[ArqRedis]:
+async def redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
     client = fake_connect(fake_server)
     yield client
     await client.aclose()

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import fakeredis
 import httpx
 import pytest
-from arq.connections import ArqRedis
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from conveyor import contract, registry
 from conveyor.contract import StreamFrame
@@ -35,7 +35,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def register(redis: ArqRedis, model: str, capabilities: list[str]) -> None:
+async def register(redis: Redis, model: str, capabilities: list[str]) -> None:
     info = registry.WorkerInfo(
         worker_id=f"w-{model}", model=model, capabilities=capabilities, max_jobs=1, host="h", pid=1, started=time.time()
     )
@@ -54,7 +54,7 @@ async def test_unknown_route_is_openai_shaped_404(client: httpx.AsyncClient) -> 
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-async def test_admission_order(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_admission_order(client: httpx.AsyncClient, redis: Redis) -> None:
     assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "ghost"})).status_code == 404
     assert (await client.post("/v1/chat/completions", json=CHAT | {"model": "idle"})).status_code == 503
     await register(redis, "embedder", ["embed"])
@@ -66,12 +66,15 @@ async def test_admission_order(client: httpx.AsyncClient, redis: ArqRedis) -> No
     assert full.status_code == 429 and full.headers["retry-after"] == "1"
 
 
-async def test_sync_request_gets_the_reply_pushed_by_a_worker(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_sync_request_gets_the_reply_pushed_by_a_worker(
+    app: FastAPI, client: httpx.AsyncClient, redis: Redis
+) -> None:
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
         _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
-        await redis.rpush(contract.reply_key(job_id.decode()), b'ok|{"ok":true}')
+        reply = contract.Reply(job_id.decode(), body=b'{"ok":true}')
+        await redis.rpush(contract.inbox_key(app.state.service.inbox.gateway_id), reply.encode())
 
     worker = asyncio.create_task(fake_worker())
     response = await client.post("/v1/chat/completions", json=CHAT)
@@ -79,7 +82,7 @@ async def test_sync_request_gets_the_reply_pushed_by_a_worker(client: httpx.Asyn
     assert response.status_code == 200 and response.json() == {"ok": True}
 
 
-async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClient, redis: Redis) -> None:
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
@@ -97,13 +100,13 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
     assert events[-1] == "data: [DONE]"
 
 
-async def test_ready_reports_each_configured_model(client: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_ready_reports_each_configured_model(client: httpx.AsyncClient, redis: Redis) -> None:
     not_ready = await client.get("/ready")
     assert not_ready.status_code == 503
     await register(redis, "chat", ["generate"])
     await register(redis, "idle", ["generate"])
     ready = await client.get("/ready")
-    assert ready.status_code == 200 and ready.json()["models"]["chat"] == {"live_workers": 1}
+    assert ready.status_code == 200 and ready.json()["models"]["chat"] == {"status": "serving", "live_workers": 1}
 
 
 def test_placeholder_api_keys_are_refused() -> None:
@@ -112,7 +115,7 @@ def test_placeholder_api_keys_are_refused() -> None:
     assert GatewaySettings(models="a, b").models == ["a", "b"]  # type: ignore[arg-type]
 
 
-async def test_gauges_are_refreshed_without_requests(app: FastAPI, redis: ArqRedis) -> None:
+async def test_gauges_are_refreshed_without_requests(app: FastAPI, redis: Redis) -> None:
     await register(redis, "chat", ["generate"])
     await redis.zadd(contract.queue_name("chat"), {"a": 1, "b": 2, "c": 3})
     await app.state.service.refresh_gauges()

@@ -1,14 +1,19 @@
+"""The job runner: what a claimed job produces (an answer to deliver, or stream frames), and when it gives up."""
+
 from __future__ import annotations
 
 import json
 import time
 from typing import Any
 
-from arq.connections import ArqRedis
+import pytest
+from redis.asyncio import Redis
 
 from conveyor import contract
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
+from worker.consumer import Done, EngineDead
 from worker.engines.fake import FakeEngine
+from worker.job_source import Claim
 from worker.jobs import JobRunner
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -17,6 +22,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 def envelope(stream: bool = False, deadline_in: float = 10.0, body: dict[str, Any] | None = None) -> JobEnvelope:
     return JobEnvelope(
         request_id="req",
+        reply_to="gw",
         model="m",
         kind=JobKind.CHAT,
         body=body or CHAT,
@@ -25,25 +31,28 @@ def envelope(stream: bool = False, deadline_in: float = 10.0, body: dict[str, An
     )
 
 
-async def reply_of(redis: ArqRedis) -> Reply:
-    popped = await redis.blpop([contract.reply_key("req")], timeout=1)
-    assert popped is not None
-    return Reply.decode(popped[1])
+def claim(raw: dict[str, Any], tries: int = 1) -> Claim:
+    return Claim("req", raw, tries)
 
 
-async def test_sync_job_pushes_the_body_to_the_reply_list(redis: ArqRedis) -> None:
-    await JobRunner(redis, FakeEngine("m"), "m").job({}, envelope().model_dump(mode="json"))
-    assert 0 < await redis.ttl(contract.reply_key("req")) <= 60  # an unread reply does not linger
-    reply = await reply_of(redis)
-    assert reply.error is None and reply.body is not None
+def reply_of(done: Done) -> Reply:
+    assert done.delivery is not None and done.delivery.inbox == contract.inbox_key("gw")
+    return Reply.decode(done.delivery.payload)
+
+
+async def test_sync_job_answers_with_the_engine_body(redis: Redis) -> None:
+    done = await JobRunner(redis, FakeEngine("m"), "m").job(claim(envelope().model_dump(mode="json")))
+    reply = reply_of(done)
+    assert reply.request_id == "req" and reply.error is None and reply.body is not None
     assert json.loads(reply.body)["usage"]["completion_tokens"] == 3
 
 
-async def test_stream_job_publishes_ordered_chunks_then_end(redis: ArqRedis) -> None:
+async def test_stream_job_publishes_ordered_chunks_then_end(redis: Redis) -> None:
     pubsub = redis.pubsub()
     await pubsub.subscribe(contract.stream_channel("req"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
-    await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True))
+    done = await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True))
+    assert done.delivery is None
     messages = []
     while (raw := await pubsub.get_message(timeout=0.5)) is not None:
         messages.append(StreamFrame.decode(raw["data"]))
@@ -53,35 +62,47 @@ async def test_stream_job_publishes_ordered_chunks_then_end(redis: ArqRedis) -> 
     assert len(messages) == 1 + 3 + 1 + 1  # role chunk, 3 tokens, finish chunk, end
 
 
-async def test_expired_job_is_answered_504_without_running(redis: ArqRedis) -> None:
+async def test_expired_job_is_answered_504_without_running(redis: Redis) -> None:
     engine = FakeEngine("m")
-    await JobRunner(redis, engine, "m").run(envelope(deadline_in=-1))
-    reply = await reply_of(redis)
+    reply = reply_of(await JobRunner(redis, engine, "m").run(envelope(deadline_in=-1)))
     assert reply.error is not None and reply.error.status == 504
+    assert engine.progress() == 0
 
 
-async def test_engine_refusal_is_answered_with_its_status(redis: ArqRedis) -> None:
-    await JobRunner(redis, FakeEngine("m"), "m").run(envelope(body=CHAT | {"max_tokens": 99_999}))
-    reply = await reply_of(redis)
+async def test_engine_refusal_is_answered_with_its_status(redis: Redis) -> None:
+    reply = reply_of(await JobRunner(redis, FakeEngine("m"), "m").run(envelope(body=CHAT | {"max_tokens": 99_999})))
     assert reply.error is not None and reply.error.status == 400
 
 
-async def test_deadline_during_the_run_is_answered_504(redis: ArqRedis) -> None:
-    await JobRunner(redis, FakeEngine("m", token_delay=0.05), "m").run(
-        envelope(deadline_in=0.2, body=CHAT | {"max_tokens": 100})
-    )
-    reply = await reply_of(redis)
+async def test_deadline_during_the_run_is_answered_504(redis: Redis) -> None:
+    runner = JobRunner(redis, FakeEngine("m", token_delay=0.05), "m")
+    reply = reply_of(await runner.run(envelope(deadline_in=0.2, body=CHAT | {"max_tokens": 100})))
     assert reply.error is not None and reply.error.code == "deadline_exceeded"
 
 
-async def test_unknown_envelope_version_is_refused_with_a_reason(redis: ArqRedis) -> None:
+async def test_unknown_envelope_version_is_refused_with_a_reason(redis: Redis) -> None:
     raw = envelope().model_dump(mode="json") | {"v": contract.ENVELOPE_VERSION + 1}
-    await JobRunner(redis, FakeEngine("m"), "m").job({}, raw)
-    reply = await reply_of(redis)
+    reply = reply_of(await JobRunner(redis, FakeEngine("m"), "m").job(claim(raw)))
     assert reply.error is not None and reply.error.code == "envelope_version"
 
 
-async def test_malformed_envelope_is_refused(redis: ArqRedis) -> None:
-    await JobRunner(redis, FakeEngine("m"), "m").job({}, {"request_id": "req", "kind": "nonsense"})
-    reply = await reply_of(redis)
+async def test_malformed_envelope_is_refused(redis: Redis) -> None:
+    done = await JobRunner(redis, FakeEngine("m"), "m").job(claim({"reply_to": "gw", "kind": "nonsense"}))
+    reply = reply_of(done)
     assert reply.error is not None and reply.error.status == 400
+
+
+async def test_a_job_lost_max_tries_times_is_answered_worker_lost_not_run(redis: Redis) -> None:
+    engine = FakeEngine("m")
+    runner = JobRunner(redis, engine, "m", max_tries=2)
+    assert reply_of(await runner.job(claim(envelope().model_dump(mode="json"), tries=2))).error is None
+    progress = engine.progress()
+    reply = reply_of(await runner.job(claim(envelope().model_dump(mode="json"), tries=3)))
+    assert reply.error is not None and reply.error.code == "worker_lost" and reply.error.status == 503
+    assert engine.progress() == progress  # not run again
+
+
+async def test_a_dead_engine_hands_the_job_back_instead_of_answering(redis: Redis) -> None:
+    runner = JobRunner(redis, FakeEngine("m"), "m")
+    with pytest.raises(EngineDead):
+        await runner.run(envelope(body=CHAT | {"fake_fault": "die"}))

@@ -59,15 +59,18 @@ def test_envelope_round_trips_through_json() -> None:
 
 def test_key_names_are_distinct_per_request_and_model() -> None:
     names = {
-        contract.reply_key("a"),
-        contract.reply_key("b"),
+        contract.inbox_key("a"),
+        contract.inbox_key("b"),
+        contract.abort_key("a"),
         contract.stream_channel("a"),
         contract.queue_name("a"),
         contract.model_workers_key("a"),
+        contract.model_loading_key("a"),
+        contract.model_failure_key("a"),
         contract.model_card_key("a"),
         contract.worker_info_key("a"),
     }
-    assert len(names) == 7
+    assert len(names) == 10
     assert all(name.startswith(contract.KEY_PREFIX + ":") for name in names)
 
 
@@ -80,3 +83,12 @@ def test_stream_frames_round_trip_and_keep_chunk_text_untouched() -> None:
     assert StreamFrame.decode(b"3|end|") == StreamFrame(3, "end")
     with pytest.raises(ValueError, match="unknown stream frame"):
         StreamFrame.decode(b"1|bogus|")
+
+
+def test_replies_name_their_request_and_keep_the_body_untouched() -> None:
+    reply = contract.Reply("r1", body=b'{"a":"x|y"}')
+    assert contract.Reply.decode(reply.encode()) == reply
+    info = ErrorInfo(status=503, message="lost", type="service_unavailable", code="worker_lost")
+    assert contract.Reply.decode(contract.Reply("r2", error=info).encode()).error == info
+    with pytest.raises(ValueError, match="unknown reply kind"):
+        contract.Reply.decode(b"r3|maybe|{}")

@@ -47,3 +47,12 @@ class Engine(ABC):
     def running_requests(self) -> int:
         """Requests currently inside the engine (for metrics and cancellation tests)."""
         return 0
+
+    def alive(self) -> bool:
+        """False once the engine has died (its process gone, its loop ended): the worker then stops."""
+        return True
+
+    def progress(self) -> int:
+        """A count that grows whenever the engine makes progress (a step, a token, an answer). While requests are
+        running and it stops growing for ``engine_stall_timeout`` seconds, the engine counts as hung."""
+        return 0

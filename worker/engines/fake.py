@@ -2,6 +2,10 @@
 
 It answers in OpenAI's shapes with text and vectors derived from a hash of the input, so tests can check that what
 comes out is what this input produces, and benchmarks can measure Conveyor's own overhead without a model.
+
+Faults on command, for the fault tests: a request whose body has ``"fake_fault": "die"`` kills the engine (every
+running and later request fails, ``alive()`` turns false); ``"hang"`` freezes it (nothing running or new makes
+progress any more, as a wedged GPU would).
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from typing import Any
 from conveyor.contract import JobKind
 from conveyor.errors import InvalidRequest
 from worker.engines.base import Engine
+
+FAULT_FIELD = "fake_fault"
+
+
+class EngineDiedError(RuntimeError):
+    """What requests on a dead fake engine raise (vLLM raises its EngineDeadError)."""
+
 
 VOCAB = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima")
 DEFAULT_MAX_TOKENS = 16
@@ -62,6 +73,9 @@ class FakeEngine(Engine):
         self.embedding_dim = embedding_dim
         self._concurrency = concurrency
         self._running = 0
+        self._progress = 0
+        self._dead = False
+        self._hung = asyncio.Event()
 
     @property
     def concurrency(self) -> int:
@@ -70,9 +84,32 @@ class FakeEngine(Engine):
     def running_requests(self) -> int:
         return self._running
 
+    def alive(self) -> bool:
+        return not self._dead
+
+    def progress(self) -> int:
+        return self._progress
+
+    async def _step(self) -> None:
+        """One engine step: where faults take effect."""
+        if self._hung.is_set():
+            await asyncio.Future()  # never resolves: hung, as a wedged device would be
+        if self._dead:
+            raise EngineDiedError("the fake engine is dead")
+        self._progress += 1
+
+    async def _fault(self, body: dict[str, Any]) -> None:
+        fault = body.get(FAULT_FIELD)
+        if fault == "die":
+            self._dead = True
+        elif fault == "hang":
+            self._hung.set()
+        await self._step()
+
     async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         self._running += 1
         try:
+            await self._fault(body)
             if kind is JobKind.EMBEDDING:
                 return self._embed(body)
             choices: list[list[str]] = [[] for _ in range(int(body.get("n") or 1))]
@@ -86,6 +123,7 @@ class FakeEngine(Engine):
         self._prompt_tokens(kind, body)  # like vLLM: a bad request fails before the first chunk
         self._running += 1
         try:
+            await self._fault(body)
             base = self._base(kind, body, request_id, chunk=True)
             n = int(body.get("n") or 1)
             if kind is JobKind.CHAT:
@@ -129,6 +167,7 @@ class FakeEngine(Engine):
             for index in range(n):
                 yield index, token
             await asyncio.sleep(self.token_delay)
+            await self._step()
 
     def _usage(self, kind: JobKind, body: dict[str, Any]) -> dict[str, int]:
         prompt = self._prompt_tokens(kind, body)

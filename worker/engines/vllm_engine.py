@@ -55,6 +55,10 @@ _ERROR_CLASSES: dict[int, type[ConveyorError]] = {
 }
 
 
+#: vLLM counters that grow with every engine step (as prometheus-client names their families)
+PROGRESS_COUNTERS = frozenset({"vllm:prompt_tokens", "vllm:generation_tokens"})
+
+
 def engine_environment(cpu_kvcache_space: int, cpu_threads_bind: str = "auto") -> dict[str, str]:
     """What vLLM must find in its environment before it is imported (a process's own values win for the defaults).
 
@@ -191,6 +195,20 @@ class VLLMEngine(Engine):
 
     def running_requests(self) -> int:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    def alive(self) -> bool:
+        """vLLM's own verdict: its engine-core process died, or its output loop ended (``AsyncLLM.errored``)."""
+        return self._llm is not None and not self._llm.errored
+
+    def progress(self) -> int:
+        """Tokens vLLM has processed (prompt and generated), from its own counters: they grow with every step."""
+        from prometheus_client import REGISTRY
+
+        total = 0.0
+        for family in REGISTRY.collect():
+            if family.name in PROGRESS_COUNTERS:
+                total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+        return int(total)
 
     # ---- requests ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""The gateway's side of the arq seam: ``JobQueue`` on arq's Redis layout. The only gateway module that knows arq.
+
+A job is written as arq writes one (``arq:job:<id>`` with arq's job serialisation, expiring at the request's
+deadline, and the model's queue sorted set), so ``worker.arq_source`` and arq's own tools read it. Admission,
+enqueue and the workers' wake-up are one Lua script (``admission.lua``); so is a cancel (``cancel.lua``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from enum import IntEnum
+from pathlib import Path
+
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+
+from conveyor import contract
+from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope
+from conveyor.errors import InvalidRequest, Overloaded
+from conveyor.outage import REDIS_DOWN
+from gateway.directory import ModelDirectory
+from gateway.metrics import GatewayMetrics
+from gateway.queue import JobState, redis_errors
+from gateway.settings import GatewaySettings
+
+ADMISSION_SCRIPT = (Path(__file__).parent / "admission.lua").read_text()
+CANCEL_SCRIPT = (Path(__file__).parent / "cancel.lua").read_text()
+
+
+class Admission(IntEnum):
+    """Result codes of ``admission.lua``."""
+
+    NO_WORKER = 0
+    ENQUEUED = 1
+    QUEUE_FULL = 2
+    INCAPABLE = 3
+    DUPLICATE = 4
+
+
+class ArqJobQueue:
+    def __init__(
+        self, redis: Redis, settings: GatewaySettings, metrics: GatewayMetrics, directory: ModelDirectory
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.metrics = metrics
+        self.directory = directory
+        self._admit_and_enqueue = redis.register_script(ADMISSION_SCRIPT)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
+
+    async def submit(self, envelope: JobEnvelope) -> None:
+        model = envelope.model
+        enqueued_ms = int(envelope.created * 1000)
+        job = serialize_job(
+            contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms, serializer=contract.dumps
+        )
+        keys = [
+            contract.model_workers_key(model),
+            contract.model_card_key(model),
+            contract.queue_name(model),
+            job_key_prefix + envelope.request_id,
+            contract.wake_channel(model),
+        ]
+        args: list[str | int | bytes] = [
+            repr(time.time()),
+            self.settings.max_queue_depth,
+            CAPABILITY_FOR_KIND[envelope.kind],
+            job,
+            max(int(envelope.seconds_left() * 1000), 1),
+            enqueued_ms,
+            envelope.request_id,
+        ]
+        with redis_errors():
+            code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
+        self.metrics.live_workers.labels(model).set(live)
+        self.metrics.queue_depth.labels(model).set(depth)
+        if code == Admission.NO_WORKER:
+            raise await self.directory.unavailable(model)
+        if code == Admission.INCAPABLE:
+            raise InvalidRequest(
+                f"`{model}` does not support {envelope.kind.value} requests.",
+                param="model",
+                code="unsupported_model_capability",
+            )
+        if code == Admission.QUEUE_FULL:
+            raise Overloaded(
+                f"`{model}` has {depth} jobs queued or running (limit {self.settings.max_queue_depth}); retry later.",
+                headers={"Retry-After": str(self.settings.retry_after_seconds)},
+            )
+        if code == Admission.DUPLICATE:
+            raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
+
+    async def cancel(self, envelope: JobEnvelope) -> None:
+        job_id = envelope.request_id
+        keys = [
+            contract.queue_name(envelope.model),
+            job_key_prefix + job_id,
+            retry_key_prefix + job_id,
+            in_progress_key_prefix + job_id,
+            contract.abort_key(job_id),
+            contract.wake_channel(envelope.model),
+        ]
+        marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
+        # on a Redis error: the job's data expires at its deadline; a worker answering it finds nobody waiting
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._cancel(keys=keys, args=[job_id, marker_ms])
+
+    async def state(self, envelope: JobEnvelope) -> JobState:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(in_progress_key_prefix + envelope.request_id)
+                pipe.zscore(contract.queue_name(envelope.model), envelope.request_id)
+                running, score = await pipe.execute()
+        if running:
+            return JobState.RUNNING
+        return JobState.QUEUED if score is not None else JobState.GONE

@@ -1,0 +1,202 @@
+"""The worker's side of the arq seam: ``JobSource`` on arq's Redis layout. The only worker module that knows arq.
+
+arq's data stays as arq writes it (the queue sorted set, ``arq:job:<id>`` with arq's job serialisation,
+``arq:in-progress:<id>``, ``arq:retry:<id>``), so arq's own tools can read a Conveyor queue. arq's ``Worker`` loop is
+not used: it exits on a lost connection, holds a claim for ``job_timeout + 10 s`` (so a killed worker's job waited
+ten minutes, then found its data expired), and scans the whole ``arq:abort`` set on every poll. Here:
+
+- a claim is a lease: the in-progress key holds the worker's id and lives ``lease_seconds``, renewed while the job
+  runs; a job whose lease lapsed is claimed again by the next poll of any worker;
+- the try count is arq's retry key, expiring with the job; the job's data expires at its deadline, so a job is never
+  run after it;
+- a cancel is a per-job marker with an expiry (``contract.abort_key``) plus a wake-up naming the job, so nothing
+  grows and no worker reads a list of other workers' aborts.
+
+Every step is one Lua script (one round trip, atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import deserialize_job_raw
+from redis.asyncio import Redis
+
+from conveyor import contract
+from worker.job_source import Claim, Delivery, Renewal
+
+#: Lease every due job nobody holds, up to a limit. The queue also lists running jobs (arq removes a job when it
+#: finishes), so the whole due range is walked, a page at a time; its size is bounded by the admission limit.
+#: A job whose data expired (deadline passed) is removed. KEYS: queue. ARGV: lease prefix, job prefix, retry prefix,
+#: now ms, lease ms, limit, worker id. Returns id, job data, try count for each claim, flattened.
+CLAIM_SCRIPT = """
+local out = {}
+local left = tonumber(ARGV[6])
+local offset = 0
+while left > 0 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', offset, 256)
+  if #ids == 0 then break end
+  offset = offset + #ids
+  for _, id in ipairs(ids) do
+    if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+      local job = redis.call('GET', ARGV[2] .. id)
+      if job then
+        redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])
+        local tries = redis.call('INCR', ARGV[3] .. id)
+        local ttl = redis.call('PTTL', ARGV[2] .. id)
+        if ttl > 0 then redis.call('PEXPIRE', ARGV[3] .. id, ttl) end
+        out[#out + 1] = id
+        out[#out + 1] = job
+        out[#out + 1] = tries
+        left = left - 1
+      else
+        redis.call('ZREM', KEYS[1], id)
+        redis.call('DEL', ARGV[3] .. id)
+        offset = offset - 1
+      end
+    end
+  end
+end
+return out
+"""
+
+#: Renew the leases of held jobs. A lease that lapsed with nobody taking it (a long Redis outage; a Redis restarted
+#: empty) is taken back. ARGV: lease prefix, abort prefix, lease ms, worker id, job ids... Returns {lost, aborted}.
+RENEW_SCRIPT = """
+local lost, aborted = {}, {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local holder = redis.call('GET', ARGV[1] .. id)
+  if holder == ARGV[4] or not holder then
+    redis.call('PSETEX', ARGV[1] .. id, ARGV[3], ARGV[4])
+    if redis.call('EXISTS', ARGV[2] .. id) == 1 then aborted[#aborted + 1] = id end
+  else
+    lost[#lost + 1] = id
+  end
+end
+return {lost, aborted}
+"""
+
+#: Finish a job: unless another worker holds its lease now, remove it and push its answer. KEYS: lease, job, retry,
+#: abort marker, queue[, inbox]. ARGV: worker id, job id[, answer, inbox ttl ms]. Returns 1 when finished here, 0 when
+#: another worker holds it.
+FINISH_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[2])
+if KEYS[6] then
+  redis.call('RPUSH', KEYS[6], ARGV[3])
+  redis.call('PEXPIRE', KEYS[6], ARGV[4])
+end
+return 1
+"""
+
+#: Give held jobs back: drop this worker's lease, un-count the try, wake the other workers. KEYS: wake channel.
+#: ARGV: lease prefix, retry prefix, worker id, job ids...
+HAND_BACK_SCRIPT = """
+for i = 4, #ARGV do
+  if redis.call('GET', ARGV[1] .. ARGV[i]) == ARGV[3] then
+    redis.call('DEL', ARGV[1] .. ARGV[i])
+    if redis.call('EXISTS', ARGV[2] .. ARGV[i]) == 1 then redis.call('DECR', ARGV[2] .. ARGV[i]) end
+  end
+end
+redis.call('PUBLISH', KEYS[1], 'job')
+return 0
+"""
+
+ABORT_PREFIX = contract.abort_key("")
+#: an answer nobody reads (its gateway died) goes away with the inbox after this long
+INBOX_TTL_MS = 60_000
+#: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
+LISTEN_READ_SECONDS = 1.0
+
+
+class ArqJobSource:
+    def __init__(self, redis: Redis, model: str, worker_id: str, lease_seconds: float) -> None:
+        self.redis = redis
+        self.model = model
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.queue = contract.queue_name(model)
+        self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._finish = redis.register_script(FINISH_SCRIPT)
+        self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    async def claim(self, limit: int) -> list[Claim]:
+        if limit <= 0:
+            return []
+        now_ms = int(time.time() * 1000)
+        args: list[str | int] = [
+            *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
+            *(now_ms, self._lease_ms, limit, self.worker_id),
+        ]
+        flat = await self._claim(keys=[self.queue], args=args)
+        claims = []
+        for i in range(0, len(flat), 3):
+            job_id, raw, tries = flat[i].decode(), flat[i + 1], int(flat[i + 2])
+            claims.append(Claim(job_id, _envelope(raw), tries))
+        return claims
+
+    async def renew(self, job_ids: Sequence[str]) -> Renewal:
+        if not job_ids:
+            return Renewal()
+        args: list[str | int] = [in_progress_key_prefix, ABORT_PREFIX, self._lease_ms, self.worker_id, *job_ids]
+        lost, aborted = await self._renew(args=args)
+        return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
+
+    async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
+        keys = [
+            in_progress_key_prefix + job_id,
+            job_key_prefix + job_id,
+            retry_key_prefix + job_id,
+            contract.abort_key(job_id),
+            self.queue,
+        ]
+        args: list[str | bytes | int] = [self.worker_id, job_id]
+        if delivery is not None:
+            keys.append(delivery.inbox)
+            args += [delivery.payload, INBOX_TTL_MS]
+        return bool(await self._finish(keys=keys, args=args))
+
+    async def hand_back(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, *job_ids]
+            await self._hand_back(keys=[contract.wake_channel(self.model)], args=args)
+
+    async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(contract.wake_channel(self.model))
+            on_job()  # wake-ups published while not subscribed are lost: look once now
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_READ_SECONDS)
+                if message is None:
+                    continue
+                data: bytes = message["data"]
+                if data.startswith(contract.WAKE_ABORT):
+                    on_abort(data[len(contract.WAKE_ABORT) :].decode())
+                else:
+                    on_job()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    """The envelope inside arq's job data (the job function's one argument); empty if it cannot be read."""
+    try:
+        _function, args, _kwargs, _try, _enqueued = deserialize_job_raw(raw, deserializer=contract.loads)
+    except Exception:  # arq raises its DeserializationError for anything unreadable
+        return {}
+    envelope = args[0] if args else None
+    return envelope if isinstance(envelope, dict) else {}

@@ -1,0 +1,59 @@
+"""What a worker needs from a queue backend: claim, renew, finish, hand back, and wake-ups.
+
+The worker's consumer loop (``worker.consumer``) talks only to this protocol; ``worker.arq_source`` implements it on
+arq's Redis layout. A claim is a lease: it lapses unless the worker renews it, and a lapsed job is claimed again by
+another worker (at-least-once execution). ``finish`` delivers the answer only while the lease is still this
+worker's, so the client gets exactly one answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    job_id: str
+    #: the envelope as the gateway enqueued it (empty when it cannot be read; the runner refuses it then)
+    envelope: dict[str, Any]
+    #: 1 on the first run; more when a worker holding it was lost
+    tries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    #: held jobs whose lease another worker holds now: stop them without answering
+    lost: list[str] = field(default_factory=list)
+    #: held jobs a client cancelled: stop them
+    aborted: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A non-streamed answer: ``payload`` pushed to the list ``inbox``."""
+
+    inbox: str
+    payload: bytes
+
+
+class JobSource(Protocol):
+    #: how long a claim lives without renewal, seconds
+    lease_seconds: float
+
+    async def claim(self, limit: int) -> list[Claim]:
+        """Lease up to ``limit`` due jobs that nobody holds."""
+
+    async def renew(self, job_ids: Sequence[str]) -> Renewal:
+        """Extend the leases of the jobs this worker runs; re-take a lease that lapsed while nobody took it."""
+
+    async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
+        """Remove the job and deliver its answer, unless another worker holds it now (then False, nothing done)."""
+
+    async def hand_back(self, job_ids: Sequence[str]) -> None:
+        """Give held jobs back to the queue (shutdown, engine failure) without counting a try."""
+
+    async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
+        """Call ``on_job`` when work may be waiting and ``on_abort(job_id)`` when a client cancels; runs until
+        cancelled, raising on a lost connection (the caller retries)."""
