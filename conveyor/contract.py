@@ -195,7 +195,9 @@ MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """UTF-8 JSON. Text is not escaped to ASCII, so a string that is not valid Unicode (a lone surrogate) fails here,
+    at the gateway, with ``UnicodeEncodeError`` instead of inside an engine."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def loads(data: bytes | str) -> Any:

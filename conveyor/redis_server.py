@@ -30,8 +30,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen[bytes]:
-    """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections."""
+def start(port: int, workdir: Path, timeout: float = 10.0, persist: bool = False) -> subprocess.Popen[bytes]:
+    """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections. ``persist`` keeps an
+    append-only file in ``workdir`` (fsync every write), so a restart comes back with the same data."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis-server.log"
     process = spawn(
@@ -44,7 +45,9 @@ def start(port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen[b
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if persist else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(workdir),
             "--daemonize",

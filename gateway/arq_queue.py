@@ -13,7 +13,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-from arq.jobs import serialize_job
+from arq.jobs import SerializationError, serialize_job
 from redis.asyncio import Redis
 
 from conveyor import contract
@@ -39,6 +39,20 @@ class Admission(IntEnum):
     DUPLICATE = 4
 
 
+def _serialized(envelope: JobEnvelope, enqueued_ms: int) -> bytes:
+    """The job as arq stores it; a body that cannot be encoded is the client's error."""
+    try:
+        return serialize_job(
+            contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms, serializer=contract.dumps
+        )
+    except SerializationError as exc:
+        if isinstance(exc.__cause__, UnicodeEncodeError):
+            raise InvalidRequest(
+                "The request contains text that is not valid Unicode (a lone surrogate).", code="invalid_unicode"
+            ) from None
+        raise InvalidRequest("The request could not be encoded.", code="invalid_request") from None
+
+
 class ArqJobQueue:
     def __init__(
         self, redis: Redis, settings: GatewaySettings, metrics: GatewayMetrics, directory: ModelDirectory
@@ -53,9 +67,7 @@ class ArqJobQueue:
     async def submit(self, envelope: JobEnvelope) -> None:
         model = envelope.model
         enqueued_ms = int(envelope.created * 1000)
-        job = serialize_job(
-            contract.JOB_FUNCTION, (envelope.model_dump(mode="json"),), {}, None, enqueued_ms, serializer=contract.dumps
-        )
+        job = _serialized(envelope, enqueued_ms)
         keys = [
             contract.model_workers_key(model),
             contract.model_card_key(model),
@@ -74,8 +86,9 @@ class ArqJobQueue:
         ]
         with redis_errors():
             code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
-        self.metrics.live_workers.labels(model).set(live)
-        self.metrics.queue_depth.labels(model).set(depth)
+        if live:  # a served model (any other name is a client's string: no series of its own)
+            self.metrics.live_workers.labels(model).set(live)
+            self.metrics.queue_depth.labels(model).set(depth)
         if code == Admission.NO_WORKER:
             raise await self.directory.unavailable(model)
         if code == Admission.INCAPABLE:

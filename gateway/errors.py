@@ -15,6 +15,8 @@ from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooL
 from gateway.metrics import OTHER
 
 log = logging.getLogger("conveyor.gateway")
+#: FastAPI's detail when reading the body raised anything but a JSON syntax error
+FASTAPI_PARSE_FAILURE = "There was an error parsing the body"
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -65,6 +67,9 @@ def install(app: FastAPI) -> None:
             return respond(request, NotFound(f"No route {request.method} {request.url.path}."))
         if exc.status_code == 413:
             return respond(request, PayloadTooLarge(str(exc.detail)))
+        if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_FAILURE:  # e.g. nested past the JSON parser's depth
+            message = "The request body could not be parsed as JSON (malformed, or nested too deeply)."
+            return respond(request, InvalidRequest(message, code="invalid_json"))
         error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
         error.status = exc.status_code
         return respond(request, error)

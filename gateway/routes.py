@@ -44,8 +44,11 @@ def _timeout(request: Request, ceiling: float) -> float | None:
 
 async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
     service = service_of(request)
-    payload: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
-    request.state.model = payload["model"]
+    request.state.model = getattr(body, "model", None)
+    try:
+        payload: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
+    except ValueError:  # pydantic-core's "Maximum serialization depth exceeded": a body nested hundreds of levels deep
+        raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     envelope = service.envelope(kind, payload, _timeout(request, service.settings.request_timeout))
     headers = {"X-Request-Id": envelope.request_id}
     endpoint = endpoint_label(request)

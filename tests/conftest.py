@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -73,23 +74,29 @@ class Processes:
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gateways: list[Gateway] = field(default_factory=list)
 
-    def gateway(self, **settings: str) -> Gateway:
+    def gateway(self, log: Path | None = None, **settings: str) -> Gateway:
+        """A gateway process; its output goes to ``log`` when given."""
         port = redis_server.free_port()
         env = {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
-        process = processes.start_gateway(self.redis_url, port, env, output=subprocess.DEVNULL)
+        with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
+            process = processes.start_gateway(self.redis_url, port, env, output=output)
         self.started.append(process)
         self.gateways.append(Gateway(port, process))
         return self.gateways[-1]
 
-    def worker(self, model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> Worker:
-        process, info = processes.start_worker(
-            self.redis_url, model, args, env=env, output=subprocess.DEVNULL, timeout=timeout
-        )
+    def worker(
+        self, model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, log: Path | None = None
+    ) -> Worker:
+        with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
+            process, info = processes.start_worker(self.redis_url, model, args, env=env, output=output, timeout=timeout)
         self.started.append(process)
         return Worker(info, process)
 
-    def fake_worker(self, model: str, *args: str, embed: bool = False) -> Worker:
-        return self.worker(model, "--engine", "fake", "--task", "embed" if embed else "generate", *args)
+    def fake_worker(
+        self, model: str, *args: str, embed: bool = False, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> Worker:
+        task = "embed" if embed else "generate"
+        return self.worker(model, "--engine", "fake", "--task", task, *args, env=env, log=log)
 
     def stop_all(self) -> None:
         for gateway in self.gateways:

@@ -96,13 +96,13 @@ end
 return 1
 """
 
-#: Give held jobs back: drop this worker's lease, un-count the try, wake the other workers. KEYS: wake channel.
-#: ARGV: lease prefix, retry prefix, worker id, job ids...
+#: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, wake the other workers.
+#: KEYS: wake channel. ARGV: lease prefix, retry prefix, worker id, 1 to keep the try counted, job ids...
 HAND_BACK_SCRIPT = """
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if redis.call('GET', ARGV[1] .. ARGV[i]) == ARGV[3] then
     redis.call('DEL', ARGV[1] .. ARGV[i])
-    if redis.call('EXISTS', ARGV[2] .. ARGV[i]) == 1 then redis.call('DECR', ARGV[2] .. ARGV[i]) end
+    if ARGV[4] == '0' and redis.call('EXISTS', ARGV[2] .. ARGV[i]) == 1 then redis.call('DECR', ARGV[2] .. ARGV[i]) end
   end
 end
 redis.call('PUBLISH', KEYS[1], 'job')
@@ -168,9 +168,9 @@ class ArqJobSource:
             args += [delivery.payload, INBOX_TTL_MS]
         return bool(await self._finish(keys=keys, args=args))
 
-    async def hand_back(self, job_ids: Sequence[str]) -> None:
+    async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:
-            args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, *job_ids]
+            args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, int(count_try), *job_ids]
             await self._hand_back(keys=[contract.wake_channel(self.model)], args=args)
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:

@@ -220,7 +220,7 @@ class Consumer:
             await asyncio.wait(list(self.tasks.values()))
         if held:  # jobs that finished meanwhile or were taken over hold no lease of ours: handing them back is a no-op
             try:
-                await self.source.hand_back(held)
+                await self.source.hand_back(held, count_try=self.engine_dead)
                 log.info("handed %d jobs back to the queue", len(held))
             except REDIS_DOWN:  # their leases lapse on their own and another worker takes them
                 log.warning("could not hand %d jobs back (Redis unreachable); their leases will lapse", len(held))

@@ -51,8 +51,9 @@ class JobSource(Protocol):
     async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
         """Remove the job and deliver its answer, unless another worker holds it now (then False, nothing done)."""
 
-    async def hand_back(self, job_ids: Sequence[str]) -> None:
-        """Give held jobs back to the queue (shutdown, engine failure) without counting a try."""
+    async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
+        """Give held jobs back to the queue at once. A shutdown does not count the try; an engine failure does (the
+        job may be what killed the engine, and ``max_tries`` must stop it)."""
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
         """Call ``on_job`` when work may be waiting and ``on_abort(job_id)`` when a client cancels; runs until

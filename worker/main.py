@@ -188,9 +188,12 @@ async def _serve_engine(
     )
     try:
         await asyncio.wait({watchdog, serving}, return_when=asyncio.FIRST_COMPLETED)
-        if not watchdog.done():
-            return 0
-        failure = watchdog.result()
+        if not watchdog.done() and not consumer.engine_dead:
+            return 0  # drained
+        if watchdog.done():
+            failure = watchdog.result()
+        else:  # a job saw the engine die before the watchdog's next look
+            failure = registry.Failure(worker_id=info.worker_id, reason="engine_dead", at=time.time())
         heartbeat.active = False
         log.error("engine failure (%s): leaving the registry, handing jobs back, exiting", failure.reason)
         with contextlib.suppress(*REDIS_DOWN):

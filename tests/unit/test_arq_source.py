@@ -109,13 +109,18 @@ async def test_finish_delivers_once_and_only_while_the_lease_is_ours(redis: Redi
     assert await redis.zcard(contract.queue_name(MODEL)) == 0
 
 
-async def test_hand_back_frees_the_job_for_others_without_counting_a_try(redis: Redis, queue: ArqJobQueue) -> None:
+async def test_hand_back_frees_the_job_for_others_counting_the_try_only_after_a_failure(
+    redis: Redis, queue: ArqJobQueue
+) -> None:
     await queue.submit(envelope("j"))
-    a = source(redis, "A")
+    a, b = source(redis, "A"), source(redis, "B")
     await a.claim(1)
-    await a.hand_back(["j"])
-    (again,) = await source(redis, "B").claim(1)
+    await a.hand_back(["j"], count_try=False)  # a drain: not the job's fault
+    (again,) = await b.claim(1)
     assert again.tries == 1
+    await b.hand_back(["j"], count_try=True)  # an engine died under it: it may be what killed the engine
+    (third,) = await a.claim(1)
+    assert third.tries == 2
 
 
 async def test_cancel_removes_a_waiting_job_and_marks_a_running_one(redis: Redis, queue: ArqJobQueue) -> None:

@@ -45,7 +45,7 @@ class ScriptedSource:
         self.finished.append(job_id)
         return True
 
-    async def hand_back(self, job_ids: Sequence[str]) -> None:
+    async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         self.handed_back += job_ids
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:

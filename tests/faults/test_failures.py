@@ -1,0 +1,138 @@
+"""Redis outages, killed workers and dead or hung engines, against real processes. Every wait is bounded; the times
+printed are measurements (the README's fault table comes from ``bench/faults.py``), not asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Processes, metric, wait_for
+from tests.faults.conftest import RedisServer, own_redis
+
+MODEL = "faulty"
+MESSAGES = [{"role": "user", "content": "tell me a story"}]
+FAST_FAILURE = {"CONVEYOR_WORKER_ENGINE_CHECK_INTERVAL": "0.2", "CONVEYOR_WORKER_ENGINE_STALL_TIMEOUT": "1.5"}
+
+
+def serves(base_url: str) -> bool:
+    try:
+        response = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+            headers={"x-conveyor-timeout": "2"},
+            timeout=3,
+        )
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+@pytest.mark.parametrize("persist", [False, True], ids=["no-persistence", "aof"])
+def test_workers_ride_out_a_redis_outage_and_lose_no_job(tmp_path: Path, persist: bool) -> None:
+    for server in own_redis(tmp_path, persist):
+        procs = Processes(server.url)
+        try:
+            _outage_scenario(procs, server)
+        finally:
+            procs.stop_all()
+
+
+def _outage_scenario(procs: Processes, server: RedisServer) -> None:
+    workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.05") for _ in range(2)]
+    gateway = procs.gateway(models=MODEL)
+
+    async def through_an_outage() -> str | None:
+        sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        try:  # 120 tokens at 20/s: running while Redis is down
+            call = asyncio.create_task(sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=120))
+            await asyncio.to_thread(
+                wait_for,
+                lambda: sum(metric(w.metrics(), "conveyor_worker_running_jobs") for w in workers) == 1,
+                10.0,
+                "the job to run",
+            )
+            server.stop()
+            await asyncio.sleep(5)  # the outage itself
+            server.start()
+            return (await call).choices[0].message.content
+        finally:
+            await sdk.close()
+
+    text = asyncio.run(through_an_outage())
+    assert text is not None and len(text.split()) == 120  # the job held through the outage was answered
+    back = time.monotonic()
+    wait_for(lambda: serves(gateway.base_url), timeout=15, what="serving again after Redis returned")
+    print(f"serving again {time.monotonic() - back:.2f} s after Redis returned")
+    assert all(w.process.poll() is None for w in workers), "a worker exited"
+
+
+def test_a_killed_workers_jobs_are_answered_by_the_other_and_its_stream_ends_clearly(procs: Processes) -> None:
+    gateway = procs.gateway(models=MODEL)
+    workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.05", "--max-jobs", "4") for _ in range(2)]
+
+    def running(worker_index: int) -> float:
+        return metric(workers[worker_index].metrics(), "conveyor_worker_running_jobs")
+
+    async def kill_one_while_busy() -> tuple[list[int], str, float]:
+        sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        try:
+            calls = [
+                asyncio.create_task(sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60))
+                for _ in range(6)
+            ]
+            stream = await sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=400, stream=True)
+            chunks = 0
+            async for _ in stream:  # the first chunks arrive: now kill whichever worker runs the stream, mid-stream
+                chunks += 1
+                if chunks == 3:
+                    break
+            await asyncio.to_thread(wait_for, lambda: running(0) + running(1) == 7, 10.0, "all jobs running")
+            victim = next(w for w in workers if metric(w.metrics(), "conveyor_worker_stream_messages_total") > 0)
+            victim.process.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            error = ""
+            try:
+                async for _ in stream:
+                    pass
+            except openai.APIError as exc:
+                error = str(exc.code or exc.message)
+            lost_after = time.monotonic() - killed
+            answers = await asyncio.gather(*calls)
+            return [len((a.choices[0].message.content or "").split()) for a in answers], error, lost_after
+        finally:
+            await sdk.close()
+
+    lengths, error, lost_after = asyncio.run(kill_one_while_busy())
+    assert lengths == [60] * 6  # every sync request answered, in full, exactly once
+    assert "worker_lost" in error
+    print(f"stream told worker_lost {lost_after:.1f} s after the SIGKILL")
+    assert lost_after < 15
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_a_dead_or_hung_engine_takes_its_worker_out_and_its_job_runs_elsewhere(procs: Processes, fault: str) -> None:
+    gateway = procs.gateway(models=MODEL)
+    sick = procs.fake_worker(MODEL, "--fake-token-delay", "0.02", env=FAST_FAILURE)
+    client = gateway.client(timeout=30)
+    with pytest.raises(openai.APIError):  # the request that breaks the engine: handed back, tried again, refused
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=5,
+            extra_body={"fake_fault": fault},
+            extra_headers={"x-conveyor-timeout": "8"},
+        )
+    assert sick.process.wait(20) == 3  # exits non-zero, so its supervisor restarts it
+    card = httpx.get(f"{gateway.base_url}/v1/models/{MODEL}").json()
+    assert card["status"] == "failed" and card["failure"] == ("engine_dead" if fault == "die" else "engine_stalled")
+    assert httpx.get(f"{gateway.base_url}/ready").json()["models"][MODEL]["status"] == "failed"
+    healthy = procs.fake_worker(MODEL)
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    assert len((answer.choices[0].message.content or "").split()) == 3
+    assert metric(healthy.metrics(), "conveyor_worker_jobs_total", outcome="ok") >= 1
