@@ -22,6 +22,7 @@ from conveyor import contract
 FAILURE_TTL_SECONDS = 600
 
 WorkerState = Literal["loading", "serving"]
+FailureReason = Literal["engine_dead", "engine_stalled", "engine_start_failed"]
 
 
 class WorkerInfo(BaseModel):
@@ -47,7 +48,7 @@ class Failure(BaseModel):
     """Why a worker of a model stopped serving: one of Conveyor's own reasons, never exception text."""
 
     worker_id: str
-    reason: Literal["engine_dead", "engine_stalled", "engine_start_failed"]
+    reason: FailureReason
     at: float
 
 

@@ -111,7 +111,6 @@ class StreamRelay:
         self.endpoint = endpoint
         self.status = CLIENT_CLOSED_REQUEST  # until the stream ends some other way
         self.reason: str | None = "client_closed_request"
-        self._ended = False
         self._closed = False
         self._events = self._relay(first)
         metrics.open_streams.inc()
@@ -140,7 +139,6 @@ class StreamRelay:
         yield DONE
 
     def _end(self, status: int, reason: str | None) -> None:
-        self._ended = True
         self.status, self.reason = status, reason
 
     async def aclose(self) -> None:
@@ -151,5 +149,5 @@ class StreamRelay:
         self.metrics.open_streams.dec()
         self.metrics.observe(self.envelope.model, self.endpoint, self.status, self.reason, self.envelope.created)
         await self.mux.unsubscribe(contract.stream_channel(self.envelope.request_id))
-        if not self._ended or self.status != 200:
+        if self.status != 200:  # it did not end with its end frame: the job must not run on
             await self.queue.cancel(self.envelope)

@@ -80,7 +80,7 @@ class JobRunner:
                 outcome = await self._stream(envelope, left)
                 return Done(envelope.deadline)
             outcome, reply = await self._complete(envelope, left)
-            return Done(envelope.deadline, self._delivery(envelope, reply))
+            return Done(envelope.deadline, _delivery(envelope.reply_to, reply))
         except EngineDead:
             outcome = "engine_dead"
             raise
@@ -136,16 +136,16 @@ class JobRunner:
         if stream:
             await self._publish(contract.stream_channel(request_id), StreamFrame.failure(0, error.info()))
             return Done(deadline)
-        reply = Reply(request_id, error=error.info())
-        return Done(deadline, Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None)
-
-    @staticmethod
-    def _delivery(envelope: JobEnvelope, reply: Reply) -> Delivery | None:
-        return Delivery(contract.inbox_key(envelope.reply_to), reply.encode()) if envelope.reply_to else None
+        return Done(deadline, _delivery(reply_to, Reply(request_id, error=error.info())))
 
     async def _publish(self, channel: str, frame: StreamFrame) -> None:
         await self.publisher.publish(channel, frame.encode())
         metrics.STREAM_MESSAGES.labels(self.model).inc()
+
+
+def _delivery(reply_to: str, reply: Reply) -> Delivery | None:
+    """The answer pushed to the inbox of the gateway that enqueued the job (none if it named no inbox)."""
+    return Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None
 
 
 def _outcome(error: ConveyorError) -> str:

@@ -78,20 +78,28 @@ class Heartbeat:
                 async with asyncio.timeout(delay):
                     await self.now.wait()
 
+    async def leave(self, reason: registry.FailureReason | None = None) -> None:
+        """Stop beating and leave the registry now (a drain, or an engine failure whose reason the model's status
+        then shows). Without Redis the entry expires on its own."""
+        self.active = False
+        failure = registry.Failure(worker_id=self.info.worker_id, reason=reason, at=time.time()) if reason else None
+        with contextlib.suppress(*REDIS_DOWN):
+            await registry.deregister(self.redis, self.info, failure)
 
-async def watch_engine(engine: Engine, consumer: Consumer, settings: WorkerSettings) -> registry.Failure:
+
+async def watch_engine(engine: Engine, consumer: Consumer, settings: WorkerSettings) -> registry.FailureReason:
     """Returns when the engine is dead, or has made no progress for ``engine_stall_timeout`` seconds while it had
     work."""
     progress, since = engine.progress(), time.monotonic()
     while True:
         await asyncio.sleep(settings.engine_check_interval)
         if consumer.engine_dead or not engine.alive():
-            return registry.Failure(worker_id=settings.worker_id or "", reason="engine_dead", at=time.time())
+            return "engine_dead"
         now = engine.progress()
         if now != progress or consumer.running == 0:
             progress, since = now, time.monotonic()
         elif time.monotonic() - since > settings.engine_stall_timeout:
-            return registry.Failure(worker_id=settings.worker_id or "", reason="engine_stalled", at=time.time())
+            return "engine_stalled"
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -119,8 +127,7 @@ async def serve(settings: WorkerSettings) -> int:
         return await _serve_engine(settings, engine, redis, info, heartbeat, outage)
     finally:
         beating.cancel()
-        with contextlib.suppress(*REDIS_DOWN):
-            await registry.deregister(redis, info)
+        await heartbeat.leave()
         await redis_client.close(redis)
         server.shutdown()
         await engine.stop()
@@ -140,10 +147,7 @@ async def _serve_engine(
         await engine.start()
     except Exception:
         log.exception("the engine for %s failed to start", settings.model)
-        failure = registry.Failure(worker_id=info.worker_id, reason="engine_start_failed", at=time.time())
-        heartbeat.active = False
-        with contextlib.suppress(*REDIS_DOWN):
-            await registry.deregister(redis, info, failure)
+        await heartbeat.leave("engine_start_failed")
         return EXIT_ENGINE_FAILED
     info.max_jobs = settings.max_jobs or engine.concurrency
     info.capabilities = sorted(engine.capabilities)
@@ -168,8 +172,7 @@ async def _serve_engine(
         if draining:
             return
         log.info("%s: leaving the registry and draining", signal.Signals(signum).name)
-        heartbeat.active = False
-        draining.append(loop.create_task(_leave_and_drain(redis, info, consumer, settings.grace_period)))
+        draining.append(loop.create_task(_leave_and_drain(heartbeat, consumer, settings.grace_period)))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -190,14 +193,10 @@ async def _serve_engine(
         await asyncio.wait({watchdog, serving}, return_when=asyncio.FIRST_COMPLETED)
         if not watchdog.done() and not consumer.engine_dead:
             return 0  # drained
-        if watchdog.done():
-            failure = watchdog.result()
-        else:  # a job saw the engine die before the watchdog's next look
-            failure = registry.Failure(worker_id=info.worker_id, reason="engine_dead", at=time.time())
-        heartbeat.active = False
-        log.error("engine failure (%s): leaving the registry, handing jobs back, exiting", failure.reason)
-        with contextlib.suppress(*REDIS_DOWN):
-            await registry.deregister(redis, info, failure)
+        # a job may have seen the engine die before the watchdog's next look
+        reason = watchdog.result() if watchdog.done() else "engine_dead"
+        log.error("engine failure (%s): leaving the registry, handing jobs back, exiting", reason)
+        await heartbeat.leave(reason)
         consumer.fail()
         await serving
         return EXIT_ENGINE_FAILED
@@ -209,9 +208,8 @@ async def _serve_engine(
             loop.remove_signal_handler(sig)
 
 
-async def _leave_and_drain(redis: Redis, info: registry.WorkerInfo, consumer: Consumer, grace: float) -> None:
-    with contextlib.suppress(*REDIS_DOWN):
-        await registry.deregister(redis, info)
+async def _leave_and_drain(heartbeat: Heartbeat, consumer: Consumer, grace: float) -> None:
+    await heartbeat.leave()
     await consumer.drain(grace)
 
 
