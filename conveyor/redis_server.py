@@ -7,6 +7,7 @@ import importlib.util
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.processes import spawn
@@ -72,3 +73,28 @@ def start(port: int, workdir: Path, timeout: float = 10.0, persist: bool = False
             time.sleep(0.02)
     process.kill()
     raise RuntimeError(f"redis-server did not answer on port {port} within {timeout} s")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server that can be killed (as a crash would) and started again on the same port: the fault tests'
+    and benchmarks' Redis."""
+
+    port: int
+    workdir: Path
+    persist: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = start(self.port, self.workdir, persist=self.persist)
+
+    def stop(self) -> None:
+        """SIGKILL: no final save beyond what the append-only file already holds."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
