@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-ENVELOPE_VERSION = 2
+ENVELOPE_VERSION = 3
 JOB_FUNCTION = "conveyor_run"
 KEY_PREFIX = "conveyor"
 
@@ -33,9 +33,23 @@ CAPABILITY_FOR_KIND: dict[JobKind, str] = {
 }
 
 
+class ChunkRef(BaseModel):
+    """A bulk job: lines ``[first_line, first_line + lines)`` of a batch's input file, at bytes ``[start, end)``."""
+
+    batch_id: str
+    index: int
+    input_file: str  # the file store's name of the input file
+    start: int
+    end: int
+    first_line: int
+    lines: int
+    expires_at: float  # the batch's completion window ends here
+
+
 class JobEnvelope(BaseModel):
     """What the gateway puts on a model's queue. ``request_id`` is also the queue's job id; ``reply_to`` names the
-    gateway whose inbox takes the answer of a non-streamed job (``inbox_key``)."""
+    gateway whose inbox takes the answer of a non-streamed job (``inbox_key``). A bulk job (on the bulk lane) carries
+    ``chunk`` instead of a request body: the worker reads its lines from the file store."""
 
     v: int = ENVELOPE_VERSION
     request_id: str
@@ -46,6 +60,7 @@ class JobEnvelope(BaseModel):
     stream: bool = False
     created: float = Field(default_factory=time.time)
     deadline: float
+    chunk: ChunkRef | None = None
 
     def seconds_left(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
@@ -189,6 +204,60 @@ WAKE_ABORT = b"abort:"
 
 
 MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever served
+
+
+def bulk_queue_name(model: str) -> str:
+    """A model's bulk lane: batch chunks, taken only when no interactive job waits."""
+    return f"{KEY_PREFIX}:bulk:{model}"
+
+
+# ---- files and batches ----------------------------------------------------------------------------------------
+
+FILES_INDEX = f"{KEY_PREFIX}:files"  # sorted set: file id -> created_at
+BATCHES_INDEX = f"{KEY_PREFIX}:batches"  # sorted set: batch id -> created_at
+ACTIVE_BATCHES = f"{KEY_PREFIX}:batches:active"  # set of batches not yet in a final state
+
+
+def file_key(file_id: str) -> str:
+    """A file's record (JSON): OpenAI's file object plus where it is stored and what its lines ask for."""
+    return f"{KEY_PREFIX}:file:{file_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    """A batch's hash: ``record`` (OpenAI's batch object, JSON), ``plan`` (its chunks), ``completed``/``failed``
+    (line counts, moved only through ``batch_chunks_key``)."""
+    return f"{KEY_PREFIX}:batch:{batch_id}"
+
+
+def batch_chunks_key(batch_id: str) -> str:
+    """Hash: chunk index -> ``<ok> <failed>`` once that chunk's results are stored; set once per chunk."""
+    return f"{KEY_PREFIX}:batch:{batch_id}:chunks"
+
+
+def batch_done_key(batch_id: str) -> str:
+    """List where workers report finished chunks (``<index> <ok> <failed>``); the batch driver folds it."""
+    return f"{KEY_PREFIX}:batch:{batch_id}:done"
+
+
+def batch_driver_key(batch_id: str) -> str:
+    """The lease of the one gateway driving this batch's lifecycle at a time."""
+    return f"{KEY_PREFIX}:batch:{batch_id}:driver"
+
+
+def chunk_job_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index}"
+
+
+# ---- names inside the file store ------------------------------------------------------------------------------
+
+
+def stored_file_name(file_id: str) -> str:
+    return f"files/{file_id}.jsonl"
+
+
+def chunk_part_name(batch_id: str, index: int, kind: Literal["out", "err"]) -> str:
+    """One chunk's output or error lines, written whole by the worker that ran it."""
+    return f"batches/{batch_id}/{index}.{kind}.jsonl"
 
 
 # ---- job serialisation: JSON, never pickle --------------------------------------------------------------------

@@ -12,10 +12,16 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from conveyor import redis_client
+from conveyor.filestore import open_store
 from conveyor.outage import Outage
 from gateway import errors
 from gateway.arq_queue import ArqJobQueue
+from gateway.batch_driver import BatchDriver
+from gateway.batch_store import BatchStore
+from gateway.batches import BatchService
+from gateway.bulk_routes import bulk
 from gateway.directory import ModelDirectory
+from gateway.files import FileService
 from gateway.guard import RequestGuard
 from gateway.inbox import ReplyInbox
 from gateway.metrics import GatewayMetrics
@@ -41,13 +47,24 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         queue = ArqJobQueue(redis, settings, metrics, directory)
         service = ServingService(queue, directory, inbox, mux, settings, metrics)
         app.state.service = service
+        store = open_store(settings.files_url)
+        batch_store = BatchStore(redis)
+        app.state.files = FileService(store, batch_store, directory)
+        app.state.batches = BatchService(batch_store, settings)
+        driver = BatchDriver(batch_store, app.state.files, store, queue, directory, settings, outage)
+        app.state.batches.wake = driver.wake
         inbox.start()
         await mux.start()
-        gauges = asyncio.create_task(service.refresh_gauges_forever(), name="gauge-refresh")
+        background = [
+            asyncio.create_task(service.refresh_gauges_forever(), name="gauge-refresh"),
+            asyncio.create_task(driver.run_forever(), name="batch-driver"),
+        ]
         try:
             yield
         finally:
-            gauges.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await service.drain()
             await mux.stop()
             await inbox.stop()
@@ -59,5 +76,6 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(router)
+    app.include_router(bulk)
     app.add_middleware(RequestGuard, settings=settings)
     return app

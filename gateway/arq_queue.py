@@ -26,6 +26,17 @@ from gateway.queue import JobState, redis_errors
 from gateway.settings import GatewaySettings
 
 ADMISSION_SCRIPT = (Path(__file__).parent / "admission.lua").read_text()
+#: Put batch chunks on a bulk lane: each job written and queued unless it is there already, then one wake-up.
+#: KEYS: bulk queue, wake channel. ARGV: job prefix, then per chunk: job id, serialised job, expiry ms, score.
+BULK_SCRIPT = """
+for i = 2, #ARGV, 4 do
+  if redis.call('SET', ARGV[1] .. ARGV[i], ARGV[i + 1], 'PX', ARGV[i + 2], 'NX') then
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 3], ARGV[i])
+  end
+end
+redis.call('PUBLISH', KEYS[2], 'job')  -- contract.WAKE_JOB
+return 0
+"""
 CANCEL_SCRIPT = (Path(__file__).parent / "cancel.lua").read_text()
 
 
@@ -53,6 +64,11 @@ def _serialized(envelope: JobEnvelope, enqueued_ms: int) -> bytes:
         raise InvalidRequest("The request could not be encoded.", code="invalid_request") from None
 
 
+def _queue_of(envelope: JobEnvelope) -> str:
+    """The lane a job waits on: a batch chunk on its model's bulk lane, anything else on the model's queue."""
+    return contract.bulk_queue_name(envelope.model) if envelope.chunk else contract.queue_name(envelope.model)
+
+
 class ArqJobQueue:
     def __init__(
         self, redis: Redis, settings: GatewaySettings, metrics: GatewayMetrics, directory: ModelDirectory
@@ -63,6 +79,7 @@ class ArqJobQueue:
         self.directory = directory
         self._admit_and_enqueue = redis.register_script(ADMISSION_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self._bulk = redis.register_script(BULK_SCRIPT)
 
     async def submit(self, envelope: JobEnvelope) -> None:
         model = envelope.model
@@ -105,10 +122,20 @@ class ArqJobQueue:
         if code == Admission.DUPLICATE:
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
 
+    async def submit_bulk(self, envelopes: list[JobEnvelope]) -> None:
+        for model in {e.model for e in envelopes}:
+            args: list[str | int | bytes] = [job_key_prefix]
+            for envelope in (e for e in envelopes if e.model == model):
+                score = int(envelope.created * 1000)
+                ttl = max(int(envelope.seconds_left() * 1000), 1)
+                args += [envelope.request_id, _serialized(envelope, score), ttl, score]
+            with redis_errors():
+                await self._bulk(keys=[contract.bulk_queue_name(model), contract.wake_channel(model)], args=args)
+
     async def cancel(self, envelope: JobEnvelope) -> None:
         job_id = envelope.request_id
         keys = [
-            contract.queue_name(envelope.model),
+            _queue_of(envelope),
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
             in_progress_key_prefix + job_id,
@@ -124,7 +151,7 @@ class ArqJobQueue:
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.exists(in_progress_key_prefix + envelope.request_id)
-                pipe.zscore(contract.queue_name(envelope.model), envelope.request_id)
+                pipe.zscore(_queue_of(envelope), envelope.request_id)
                 running, score = await pipe.execute()
         if running:
             return JobState.RUNNING

@@ -20,6 +20,7 @@ from gateway.settings import GatewaySettings
 
 #: paths that need a key when keys are set (health, readiness and metrics stay open for probes and scrapers)
 PROTECTED_PREFIXES = ("/v1/",)
+UPLOAD_PATH = "/v1/files"
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:
@@ -46,7 +47,7 @@ class RequestGuard:
             response = errors.respond(request, refusal)
             await response(scope, receive, send)
             return
-        await self.app(scope, self._limited(receive), send)
+        await self.app(scope, self._limited(receive, self._limit(request)), send)
 
     def _refusal(self, request: Request) -> ConveyorError | None:
         keys = self.settings.api_keys
@@ -55,14 +56,21 @@ class RequestGuard:
             if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
                 return Unauthorized("Incorrect API key provided.")
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return self._too_large()
+        if length.isdigit() and int(length) > self._limit(request):
+            return self._too_large(self._limit(request))
         return None
 
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body is larger than {self.settings.max_body_bytes} bytes.")
+    def _limit(self, request: Request) -> int:
+        """File uploads may be larger than any other request."""
+        if request.method == "POST" and request.url.path == UPLOAD_PATH:
+            return self.settings.max_upload_bytes
+        return self.settings.max_body_bytes
 
-    def _limited(self, receive: Receive) -> Receive:
+    @staticmethod
+    def _too_large(limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """``receive`` that refuses a chunked body once it grows past the limit."""
         seen = 0
 
@@ -71,8 +79,8 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.settings.max_body_bytes:
-                    raise HTTPException(413, self._too_large().message)
+                if seen > limit:
+                    raise HTTPException(413, self._too_large(limit).message)
             return message
 
         return guarded

@@ -31,6 +31,10 @@ class JobQueue(Protocol):
         """Admit and enqueue in one atomic step, or raise why not: unknown model 404, no live worker 503, wrong
         capability 400, queue full 429."""
 
+    async def submit_bulk(self, envelopes: list[JobEnvelope]) -> None:
+        """Put batch chunks on their model's bulk lane (no admission: a batch waits for workers); a chunk already
+        there is left as it is."""
+
     async def cancel(self, envelope: JobEnvelope) -> None:
         """Drop the job if no worker has started it, else ask the worker running it to stop. Never raises."""
 

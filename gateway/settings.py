@@ -29,6 +29,15 @@ class GatewaySettings(BaseSettings):
     retry_after_seconds: int = Field(default=1, ge=1)
     #: largest request body accepted (413 beyond it, refused before it is read)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: largest batch input file upload (OpenAI's limit: 200 MB)
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024 + 64 * 1024, ge=1024)
+    #: the file store of batch inputs and outputs, shared with the workers: a directory or ``file://`` URL;
+    #: default ``<data dir>/files``
+    files_url: str | None = Field(default=None, validation_alias="CONVEYOR_FILES_URL")
+    #: lines of a batch run as one bulk job (one engine call for embeddings)
+    batch_chunk_lines: int = Field(default=64, ge=1, le=10_000)
+    #: how long a batch may run before it expires (OpenAI's window is 24h; shorten it for tests)
+    batch_window_seconds: float = Field(default=86_400, gt=0)
     #: one log line per request (uvicorn's access log); off by default, it costs ~6% of the gateway's CPU
     access_log: bool = False
 

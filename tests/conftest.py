@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,11 +75,17 @@ class Processes:
     redis_url: str
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gateways: list[Gateway] = field(default_factory=list)
+    #: the file store every gateway and worker of these processes share (batch inputs and outputs)
+    files_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="conveyor-files-")))
+
+    @property
+    def shared_env(self) -> dict[str, str]:
+        return {"CONVEYOR_FILES_URL": str(self.files_dir)}
 
     def gateway(self, log: Path | None = None, **settings: str) -> Gateway:
         """A gateway process; its output goes to ``log`` when given."""
         port = redis_server.free_port()
-        env = {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
+        env = self.shared_env | {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
         with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
             process = processes.start_gateway(self.redis_url, port, env, output=output)
         self.started.append(process)
@@ -88,7 +96,9 @@ class Processes:
         self, model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, log: Path | None = None
     ) -> Worker:
         with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
-            process, info = processes.start_worker(self.redis_url, model, args, env=env, output=output, timeout=timeout)
+            process, info = processes.start_worker(
+                self.redis_url, model, args, env=self.shared_env | (env or {}), output=output, timeout=timeout
+            )
         self.started.append(process)
         return Worker(info, process)
 
@@ -104,6 +114,7 @@ class Processes:
         for process in reversed(self.started):
             processes.stop(process, grace=10)
         self.started.clear()
+        shutil.rmtree(self.files_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -29,37 +29,46 @@ from redis.asyncio import Redis
 from conveyor import contract
 from worker.job_source import Claim, Delivery, Renewal
 
-#: Lease every due job nobody holds, up to a limit. The queue also lists running jobs (arq removes a job when it
-#: finishes), so the whole due range is walked, a page at a time; its size is bounded by the admission limit.
-#: A job whose data expired (deadline passed) is removed. KEYS: queue. ARGV: lease prefix, job prefix, retry prefix,
-#: now ms, lease ms, limit, worker id. Returns id, job data, try count for each claim, flattened.
+#: Lease due jobs nobody holds: interactive ones first, up to a limit; then, only when no interactive job is left
+#: waiting, bulk ones (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it
+#: finishes), so the whole due range is walked, a page at a time; its size is bounded by the admission limit. A job
+#: whose data expired (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job
+#: prefix, retry prefix, now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1)
+#: for each claim, flattened.
 CLAIM_SCRIPT = """
 local out = {}
-local left = tonumber(ARGV[6])
-local offset = 0
-while left > 0 do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', offset, 256)
-  if #ids == 0 then break end
-  offset = offset + #ids
-  for _, id in ipairs(ids) do
-    if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
-      local job = redis.call('GET', ARGV[2] .. id)
-      if job then
-        redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])
-        local tries = redis.call('INCR', ARGV[3] .. id)
-        local ttl = redis.call('PTTL', ARGV[2] .. id)
-        if ttl > 0 then redis.call('PEXPIRE', ARGV[3] .. id, ttl) end
-        out[#out + 1] = id
-        out[#out + 1] = job
-        out[#out + 1] = tries
-        left = left - 1
-      else
-        redis.call('ZREM', KEYS[1], id)
-        redis.call('DEL', ARGV[3] .. id)
-        offset = offset - 1
+local function claim_from(queue, left, bulk)
+  local offset = 0
+  while left > 0 do
+    local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[4], 'LIMIT', offset, 256)
+    if #ids == 0 then break end
+    offset = offset + #ids
+    for _, id in ipairs(ids) do
+      if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+        local job = redis.call('GET', ARGV[2] .. id)
+        if job then
+          redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])
+          local tries = redis.call('INCR', ARGV[3] .. id)
+          local ttl = redis.call('PTTL', ARGV[2] .. id)
+          if ttl > 0 then redis.call('PEXPIRE', ARGV[3] .. id, ttl) end
+          out[#out + 1] = id
+          out[#out + 1] = job
+          out[#out + 1] = tries
+          out[#out + 1] = bulk
+          left = left - 1
+        else
+          redis.call('ZREM', queue, id)
+          redis.call('DEL', ARGV[3] .. id)
+          offset = offset - 1
+        end
       end
     end
   end
+  return left
+end
+local left = claim_from(KEYS[1], tonumber(ARGV[6]), 0)
+if left > 0 then
+  claim_from(KEYS[2], math.min(left, tonumber(ARGV[8])), 1)
 end
 return out
 """
@@ -82,16 +91,17 @@ return {lost, aborted}
 """
 
 #: Finish a job: unless another worker holds its lease now, remove it and push its answer. KEYS: lease, job, retry,
-#: abort marker, queue[, inbox]. ARGV: worker id, job id[, answer, inbox ttl ms]. Returns 1 when finished here, 0 when
-#: another worker holds it.
+#: abort marker, queue, bulk queue[, inbox]. ARGV: worker id, job id[, answer, inbox ttl ms]. Returns 1 when
+#: finished here, 0 when another worker holds it.
 FINISH_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[2])
-if KEYS[6] then
-  redis.call('RPUSH', KEYS[6], ARGV[3])
-  redis.call('PEXPIRE', KEYS[6], ARGV[4])
+redis.call('ZREM', KEYS[6], ARGV[2])
+if KEYS[7] then
+  redis.call('RPUSH', KEYS[7], ARGV[3])
+  redis.call('PEXPIRE', KEYS[7], ARGV[4])
 end
 return 1
 """
@@ -110,8 +120,6 @@ return 0
 """
 
 ABORT_PREFIX = contract.abort_key("")
-#: an answer nobody reads (its gateway died) goes away with the inbox after this long
-INBOX_TTL_MS = 60_000
 #: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
 LISTEN_READ_SECONDS = 1.0
 
@@ -123,6 +131,7 @@ class ArqJobSource:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.queue = contract.queue_name(model)
+        self.bulk_queue = contract.bulk_queue_name(model)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
@@ -132,19 +141,19 @@ class ArqJobSource:
     def _lease_ms(self) -> int:
         return int(self.lease_seconds * 1000)
 
-    async def claim(self, limit: int) -> list[Claim]:
+    async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
         if limit <= 0:
             return []
         now_ms = int(time.time() * 1000)
         args: list[str | int] = [
             *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
-            *(now_ms, self._lease_ms, limit, self.worker_id),
+            *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit),
         ]
-        flat = await self._claim(keys=[self.queue], args=args)
+        flat = await self._claim(keys=[self.queue, self.bulk_queue], args=args)
         claims = []
-        for i in range(0, len(flat), 3):
-            job_id, raw, tries = flat[i].decode(), flat[i + 1], int(flat[i + 2])
-            claims.append(Claim(job_id, _envelope(raw), tries))
+        for i in range(0, len(flat), 4):
+            job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
+            claims.append(Claim(job_id, _envelope(raw), tries, bulk))
         return claims
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
@@ -161,11 +170,12 @@ class ArqJobSource:
             retry_key_prefix + job_id,
             contract.abort_key(job_id),
             self.queue,
+            self.bulk_queue,
         ]
         args: list[str | bytes | int] = [self.worker_id, job_id]
         if delivery is not None:
             keys.append(delivery.inbox)
-            args += [delivery.payload, INBOX_TTL_MS]
+            args += [delivery.payload, int(delivery.ttl_seconds * 1000)]
         return bool(await self._finish(keys=keys, args=args))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:

@@ -58,10 +58,14 @@ class Consumer:
         poll_delay: float,
         renew_interval: float,
         outage: Outage,
+        bulk_jobs: int = 0,
     ) -> None:
         self.source = source
         self.handler = handler
         self.max_jobs = max_jobs
+        #: batch chunks this worker runs at once, within ``max_jobs`` (0: it takes none)
+        self.bulk_jobs = bulk_jobs
+        self._bulk: set[str] = set()
         self.poll_delay = poll_delay
         self.renew_interval = renew_interval
         self.outage = outage
@@ -108,7 +112,7 @@ class Consumer:
             if free <= 0 or not self._claiming:
                 continue
             try:
-                claims = await self.source.claim(free)
+                claims = await self.source.claim(free, max(self.bulk_jobs - len(self._bulk), 0))
             except REDIS_DOWN as exc:
                 await asyncio.sleep(self.outage.failed(exc))
                 self._wake.set()
@@ -148,12 +152,15 @@ class Consumer:
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._run(claim), name=f"job-{claim.job_id}")
         self.tasks[claim.job_id] = task
+        if claim.bulk:
+            self._bulk.add(claim.job_id)
         task.add_done_callback(lambda _: self._done(claim.job_id))
 
     def _done(self, job_id: str) -> None:
-        was_full = len(self.tasks) >= self.max_jobs
+        was_full = len(self.tasks) >= self.max_jobs or job_id in self._bulk
         self.tasks.pop(job_id, None)
         self._stops.pop(job_id, None)
+        self._bulk.discard(job_id)
         if was_full:  # jobs may be waiting for this slot: look now, not at the next timer tick
             self._wake.set()
 

@@ -20,6 +20,8 @@ class Claim:
     envelope: dict[str, Any]
     #: 1 on the first run; more when a worker holding it was lost
     tries: int
+    #: a batch chunk from the model's bulk lane
+    bulk: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +32,26 @@ class Renewal:
     aborted: list[str] = field(default_factory=list)
 
 
+#: an answer nobody reads (its gateway died) goes away with the inbox after this long
+INBOX_TTL_SECONDS = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A non-streamed answer: ``payload`` pushed to the list ``inbox``."""
+    """An answer: ``payload`` pushed to the list ``inbox``, which expires ``ttl_seconds`` after the last push."""
 
     inbox: str
     payload: bytes
+    ttl_seconds: float = INBOX_TTL_SECONDS
 
 
 class JobSource(Protocol):
     #: how long a claim lives without renewal, seconds
     lease_seconds: float
 
-    async def claim(self, limit: int) -> list[Claim]:
-        """Lease up to ``limit`` due jobs that nobody holds."""
+    async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
+        """Lease up to ``limit`` due jobs that nobody holds; of those, up to ``bulk_limit`` from the bulk lane, taken
+        only when no interactive job is left waiting."""
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         """Extend the leases of the jobs this worker runs; re-take a lease that lapsed while nobody took it."""

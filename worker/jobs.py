@@ -19,7 +19,9 @@ from redis.exceptions import RedisError
 from conveyor import contract
 from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
+from conveyor.filestore import FileStore, open_store
 from worker import metrics
+from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead
 from worker.engines.base import Engine
 from worker.job_source import Claim, Delivery
@@ -29,11 +31,14 @@ log = logging.getLogger("conveyor.worker")
 
 
 class JobRunner:
-    def __init__(self, redis: Redis, engine: Engine, model: str, max_tries: int = 3) -> None:
+    def __init__(
+        self, redis: Redis, engine: Engine, model: str, max_tries: int = 3, store: FileStore | None = None
+    ) -> None:
         self.engine = engine
         self.model = model
         self.max_tries = max_tries
         self.publisher = BatchPublisher(redis)
+        self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error)
 
     async def job(self, claim: Claim) -> Done:
         """The consumer's handler: check the envelope, then run it (or answer why not)."""
@@ -56,16 +61,18 @@ class JobRunner:
             )
             return await self._answer_error(envelope, error)
         if claim.tries > self.max_tries:
-            metrics.JOBS.labels(self.model, envelope.kind.value, "worker_lost").inc()
+            metrics.JOBS.labels(self.model, _kind(envelope), "worker_lost").inc()
             log.warning("job %s: its worker was lost %d times; answering worker_lost", claim.job_id, self.max_tries)
             lost = WorkerLost(f"the workers running this request were lost {self.max_tries} times; it was not retried")
+            if envelope.chunk is not None:
+                return await self.bulk.run(envelope, envelope.chunk, lost)
             return await self._answer_error(envelope, lost)
         if claim.tries > 1:
             log.info("job %s: running again (try %d) after its worker was lost", claim.job_id, claim.tries)
         return await self.run(envelope)
 
     async def run(self, envelope: JobEnvelope) -> Done:
-        kind = envelope.kind.value
+        kind = _kind(envelope)
         started = time.time()
         metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, started - envelope.created))
         left = envelope.seconds_left(started)
@@ -76,6 +83,10 @@ class JobRunner:
         metrics.RUNNING_JOBS.labels(self.model).inc()
         outcome = "cancelled"
         try:
+            if envelope.chunk is not None:
+                done = await self.bulk.run(envelope, envelope.chunk)
+                outcome = "ok"
+                return done
             if envelope.stream:
                 outcome = await self._stream(envelope, left)
                 return Done(envelope.deadline)
@@ -94,7 +105,7 @@ class JobRunner:
             async with asyncio.timeout(left):
                 body = await self.engine.run(envelope.kind, envelope.body, envelope.request_id)
         except Exception as exc:  # CancelledError is not an Exception: it propagates
-            error = self._client_error(envelope, exc)
+            error = self._client_error(envelope.request_id, exc)
             return _outcome(error), Reply(envelope.request_id, error=error.info())
         return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
@@ -107,13 +118,13 @@ class JobRunner:
                     await self._publish(channel, StreamFrame.chunk(seq, chunk))
                     seq += 1
         except Exception as exc:
-            error = self._client_error(envelope, exc)
+            error = self._client_error(envelope.request_id, exc)
             await self._publish(channel, StreamFrame.failure(seq, error.info()))
             return _outcome(error)
         await self._publish(channel, StreamFrame(seq, "end"))
         return "ok"
 
-    def _client_error(self, envelope: JobEnvelope, exc: Exception) -> ConveyorError:
+    def _client_error(self, request_id: str, exc: Exception) -> ConveyorError:
         """What the client is told about ``exc``; raises ``EngineDead`` when the engine died under the job."""
         if isinstance(exc, ConveyorError):
             return exc
@@ -123,8 +134,8 @@ class JobRunner:
             raise exc
         if not self.engine.alive():
             raise EngineDead(str(exc)) from exc
-        log.error("job %s failed in the engine: %s: %s", envelope.request_id, type(exc).__name__, exc, exc_info=exc)
-        return EngineFailure(f"the engine failed on this request (request id {envelope.request_id})")
+        log.error("job %s failed in the engine: %s: %s", request_id, type(exc).__name__, exc, exc_info=exc)
+        return EngineFailure(f"the engine failed on this request (request id {request_id})")
 
     async def _answer_error(self, envelope: JobEnvelope, error: ConveyorError) -> Done:
         return await self._answer(envelope.request_id, envelope.reply_to, envelope.stream, error, envelope.deadline)
@@ -146,6 +157,11 @@ class JobRunner:
 def _delivery(reply_to: str, reply: Reply) -> Delivery | None:
     """The answer pushed to the inbox of the gateway that enqueued the job (none if it named no inbox)."""
     return Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None
+
+
+def _kind(envelope: JobEnvelope) -> str:
+    """The job-kind label: a batch chunk is ``bulk`` whatever its lines ask for."""
+    return "bulk" if envelope.chunk is not None else envelope.kind.value
 
 
 def _outcome(error: ConveyorError) -> str:

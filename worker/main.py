@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from conveyor import redis_client, registry
+from conveyor.filestore import open_store
 from conveyor.outage import REDIS_DOWN, Outage
 from worker import metrics
 from worker.arq_source import ArqJobSource
@@ -154,7 +155,9 @@ async def _serve_engine(
     info.max_model_len = engine.max_model_len
     info.state = "serving"
     heartbeat.now.set()
-    runner = JobRunner(redis, engine, settings.model, max_tries=settings.max_tries)
+    runner = JobRunner(
+        redis, engine, settings.model, max_tries=settings.max_tries, store=open_store(settings.files_url)
+    )
     source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(
         source,
@@ -163,6 +166,7 @@ async def _serve_engine(
         poll_delay=settings.poll_delay,
         renew_interval=settings.lease_seconds / 3,
         outage=outage,
+        bulk_jobs=settings.bulk_jobs,
     )
     metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
     loop = asyncio.get_running_loop()

@@ -26,3 +26,6 @@ ENGINE_RUNNING = Gauge(
     "conveyor_worker_engine_running_requests", "Requests inside this worker's engine now.", ["model"]
 )
 STREAM_MESSAGES = Counter("conveyor_worker_stream_messages", "Stream messages published.", ["model"])
+BULK_LINES = Counter(
+    "conveyor_worker_bulk_lines", "Batch lines run on this worker, by outcome (ok, failed).", ["model", "outcome"]
+)

@@ -24,6 +24,11 @@ class WorkerSettings(BaseSettings):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     #: concurrent jobs; 0 = the engine's own concurrency (vLLM: ``max_num_seqs``)
     max_jobs: int = Field(default=0, ge=0)
+    #: batch chunks run at once (within ``max_jobs``), taken only when no interactive job waits; 0 takes none
+    bulk_jobs: int = Field(default=2, ge=0)
+    #: the file store holding batch inputs and outputs (shared with the gateway): a directory or ``file://`` URL;
+    #: default ``<data dir>/files``
+    files_url: str | None = Field(default=None, validation_alias="CONVEYOR_FILES_URL")
     #: seconds between queue polls when no wake-up arrives (jobs normally start on the gateway's wake-up at once;
     #: this timer only covers lost wake-ups and jobs handed back by a dead worker)
     poll_delay: float = Field(default=0.5, gt=0)

@@ -32,7 +32,7 @@ class ScriptedSource:
             self.failures -= 1
             raise RedisConnectionError("connection refused")
 
-    async def claim(self, limit: int) -> list[Claim]:
+    async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
         self._maybe_fail()
         taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
         return [Claim(job_id, {}, 1) for job_id in taken]

@@ -56,6 +56,11 @@ def _prompt_text(kind: JobKind, body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else repr(prompt)
 
 
+def _item_tokens(item: str | list[int]) -> int:
+    """The fake engine's token count of one embedding input: its words, or its token ids."""
+    return len(item.split()) if isinstance(item, str) else len(item)
+
+
 class FakeEngine(Engine):
     def __init__(
         self,
@@ -197,6 +202,9 @@ class FakeEngine(Engine):
 
     # --- embeddings ---------------------------------------------------------------------------------------------
 
+    def token_counts(self, inputs: list[str | list[int]]) -> list[int]:
+        return [_item_tokens(item) for item in inputs]
+
     def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
         raw = body["input"]
         single = isinstance(raw, str) or all(isinstance(x, int) for x in raw)
@@ -209,7 +217,7 @@ class FakeEngine(Engine):
             if body.get("encoding_format") == "base64":
                 embedding = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in items)
+        tokens = sum(_item_tokens(item) for item in items)
         return {
             "object": "list",
             "data": data,

@@ -1,0 +1,279 @@
+"""What moves a batch through OpenAI's lifecycle after it was created. Every gateway replica runs one driver.
+
+    validating -> in_progress -> finalizing -> completed
+    validating -> failed (lines this batch cannot run, listed in ``errors``)
+    in_progress -> expired (the window ended: what finished is delivered, the rest is in the error file)
+    validating | in_progress -> cancelling -> cancelled (what finished is delivered)
+
+Why here, and why it survives what it must:
+- **One driver per batch at a time**, whichever replica holds the batch's lease in Redis (renewed every round,
+  lapsing 15 s after its holder died). Two replicas never step the same batch at once; a restarted or killed
+  gateway's batches are taken over by any other (or by itself when it comes back).
+- **Every step can be repeated**: chunks are queued only if absent; output files have ids derived from the batch
+  and are written whole; a status moves only by compare-and-set. A driver that dies mid-step leaves a step the
+  next one simply does again.
+- **The work itself is on the queue**: chunks are ordinary leased jobs on the model's bulk lane, so a SIGKILLed
+  worker's chunk is run again by another, and a chunk's results count once (the fold in ``gateway.batch_store``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from conveyor import contract
+from conveyor.batch_lines import (
+    FINAL_STATUSES,
+    KIND_FOR_URL,
+    BatchError,
+    BatchErrors,
+    BatchObject,
+    LineError,
+    parse_line,
+)
+from conveyor.contract import ChunkRef, JobEnvelope
+from conveyor.errors import BackendUnavailable, NotFound
+from conveyor.filestore import FileStore, lines
+from conveyor.outage import Outage
+from gateway.batch_store import BatchStore
+from gateway.directory import ModelDirectory
+from gateway.files import FileService
+from gateway.queue import JobQueue, JobState
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("conveyor.gateway")
+
+LEASE_SECONDS = 15.0
+ROUND_SECONDS = 1.0
+#: at most this many line errors are listed on a failed batch
+MAX_LISTED_ERRORS = 100
+UNFINISHED = {
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "cancelled": ("batch_cancelled", "This request was not executed: the batch was cancelled."),
+}
+
+
+class BatchDriver:
+    def __init__(
+        self,
+        batches: BatchStore,
+        files: FileService,
+        store: FileStore,
+        queue: JobQueue,
+        directory: ModelDirectory,
+        settings: GatewaySettings,
+        outage: Outage,
+    ) -> None:
+        self.batches = batches
+        self.files = files
+        self.store = store
+        self.queue = queue
+        self.directory = directory
+        self.settings = settings
+        self.outage = outage
+        self.holder = f"driver-{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.drive_all()
+                self.outage.ok()
+                delay = ROUND_SECONDS
+            except BackendUnavailable as exc:
+                delay = self.outage.failed(exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def drive_all(self) -> None:
+        for batch_id in await self.batches.active():
+            if await self.batches.take_lease(batch_id, self.holder, LEASE_SECONDS):
+                await self._step_holding_lease(batch_id)
+
+    async def _step_holding_lease(self, batch_id: str) -> None:
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(LEASE_SECONDS / 3)
+                await self.batches.take_lease(batch_id, self.holder, LEASE_SECONDS)
+
+        keeper = asyncio.create_task(keep())
+        try:
+            await self.step(await self.batches.batch(batch_id))
+        except BackendUnavailable:
+            raise
+        except Exception:  # a bug or a store failure: logged; the next round tries the step again
+            log.exception("batch %s: step failed; retrying next round", batch_id)
+        finally:
+            keeper.cancel()
+
+    async def step(self, batch: BatchObject) -> None:
+        if batch.status in FINAL_STATUSES:
+            await self.batches.retire(batch.id)
+        elif batch.status == "validating":
+            await self._validate(batch)
+        elif batch.status == "in_progress":
+            await self._progress(batch)
+        elif batch.status == "cancelling":
+            await self._wind_down(batch, "cancelled")
+        elif batch.status == "finalizing":
+            await self._finalize(batch, "completed")
+
+    # --- validating -------------------------------------------------------------------------------------------
+
+    async def _validate(self, batch: BatchObject) -> None:
+        errors: list[BatchError] = []
+        chunks: list[ChunkRef] = []
+        try:
+            stored = await self.batches.file(batch.input_file_id)
+        except NotFound as exc:
+            errors.append(BatchError(code="file_not_found", message=exc.message, param="input_file_id"))
+        else:
+            if batch.model is None or not await self.directory.is_known(batch.model):
+                message = f"model {batch.model!r} is not served here."
+                errors.append(BatchError(code="model_not_found", message=message, param="body.model"))
+            chunks = await self._plan(batch, stored.store_name, errors)
+        if errors:
+            data = BatchErrors(data=errors[:MAX_LISTED_ERRORS]).model_dump_json()
+            await self.batches.move(batch.id, ("validating",), "failed", errors=data)
+            log.info("batch %s failed validation: %s", batch.id, errors[0].message)
+            return
+        total = chunks[-1].first_line + chunks[-1].lines if chunks else 0
+        await self.batches.set_plan(batch.id, chunks, total)
+        await self.queue.submit_bulk([self._envelope(batch, chunk) for chunk in chunks])
+        if await self.batches.move(batch.id, ("validating",), "in_progress"):
+            log.info("batch %s: %d lines in %d chunks on %s's bulk lane", batch.id, total, len(chunks), batch.model)
+
+    async def _plan(self, batch: BatchObject, name: str, errors: list[BatchError]) -> list[ChunkRef]:
+        """Check every line against the batch (its endpoint, one model) and cut the file into chunks of lines."""
+        size = self.settings.batch_chunk_lines
+        chunks: list[ChunkRef] = []
+        offset = chunk_start = 0
+        count = 0
+        async for raw in lines(self.store.read(name)):
+            count += 1
+            try:
+                line = parse_line(raw, count)
+                if line.url != batch.endpoint:
+                    raise LineError(count, f"`url` {line.url} differs from the batch's endpoint {batch.endpoint}.")
+                if line.model != batch.model:
+                    raise LineError(count, f"model {line.model!r} differs: a batch runs one model ({batch.model}).")
+            except LineError as exc:
+                errors.append(BatchError(code=exc.code, message=exc.message, param=exc.param, line=count))
+            offset += len(raw) + 1
+            if count % size == 0:
+                chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, count - size + 1, size))
+                chunk_start = offset
+        if count % size:
+            first = count - count % size + 1
+            chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, first, count % size))
+        return chunks
+
+    @staticmethod
+    def _chunk(batch: BatchObject, name: str, index: int, start: int, end: int, first: int, count: int) -> ChunkRef:
+        return ChunkRef(
+            batch_id=batch.id,
+            index=index,
+            input_file=name,
+            start=start,
+            end=end,
+            first_line=first - 1,
+            lines=count,
+            expires_at=float(batch.expires_at or time.time()),
+        )
+
+    def _envelope(self, batch: BatchObject, chunk: ChunkRef) -> JobEnvelope:
+        return JobEnvelope(
+            request_id=contract.chunk_job_id(batch.id, chunk.index),
+            model=batch.model or "",
+            kind=KIND_FOR_URL[batch.endpoint],
+            body={},
+            created=batch.created_at + chunk.index / 1000,  # queued in batch order, chunks in file order
+            deadline=chunk.expires_at,
+            chunk=chunk,
+        )
+
+    # --- running ------------------------------------------------------------------------------------------------
+
+    async def _progress(self, batch: BatchObject) -> None:
+        done = await self.batches.fold_reports(batch.id)
+        plan = await self.batches.plan(batch.id)
+        if len(done) >= len(plan):
+            if await self.batches.move(batch.id, ("in_progress",), "finalizing"):
+                await self._finalize(await self.batches.batch(batch.id), "completed")
+        elif batch.expires_at is not None and time.time() >= batch.expires_at:
+            await self._wind_down(batch, "expired")
+
+    async def _wind_down(self, batch: BatchObject, final: str) -> None:
+        """Withdraw every chunk not done yet; once none runs any more, finalize with what finished."""
+        done = await self.batches.fold_reports(batch.id)
+        running = 0
+        for chunk in await self.batches.plan(batch.id):
+            if chunk.index in done:
+                continue
+            envelope = self._envelope(batch, chunk)
+            state = await self.queue.state(envelope)
+            if state is not JobState.GONE:
+                await self.queue.cancel(envelope)
+                running += state is JobState.RUNNING
+        if running == 0:
+            await self._finalize(batch, final)
+
+    # --- finalizing ---------------------------------------------------------------------------------------------
+
+    async def _finalize(self, batch: BatchObject, final: str) -> None:
+        """Write the output and error files (again, whole, if a driver died here before) and end the batch."""
+        done = await self.batches.fold_reports(batch.id)
+        plan = await self.batches.plan(batch.id)
+        stem = batch.id.removeprefix("batch_")
+        output = await self.files.add_output(
+            f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out")
+        )
+        errors = await self.files.add_output(
+            f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final)
+        )
+        ids = {"output_file_id": output.id if output else "", "error_file_id": errors.id if errors else ""}
+        fields = {k: v for k, v in ids.items() if v}
+        if await self.batches.move(batch.id, (batch.status,), final, **fields):
+            log.info("batch %s %s", batch.id, final)
+        await self.batches.retire(batch.id)
+
+    async def _parts(self, plan: list[ChunkRef], done: set[int], kind: str) -> AsyncIterator[bytes]:
+        for chunk in plan:
+            if chunk.index in done:
+                part = contract.chunk_part_name(chunk.batch_id, chunk.index, "out" if kind == "out" else "err")
+                async for block in self.store.read(part):
+                    yield block
+
+    async def _error_lines(self, plan: list[ChunkRef], done: set[int], final: str) -> AsyncIterator[bytes]:
+        """Lines the engine refused, then every line that never ran (expired or cancelled) with its reason."""
+        async for block in self._parts(plan, done, "err"):
+            yield block
+        if final not in UNFINISHED:
+            return
+        code, message = UNFINISHED[final]
+        for chunk in plan:
+            if chunk.index in done:
+                continue
+            async for raw in lines(self.store.read(chunk.input_file, chunk.start, chunk.end)):
+                custom_id = json.loads(raw)["custom_id"]
+                yield (
+                    contract.dumps(
+                        {
+                            "id": f"batch_req_{uuid.uuid4().hex}",
+                            "custom_id": custom_id,
+                            "response": None,
+                            "error": {"code": code, "message": message},
+                        }
+                    )
+                    + b"\n"
+                )

@@ -1,0 +1,201 @@
+"""Batches and files as Redis keeps them, shared by every gateway replica.
+
+A batch is one hash (``contract.batch_key``): its fixed fields as JSON (``record``), and one field per thing that
+changes: ``status`` and each status' timestamp, the output and error file ids, ``errors``, the line counts, and the
+chunk ``plan``. Status changes are compare-and-set scripts, so a cancel on one replica and the driver on another
+never overwrite each other; line counts move only when a chunk's report is folded in, once per chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from conveyor import contract
+from conveyor.batch_lines import BatchErrors, BatchObject, BatchRequestCounts, StoredFile
+from conveyor.contract import ChunkRef
+from conveyor.errors import NotFound
+from gateway.queue import redis_errors
+
+#: Move a batch from one of some statuses to another, stamping when. KEYS: batch hash. ARGV: allowed current
+#: statuses (space-separated), new status, its timestamp field, now, then field/value pairs to set with it.
+#: Returns 1 when moved, 0 when the batch was in another status.
+TRANSITION_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+local allowed = false
+for status in string.gmatch(ARGV[1], '%S+') do
+  if status == current then allowed = true end
+end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+#: Fold the chunk reports workers left on the done list into the counts, each chunk once. KEYS: done list, chunk
+#: hash, batch hash. Returns how many reports were read.
+FOLD_SCRIPT = """
+local read = 0
+while true do
+  local report = redis.call('LPOP', KEYS[1])
+  if not report then break end
+  read = read + 1
+  local index, ok, failed = string.match(report, '(%d+) (%d+) (%d+)')
+  if index and redis.call('HSETNX', KEYS[2], index, ok .. ' ' .. failed) == 1 then
+    redis.call('HINCRBY', KEYS[3], 'completed', ok)
+    redis.call('HINCRBY', KEYS[3], 'failed', failed)
+  end
+end
+return read
+"""
+
+#: Take or keep the lease of a batch's driver. KEYS: lease. ARGV: holder, ms, 1 to take/keep or 0 to drop it.
+LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[3] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if not holder or holder == ARGV[1] then
+  redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+FIXED_FIELDS = ("id", "endpoint", "input_file_id", "completion_window", "created_at", "expires_at", "metadata", "model")
+
+
+class BatchStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._transition = redis.register_script(TRANSITION_SCRIPT)
+        self._fold = redis.register_script(FOLD_SCRIPT)
+        self._lease = redis.register_script(LEASE_SCRIPT)
+
+    # --- files --------------------------------------------------------------------------------------------------
+
+    async def save_file(self, stored: StoredFile) -> None:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(contract.file_key(stored.file.id), stored.model_dump_json())
+                pipe.zadd(contract.FILES_INDEX, {stored.file.id: time.time()})  # finer than created_at: keeps order
+                await pipe.execute()
+
+    async def file(self, file_id: str) -> StoredFile:
+        with redis_errors():
+            raw = await self.redis.get(contract.file_key(file_id))
+        if raw is None:
+            raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+        return StoredFile.model_validate_json(raw)
+
+    async def forget_file(self, file_id: str) -> None:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(contract.file_key(file_id))
+                pipe.zrem(contract.FILES_INDEX, file_id)
+                await pipe.execute()
+
+    async def page(
+        self, index: str, after: str | None, limit: int, newest_first: bool = True
+    ) -> tuple[list[str], bool]:
+        """Ids of an index (by creation), after the id ``after``; and whether more follow."""
+        with redis_errors():
+            start = 0
+            if after is not None:
+                rank = await (self.redis.zrevrank if newest_first else self.redis.zrank)(index, after)
+                if rank is None:
+                    raise NotFound(f"No such object: {after}", param="after")
+                start = rank + 1
+            fetch = self.redis.zrevrange if newest_first else self.redis.zrange
+            ids = [i.decode() for i in await fetch(index, start, start + limit)]
+        return ids[:limit], len(ids) > limit
+
+    # --- batches ------------------------------------------------------------------------------------------------
+
+    async def create_batch(self, batch: BatchObject) -> None:
+        fixed = batch.model_dump(mode="json", include=set(FIXED_FIELDS))
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    contract.batch_key(batch.id),
+                    mapping={"record": json.dumps(fixed), "status": batch.status, "completed": 0, "failed": 0},
+                )
+                pipe.zadd(contract.BATCHES_INDEX, {batch.id: time.time()})
+                pipe.sadd(contract.ACTIVE_BATCHES, batch.id)
+                await pipe.execute()
+
+    async def batch(self, batch_id: str) -> BatchObject:
+        with redis_errors():
+            fields = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(contract.batch_key(batch_id)))
+        if not fields:
+            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+        values = {k.decode(): v.decode() for k, v in fields.items()}
+        data: dict[str, Any] = json.loads(values.pop("record"))
+        counts = BatchRequestCounts(
+            total=int(values.pop("total", 0)), completed=int(values.pop("completed")), failed=int(values.pop("failed"))
+        )
+        errors = values.pop("errors", None)
+        values.pop("plan", None)
+        for name, value in values.items():
+            data[name] = int(value) if name.endswith("_at") else value
+        return BatchObject.model_validate(
+            data | {"request_counts": counts, "errors": BatchErrors.model_validate_json(errors) if errors else None}
+        )
+
+    async def move(self, batch_id: str, allowed: tuple[str, ...], status: str, **fields: str | int) -> bool:
+        """Compare-and-set the status (stamping ``<status>_at``), with ``fields`` set in the same step."""
+        args: list[str | int] = [" ".join(allowed), status, f"{status}_at", int(time.time())]
+        for name, value in fields.items():
+            args += [name, value]
+        with redis_errors():
+            return bool(await self._transition(keys=[contract.batch_key(batch_id)], args=args))
+
+    async def set_plan(self, batch_id: str, chunks: list[ChunkRef], total: int) -> None:
+        plan = json.dumps([c.model_dump(mode="json") for c in chunks])
+        with redis_errors():
+            await cast(
+                Awaitable[int], self.redis.hset(contract.batch_key(batch_id), mapping={"plan": plan, "total": total})
+            )
+
+    async def plan(self, batch_id: str) -> list[ChunkRef]:
+        with redis_errors():
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "plan"))
+        return [ChunkRef.model_validate(c) for c in json.loads(raw)] if raw else []
+
+    async def fold_reports(self, batch_id: str) -> set[int]:
+        """Count the chunks workers reported since the last fold; returns the indices of every chunk done so far."""
+        keys = [contract.batch_done_key(batch_id), contract.batch_chunks_key(batch_id), contract.batch_key(batch_id)]
+        with redis_errors():
+            await self._fold(keys=keys)
+            done = await cast(Awaitable[list[bytes]], self.redis.hkeys(contract.batch_chunks_key(batch_id)))
+        return {int(i) for i in done}
+
+    async def active(self) -> list[str]:
+        with redis_errors():
+            members = await cast(Awaitable[set[bytes]], self.redis.smembers(contract.ACTIVE_BATCHES))
+        return [i.decode() for i in members]
+
+    async def retire(self, batch_id: str) -> None:
+        """A batch in a final state: nothing drives it any more; its chunk bookkeeping goes."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.srem(contract.ACTIVE_BATCHES, batch_id)
+                pipe.delete(contract.batch_chunks_key(batch_id), contract.batch_done_key(batch_id))
+                pipe.hdel(contract.batch_key(batch_id), "plan")
+                await pipe.execute()
+
+    async def take_lease(self, batch_id: str, holder: str, seconds: float) -> bool:
+        """Hold (or keep holding) the right to drive ``batch_id`` for ``seconds``."""
+        with redis_errors():
+            args: list[str | int] = [holder, int(seconds * 1000), 1]
+            return bool(await self._lease(keys=[contract.batch_driver_key(batch_id)], args=args))
+
+    async def drop_lease(self, batch_id: str, holder: str) -> None:
+        with redis_errors():
+            await self._lease(keys=[contract.batch_driver_key(batch_id)], args=[holder, 0, 0])

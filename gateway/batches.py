@@ -1,0 +1,100 @@
+"""The Batches API's logic: create, retrieve, list, cancel. What happens to a batch after that is the driver's
+(``gateway.batch_driver``)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from pydantic import BaseModel, Field, field_validator
+
+from conveyor import contract
+from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject
+from conveyor.errors import InvalidRequest
+from gateway.batch_store import BatchStore
+from gateway.settings import GatewaySettings
+
+COMPLETION_WINDOWS = ("24h",)
+
+
+class BatchCreate(BaseModel):
+    input_file_id: str = Field(min_length=1)
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _supported_endpoint(cls, endpoint: str) -> str:
+        if endpoint not in KIND_FOR_URL:
+            raise ValueError(f"must be one of {', '.join(KIND_FOR_URL)}")
+        return endpoint
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, window: str) -> str:
+        if window not in COMPLETION_WINDOWS:
+            raise ValueError("only '24h' is supported")
+        return window
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None and (
+            len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items())
+        ):
+            raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return metadata
+
+
+class BatchService:
+    def __init__(self, batches: BatchStore, settings: GatewaySettings) -> None:
+        self.batches = batches
+        self.settings = settings
+        #: makes the batch driver look now (set when the driver starts)
+        self.wake: Callable[[], None] = lambda: None
+
+    async def create(self, request: BatchCreate) -> BatchObject:
+        stored = await self.batches.file(request.input_file_id)
+        if stored.file.purpose != "batch":
+            raise InvalidRequest(
+                f"File {request.input_file_id} has purpose {stored.file.purpose!r}; a batch needs one uploaded with "
+                "purpose 'batch'.",
+                param="input_file_id",
+                code="invalid_file_purpose",
+            )
+        now = int(time.time())
+        batch = BatchObject(
+            id=f"batch_{uuid.uuid4().hex[:24]}",
+            endpoint=request.endpoint,
+            input_file_id=request.input_file_id,
+            completion_window=request.completion_window,
+            status="validating",
+            created_at=now,
+            expires_at=now + int(self.settings.batch_window_seconds),
+            metadata=request.metadata,
+            model=next(iter(stored.models), None),
+        )
+        await self.batches.create_batch(batch)
+        self.wake()
+        return batch
+
+    async def get(self, batch_id: str) -> BatchObject:
+        return await self.batches.batch(batch_id)
+
+    async def list(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
+        ids, more = await self.batches.page(contract.BATCHES_INDEX, after, limit)
+        return [await self.batches.batch(i) for i in ids], more
+
+    async def cancel(self, batch_id: str) -> BatchObject:
+        batch = await self.batches.batch(batch_id)
+        if batch.status in FINAL_STATUSES:
+            raise InvalidRequest(
+                f"Batch {batch_id} is {batch.status}: only a validating or in-progress batch can be cancelled.",
+                param="batch_id",
+                code="batch_not_cancellable",
+            )
+        await self.batches.move(batch_id, ("validating", "in_progress"), "cancelling")
+        self.wake()
+        return await self.batches.batch(batch_id)

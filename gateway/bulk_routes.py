@@ -1,0 +1,84 @@
+"""HTTP routes of the Files and Batches APIs (OpenAI's shapes, so the official SDK works unchanged). Thin: parse,
+call ``gateway.files`` / ``gateway.batches``, answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+
+from conveyor.batch_lines import BatchObject, FileObject, list_page
+from gateway.batches import BatchCreate, BatchService
+from gateway.files import FileService
+
+bulk = APIRouter(prefix="/v1")
+
+
+def files_of(request: Request) -> FileService:
+    service: FileService = request.app.state.files
+    return service
+
+
+def batches_of(request: Request) -> BatchService:
+    service: BatchService = request.app.state.batches
+    return service
+
+
+@bulk.post("/files")
+async def upload_file(
+    request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> FileObject:
+    return await files_of(request).upload(file, purpose)
+
+
+@bulk.get("/files")
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    found, more = await files_of(request).list(purpose, after, limit, order)
+    return list_page(found, more)
+
+
+@bulk.get("/files/{file_id}")
+async def retrieve_file(request: Request, file_id: str) -> FileObject:
+    return await files_of(request).get(file_id)
+
+
+@bulk.delete("/files/{file_id}")
+async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    await files_of(request).delete(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@bulk.get("/files/{file_id}/content")
+async def file_content(request: Request, file_id: str) -> StreamingResponse:
+    blocks = await files_of(request).content(file_id)
+    return StreamingResponse(blocks, media_type="application/octet-stream")
+
+
+@bulk.post("/batches")
+async def create_batch(request: Request, body: BatchCreate) -> BatchObject:
+    return await batches_of(request).create(body)
+
+
+@bulk.get("/batches")
+async def list_batches(
+    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict[str, Any]:
+    found, more = await batches_of(request).list(after, limit)
+    return list_page(found, more)
+
+
+@bulk.get("/batches/{batch_id}")
+async def retrieve_batch(request: Request, batch_id: str) -> BatchObject:
+    return await batches_of(request).get(batch_id)
+
+
+@bulk.post("/batches/{batch_id}/cancel")
+async def cancel_batch(request: Request, batch_id: str) -> BatchObject:
+    return await batches_of(request).cancel(batch_id)

@@ -1,0 +1,159 @@
+"""Running one batch chunk: read its lines from the file store, run them on the engine, store the results.
+
+Embedding lines that share their parameters are merged into ONE engine call and the answer is split back per line
+(vectors, indices and usage exactly as each line would get alone). That needs the engine's token count per input
+(``Engine.token_counts``); when it has none, or the counts do not add up to what the engine reported, each line runs
+on its own. Chat and completion lines run concurrently, each its own engine request (the engine batches them).
+
+A chunk's results are two files in the store (output lines and error lines, each written whole), then a report
+``<index> <ok> <failed>`` on the batch's done list, delivered only while this worker still holds the chunk. Running
+a chunk twice (a worker lost mid-chunk) rewrites the same two files; the batch driver counts each chunk once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor import contract
+from conveyor.batch_lines import KIND_FOR_URL
+from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
+from conveyor.errors import ConveyorError, WorkerLost, error_body
+from conveyor.filestore import FileStore, lines
+from worker import metrics
+from worker.consumer import Done
+from worker.engines.base import Engine
+from worker.job_source import Delivery
+
+#: a batch's done list outlives the batch's window by this long (a driver folds it long before)
+DONE_LIST_GRACE_SECONDS = 86_400.0
+
+ClientError = Callable[[str, Exception], ConveyorError]
+
+
+@dataclass
+class Line:
+    custom_id: str
+    kind: JobKind
+    body: dict[str, Any]
+    request_id: str
+
+
+@dataclass
+class Result:
+    """One line's outcome: the engine's JSON body (status 200) or an error."""
+
+    line: Line
+    body: bytes | None = None
+    error: ErrorInfo | None = None
+
+    def encode(self) -> bytes:
+        head = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": self.line.custom_id}
+        prefix = json.dumps(head, ensure_ascii=False)[:-1].encode()
+        if self.error is not None:
+            status, body = self.error.status, contract.dumps(error_body(self.error))
+        else:
+            status, body = 200, self.body or b"{}"
+        rid = self.line.request_id
+        return prefix + b',"response":{"status_code":%d,"request_id":"%s","body":%s},"error":null}\n' % (
+            status,
+            rid.encode(),
+            body,
+        )
+
+
+class ChunkRunner:
+    def __init__(self, engine: Engine, store: FileStore, client_error: ClientError) -> None:
+        self.engine = engine
+        self.store = store
+        self.client_error = client_error
+
+    async def run(self, envelope: JobEnvelope, chunk: ChunkRef, lost: WorkerLost | None = None) -> Done:
+        """Run the chunk (or, when its workers were lost too often, answer every line with ``lost``)."""
+        batch_lines = [line async for line in self._read(chunk)]
+        if lost is not None:
+            results = [Result(line, error=lost.info()) for line in batch_lines]
+        else:
+            results = await self._execute(batch_lines)
+        ok = [r.encode() for r in results if r.error is None]
+        failed = [r.encode() for r in results if r.error is not None]
+        await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "out"), _blocks(ok))
+        await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "err"), _blocks(failed))
+        metrics.BULK_LINES.labels(envelope.model, "ok").inc(len(ok))
+        metrics.BULK_LINES.labels(envelope.model, "failed").inc(len(failed))
+        report = f"{chunk.index} {len(ok)} {len(failed)}".encode()
+        ttl = max(chunk.expires_at - time.time(), 0) + DONE_LIST_GRACE_SECONDS
+        return Done(envelope.deadline, Delivery(contract.batch_done_key(chunk.batch_id), report, ttl))
+
+    async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
+        number = chunk.first_line
+        async for raw in lines(self.store.read(chunk.input_file, chunk.start, chunk.end)):
+            if raw.strip():  # the gateway validated every line when the batch was created
+                item = json.loads(raw)
+                yield Line(item["custom_id"], KIND_FOR_URL[item["url"]], item["body"], f"{chunk.batch_id}-{number}")
+            number += 1
+
+    async def _execute(self, batch_lines: list[Line]) -> list[Result]:
+        embeddings = [line for line in batch_lines if line.kind is JobKind.EMBEDDING]
+        others = [line for line in batch_lines if line.kind is not JobKind.EMBEDDING]
+        groups: dict[str, list[Line]] = {}
+        for line in embeddings:
+            params = {k: v for k, v in line.body.items() if k != "input"}
+            groups.setdefault(json.dumps(params, sort_keys=True), []).append(line)
+        done = await asyncio.gather(
+            *(self._embed_group(group) for group in groups.values()),
+            *(self._one_each(others),),
+        )
+        by_line = {id(r.line): r for results in done for r in results}
+        return [by_line[id(line)] for line in batch_lines]
+
+    async def _one_each(self, batch_lines: list[Line]) -> list[Result]:
+        return list(await asyncio.gather(*(self._one(line) for line in batch_lines)))
+
+    async def _one(self, line: Line) -> Result:
+        try:
+            return Result(line, body=contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id)))
+        except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
+            return Result(line, error=self.client_error(line.request_id, exc).info())
+
+    async def _embed_group(self, group: list[Line]) -> list[Result]:
+        """Lines with the same parameters: one engine call for all their inputs, split back per line."""
+        inputs = [_items(line.body["input"]) for line in group]
+        flat = [item for items in inputs for item in items]
+        counts = self.engine.token_counts(flat) if len(group) > 1 else None
+        if counts is None:
+            return await self._one_each(group)
+        body = group[0].body | {"input": flat}
+        try:
+            raw = await self.engine.run(JobKind.EMBEDDING, body, f"{group[0].request_id}-merged")
+        except Exception as exc:  # one line refused, or a failure: each line alone tells which (EngineDead propagates)
+            self.client_error(group[0].request_id, exc)
+            return await self._one_each(group)
+        answer = json.loads(contract.json_bytes(raw))
+        if answer.get("usage", {}).get("prompt_tokens") != sum(counts) or len(answer["data"]) != len(flat):
+            return await self._one_each(group)  # the counts do not explain the engine's usage: do not guess
+        results, at = [], 0
+        for line, items in zip(group, inputs, strict=True):
+            data = [item | {"index": i} for i, item in enumerate(answer["data"][at : at + len(items)])]
+            tokens = sum(counts[at : at + len(items)])
+            at += len(items)
+            usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+            single = {"object": "list", "data": data, "model": answer.get("model"), "usage": usage}
+            results.append(Result(line, body=contract.dumps(single)))
+        return results
+
+
+def _items(value: Any) -> list[Any]:
+    """An embedding request's inputs: one text or token array, or a list of them."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(x, int) for x in value)):
+        return [value]
+    return list(value)
+
+
+async def _blocks(encoded: list[bytes]) -> AsyncIterator[bytes]:
+    yield b"".join(encoded)
