@@ -54,6 +54,24 @@ def _up(args: argparse.Namespace) -> None:
     raise SystemExit(serve(models, args.host, args.port))
 
 
+def _batch_embed(args: argparse.Namespace) -> None:
+    from conveyor import batch_command
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise SystemExit(f"conveyor batch embed: no input file at {source}")
+    raise SystemExit(
+        batch_command.embed(
+            source,
+            args.model,
+            Path(args.output),
+            args.base_url or batch_command.default_base_url(),
+            args.api_key or batch_command.default_api_key(),
+            args.poll,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -82,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="0.0.0.0")
     up.add_argument("--port", type=int, default=8000)
     up.set_defaults(handler=_up)
+
+    batch = commands.add_parser("batch", help="bulk work through the Batches API").add_subparsers(
+        dest="batch_command", required=True
+    )
+    embed = batch.add_parser(
+        "embed",
+        help="embed a file of texts (one per line) or an OpenAI batch JSONL; re-run after Ctrl-C to re-attach",
+    )
+    embed.add_argument("input", help="a text file, one text per line, or an OpenAI batch JSONL file")
+    embed.add_argument("--model", required=True, help="served embedding model name")
+    embed.add_argument("-o", "--output", required=True, help="where the output JSONL goes")
+    embed.add_argument("--base-url", help="the API (default: $OPENAI_BASE_URL or http://localhost:8000/v1)")
+    embed.add_argument("--api-key", help="bearer key (default: $CONVEYOR_API_KEY or $OPENAI_API_KEY)")
+    embed.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks")
+    embed.set_defaults(handler=_batch_embed)
     return parser
 
 

@@ -77,10 +77,12 @@ class Processes:
     gateways: list[Gateway] = field(default_factory=list)
     #: the file store every gateway and worker of these processes share (batch inputs and outputs)
     files_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="conveyor-files-")))
+    #: environment of every process started here (e.g. another ``CONVEYOR_FILES_URL``)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def shared_env(self) -> dict[str, str]:
-        return {"CONVEYOR_FILES_URL": str(self.files_dir)}
+        return {"CONVEYOR_FILES_URL": str(self.files_dir), **self.env}
 
     def gateway(self, log: Path | None = None, **settings: str) -> Gateway:
         """A gateway process; its output goes to ``log`` when given."""

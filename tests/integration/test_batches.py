@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.conftest import Processes
+from tests.conftest import Processes, wait_for
 from tests.integration.conftest import CHAT, EMBED, Stack
 
 EMBEDDINGS = "/v1/embeddings"
@@ -247,3 +250,33 @@ def test_interactive_requests_pass_a_running_batch(spawn: Processes, tmp_path: P
     still = client.batches.retrieve(batch.id)
     assert still.status == "in_progress"  # answered while the batch was still running, not after it
     client.batches.cancel(batch.id)
+
+
+def conveyor_batch_embed(gateway_url: str, *args: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "conveyor.cli", "batch", "embed", *args, "--base-url", f"{gateway_url}/v1"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_conveyor_batch_embed_survives_ctrl_c_and_re_attaches(spawn: Processes, tmp_path: Path) -> None:
+    model = "cli-embed"
+    gateway = spawn.gateway(models=model)  # no worker yet: the batch waits, so Ctrl-C surely comes mid-way
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"sentence number {i}\n" for i in range(120)) + "\n")  # a blank last line is skipped
+    output = tmp_path / "vectors.jsonl"
+    state = output.with_name(output.name + ".batch.json")
+    first = conveyor_batch_embed(gateway.base_url, str(texts), "--model", model, "-o", str(output), "--poll", "0.2")
+    wait_for(lambda: state.exists() or first.poll() is not None, 30, "the batch to be created")
+    wait_for(lambda: "in_progress" in str(gateway.client().batches.list().data[0].status), 30, "batch in progress")
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 130, err
+    assert "re-attach" in err and state.exists() and not output.exists()
+    spawn.fake_worker(model, embed=True)
+    second = conveyor_batch_embed(gateway.base_url, str(texts), "--model", model, "-o", str(output), "--poll", "0.2")
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert "re-attached" in err and not state.exists()
+    lines = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"line-{i}" for i in range(1, 121)]
+    assert all(len(x["response"]["body"]["data"][0]["embedding"]) == 32 for x in lines)
+    assert len(gateway.client().batches.list().data) == 1  # re-attached: no second batch
