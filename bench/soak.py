@@ -59,7 +59,10 @@ EMBED_DIM = 32  # the fake engine's default
 class Outcomes:
     counts: Counter[str] = field(default_factory=Counter)
     fault_windows: list[tuple[float, float]] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
+    #: why the unexpected ones failed, and when (seconds into the soak) each reason was first seen
+    unexpected: Counter[str] = field(default_factory=Counter)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     def during_fault(self, started: float) -> bool:
         now = time.monotonic()
@@ -70,8 +73,17 @@ class Outcomes:
             self.counts["fault"] += 1
         else:
             self.counts["unexpected"] += 1
-            if len(self.unexpected) < 20:
-                self.unexpected.append(what)
+            self.unexpected[what] += 1
+            self.first_seen.setdefault(what, time.monotonic() - self.started)
+
+
+def reason(response: httpx.Response) -> str:
+    """``<status> <error code>``: what a refusal was, in few enough words to count."""
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = "?"
+    return f"{response.status_code} {code}"
 
 
 def headers(timeout: float = DEADLINE) -> dict[str, str]:
@@ -87,7 +99,7 @@ async def chat_sync(client: httpx.AsyncClient) -> tuple[str, str]:
     tokens = random.randint(1, 30)
     response = await client.post("/v1/chat/completions", json=chat_body(tokens), headers=headers())
     if response.status_code != 200:
-        return "error", f"chat {response.status_code} {response.text[:120]}"
+        return "error", f"chat {reason(response)}"
     words = len(response.json()["choices"][0]["message"]["content"].split())
     return ("ok", "") if words == tokens else ("wrong", f"chat: {words} words for {tokens}")
 
@@ -96,7 +108,8 @@ async def chat_stream(client: httpx.AsyncClient, leave_after: int | None = None)
     tokens = random.randint(5, 40)
     async with client.stream("POST", "/v1/chat/completions", json=chat_body(tokens, True), headers=headers()) as r:
         if r.status_code != 200:
-            return "error", f"stream {r.status_code} {(await r.aread())[:120]!r}"
+            await r.aread()
+            return "error", f"stream {reason(r)}"
         words, done, events = 0, False, 0
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
@@ -119,7 +132,7 @@ async def embeddings(client: httpx.AsyncClient) -> tuple[str, str]:
     texts = [f"text {random.random()}" for _ in range(random.randint(1, 4))]
     response = await client.post("/v1/embeddings", json={"model": EMBED, "input": texts}, headers=headers())
     if response.status_code != 200:
-        return "error", f"embeddings {response.status_code} {response.text[:120]}"
+        return "error", f"embeddings {reason(response)}"
     data = response.json()["data"]
     right = len(data) == len(texts) and all(len(item["embedding"]) == EMBED_DIM for item in data)
     return ("ok", "") if right else ("wrong", "embeddings: wrong shape")
@@ -138,8 +151,8 @@ def expect(status: int) -> Callable[[httpx.Response], tuple[str, str]]:
         if response.status_code == status and "error" in response.json():
             return "refused", ""
         if response.status_code >= 500:
-            return "error", f"wanted {status}, got {response.status_code} {response.text[:120]}"
-        return "wrong", f"wanted {status}, got {response.status_code} {response.text[:120]}"
+            return "error", f"wanted {status}, got {reason(response)}"
+        return "wrong", f"wanted {status}, got {reason(response)}"
 
     return check
 
@@ -363,6 +376,7 @@ async def drive(
                     fault_index += 1
                     outcomes.fault_windows.append((time.monotonic(), float("inf")))
                     faults_since.append(await fault(fleet, client))
+                    print(f"{elapsed:.0f} s: {faults_since[-1]}", file=sys.stderr, flush=True)
                     outcomes.fault_windows[-1] = (outcomes.fault_windows[-1][0], time.monotonic())
                     next_fault += fault_every
                 elif elapsed >= next_sample:
@@ -380,8 +394,8 @@ async def drive(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for line in outcomes.unexpected:
-            print(f"unexpected: {line}", file=sys.stderr)
+        for what, count in outcomes.unexpected.most_common():
+            print(f"unexpected: {count} x {what} (first {outcomes.first_seen[what]:.0f} s in)", file=sys.stderr)
         samples[-1].counts.update({f"worker {k}": v for k, v in fleet.exits.items()})
         return samples
 

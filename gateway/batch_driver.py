@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from conveyor import contract
 from conveyor.batch_lines import (
@@ -56,6 +57,7 @@ UNFINISHED = {
     "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
     "cancelled": ("batch_cancelled", "This request was not executed: the batch was cancelled."),
 }
+UNREADABLE = ("file_store_unreachable", "The worker could not read this request from the file store.")
 
 
 class BatchDriver:
@@ -237,7 +239,7 @@ class BatchDriver:
         stem = batch.id.removeprefix("batch_")
         output = await self.files.add_output(
             f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out")
-        )
+        )  # (the order of a file's lines is its chunks' order)
         errors = await self.files.add_output(
             f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final)
         )
@@ -247,33 +249,38 @@ class BatchDriver:
             log.info("batch %s %s", batch.id, final)
         await self.batches.retire(batch.id)
 
-    async def _parts(self, plan: list[ChunkRef], done: set[int], kind: str) -> AsyncIterator[bytes]:
+    async def _parts(self, plan: list[ChunkRef], done: set[int], kind: Literal["out", "err"]) -> AsyncIterator[bytes]:
         for chunk in plan:
             if chunk.index in done:
-                part = contract.chunk_part_name(chunk.batch_id, chunk.index, "out" if kind == "out" else "err")
-                async for block in self.store.read(part):
-                    yield block
+                try:
+                    async for block in self.store.read(contract.chunk_part_name(chunk.batch_id, chunk.index, kind)):
+                        yield block
+                except FileNotFoundError:  # its worker could not read the input: every line is an error
+                    if kind == "err":
+                        async for line in self._unfinished(chunk, *UNREADABLE):
+                            yield line
 
     async def _error_lines(self, plan: list[ChunkRef], done: set[int], final: str) -> AsyncIterator[bytes]:
         """Lines the engine refused, then every line that never ran (expired or cancelled) with its reason."""
         async for block in self._parts(plan, done, "err"):
             yield block
-        if final not in UNFINISHED:
-            return
-        code, message = UNFINISHED[final]
-        for chunk in plan:
-            if chunk.index in done:
-                continue
-            async for raw in lines(self.store.read(chunk.input_file, chunk.start, chunk.end)):
-                custom_id = json.loads(raw)["custom_id"]
-                yield (
-                    contract.dumps(
-                        {
-                            "id": f"batch_req_{uuid.uuid4().hex}",
-                            "custom_id": custom_id,
-                            "response": None,
-                            "error": {"code": code, "message": message},
-                        }
-                    )
-                    + b"\n"
+        if final in UNFINISHED:
+            for chunk in plan:
+                if chunk.index not in done:
+                    async for line in self._unfinished(chunk, *UNFINISHED[final]):
+                        yield line
+
+    async def _unfinished(self, chunk: ChunkRef, code: str, message: str) -> AsyncIterator[bytes]:
+        """An error line for each line of ``chunk``: it did not run, and why."""
+        async for raw in lines(self.store.read(chunk.input_file, chunk.start, chunk.end)):
+            yield (
+                contract.dumps(
+                    {
+                        "id": f"batch_req_{uuid.uuid4().hex}",
+                        "custom_id": json.loads(raw)["custom_id"],
+                        "response": None,
+                        "error": {"code": code, "message": message},
+                    }
                 )
+                + b"\n"
+            )

@@ -70,13 +70,18 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
+#: one file store for every process of a test session: they share the session's Redis, so a chunk any worker takes
+#: must be readable by it (the fault tier gives each test its own Redis and store)
+SESSION_FILES = Path(tempfile.mkdtemp(prefix="conveyor-files-"))
+
+
 @dataclass
 class Processes:
     redis_url: str
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gateways: list[Gateway] = field(default_factory=list)
     #: the file store every gateway and worker of these processes share (batch inputs and outputs)
-    files_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="conveyor-files-")))
+    files_dir: Path = field(default_factory=lambda: SESSION_FILES)
     #: environment of every process started here (e.g. another ``CONVEYOR_FILES_URL``)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -116,7 +121,12 @@ class Processes:
         for process in reversed(self.started):
             processes.stop(process, grace=10)
         self.started.clear()
-        shutil.rmtree(self.files_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_files() -> Iterator[None]:
+    yield
+    shutil.rmtree(SESSION_FILES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,16 @@ on its own. Chat and completion lines run concurrently, each its own engine requ
 
 A chunk's results are two files in the store (output lines and error lines, each written whole), then a report
 ``<index> <ok> <failed>`` on the batch's done list, delivered only while this worker still holds the chunk. Running
-a chunk twice (a worker lost mid-chunk) rewrites the same two files; the batch driver counts each chunk once.
+a chunk twice (a worker lost mid-chunk) rewrites the same two files; the batch driver counts each chunk once. A
+worker that cannot read the chunk's input (a store it cannot reach) reports every line failed and writes no files;
+the driver then names those lines in the error file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +32,8 @@ from worker import metrics
 from worker.consumer import Done
 from worker.engines.base import Engine
 from worker.job_source import Delivery
+
+log = logging.getLogger("conveyor.worker")
 
 #: a batch's done list outlives the batch's window by this long (a driver folds it long before)
 DONE_LIST_GRACE_SECONDS = 86_400.0
@@ -68,14 +73,25 @@ class Result:
 
 
 class ChunkRunner:
-    def __init__(self, engine: Engine, store: FileStore, client_error: ClientError) -> None:
+    def __init__(self, engine: Engine, store: FileStore, client_error: ClientError, model: str) -> None:
+        self.model = model
         self.engine = engine
         self.store = store
         self.client_error = client_error
 
     async def run(self, envelope: JobEnvelope, chunk: ChunkRef, lost: WorkerLost | None = None) -> Done:
         """Run the chunk (or, when its workers were lost too often, answer every line with ``lost``)."""
-        batch_lines = [line async for line in self._read(chunk)]
+        report = contract.batch_done_key(chunk.batch_id)
+        ttl = max(chunk.expires_at - time.time(), 0) + DONE_LIST_GRACE_SECONDS
+        try:
+            batch_lines = [line async for line in self._read(chunk)]
+        except Exception as exc:  # this worker cannot reach the batch's input: its lines fail, none is lost
+            log.error(
+                "batch %s chunk %d: cannot read %s from the file store (%s: %s); is CONVEYOR_FILES_URL the "
+                "gateway's? Its %d lines are reported failed.",
+                *(chunk.batch_id, chunk.index, chunk.input_file, type(exc).__name__, exc, chunk.lines),
+            )
+            return Done(envelope.deadline, Delivery(report, f"{chunk.index} 0 {chunk.lines}".encode(), ttl))
         if lost is not None:
             results = [Result(line, error=lost.info()) for line in batch_lines]
         else:
@@ -84,11 +100,9 @@ class ChunkRunner:
         failed = [r.encode() for r in results if r.error is not None]
         await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "out"), _blocks(ok))
         await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "err"), _blocks(failed))
-        metrics.BULK_LINES.labels(envelope.model, "ok").inc(len(ok))
-        metrics.BULK_LINES.labels(envelope.model, "failed").inc(len(failed))
-        report = f"{chunk.index} {len(ok)} {len(failed)}".encode()
-        ttl = max(chunk.expires_at - time.time(), 0) + DONE_LIST_GRACE_SECONDS
-        return Done(envelope.deadline, Delivery(contract.batch_done_key(chunk.batch_id), report, ttl))
+        metrics.BULK_LINES.labels(self.model, "ok").inc(len(ok))
+        metrics.BULK_LINES.labels(self.model, "failed").inc(len(failed))
+        return Done(envelope.deadline, Delivery(report, f"{chunk.index} {len(ok)} {len(failed)}".encode(), ttl))
 
     async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
         number = chunk.first_line
@@ -116,6 +130,7 @@ class ChunkRunner:
         return list(await asyncio.gather(*(self._one(line) for line in batch_lines)))
 
     async def _one(self, line: Line) -> Result:
+        metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
             return Result(line, body=contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id)))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
@@ -129,6 +144,7 @@ class ChunkRunner:
         if counts is None:
             return await self._one_each(group)
         body = group[0].body | {"input": flat}
+        metrics.BULK_CALLS.labels(self.model, "yes").inc()
         try:
             raw = await self.engine.run(JobKind.EMBEDDING, body, f"{group[0].request_id}-merged")
         except Exception as exc:  # one line refused, or a failure: each line alone tells which (EngineDead propagates)

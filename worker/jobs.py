@@ -38,7 +38,7 @@ class JobRunner:
         self.model = model
         self.max_tries = max_tries
         self.publisher = BatchPublisher(redis)
-        self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error)
+        self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model)
 
     async def job(self, claim: Claim) -> Done:
         """The consumer's handler: check the envelope, then run it (or answer why not)."""

@@ -29,3 +29,8 @@ STREAM_MESSAGES = Counter("conveyor_worker_stream_messages", "Stream messages pu
 BULK_LINES = Counter(
     "conveyor_worker_bulk_lines", "Batch lines run on this worker, by outcome (ok, failed).", ["model", "outcome"]
 )
+BULK_CALLS = Counter(
+    "conveyor_worker_bulk_engine_calls",
+    "Engine calls made for batch lines: merged (many lines' embedding inputs in one call) or not (one line alone).",
+    ["model", "merged"],
+)

@@ -59,7 +59,11 @@ def real_stack(redis_url: str, repo_root: Path, tmp_path_factory: pytest.TempPat
             processes.conveyor_command(
                 "up", "--models-file", str(repo_root / "models.toml"), "--port", str(port), "--host", "127.0.0.1"
             ),
-            env={**os.environ, "CONVEYOR_REDIS_URL": redis_url},
+            env={
+                **os.environ,
+                "CONVEYOR_REDIS_URL": redis_url,
+                "CONVEYOR_FILES_URL": str(tmp_path_factory.mktemp("files")),
+            },
             stdout=output,
             stderr=subprocess.STDOUT,
         )

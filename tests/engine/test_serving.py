@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,3 +162,37 @@ def test_responses_equal_those_of_vllm_own_server(real_stack: RealStack) -> None
         for key in ("id", "created", "system_fingerprint"):  # per request / per engine instance
             a.pop(key, None), b.pop(key, None)
         assert a == b
+
+
+def test_a_batch_of_real_embeddings_equals_the_synchronous_answers_line_by_line(
+    client: OpenAI, real_stack: RealStack, tmp_path: Path
+) -> None:
+    texts = [f"Sentence {i} is about {topic}." for i, topic in enumerate(["rivers", "jazz", "algebra", "bread"] * 25)]
+    inputs = [
+        {"custom_id": f"t{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": EMBED, "input": text}}
+        for i, text in enumerate(texts)
+    ]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in inputs))
+    with path.open("rb") as handle:
+        file_id = client.files.create(file=handle, purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.output_file_id is not None
+    output = {
+        line["custom_id"]: line["response"]["body"]
+        for line in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())
+    }
+    assert sorted(output) == sorted(item["custom_id"] for item in inputs)
+    for item in inputs[::9]:  # a sample, each against the same request made alone
+        alone = client.embeddings.create(model=EMBED, input=item["body"]["input"])
+        mine = output[item["custom_id"]]
+        assert cosine(mine["data"][0]["embedding"], alone.data[0].embedding) > 0.999
+        assert mine["usage"]["prompt_tokens"] == alone.usage.prompt_tokens  # split back exactly from one merged call
+    calls = real_stack.worker_metrics(EMBED)
+    assert metric(calls, "conveyor_worker_bulk_engine_calls_total", merged="yes") >= 1
+    assert metric(calls, "conveyor_worker_bulk_engine_calls_total", merged="no") == 0  # no line had to run alone

@@ -22,9 +22,9 @@ def fault_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def procs(fault_redis: RedisServer) -> Iterator[Processes]:
-    """Gateway and worker processes on this test's own Redis."""
-    spawned = Processes(fault_redis.url)
+def procs(fault_redis: RedisServer, tmp_path: Path) -> Iterator[Processes]:
+    """Gateway and worker processes on this test's own Redis and file store."""
+    spawned = Processes(fault_redis.url, files_dir=tmp_path / "files")
     yield spawned
     spawned.stop_all()
 

@@ -17,9 +17,10 @@ import pytest
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes, metric, wait_for
 from tests.integration.conftest import CHAT, EMBED, Stack
 
+SLOW = "slow-chat"  # served only by the slow workers of the tests that start their own
 EMBEDDINGS = "/v1/embeddings"
 CHATS = "/v1/chat/completions"
 
@@ -42,10 +43,10 @@ def embedding_lines(count: int) -> list[dict[str, Any]]:
     return out
 
 
-def chat_lines(count: int, max_tokens: int = 3) -> list[dict[str, Any]]:
+def chat_lines(count: int, max_tokens: int = 3, model: str = CHAT) -> list[dict[str, Any]]:
     messages = [{"role": "user", "content": "hello"}]
     return [
-        line(f"chat-{i}", CHATS, {"model": CHAT, "messages": [*messages, {"role": "user", "content": str(i)}],
+        line(f"chat-{i}", CHATS, {"model": model, "messages": [*messages, {"role": "user", "content": str(i)}],
                                     "max_tokens": max_tokens})
         for i in range(count)
     ]  # fmt: skip
@@ -81,6 +82,7 @@ def jsonl(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
 
 def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(stack: Stack, tmp_path: Path) -> None:
     client = stack.gateway.client()
+    before = stack.embed_worker.metrics()
     inputs = embedding_lines(150)  # three chunks of 64 lines
     file_id = upload(client, tmp_path, inputs)
     created = client.batches.create(
@@ -104,6 +106,13 @@ def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(sta
         assert body["usage"] == alone["usage"]
     output_file = client.files.retrieve(batch.output_file_id or "")
     assert output_file.purpose == "batch_output" and output_file.bytes > 0
+    after = stack.embed_worker.metrics()  # the lines of a chunk ran as a few engine calls, not one each
+
+    def calls(merged: str) -> float:
+        name = "conveyor_worker_bulk_engine_calls_total"
+        return metric(after, name, merged=merged) - metric(before, name, merged=merged)
+
+    assert 0 < calls("yes") <= 3 * 2 and calls("no") == 0  # per chunk: one call of floats, one of base64
 
 
 def test_a_line_the_engine_refuses_goes_to_the_error_file_with_its_openai_error(stack: Stack, tmp_path: Path) -> None:
@@ -199,11 +208,13 @@ def test_files_and_batches_list_and_page_like_openai(stack: Stack, tmp_path: Pat
 
 
 def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processes, tmp_path: Path) -> None:
-    gateway = spawn.gateway(models=CHAT, batch_chunk_lines="2")
-    spawn.fake_worker(CHAT, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
+    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="2")
+    spawn.fake_worker(SLOW, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
     client = gateway.client()
     batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10)), endpoint=CHATS, completion_window="24h"
+        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10, model=SLOW)),
+        endpoint=CHATS,
+        completion_window="24h",
     )  # 20 chunks of two 0.5 s lines, one chunk at a time: ~10 s
     wait_batch(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed >= 4)
     cancelling = client.batches.cancel(batch.id)
@@ -221,11 +232,13 @@ def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processe
 
 
 def test_an_expired_batch_delivers_what_finished(spawn: Processes, tmp_path: Path) -> None:
-    gateway = spawn.gateway(models=CHAT, batch_chunk_lines="2", batch_window_seconds="3")
-    spawn.fake_worker(CHAT, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
+    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="2", batch_window_seconds="3")
+    spawn.fake_worker(SLOW, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
     client = gateway.client()
     batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10)), endpoint=CHATS, completion_window="24h"
+        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10, model=SLOW)),
+        endpoint=CHATS,
+        completion_window="24h",
     )
     batch = wait_batch(client, batch.id, finished, timeout=30)
     assert batch.status == "expired" and batch.expired_at
@@ -237,15 +250,17 @@ def test_an_expired_batch_delivers_what_finished(spawn: Processes, tmp_path: Pat
 
 
 def test_interactive_requests_pass_a_running_batch(spawn: Processes, tmp_path: Path) -> None:
-    gateway = spawn.gateway(models=CHAT, batch_chunk_lines="4", max_queue_depth="4")
-    spawn.fake_worker(CHAT, "--fake-token-delay", "0.05", "--max-jobs", "4", env={"CONVEYOR_WORKER_BULK_JOBS": "2"})
+    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="4", max_queue_depth="4")
+    spawn.fake_worker(SLOW, "--fake-token-delay", "0.05", "--max-jobs", "4", env={"CONVEYOR_WORKER_BULK_JOBS": "2"})
     client = gateway.client()
     batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, chat_lines(200, max_tokens=10)), endpoint=CHATS, completion_window="24h"
+        input_file_id=upload(client, tmp_path, chat_lines(200, max_tokens=10, model=SLOW)),
+        endpoint=CHATS,
+        completion_window="24h",
     )  # 50 chunks: far more than the interactive queue's depth of 4, which the bulk lane does not count against
     wait_batch(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed > 0)
     for _ in range(3):
-        answer = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "now"}], max_tokens=2)
+        answer = client.chat.completions.create(model=SLOW, messages=[{"role": "user", "content": "now"}], max_tokens=2)
         assert len((answer.choices[0].message.content or "").split()) == 2
     still = client.batches.retrieve(batch.id)
     assert still.status == "in_progress"  # answered while the batch was still running, not after it
@@ -266,7 +281,8 @@ def test_conveyor_batch_embed_survives_ctrl_c_and_re_attaches(spawn: Processes, 
     state = output.with_name(output.name + ".batch.json")
     first = conveyor_batch_embed(gateway.base_url, str(texts), "--model", model, "-o", str(output), "--poll", "0.2")
     wait_for(lambda: state.exists() or first.poll() is not None, 30, "the batch to be created")
-    wait_for(lambda: "in_progress" in str(gateway.client().batches.list().data[0].status), 30, "batch in progress")
+    batch_id = json.loads(state.read_text())["batch_id"]
+    wait_for(lambda: gateway.client().batches.retrieve(batch_id).status == "in_progress", 30, "batch in progress")
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=30)
     assert first.returncode == 130, err
@@ -275,8 +291,7 @@ def test_conveyor_batch_embed_survives_ctrl_c_and_re_attaches(spawn: Processes, 
     second = conveyor_batch_embed(gateway.base_url, str(texts), "--model", model, "-o", str(output), "--poll", "0.2")
     _, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
-    assert "re-attached" in err and not state.exists()
+    assert f"re-attached to {batch_id}" in err and not state.exists()  # the same batch: no second one
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == [f"line-{i}" for i in range(1, 121)]
     assert all(len(x["response"]["body"]["data"][0]["embedding"]) == 32 for x in lines)
-    assert len(gateway.client().batches.list().data) == 1  # re-attached: no second batch

@@ -196,6 +196,14 @@ class VLLMEngine(Engine):
     def running_requests(self) -> int:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
 
+    def token_counts(self, inputs: list[str | list[int]]) -> list[int] | None:
+        """The model's tokenizer, as vLLM's embedding endpoint applies it (special tokens added). The bulk runner
+        checks the sum against the usage vLLM reports and runs each line alone if it differs."""
+        if self._llm is None or "embed" not in self.capabilities:
+            return None
+        tokenizer = self._llm.get_tokenizer()
+        return [len(item) if isinstance(item, list) else len(tokenizer.encode(item)) for item in inputs]
+
     def alive(self) -> bool:
         """vLLM's own verdict: its engine-core process died, or its output loop ended (``AsyncLLM.errored``)."""
         return self._llm is not None and not self._llm.errored
