@@ -718,3 +718,31 @@ def test_keda_scales_a_worker_on_its_own_queue(k8s: dict[tuple[str, str], dict[s
         assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
         assert int(trigger["metadata"]["listLength"]) > 0
         assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string-only"
+
+
+# ---- the batch file store ------------------------------------------------------------------------------------------
+
+
+def test_compose_gateway_and_workers_share_one_file_store(services: dict[str, Any]) -> None:
+    sharing = {"gateway": services["gateway"], **_workers(services)}
+    for name, service in sharing.items():
+        env = service.get("environment", {})
+        assert env.get("CONVEYOR_FILES_URL") == "/files", name
+        assert "conveyor-files:/files" in service.get("volumes", []), name
+
+
+def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    (config,) = _of_kind(k8s, "ConfigMap").values()
+    path = config["data"]["CONVEYOR_FILES_URL"]
+    (claim,) = _of_kind(k8s, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod of every Deployment writes to it
+    for name, deployment in _of_kind(k8s, "Deployment").items():
+        if name == "redis":
+            continue
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert path in mounts, name
+        assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], name
