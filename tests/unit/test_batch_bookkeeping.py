@@ -1,0 +1,131 @@
+"""The Redis scripts batches rely on (on fakeredis) and the chunk runner's merge and split (on the fake engine)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from conveyor import contract
+from conveyor.batch_lines import BatchObject
+from conveyor.contract import ChunkRef, JobEnvelope, JobKind
+from conveyor.errors import ConveyorError, EngineFailure
+from conveyor.filestore import LocalFileStore
+from gateway.batch_store import BatchStore
+from worker.bulk import ChunkRunner
+from worker.engines.fake import FakeEngine
+
+
+def batch(batch_id: str = "batch_1") -> BatchObject:
+    now = int(time.time())
+    return BatchObject(
+        id=batch_id,
+        endpoint="/v1/embeddings",
+        input_file_id="file-1",
+        completion_window="24h",
+        status="validating",
+        created_at=now,
+        expires_at=now + 60,
+        model="m",
+    )
+
+
+async def test_status_moves_only_from_the_allowed_statuses(redis: Redis) -> None:
+    store = BatchStore(redis)
+    await store.create_batch(batch())
+    assert await store.move("batch_1", ("validating",), "cancelling")
+    assert not await store.move("batch_1", ("validating",), "in_progress")  # a cancel came first: the driver loses
+    got = await store.batch("batch_1")
+    assert got.status == "cancelling" and got.cancelling_at is not None and got.in_progress_at is None
+
+
+async def test_each_chunk_report_counts_once(redis: Redis) -> None:
+    store = BatchStore(redis)
+    await store.create_batch(batch())
+    done_list = contract.batch_done_key("batch_1")
+    await redis.rpush(done_list, b"0 60 4", b"1 64 0", b"0 60 4")  # chunk 0 ran twice (a worker lost mid-chunk)
+    assert await store.fold_reports("batch_1") == {0, 1}
+    await redis.rpush(done_list, b"1 64 0")
+    assert await store.fold_reports("batch_1") == {0, 1}
+    counts = (await store.batch("batch_1")).request_counts
+    assert (counts.completed, counts.failed) == (124, 4)
+
+
+async def test_one_driver_holds_a_batch_at_a_time(redis: Redis) -> None:
+    store = BatchStore(redis)
+    assert await store.take_lease("batch_1", "a", 10)
+    assert not await store.take_lease("batch_1", "b", 10)
+    assert await store.take_lease("batch_1", "a", 10)  # the holder renews
+    await store.drop_lease("batch_1", "b")  # not b's to drop
+    assert not await store.take_lease("batch_1", "b", 10)
+    await store.drop_lease("batch_1", "a")
+    assert await store.take_lease("batch_1", "b", 10)
+
+
+def never_dead(_request_id: str, exc: Exception) -> ConveyorError:
+    return exc if isinstance(exc, ConveyorError) else EngineFailure(str(exc))
+
+
+async def run_chunk(tmp_path: Path, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Run one chunk of ``bodies``; its output lines, and the bodies of the engine calls it made."""
+    store = LocalFileStore(tmp_path)
+    raw = b"".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/embeddings", "body": b}).encode() + b"\n"
+        for i, b in enumerate(bodies)
+    )
+    await store.write("in.jsonl", _one(raw))
+    engine = FakeEngine("m", embed=True)
+    calls: list[dict[str, Any]] = []
+    original = engine.run
+
+    async def counting(kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        calls.append(body)
+        return await original(kind, body, request_id)
+
+    engine.run = counting  # type: ignore[method-assign]
+    chunk = ChunkRef(
+        batch_id="b", index=0, input_file="in.jsonl", start=0, end=len(raw), first_line=0, lines=len(bodies),
+        expires_at=time.time() + 60,
+    )  # fmt: skip
+    envelope = JobEnvelope(request_id="b-0", model="m", kind=JobKind.EMBEDDING, body={}, deadline=time.time() + 60)
+    done = await ChunkRunner(engine, store, never_dead, "m").run(envelope, chunk)
+    assert done.delivery is not None and done.delivery.payload == f"0 {len(bodies)} 0".encode()
+    out = [json.loads(x) async for x in _lines(store, "batches/b/0.out.jsonl")]
+    return out, calls
+
+
+async def _one(data: bytes) -> Any:
+    yield data
+
+
+async def _lines(store: LocalFileStore, name: str) -> Any:
+    data = b"".join([b async for b in store.read(name)])
+    for line in data.splitlines():
+        yield line
+
+
+@pytest.mark.parametrize("inputs", [["one two", "three", ["four five", "six"]]])
+async def test_a_chunks_embedding_lines_are_one_engine_call_split_exactly(tmp_path: Path, inputs: list[Any]) -> None:
+    bodies = [{"model": "m", "input": x} for x in inputs]
+    out, calls = await run_chunk(tmp_path, bodies)
+    assert len(calls) == 1
+    alone = FakeEngine("m", embed=True)
+    for line, body in zip(out, bodies, strict=True):
+        expected = await alone.run(JobKind.EMBEDDING, body, "x")
+        got = line["response"]["body"]
+        assert got["data"] == expected["data"] and got["usage"] == expected["usage"]
+
+
+async def test_lines_with_different_parameters_are_not_merged(tmp_path: Path) -> None:
+    bodies = [
+        {"model": "m", "input": "a b"},
+        {"model": "m", "input": "c", "dimensions": 8},
+        {"model": "m", "input": "d"},
+    ]
+    out, calls = await run_chunk(tmp_path, bodies)
+    assert len(calls) == 2
+    assert len(out[1]["response"]["body"]["data"][0]["embedding"]) == 8
