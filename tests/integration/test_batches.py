@@ -207,15 +207,17 @@ def test_files_and_batches_list_and_page_like_openai(stack: Stack, tmp_path: Pat
         client.files.retrieve(ids[0])
 
 
-def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processes, tmp_path: Path) -> None:
-    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="2")
+def slow_batch(spawn: Processes, tmp_path: Path, **gateway_settings: str) -> tuple[OpenAI, Batch]:
+    """40 chat lines in 20 chunks of two 0.5 s lines, run one chunk at a time: ~10 s."""
+    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="2", **gateway_settings)
     spawn.fake_worker(SLOW, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
     client = gateway.client()
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10, model=SLOW)),
-        endpoint=CHATS,
-        completion_window="24h",
-    )  # 20 chunks of two 0.5 s lines, one chunk at a time: ~10 s
+    file_id = upload(client, tmp_path, chat_lines(40, max_tokens=10, model=SLOW))
+    return client, client.batches.create(input_file_id=file_id, endpoint=CHATS, completion_window="24h")
+
+
+def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processes, tmp_path: Path) -> None:
+    client, batch = slow_batch(spawn, tmp_path)
     wait_batch(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed >= 4)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
@@ -232,14 +234,7 @@ def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processe
 
 
 def test_an_expired_batch_delivers_what_finished(spawn: Processes, tmp_path: Path) -> None:
-    gateway = spawn.gateway(models=SLOW, batch_chunk_lines="2", batch_window_seconds="3")
-    spawn.fake_worker(SLOW, "--fake-token-delay", "0.05", env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
-    client = gateway.client()
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, chat_lines(40, max_tokens=10, model=SLOW)),
-        endpoint=CHATS,
-        completion_window="24h",
-    )
+    client, batch = slow_batch(spawn, tmp_path, batch_window_seconds="3")
     batch = wait_batch(client, batch.id, finished, timeout=30)
     assert batch.status == "expired" and batch.expired_at
     assert batch.request_counts is not None
