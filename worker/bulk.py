@@ -1,5 +1,6 @@
 """Running one batch chunk: read its lines from the file store, run them on the engine, store the results.
 
+Where the engine schedules by priority, every line runs behind interactive requests (``BULK_PRIORITY``).
 Embedding lines that share their parameters are merged into ONE engine call and the answer is split back per line
 (vectors, indices and usage exactly as each line would get alone). That needs the engine's token count per input
 (``Engine.token_counts``); when it has none, or the counts do not add up to what the engine reported, each line runs
@@ -34,6 +35,9 @@ from worker.engines.base import Engine
 from worker.job_source import Delivery
 
 log = logging.getLogger("conveyor.worker")
+
+#: vLLM's priority of batch lines when the engine schedules by priority (lower runs first; interactive ones are 0)
+BULK_PRIORITY = 10
 
 #: a batch's done list outlives the batch's window by this long (a driver folds it long before)
 DONE_LIST_GRACE_SECONDS = 86_400.0
@@ -106,10 +110,12 @@ class ChunkRunner:
 
     async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
         number = chunk.first_line
+        behind = self.engine.schedules_by_priority()
         async for raw in lines(self.store.read(chunk.input_file, chunk.start, chunk.end)):
             if raw.strip():  # the gateway validated every line when the batch was created
                 item = json.loads(raw)
-                yield Line(item["custom_id"], KIND_FOR_URL[item["url"]], item["body"], f"{chunk.batch_id}-{number}")
+                body = item["body"] | ({"priority": BULK_PRIORITY} if behind and "priority" not in item["body"] else {})
+                yield Line(item["custom_id"], KIND_FOR_URL[item["url"]], body, f"{chunk.batch_id}-{number}")
             number += 1
 
     async def _execute(self, batch_lines: list[Line]) -> list[Result]:

@@ -39,8 +39,10 @@ THREADS = "0-1"  # both cores, for the in-process engine and vLLM's server alike
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-async def _running(model: str, weights: str) -> AsyncIterator[VLLMEngine]:
-    engine = VLLMEngine(WorkerSettings(model=model, model_path=weights, cpu_threads_bind=THREADS))
+async def _running(model: str, weights: str, **engine_args: Any) -> AsyncIterator[VLLMEngine]:
+    engine = VLLMEngine(
+        WorkerSettings(model=model, model_path=weights, cpu_threads_bind=THREADS, engine_args=engine_args)
+    )
     await engine.start()
     print(f"\n{model}: engine started in {engine.start_seconds:.1f} s")
     yield engine
@@ -211,6 +213,28 @@ class TestEmbed:
         cosine = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
         assert cosine.min() > 0.999, cosine
 
+    async def test_token_counts_add_up_to_the_engines_usage(self, engine: VLLMEngine) -> None:
+        texts = ["hello", "The capital of France is Paris.", "Queues decouple producers from consumers. " * 12]
+        counts = engine.token_counts(list(texts))
+        assert counts is not None and engine.schedules_by_priority() is False
+        for text, count in zip(texts, counts, strict=True):  # what the bulk runner splits a merged call's usage by
+            alone = await _run(engine, JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": text}, f"count-{count}")
+            assert alone["usage"]["prompt_tokens"] == count
+
     async def test_generation_on_an_embedding_model_is_refused(self, engine: VLLMEngine) -> None:
         with pytest.raises(InvalidRequest):
             await engine.run(JobKind.CHAT, {"model": EMBED_MODEL, "messages": PARIS}, "chat-on-embed")
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestPriorityScheduling:
+    @pytest_asyncio.fixture(scope="class", loop_scope="class")
+    async def engine(self) -> AsyncIterator[VLLMEngine]:
+        async for engine in _running(EMBED_MODEL, model_prep.MINILM, scheduling_policy="priority"):
+            yield engine
+
+    async def test_batch_lines_may_carry_a_lower_priority(self, engine: VLLMEngine) -> None:
+        assert engine.schedules_by_priority()
+        body = {"model": EMBED_MODEL, "input": ["a batch line", "another"], "priority": 10}
+        answer = await _run(engine, JobKind.EMBEDDING, body, "low-priority")
+        assert len(answer["data"]) == 2

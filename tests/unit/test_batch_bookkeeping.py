@@ -16,7 +16,7 @@ from conveyor.contract import ChunkRef, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, EngineFailure
 from conveyor.filestore import LocalFileStore
 from gateway.batch_store import BatchStore
-from worker.bulk import ChunkRunner
+from worker.bulk import BULK_PRIORITY, ChunkRunner
 from worker.engines.fake import FakeEngine
 
 
@@ -70,7 +70,9 @@ def never_dead(_request_id: str, exc: Exception) -> ConveyorError:
     return exc if isinstance(exc, ConveyorError) else EngineFailure(str(exc))
 
 
-async def run_chunk(tmp_path: Path, bodies: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+async def run_chunk(
+    tmp_path: Path, bodies: list[dict[str, Any]], engine: FakeEngine | None = None
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Run one chunk of ``bodies``; its output lines, and the bodies of the engine calls it made."""
     store = LocalFileStore(tmp_path)
     raw = b"".join(
@@ -78,7 +80,7 @@ async def run_chunk(tmp_path: Path, bodies: list[dict[str, Any]]) -> tuple[list[
         for i, b in enumerate(bodies)
     )
     await store.write("in.jsonl", _one(raw))
-    engine = FakeEngine("m", embed=True)
+    engine = engine or FakeEngine("m", embed=True)
     calls: list[dict[str, Any]] = []
     original = engine.run
 
@@ -129,3 +131,16 @@ async def test_lines_with_different_parameters_are_not_merged(tmp_path: Path) ->
     out, calls = await run_chunk(tmp_path, bodies)
     assert len(calls) == 2
     assert len(out[1]["response"]["body"]["data"][0]["embedding"]) == 8
+
+
+class PriorityEngine(FakeEngine):
+    def schedules_by_priority(self) -> bool:
+        return True
+
+
+async def test_batch_lines_run_behind_interactive_ones_where_the_engine_schedules_by_priority(tmp_path: Path) -> None:
+    bodies = [{"model": "m", "input": "a"}, {"model": "m", "input": "b"}]
+    _, calls = await run_chunk(tmp_path, bodies, PriorityEngine("m", embed=True))
+    assert [c.get("priority") for c in calls] == [BULK_PRIORITY]
+    _, calls = await run_chunk(tmp_path, bodies)
+    assert [c.get("priority") for c in calls] == [None]  # an engine without priorities would refuse the field

@@ -44,6 +44,11 @@ class Engine(ABC):
     def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any] | str]:
         """Serve one streamed request (chat or completion)."""
 
+    def schedules_by_priority(self) -> bool:
+        """True when requests may carry a ``priority`` (vLLM: ``scheduling_policy="priority"``): batch lines then
+        run behind interactive requests inside the engine too."""
+        return False
+
     def token_counts(self, inputs: list[str | list[int]]) -> list[int] | None:
         """How many prompt tokens each embedding input counts as alone (what its usage would say), so the inputs of
         several requests can run as one call and the usage be split back exactly. None: unknown (no merging)."""

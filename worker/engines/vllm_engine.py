@@ -196,6 +196,9 @@ class VLLMEngine(Engine):
     def running_requests(self) -> int:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
 
+    def schedules_by_priority(self) -> bool:
+        return self._llm is not None and self._llm.vllm_config.scheduler_config.policy == "priority"
+
     def token_counts(self, inputs: list[str | list[int]]) -> list[int] | None:
         """The model's tokenizer, as vLLM's embedding endpoint applies it (special tokens added). The bulk runner
         checks the sum against the usage vLLM reports and runs each line alone if it differs."""
