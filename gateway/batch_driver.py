@@ -80,6 +80,7 @@ class BatchDriver:
         self.outage = outage
         self.holder = f"driver-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
+        self._failures: dict[str, int] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,17 +105,21 @@ class BatchDriver:
 
     async def _step_holding_lease(self, batch_id: str) -> None:
         async def keep() -> None:
-            while True:
-                await asyncio.sleep(LEASE_SECONDS / 3)
-                await self.batches.take_lease(batch_id, self.holder, LEASE_SECONDS)
+            with contextlib.suppress(BackendUnavailable):  # the step fails on it too, and the lease lapses
+                while True:
+                    await asyncio.sleep(LEASE_SECONDS / 3)
+                    await self.batches.take_lease(batch_id, self.holder, LEASE_SECONDS)
 
         keeper = asyncio.create_task(keep())
         try:
             await self.step(await self.batches.batch(batch_id))
+            self._failures.pop(batch_id, None)
         except BackendUnavailable:
             raise
-        except Exception:  # a bug or a store failure: logged; the next round tries the step again
-            log.exception("batch %s: step failed; retrying next round", batch_id)
+        except Exception:  # a bug or a store failure: logged (once a minute); the next round tries the step again
+            failures = self._failures[batch_id] = self._failures.get(batch_id, 0) + 1
+            if failures % 60 == 1:
+                log.exception("batch %s: step failed (%d times); retrying every round", batch_id, failures)
         finally:
             keeper.cancel()
 
