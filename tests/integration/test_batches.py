@@ -290,3 +290,12 @@ def test_conveyor_batch_embed_survives_ctrl_c_and_re_attaches(spawn: Processes, 
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == [f"line-{i}" for i in range(1, 121)]
     assert all(len(x["response"]["body"]["data"][0]["embedding"]) == 32 for x in lines)
+
+
+def test_an_oversized_upload_is_413_before_it_is_read(spawn: Processes, tmp_path: Path) -> None:
+    gateway = spawn.gateway(models=EMBED, max_upload_bytes="4096")
+    with pytest.raises(openai.APIStatusError) as refused:
+        upload(gateway.client(), tmp_path, embedding_lines(100))  # ~9 KB
+    assert refused.value.status_code == 413
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "request_too_large"
