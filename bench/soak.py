@@ -13,8 +13,8 @@ worker SIGKILLed, Redis killed for 5 s and started again. Like a supervisor, the
 that exits.
 
 Each sample stops the traffic until nothing is in flight, then reads the RSS of the gateway and of the embedding
-worker (neither is ever restarted), Redis' keys, data memory and clients (after the jobs of clients that left
-have stopped), the gateway's open files, and the outcomes so
+worker (neither is ever restarted), Redis' keys, the memory they hold (``MEMORY USAGE``, summed) and its clients
+(after the jobs of clients that left have stopped), the gateway's open files, and the outcomes so
 far. Outcomes: ``ok`` (the right answer), ``refused`` (the right 4xx or 504 for what was sent), ``left`` (the client
 left on purpose), ``fault`` (a 5xx or a stream error while a fault was open), ``unexpected`` (anything else), and
 ``lost`` (no answer by the request's deadline). Exits 1 when anything was lost or unexpected or memory grew 5% or more
@@ -411,16 +411,17 @@ def at_rest(r: redis.Redis) -> None:
 def take_sample(fleet: Fleet, traffic: Traffic, minute: float, faults: str) -> Sample:
     with redis.Redis.from_url(fleet.redis.url) as r:
         at_rest(r)
-        keys = int(r.dbsize())
-        info = r.info("memory") | r.info("clients")
+        names = list(r.scan_iter(count=1000))
+        key_bytes = sum(int(r.memory_usage(name) or 0) for name in names)
+        info = r.info("clients")
     embed_pid = fleet.workers["embed"][1].pid
     return Sample(
         minute=minute,
         requests=traffic.requests,
         gateway_rss=rss_mib(fleet.gateway.pid),
         worker_rss=rss_mib(embed_pid),
-        redis_keys=keys,
-        redis_data=int(info["used_memory_dataset"]) / 1024,
+        redis_keys=len(names),
+        redis_data=key_bytes / 1024,
         redis_clients=int(info["connected_clients"]),
         gateway_fds=len(os.listdir(f"/proc/{fleet.gateway.pid}/fd")),
         counts=Counter(traffic.outcomes.counts),
@@ -429,7 +430,7 @@ def take_sample(fleet: Fleet, traffic: Traffic, minute: float, faults: str) -> S
 
 
 HEADERS = [
-    "minute", "requests", "gateway RSS MiB", "embed worker RSS MiB", "Redis keys", "Redis data KiB", "Redis clients",
+    "minute", "requests", "gateway RSS MiB", "embed worker RSS MiB", "Redis keys", "Redis key KiB", "Redis clients",
     "gateway fds", "ok", "refused", "left", "fault", "unexpected", "lost", "faults since last row",
 ]  # fmt: skip
 
@@ -455,7 +456,7 @@ def report(samples: list[Sample]) -> bool:
     grew = {
         "gateway RSS": growth(warm.gateway_rss, last.gateway_rss),
         "embed worker RSS": growth(warm.worker_rss, last.worker_rss),
-        "Redis data": growth(warm.redis_data, last.redis_data),
+        "Redis key memory": growth(warm.redis_data, last.redis_data),
         "Redis keys": growth(warm.redis_keys, last.redis_keys),
     }
     print(
