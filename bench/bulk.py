@@ -229,3 +229,7 @@ def main() -> None:
              f"{p95_during / p95_idle:.2f}x"]
         )  # fmt: skip
     print(table(["interactive", "idle p50 ms", "idle p95 ms", "during p50 ms", "during p95 ms", "p95 ratio"], rows))
+
+
+if __name__ == "__main__":
+    main()
