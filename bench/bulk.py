@@ -140,15 +140,17 @@ print("RATE", len(texts) / (time.perf_counter() - started))
 """
 
 
-def offline_rate(count: int) -> float:
+def offline_rate(count: int) -> float | None:
+    """Lines/s of ``LLM.embed``; None (and why, on stderr) when the offline engine failed before measuring."""
     from worker.engines.vllm_engine import engine_environment
 
     env = {**os.environ, **engine_environment(2, "0-1")}
     weights = str(model_prep.resolve(EMBED))
-    done = subprocess.run(
-        [sys.executable, "-c", OFFLINE, weights, str(count)], env=env, capture_output=True, text=True, check=True
-    )
-    return float(next(line for line in done.stdout.splitlines() if line.startswith("RATE")).split()[1])
+    done = subprocess.run([sys.executable, "-c", OFFLINE, weights, str(count)], env=env, capture_output=True, text=True)
+    rate = next((line for line in done.stdout.splitlines() if line.startswith("RATE")), None)
+    if done.returncode != 0:  # vLLM's CPU backend may abort at interpreter exit, after the rate was printed
+        print(f"offline LLM.embed exited {done.returncode}:\n{done.stderr[-2000:]}", file=sys.stderr)
+    return float(rate.split()[1]) if rate else None
 
 
 def probe(client: OpenAI, count: int, until: threading.Event | None = None) -> dict[str, list[float]]:
@@ -203,8 +205,11 @@ def main() -> None:
         jsonl = Path(tmp) / "input.jsonl"
         write_jsonl(jsonl, args.lines)
         ours, rss = conveyor_bulk(jsonl, args.lines)
+        print(f"Conveyor: {args.lines / ours:,.0f} lines/s, peak RSS {rss}", file=sys.stderr, flush=True)
         server, best = vllm_server_bulk(args.lines)
+        print(f"vLLM server: {server:,.0f} lines/s at concurrency {best}", file=sys.stderr, flush=True)
         offline = offline_rate(args.lines)
+        print(f"vLLM offline: {offline} lines/s", file=sys.stderr, flush=True)
         latency = interactive(jsonl, args.lines)
     rate = args.lines / ours
     print(f"Bulk embeddings, {args.lines} lines of ~16 tokens, {EMBED}, {machine()}\n")
@@ -215,7 +220,8 @@ def main() -> None:
                 ["Conveyor batch (Files + Batches API)", f"{rate:,.0f}", "-"],
                 [f"vLLM server, {PER_REQUEST} texts/request, concurrency {best}", f"{server:,.0f}",
                  f"{rate / server:.2f}x"],
-                ["vLLM offline LLM.embed", f"{offline:,.0f}", f"{rate / offline:.2f}x"],
+                ["vLLM offline LLM.embed", f"{offline:,.0f}" if offline else "failed",
+                 f"{rate / offline:.2f}x" if offline else "-"],
             ],
         )
     )  # fmt: skip
