@@ -35,6 +35,7 @@ from conveyor.batch_lines import (
     BatchErrors,
     BatchObject,
     LineError,
+    StoredFile,
     parse_line,
 )
 from conveyor.contract import ChunkRef, JobEnvelope
@@ -148,7 +149,7 @@ class BatchDriver:
             if batch.model is None or not await self.directory.is_known(batch.model):
                 message = f"model {batch.model!r} is not served here."
                 errors.append(BatchError(code="model_not_found", message=message, param="body.model"))
-            chunks = await self._plan(batch, stored.store_name, errors)
+            chunks = await self._plan(batch, stored, errors)
         if errors:
             data = BatchErrors(data=errors[:MAX_LISTED_ERRORS]).model_dump_json()
             await self.batches.move(batch.id, ("validating",), "failed", errors=data)
@@ -160,22 +161,19 @@ class BatchDriver:
         if await self.batches.move(batch.id, ("validating",), "in_progress"):
             log.info("batch %s: %d lines in %d chunks on %s's bulk lane", batch.id, total, len(chunks), batch.model)
 
-    async def _plan(self, batch: BatchObject, name: str, errors: list[BatchError]) -> list[ChunkRef]:
-        """Check every line against the batch (its endpoint, one model) and cut the file into chunks of lines."""
+    async def _plan(self, batch: BatchObject, stored: StoredFile, errors: list[BatchError]) -> list[ChunkRef]:
+        """Cut the file into chunks of lines. Every line was checked at upload; the record of what its lines ask for
+        tells whether any differs from the batch (its endpoint, one model), and only then is each line looked at."""
         size = self.settings.batch_chunk_lines
+        name = stored.store_name
+        check = set(stored.urls) != {batch.endpoint} or set(stored.models) != {batch.model}
         chunks: list[ChunkRef] = []
         offset = chunk_start = 0
         count = 0
         async for raw in lines(self.store.read(name)):
             count += 1
-            try:
-                line = parse_line(raw, count)
-                if line.url != batch.endpoint:
-                    raise LineError(count, f"`url` {line.url} differs from the batch's endpoint {batch.endpoint}.")
-                if line.model != batch.model:
-                    raise LineError(count, f"model {line.model!r} differs: a batch runs one model ({batch.model}).")
-            except LineError as exc:
-                errors.append(BatchError(code=exc.code, message=exc.message, param=exc.param, line=count))
+            if check:
+                self._check_line(batch, raw, count, errors)
             offset += len(raw) + 1
             if count % size == 0:
                 chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, count - size + 1, size))
@@ -184,6 +182,17 @@ class BatchDriver:
             first = count - count % size + 1
             chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, first, count % size))
         return chunks
+
+    @staticmethod
+    def _check_line(batch: BatchObject, raw: bytes, number: int, errors: list[BatchError]) -> None:
+        try:
+            line = parse_line(raw, number)
+            if line.url != batch.endpoint:
+                raise LineError(number, f"`url` {line.url} differs from the batch's endpoint {batch.endpoint}.")
+            if line.model != batch.model:
+                raise LineError(number, f"model {line.model!r} differs: a batch runs one model ({batch.model}).")
+        except LineError as exc:
+            errors.append(BatchError(code=exc.code, message=exc.message, param=exc.param, line=number))
 
     @staticmethod
     def _chunk(batch: BatchObject, name: str, index: int, start: int, end: int, first: int, count: int) -> ChunkRef:
