@@ -16,17 +16,15 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import machine, table
 from conveyor import processes, redis_server
 from conveyor.redis_server import RedisServer
+from tests.conftest import metric, scrape, wait_for
 
 MODEL = "faulty"
 MESSAGES = [{"role": "user", "content": "tell me a story"}]
@@ -57,22 +55,7 @@ def serves(base_url: str) -> bool:
 
 
 def running_jobs(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "conveyor_worker_running_jobs"
-    )
-
-
-def wait(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {within} s")
-        time.sleep(0.05)
+    return metric(scrape(f"http://127.0.0.1:{metrics_port}/metrics"), "conveyor_worker_running_jobs")
 
 
 def outage(
@@ -88,12 +71,12 @@ def outage(
 
     caller = threading.Thread(target=long_job)
     caller.start()
-    wait(lambda: sum(running_jobs(port) for _, port in workers) == 1, 10, "job running")
+    wait_for(lambda: sum(running_jobs(port) for _, port in workers) == 1, 10, "the job to run")
     server.stop()
     time.sleep(seconds)  # the outage itself
     server.start()
     back = time.monotonic()
-    wait(lambda: serves(base_url), 30, "answer after Redis returned")
+    wait_for(lambda: serves(base_url), 30, "an answer after Redis returned")
     serving_again_after = time.monotonic() - back
     caller.join(seconds + 90)
     response = answer.get("response")
