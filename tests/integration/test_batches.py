@@ -29,14 +29,14 @@ def line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
 
 
-def embedding_lines(count: int) -> list[dict[str, Any]]:
+def embedding_lines(count: int, model: str = EMBED) -> list[dict[str, Any]]:
     """Single texts, lists of texts and one base64 request: merged where their parameters agree."""
     out = []
     for i in range(count):
         text: str | list[str] = f"text number {i} " * (1 + i % 3)
         if i % 5 == 0:
             text = [f"first of {i}", f"second of {i} two words"]
-        body: dict[str, Any] = {"model": EMBED, "input": text}
+        body: dict[str, Any] = {"model": model, "input": text}
         if i % 7 == 0:
             body["encoding_format"] = "base64"
         out.append(line(f"emb-{i}", EMBEDDINGS, body))

@@ -16,10 +16,10 @@ import pytest
 from conveyor import redis_server
 from conveyor.filestore import BLOCK_BYTES, FileStore, LocalFileStore, S3FileStore, lines, open_store
 from tests.conftest import Processes, wait_for
-from tests.integration.conftest import EMBED
 from tests.integration.test_batches import EMBEDDINGS, embedding_lines, finished, jsonl, upload, wait_batch
 
 BUCKET = "conveyor-test"
+S3_EMBED = "s3-embed"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -106,11 +106,14 @@ def test_a_batch_runs_with_its_files_in_s3(s3_endpoint: str, redis_url: str, tmp
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "CONVEYOR_FILES_URL": f"s3://{BUCKET}/batches-{os.getpid()}"}
     procs = Processes(redis_url, env=env)
     try:
-        gateway = procs.gateway(models=EMBED)
-        procs.fake_worker(EMBED, embed=True)
+        # a model of its own: the session's other workers use another store and must not take these chunks
+        gateway = procs.gateway(models=S3_EMBED)
+        procs.fake_worker(S3_EMBED, embed=True)
         client = gateway.client()
         batch = client.batches.create(
-            input_file_id=upload(client, tmp_path, embedding_lines(70)), endpoint=EMBEDDINGS, completion_window="24h"
+            input_file_id=upload(client, tmp_path, embedding_lines(70, S3_EMBED)),
+            endpoint=EMBEDDINGS,
+            completion_window="24h",
         )
         batch = wait_batch(client, batch.id, finished)
         assert batch.status == "completed"
