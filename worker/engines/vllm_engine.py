@@ -74,6 +74,18 @@ def engine_environment(cpu_kvcache_space: int, cpu_threads_bind: str = "auto") -
     return env
 
 
+def bound_cores(cpu_threads_bind: str) -> set[int] | None:
+    """The cores of a ``VLLM_CPU_OMP_THREADS_BIND`` list such as ``0``, ``0-1`` or ``0-3,8``; None for ``auto``,
+    ``nobind`` and per-rank lists (``0-3|4-7``)."""
+    if cpu_threads_bind in ("auto", "nobind", "all") or "|" in cpu_threads_bind:
+        return None
+    cores: set[int] = set()
+    for part in cpu_threads_bind.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
 def error_from_vllm(error: dict[str, Any]) -> ConveyorError:
     """A ``ConveyorError`` from vLLM's error object (``ErrorResponse.error``: message, type, param, code=status)."""
     status = int(error.get("code") or 500)
@@ -135,6 +147,9 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         started = time.monotonic()
         os.environ.update(engine_environment(self.settings.cpu_kvcache_space, self.settings.cpu_threads_bind))
+        cores = bound_cores(self.settings.cpu_threads_bind)
+        if cores:  # the worker's own Python work (tokenising, JSON) stays on its engine's cores too
+            os.sched_setaffinity(0, cores)
         weights = await asyncio.to_thread(self._weights)
 
         from starlette.datastructures import State
@@ -205,7 +220,9 @@ class VLLMEngine(Engine):
         if self._llm is None or "embed" not in self.capabilities:
             return None
         tokenizer = self._llm.get_tokenizer()
-        return [len(item) if isinstance(item, list) else len(tokenizer.encode(item)) for item in inputs]
+        texts = [item for item in inputs if isinstance(item, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])  # one batched call
+        return [len(item) if isinstance(item, list) else len(next(encoded)) for item in inputs]
 
     def alive(self) -> bool:
         """vLLM's own verdict: its engine-core process died, or its output loop ended (``AsyncLLM.errored``)."""
