@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from conveyor import contract
 from conveyor.batch_lines import KIND_FOR_URL
 from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
@@ -31,6 +33,7 @@ from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
 from worker import metrics
 from worker.consumer import Done
+from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Delivery
 
@@ -77,9 +80,12 @@ class Result:
 
 
 class ChunkRunner:
-    def __init__(self, engine: Engine, store: FileStore, client_error: ClientError, model: str) -> None:
+    def __init__(
+        self, engine: Engine, store: FileStore, client_error: ClientError, model: str, share: EngineShare
+    ) -> None:
         self.model = model
         self.engine = engine
+        self.share = share
         self.store = store
         self.client_error = client_error
 
@@ -138,35 +144,53 @@ class ChunkRunner:
     async def _one(self, line: Line) -> Result:
         metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
-            return Result(line, body=contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id)))
+            async with self.share.hold(len(_items(line.body["input"])) if "input" in line.body else 1):
+                raw = await self.engine.run(line.kind, line.body, line.request_id)
+            return Result(line, body=contract.json_bytes(raw))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
 
     async def _embed_group(self, group: list[Line]) -> list[Result]:
-        """Lines with the same parameters: one engine call for all their inputs, split back per line."""
+        """Lines with the same parameters: as few engine calls as the engine share allows, split back per line."""
         inputs = [_items(line.body["input"]) for line in group]
-        flat = [item for items in inputs for item in items]
-        counts = self.engine.token_counts(flat) if len(group) > 1 else None
+        counts = self.engine.token_counts([item for items in inputs for item in items]) if len(group) > 1 else None
         if counts is None:
             return await self._one_each(group)
+        per_line, at = [], 0
+        for items in inputs:
+            per_line.append(counts[at : at + len(items)])
+            at += len(items)
+        results: list[Result] = []
+        while len(results) < len(group):
+            start = len(results)
+            end = start + self.share.call_size(len(group) - start)
+            results += await self._embed_merged(group[start:end], inputs[start:end], per_line[start:end])
+        return results
+
+    async def _embed_merged(self, group: list[Line], inputs: list[list[Any]], counts: list[list[int]]) -> list[Result]:
+        """One engine call for the inputs of ``group``; each line gets its vectors and its own usage."""
+        if len(group) == 1:
+            return [await self._one(group[0])]
+        flat = [item for items in inputs for item in items]
         body = group[0].body | {"input": flat}
         metrics.BULK_CALLS.labels(self.model, "yes").inc()
         try:
-            raw = await self.engine.run(JobKind.EMBEDDING, body, f"{group[0].request_id}-merged")
+            async with self.share.hold(len(flat)):
+                raw = await self.engine.run(JobKind.EMBEDDING, body, f"{group[0].request_id}-merged")
         except Exception as exc:  # one line refused, or a failure: each line alone tells which (EngineDead propagates)
             self.client_error(group[0].request_id, exc)
             return await self._one_each(group)
-        answer = json.loads(contract.json_bytes(raw))
-        if answer.get("usage", {}).get("prompt_tokens") != sum(counts) or len(answer["data"]) != len(flat):
+        answer = orjson.loads(contract.json_bytes(raw))
+        total = sum(sum(line_counts) for line_counts in counts)
+        if answer.get("usage", {}).get("prompt_tokens") != total or len(answer["data"]) != len(flat):
             return await self._one_each(group)  # the counts do not explain the engine's usage: do not guess
         results, at = [], 0
-        for line, items in zip(group, inputs, strict=True):
+        for line, items, line_counts in zip(group, inputs, counts, strict=True):
             data = [item | {"index": i} for i, item in enumerate(answer["data"][at : at + len(items)])]
-            tokens = sum(counts[at : at + len(items)])
             at += len(items)
-            usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+            usage = {"prompt_tokens": sum(line_counts), "total_tokens": sum(line_counts)}
             single = {"object": "list", "data": data, "model": answer.get("model"), "usage": usage}
-            results.append(Result(line, body=contract.dumps(single)))
+            results.append(Result(line, body=orjson.dumps(single)))
         return results
 
 

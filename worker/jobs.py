@@ -23,6 +23,7 @@ from conveyor.filestore import FileStore, open_store
 from worker import metrics
 from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead
+from worker.engine_share import BUSY_INPUTS, EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Claim, Delivery
 from worker.publisher import BatchPublisher
@@ -32,13 +33,20 @@ log = logging.getLogger("conveyor.worker")
 
 class JobRunner:
     def __init__(
-        self, redis: Redis, engine: Engine, model: str, max_tries: int = 3, store: FileStore | None = None
+        self,
+        redis: Redis,
+        engine: Engine,
+        model: str,
+        max_tries: int = 3,
+        store: FileStore | None = None,
+        share: EngineShare | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
         self.max_tries = max_tries
         self.publisher = BatchPublisher(redis)
-        self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model)
+        self.share = share or EngineShare(BUSY_INPUTS)
+        self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model, self.share)
 
     async def job(self, claim: Claim) -> Done:
         """The consumer's handler: check the envelope, then run it (or answer why not)."""
@@ -87,10 +95,11 @@ class JobRunner:
                 done = await self.bulk.run(envelope, envelope.chunk)
                 outcome = "ok"
                 return done
-            if envelope.stream:
-                outcome = await self._stream(envelope, left)
-                return Done(envelope.deadline)
-            outcome, reply = await self._complete(envelope, left)
+            async with self.share.interactive():
+                if envelope.stream:
+                    outcome = await self._stream(envelope, left)
+                    return Done(envelope.deadline)
+                outcome, reply = await self._complete(envelope, left)
             return Done(envelope.deadline, _delivery(envelope.reply_to, reply))
         except EngineDead:
             outcome = "engine_dead"

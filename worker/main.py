@@ -26,6 +26,7 @@ from conveyor.outage import REDIS_DOWN, Outage
 from worker import metrics
 from worker.arq_source import ArqJobSource
 from worker.consumer import Consumer
+from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
 from worker.settings import WorkerSettings
@@ -156,7 +157,12 @@ async def _serve_engine(
     info.state = "serving"
     heartbeat.now.set()
     runner = JobRunner(
-        redis, engine, settings.model, max_tries=settings.max_tries, store=open_store(settings.files_url)
+        redis,
+        engine,
+        settings.model,
+        max_tries=settings.max_tries,
+        store=open_store(settings.files_url),
+        share=EngineShare(settings.bulk_busy_inputs),
     )
     source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.engine_share import BUSY_INPUTS
+
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_WORKER_", extra="forbid")
@@ -26,6 +28,9 @@ class WorkerSettings(BaseSettings):
     max_jobs: int = Field(default=0, ge=0)
     #: batch chunks run at once (within ``max_jobs``), taken only when no interactive job waits; 0 takes none
     bulk_jobs: int = Field(default=2, ge=0)
+    #: while interactive requests run (and for 2 s after), batch lines hold at most this many inputs of the engine,
+    #: so an interactive request waits behind a short engine step of batch work, not a full one
+    bulk_busy_inputs: int = Field(default=BUSY_INPUTS, ge=1)
     #: the file store holding batch inputs and outputs (shared with the gateway): a directory or ``file://`` URL;
     #: default ``<data dir>/files``
     files_url: str | None = Field(default=None, validation_alias="CONVEYOR_FILES_URL")

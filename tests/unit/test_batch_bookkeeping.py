@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from conveyor.errors import ConveyorError, EngineFailure
 from conveyor.filestore import LocalFileStore
 from gateway.batch_store import BatchStore
 from worker.bulk import BULK_PRIORITY, ChunkRunner
+from worker.engine_share import BUSY_INPUTS, EngineShare
 from worker.engines.fake import FakeEngine
 
 
@@ -71,7 +73,10 @@ def never_dead(_request_id: str, exc: Exception) -> ConveyorError:
 
 
 async def run_chunk(
-    tmp_path: Path, bodies: list[dict[str, Any]], engine: FakeEngine | None = None
+    tmp_path: Path,
+    bodies: list[dict[str, Any]],
+    engine: FakeEngine | None = None,
+    share: EngineShare | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Run one chunk of ``bodies``; its output lines, and the bodies of the engine calls it made."""
     store = LocalFileStore(tmp_path)
@@ -94,7 +99,8 @@ async def run_chunk(
         expires_at=time.time() + 60,
     )  # fmt: skip
     envelope = JobEnvelope(request_id="b-0", model="m", kind=JobKind.EMBEDDING, body={}, deadline=time.time() + 60)
-    done = await ChunkRunner(engine, store, never_dead, "m").run(envelope, chunk)
+    runner = ChunkRunner(engine, store, never_dead, "m", share or EngineShare(BUSY_INPUTS))
+    done = await runner.run(envelope, chunk)
     assert done.delivery is not None and done.delivery.payload == f"0 {len(bodies)} 0".encode()
     out = [json.loads(x) async for x in _lines(store, "batches/b/0.out.jsonl")]
     return out, calls
@@ -144,3 +150,65 @@ async def test_batch_lines_run_behind_interactive_ones_where_the_engine_schedule
     assert [c.get("priority") for c in calls] == [BULK_PRIORITY]
     _, calls = await run_chunk(tmp_path, bodies)
     assert [c.get("priority") for c in calls] == [None]  # an engine without priorities would refuse the field
+
+
+async def test_after_interactive_requests_batch_lines_hold_a_small_share_of_the_engine(tmp_path: Path) -> None:
+    share = EngineShare(busy_inputs=4)
+    async with share.interactive():
+        pass  # one ran just now
+    bodies = [{"model": "m", "input": f"text {i}"} for i in range(10)]
+    out, calls = await run_chunk(tmp_path, bodies, share=share)
+    assert [len(c["input"]) for c in calls] == [2, 2, 2, 2, 2]  # calls of half the share
+    alone = FakeEngine("m", embed=True)
+    for line, body in zip(out, bodies, strict=True):  # split back exactly, as in one call
+        assert line["response"]["body"]["data"] == (await alone.run(JobKind.EMBEDDING, body, "x"))["data"]
+
+
+async def test_without_interactive_traffic_a_chunk_is_one_engine_call(tmp_path: Path) -> None:
+    _, calls = await run_chunk(tmp_path, [{"model": "m", "input": f"text {i}"} for i in range(10)])
+    assert [len(c["input"]) for c in calls] == [10]
+
+
+async def test_no_batch_call_enters_the_engine_while_an_interactive_request_runs() -> None:
+    share, entered = EngineShare(busy_inputs=4), asyncio.Event()
+
+    async def batch_call() -> None:
+        async with share.hold(1):
+            entered.set()
+
+    async with share.interactive():
+        call = asyncio.create_task(batch_call())
+        await asyncio.sleep(0)  # one turn of the loop: the call starts and finds an interactive request running
+        assert not entered.is_set()
+    await call
+    assert entered.is_set()
+
+
+async def test_after_interactive_traffic_a_second_batch_call_waits_for_room() -> None:
+    share = EngineShare(busy_inputs=4)
+    async with share.interactive():
+        pass
+    first_in, release = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+
+    async def call(name: str, inputs: int, hold_until: asyncio.Event | None = None) -> None:
+        async with share.hold(inputs):
+            order.append(name)
+            first_in.set()
+            if hold_until is not None:
+                await hold_until.wait()
+
+    first = asyncio.create_task(call("first", 3, release))
+    await first_in.wait()
+    second = asyncio.create_task(call("second", 2))
+    await asyncio.sleep(0)  # one turn of the loop: the second call starts and finds no room
+    assert order == ["first"]  # 3 + 2 > 4: it waits
+    release.set()
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+
+
+async def test_a_share_without_interactive_traffic_has_room_for_anything() -> None:
+    share = EngineShare(busy_inputs=1)
+    async with share.hold(100), share.hold(100):
+        assert not share.busy()
