@@ -1,14 +1,18 @@
-"""The ``conveyor`` command: ``gateway``, ``worker`` (and ``up``, which runs everything)."""
+"""The ``conveyor`` command."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from conveyor import logs
+from conveyor.redis_client import DEFAULT_REDIS_URL
 
 
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -29,7 +33,8 @@ def _gateway(args: argparse.Namespace) -> None:
         port=settings.port,
         log_level=args.log_level.lower(),
         access_log=settings.access_log,
-        timeout_graceful_shutdown=10,
+        log_config=None,  # uvicorn's loggers go through ours (conveyor.logs)
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
 
 
@@ -72,37 +77,64 @@ def _batch_embed(args: argparse.Namespace) -> None:
     )
 
 
+DESCRIPTION = """Conveyor: queue-backed, OpenAI-compatible LLM serving.
+
+  conveyor up                 Redis, a worker per model in models.toml, and the gateway on :8000
+  conveyor status             models, workers, queue depths and running batches, from Redis
+  conveyor gateway            the HTTP API alone
+  conveyor worker --model M   one engine serving model M's queue
+  conveyor batch embed FILE   embed a file of texts through the Batches API
+
+Every setting can also come from the environment (CONVEYOR_GATEWAY_*, CONVEYOR_WORKER_*, CONVEYOR_REDIS_URL);
+a flag wins over the environment. See README.md for all of them."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="conveyor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help=f"a line of text or of JSON per record (${logs.FORMAT_VARIABLE})"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    redis_help = f"Redis to use (default: $CONVEYOR_REDIS_URL, else {DEFAULT_REDIS_URL})"
 
     gateway = commands.add_parser("gateway", help="serve the OpenAI-compatible HTTP API")
-    gateway.add_argument("--host")
-    gateway.add_argument("--port", type=int)
-    gateway.add_argument("--models", help="comma-separated served model names this deployment expects")
+    gateway.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
+    gateway.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    gateway.add_argument("--models", help="comma-separated model names this deployment serves (for /ready)")
+    gateway.add_argument("--redis-url", help=redis_help)
     gateway.set_defaults(handler=_gateway)
 
     worker = commands.add_parser("worker", help="serve one model's queue with one engine")
-    worker.add_argument("--model", help="served model name (the queue to drain)")
+    worker.add_argument("--model", help="the model name clients ask for (and the queue to drain); required")
     worker.add_argument("--model-path", dest="model_path", help="local folder or Hugging Face id of the weights")
-    worker.add_argument("--engine", choices=["vllm", "fake"], help="fake is a test/benchmark tool")
-    worker.add_argument("--task", choices=["auto", "generate", "embed"])
+    worker.add_argument("--engine", choices=["vllm", "fake"], help="vllm (default); fake is a test/benchmark tool")
+    worker.add_argument("--task", choices=["auto", "generate", "embed"], help="what the model does (default: auto)")
     worker.add_argument("--engine-args", dest="engine_args", help="JSON object of vLLM engine arguments")
-    worker.add_argument("--max-jobs", dest="max_jobs", type=int)
-    worker.add_argument("--poll-delay", dest="poll_delay", type=float)
-    worker.add_argument("--metrics-port", dest="metrics_port", type=int)
-    worker.add_argument("--fake-token-delay", dest="fake_token_delay", type=float)
+    worker.add_argument("--max-jobs", dest="max_jobs", type=int, help="concurrent jobs (default: the engine's)")
+    worker.add_argument("--poll-delay", dest="poll_delay", type=float, help="seconds between idle queue polls")
+    worker.add_argument("--metrics-port", dest="metrics_port", type=int, help="port of /metrics (0: any free)")
+    worker.add_argument("--fake-token-delay", dest="fake_token_delay", type=float, help="fake engine: s/token")
+    worker.add_argument("--redis-url", help=redis_help)
     worker.set_defaults(handler=_worker)
 
     up = commands.add_parser("up", help="run Redis, a worker per model in the models file, and the gateway")
     up.add_argument("--models-file", default="models.toml", help="TOML file of models to serve (default: %(default)s)")
-    up.add_argument("--host", default="0.0.0.0")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", default="0.0.0.0", help="gateway address (default: %(default)s)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
+    up.add_argument("--redis-url", help="use this Redis instead of starting one (default: $CONVEYOR_REDIS_URL)")
     up.set_defaults(handler=_up)
 
+    status = commands.add_parser("status", help="models, workers, queue depths and running batches, from Redis")
+    status.add_argument("--redis-url", help=redis_help)
+    status.set_defaults(handler=_status)
+
     batch = commands.add_parser("batch", help="bulk work through the Batches API").add_subparsers(
-        dest="batch_command", required=True
+        dest="batch_command", required=True, metavar="COMMAND"
     )
     embed = batch.add_parser(
         "embed",
@@ -118,12 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _status(args: argparse.Namespace) -> None:
+    from conveyor import status
+
+    raise SystemExit(status.show(os.environ.get("CONVEYOR_REDIS_URL", DEFAULT_REDIS_URL)))
+
+
+def settings_error(command: str, exc: ValidationError) -> str:
+    """One line per bad setting, naming the flag or variable to fix (instead of pydantic's traceback)."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        variable = "CONVEYOR_REDIS_URL" if field == "redis_url" else f"CONVEYOR_{command.upper()}_{field.upper()}"
+        lines.append(f"conveyor {command}: {field}: {message} (set {variable}, or its flag where there is one)")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    args.handler(args)
+    if args.log_format:
+        os.environ[logs.FORMAT_VARIABLE] = args.log_format  # every process started from here logs the same way
+    logs.setup(args.log_level)
+    if getattr(args, "redis_url", None):
+        os.environ["CONVEYOR_REDIS_URL"] = args.redis_url  # every process started from here reads it too
+    try:
+        args.handler(args)
+    except ValidationError as exc:
+        raise SystemExit(settings_error(args.command, exc)) from None
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ WAKE_ABORT = b"abort:"
 
 
 MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever served
+GATEWAYS_KEY = f"{KEY_PREFIX}:gateways"  # sorted set: each live gateway's scrape address -> heartbeat expiry
 
 
 def bulk_queue_name(model: str) -> str:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from redis.asyncio import ConnectionPool, Redis
 
+#: where every process looks for Redis unless ``CONVEYOR_REDIS_URL`` (or ``--redis-url``) says otherwise
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
 #: a Redis that does not accept a connection within this long counts as down
 CONNECT_TIMEOUT_SECONDS = 2.0
 #: ... and one that does not answer a command within this long

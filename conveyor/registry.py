@@ -33,6 +33,8 @@ class WorkerInfo(BaseModel):
     max_model_len: int | None = None
     max_jobs: int
     host: str
+    #: the IP (or name) Prometheus reaches ``metrics_port`` at
+    address: str | None = None
     pid: int
     metrics_port: int | None = None
     started: float
@@ -134,3 +136,37 @@ async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
         return []
     raw = await redis.mget([contract.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
     return [WorkerInfo.model_validate_json(r) for r in raw if r]
+
+
+async def all_workers(redis: Redis) -> list[WorkerInfo]:
+    """Every worker with a fresh heartbeat, loading or serving, of every known model (what Prometheus scrapes)."""
+    now = time.time()
+    models = sorted(await known_models(redis))
+    async with redis.pipeline(transaction=False) as pipe:
+        for model in models:
+            pipe.zrangebyscore(contract.model_workers_key(model), now, "+inf")
+            pipe.zrangebyscore(contract.model_loading_key(model), now, "+inf")
+        id_lists = await pipe.execute()
+    ids = sorted({i.decode() if isinstance(i, bytes) else i for found in id_lists for i in found})
+    if not ids:
+        return []
+    raw = await redis.mget([contract.worker_info_key(i) for i in ids])
+    return [WorkerInfo.model_validate_json(r) for r in raw if r]
+
+
+async def gateway_heartbeat(redis: Redis, address: str, ttl: float) -> None:
+    """A gateway's presence (its scrape address), good for ``ttl`` seconds."""
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(contract.GATEWAYS_KEY, {address: now + ttl})
+        pipe.zremrangebyscore(contract.GATEWAYS_KEY, "-inf", now)
+        await pipe.execute()
+
+
+async def gateway_leave(redis: Redis, address: str) -> None:
+    await redis.zrem(contract.GATEWAYS_KEY, address)
+
+
+async def live_gateways(redis: Redis) -> list[str]:
+    found = await redis.zrangebyscore(contract.GATEWAYS_KEY, time.time(), "+inf")
+    return sorted(a.decode() if isinstance(a, bytes) else a for a in found)

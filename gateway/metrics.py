@@ -6,9 +6,12 @@ else ``OTHER``; an endpoint label is a route template, else ``OTHER``. A client 
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger("conveyor.gateway")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 #: the label value of every model and route the gateway does not know
@@ -53,9 +56,13 @@ class GatewayMetrics:
         return model if model and model in self.known_models else OTHER
 
     def observe(self, model: str | None, endpoint: str, status: int, reason: str | None, arrived: float) -> None:
-        """One request ended: its status, its failure reason if any, its duration to the last byte."""
+        """One request ended: its status, its failure reason if any, its duration to the last byte. Failures are
+        logged here too, once each (the line names the request: see ``conveyor.logs``)."""
         label = self.model_label(model)
+        seconds = time.time() - arrived
         self.requests.labels(label, endpoint, str(status)).inc()
-        self.duration.labels(label, endpoint).observe(time.time() - arrived)
+        self.duration.labels(label, endpoint).observe(seconds)
         if status >= 400:
             self.failures.labels(label, reason or "unknown").inc()
+            level = logging.WARNING if status >= 500 else logging.INFO
+            log.log(level, "%s answered %d %s after %.2f s", endpoint, status, reason or "", seconds)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel
 
+from conveyor import logs
 from conveyor.contract import JobKind
-from conveyor.errors import InvalidRequest
+from conveyor.errors import BackendUnavailable, InvalidRequest
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 from gateway.errors import endpoint_label
 from gateway.relay import CLIENT_CLOSED_REQUEST
@@ -50,6 +53,7 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
     except ValueError:  # pydantic-core's "Maximum serialization depth exceeded": a body nested hundreds of levels deep
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     envelope = service.envelope(kind, payload, _timeout(request, service.settings.request_timeout))
+    logs.tag(envelope.request_id, envelope.model)
     headers = {"X-Request-Id": envelope.request_id}
     endpoint = endpoint_label(request)
     try:
@@ -100,15 +104,21 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
-    report = await service_of(request).readiness()
+async def ready(request: Request, scope: Literal["system", "gateway"] = "system") -> JSONResponse:
+    """``system``: Redis answers and every configured model has a live worker. ``gateway``: this gateway can serve
+    (Redis answers); the readiness probe of a gateway replica, which one model's outage must not fail."""
+    report = await service_of(request).readiness(models=scope == "system")
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
-    registry = service_of(request).metrics.registry
-    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus's classic text format whatever the scraper asks (see ``worker/http_endpoints.py``); queue depth
+    and live workers are read from Redis now, not left at their value of the last admission."""
+    service = service_of(request)
+    with contextlib.suppress(BackendUnavailable):  # Redis down: the gauges keep their last values
+        await service.refresh_gauges()
+    return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 router.include_router(api)

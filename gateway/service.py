@@ -136,23 +136,23 @@ class ServingService:
             raise await self.directory.unavailable(model)
         return card
 
-    async def readiness(self) -> dict[str, Any]:
-        """Ready when Redis answers and every configured model has a live worker."""
-        models: dict[str, dict[str, Any]] = {}
+    async def readiness(self, models: bool = True) -> dict[str, Any]:
+        """Ready when Redis answers and (with ``models``) every configured model has a live worker."""
+        statuses: dict[str, dict[str, Any]] = {}
         try:
-            for model in self.settings.models:
+            for model in self.settings.models if models else ():
                 status = await self.directory.status(model)
-                models[model] = {"status": status.state, "live_workers": status.live_workers}
+                statuses[model] = {"status": status.state, "live_workers": status.live_workers}
         except BackendUnavailable:
-            return {"ready": False, "redis": False, "models": models}
-        if not self.settings.models:
+            return {"ready": False, "redis": False, "models": statuses}
+        if not statuses:
             try:
                 with redis_errors():
                     await self.directory.redis.ping()
             except BackendUnavailable:
                 return {"ready": False, "redis": False, "models": {}}
-        ready = all(m["live_workers"] > 0 for m in models.values())
-        return {"ready": ready, "redis": True, "models": models}
+        ready = all(m["live_workers"] > 0 for m in statuses.values())
+        return {"ready": ready, "redis": True, "models": statuses}
 
     async def refresh_gauges(self) -> None:
         """Queue depth and live workers of every known model, so dashboards stay current while no request arrives;

@@ -7,15 +7,20 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from conveyor.redis_client import DEFAULT_REDIS_URL
+
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_GATEWAY_", extra="forbid")
 
-    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="CONVEYOR_REDIS_URL")
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
     host: str = "0.0.0.0"
     port: int = 8000
+    #: the address Prometheus scrapes this gateway at (advertised in the registry, with ``port``); default: the
+    #: local IP this host reaches Redis from (the pod's or container's IP)
+    advertise_host: str | None = None
     #: served model names this deployment expects (comma-separated); a request for one with no live worker is
     #: answered 503 at once, a name that is neither configured nor served by any worker is 404
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -24,6 +29,9 @@ class GatewaySettings(BaseSettings):
     #: default and ceiling of a request's deadline in seconds; clients may ask for less with
     #: the ``X-Conveyor-Timeout`` header
     request_timeout: float = Field(default=600, gt=0)
+    #: on SIGTERM: stop accepting and let open requests and streams finish for this long (set it to
+    #: ``request_timeout`` where rollouts must cut no stream, with the orchestrator's grace period above it)
+    shutdown_grace: float = Field(default=30, ge=0)
     #: jobs waiting or running per model before new ones are refused with 429
     max_queue_depth: int = Field(default=1024, ge=1)
     retry_after_seconds: int = Field(default=1, ge=1)

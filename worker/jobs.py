@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from conveyor import contract
+from conveyor import contract, logs
 from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
@@ -29,6 +29,10 @@ from worker.job_source import Claim, Delivery
 from worker.publisher import BatchPublisher
 
 log = logging.getLogger("conveyor.worker")
+
+#: how loudly a job that did not succeed is logged: a cancellation is the client's choice, an error is usually the
+#: request's fault (the engine refused it), an expiry means the fleet is too slow for the deadline
+OUTCOME_LOG_LEVEL = {"cancelled": logging.INFO, "error": logging.INFO, "expired": logging.WARNING}
 
 
 class JobRunner:
@@ -75,9 +79,10 @@ class JobRunner:
             if envelope.chunk is not None:
                 return await self.bulk.run(envelope, envelope.chunk, lost)
             return await self._answer_error(envelope, lost)
-        if claim.tries > 1:
-            log.info("job %s: running again (try %d) after its worker was lost", claim.job_id, claim.tries)
-        return await self.run(envelope)
+        with logs.about(envelope.request_id, envelope.model):
+            if claim.tries > 1:
+                log.info("running again (try %d) after its worker was lost", claim.tries)
+            return await self.run(envelope)
 
     async def run(self, envelope: JobEnvelope) -> Done:
         kind = _kind(envelope)
@@ -86,6 +91,7 @@ class JobRunner:
         left = envelope.seconds_left(started)
         if left <= 0:
             metrics.JOBS.labels(self.model, kind, "expired").inc()
+            log.warning("expired in the queue: its deadline passed before a worker could start it")
             error = DeadlineExceeded("the request's deadline passed before a worker could start it")
             return await self._answer_error(envelope, error)
         metrics.RUNNING_JOBS.labels(self.model).inc()
@@ -108,6 +114,9 @@ class JobRunner:
             metrics.RUNNING_JOBS.labels(self.model).dec()
             metrics.JOBS.labels(self.model, kind, outcome).inc()
             metrics.JOB_DURATION.labels(self.model, kind).observe(time.time() - started)
+            if outcome != "ok":  # one line per job that did not succeed (an engine failure also logged its cause)
+                level = OUTCOME_LOG_LEVEL.get(outcome, logging.WARNING)
+                log.log(level, "%s job ended %s after %.2f s", kind, outcome, time.time() - started)
 
     async def _complete(self, envelope: JobEnvelope, left: float) -> tuple[str, Reply]:
         try:

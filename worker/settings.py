@@ -7,13 +7,14 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conveyor.redis_client import DEFAULT_REDIS_URL
 from worker.engine_share import BUSY_INPUTS
 
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_WORKER_", extra="forbid")
 
-    redis_url: str = Field(default="redis://localhost:6379/0", validation_alias="CONVEYOR_REDIS_URL")
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
     #: the served model name clients ask for (and the name of the queue this worker drains)
     model: str
     #: where the weights are: a local folder or a Hugging Face id; defaults to ``model``
@@ -52,6 +53,9 @@ class WorkerSettings(BaseSettings):
     #: port of the worker's own /metrics (0 picks a free one; it is advertised in the worker registry)
     metrics_port: int = Field(default=0, ge=0)
     metrics_host: str = "0.0.0.0"
+    #: the address Prometheus scrapes this worker at (advertised in the registry); default: the local IP this
+    #: host reaches Redis from (the pod's or container's IP)
+    advertise_host: str | None = None
     worker_id: str | None = None
     # --- CPU engine knobs (ignored on GPUs) ---
     #: KV-cache size in GiB for vLLM's CPU backend (``VLLM_CPU_KVCACHE_SPACE``)

@@ -103,6 +103,8 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
 async def test_ready_reports_each_configured_model(client: httpx.AsyncClient, redis: Redis) -> None:
     not_ready = await client.get("/ready")
     assert not_ready.status_code == 503
+    this_gateway = await client.get("/ready", params={"scope": "gateway"})  # Redis answers: it can serve
+    assert this_gateway.status_code == 200 and this_gateway.json()["models"] == {}
     await register(redis, "chat", ["generate"])
     await register(redis, "idle", ["generate"])
     ready = await client.get("/ready")

@@ -68,6 +68,8 @@ def engine_environment(cpu_kvcache_space: int, cpu_threads_bind: str = "auto") -
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(data_dir() / "vllm")),
         "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_space),
+        # vLLM's loggers go through the worker's (conveyor.logs): one format for every line
+        "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "0"),
     }
     if cpu_threads_bind != "auto":
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind

@@ -1,0 +1,80 @@
+"""``conveyor status``: what the registry in Redis says now: models, workers, queue depths, running batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from conveyor import contract, redis_client, registry
+from conveyor.outage import REDIS_DOWN
+
+
+async def snapshot(redis: Redis) -> dict[str, Any]:
+    """Models (state, workers, queued jobs, queued batch chunks), workers, gateways and unfinished batches."""
+    models = {}
+    for name in sorted(await registry.known_models(redis)):
+        status = await registry.model_status(redis, name)
+        models[name] = {
+            "state": status.state,
+            "workers": status.live_workers,
+            "loading": status.loading_workers,
+            "queued": status.queue_depth,
+            "bulk_queued": int(await redis.zcard(contract.bulk_queue_name(name))),
+        }
+    batches = []
+    for raw in sorted(await cast(Any, redis.smembers(contract.ACTIVE_BATCHES))):
+        batch_id = raw.decode() if isinstance(raw, bytes) else raw
+        record = await cast(Any, redis.hgetall(contract.batch_key(batch_id)))
+        fields = {k.decode(): v.decode() for k, v in record.items()}
+        batches.append({"id": batch_id, **{k: fields.get(k, "") for k in ("status", "completed", "failed", "total")}})
+    return {
+        "models": models,
+        "workers": [w.model_dump() for w in sorted(await registry.all_workers(redis), key=lambda w: w.worker_id)],
+        "gateways": await registry.live_gateways(redis),
+        "batches": batches,
+    }
+
+
+def render(state: dict[str, Any]) -> str:
+    rows = [["MODEL", "STATE", "WORKERS", "LOADING", "QUEUED", "BATCH CHUNKS QUEUED"]]
+    rows += [[name, m["state"], m["workers"], m["loading"], m["queued"], m["bulk_queued"]]
+             for name, m in state["models"].items()]  # fmt: skip
+    out = [_table(rows) if state["models"] else "no models: no worker has registered with this Redis yet"]
+    now = time.time()
+    if state["workers"]:
+        rows = [["WORKER", "MODEL", "STATE", "METRICS AT", "PID", "UP"]]
+        rows += [[w["worker_id"], w["model"], w["state"], f"{w['address'] or w['host']}:{w['metrics_port']}",
+                  w["pid"], f"{now - w['started']:.0f} s"] for w in state["workers"]]  # fmt: skip
+        out.append(_table(rows))
+    out.append("gateways: " + (", ".join(state["gateways"]) or "none running"))
+    if state["batches"]:
+        rows = [["BATCH", "STATUS", "DONE", "FAILED", "LINES"]]
+        rows += [[b["id"], b["status"], b["completed"], b["failed"], b["total"]] for b in state["batches"]]
+        out.append(_table(rows))
+    return "\n\n".join(out)
+
+
+def _table(rows: list[list[Any]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)  # fmt: skip
+
+
+def show(redis_url: str) -> int:
+    async def read() -> dict[str, Any]:
+        redis = redis_client.connect(redis_url)
+        try:
+            return await snapshot(redis)
+        finally:
+            await redis_client.close(redis)
+
+    try:
+        state = asyncio.run(read())
+    except REDIS_DOWN as exc:
+        print(f"conveyor status: cannot reach Redis at {redis_url}: {exc}")
+        return 1
+    print(render(state))
+    return 0
