@@ -9,7 +9,7 @@ export UV_COMPILE_BYTECODE ?= 1
 EXTRA ?= cpu
 RUN := $(UV) run --frozen --extra $(EXTRA)
 
-.PHONY: uv install install-gateway up test test-fast lint typecheck bench bench-engine clean
+.PHONY: uv install install-gateway tools up test test-fast lint typecheck bench bench-engine clean
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -20,13 +20,24 @@ install: uv  ## everything: gateway, worker with the CPU engine and default CPU 
 install-gateway: uv  ## the gateway alone: no vLLM, no torch
 	$(UV) sync --frozen --no-dev
 
+# Real tools the tests run, from Debian when missing (as root, or through sudo): Prometheus 2.42 with promtool (the
+# dashboard tier) and kubectl (kustomize, for the manifest checks)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TOOLS := prometheus:prometheus kubectl:kubernetes-client
+tools:
+	@missing="$(foreach t,$(TOOLS),$$(command -v $(word 1,$(subst :, ,$(t))) >/dev/null 2>&1 || echo $(word 2,$(subst :, ,$(t)))))"; \
+	if [ -n "$$(echo $$missing)" ]; then \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 up: install  ## Redis, one worker per model in models.toml, the gateway on :8000
 	$(RUN) conveyor up
 
-test: install  ## the whole suite: unit, integration and real-engine tiers
+test: install tools  ## the whole suite: unit, integration, faults, dashboards and real-engine tiers
 	$(RUN) pytest
 
-test-fast: install  ## without the real-engine tier
+test-fast: install tools  ## without the real-engine tier
 	$(RUN) pytest -m "not engine"
 
 lint: install

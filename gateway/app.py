@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from conveyor import redis_client
 from conveyor.filestore import open_store
+from conveyor.netaddr import address_towards, host_port
 from conveyor.outage import Outage
 from gateway import errors
 from gateway.arq_queue import ArqJobQueue
@@ -27,6 +28,7 @@ from gateway.inbox import ReplyInbox
 from gateway.metrics import GatewayMetrics
 from gateway.pubsub import PubSubMultiplexer
 from gateway.routes import router
+from gateway.scrape_targets import advertise, advertise_forever, targets
 from gateway.service import ServingService
 from gateway.settings import GatewaySettings
 
@@ -44,7 +46,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         directory = ModelDirectory(redis, settings)
         inbox = ReplyInbox(redis, outage)
         mux = PubSubMultiplexer(redis)
-        queue = ArqJobQueue(redis, settings, metrics, directory)
+        queue = ArqJobQueue(redis, settings, directory)
         service = ServingService(queue, directory, inbox, mux, settings, metrics)
         app.state.service = service
         store = open_store(settings.files_url)
@@ -55,8 +57,12 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         app.state.batches.wake = driver.wake
         inbox.start()
         await mux.start()
+        app.state.redis = redis
+        address = host_port(settings.advertise_host or address_towards(settings.redis_url), settings.port)
+        await advertise(redis, address)  # scrapable from the start
         background = [
             asyncio.create_task(service.refresh_gauges_forever(), name="gauge-refresh"),
+            asyncio.create_task(advertise_forever(redis, address), name="advertise"),
             asyncio.create_task(driver.run_forever(), name="batch-driver"),
         ]
         try:
@@ -77,5 +83,6 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     errors.install(app)
     app.include_router(router)
     app.include_router(bulk)
+    app.include_router(targets)
     app.add_middleware(RequestGuard, settings=settings)
     return app

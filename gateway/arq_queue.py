@@ -21,7 +21,6 @@ from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope
 from conveyor.errors import InvalidRequest, Overloaded
 from conveyor.outage import REDIS_DOWN
 from gateway.directory import ModelDirectory
-from gateway.metrics import GatewayMetrics
 from gateway.queue import JobState, redis_errors
 from gateway.settings import GatewaySettings
 
@@ -70,12 +69,9 @@ def _queue_of(envelope: JobEnvelope) -> str:
 
 
 class ArqJobQueue:
-    def __init__(
-        self, redis: Redis, settings: GatewaySettings, metrics: GatewayMetrics, directory: ModelDirectory
-    ) -> None:
+    def __init__(self, redis: Redis, settings: GatewaySettings, directory: ModelDirectory) -> None:
         self.redis = redis
         self.settings = settings
-        self.metrics = metrics
         self.directory = directory
         self._admit_and_enqueue = redis.register_script(ADMISSION_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
@@ -102,10 +98,7 @@ class ArqJobQueue:
             envelope.request_id,
         ]
         with redis_errors():
-            code, live, depth = await self._admit_and_enqueue(keys=keys, args=args)
-        if live:  # a served model (any other name is a client's string: no series of its own)
-            self.metrics.live_workers.labels(model).set(live)
-            self.metrics.queue_depth.labels(model).set(depth)
+            code, _live, depth = await self._admit_and_enqueue(keys=keys, args=args)
         if code == Admission.NO_WORKER:
             raise await self.directory.unavailable(model)
         if code == Admission.INCAPABLE:

@@ -13,17 +13,18 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
 import uvloop
-from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from conveyor import redis_client, registry
 from conveyor.filestore import open_store
+from conveyor.netaddr import address_towards
 from conveyor.outage import REDIS_DOWN, Outage
-from worker import metrics
+from worker import http_endpoints, metrics
 from worker.arq_source import ArqJobSource
 from worker.consumer import Consumer
 from worker.engine_share import EngineShare
@@ -109,7 +110,6 @@ async def serve(settings: WorkerSettings) -> int:
     if not settings.worker_id:
         settings.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     engine = build_engine(settings)
-    server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
     info = registry.WorkerInfo(
         worker_id=settings.worker_id,
         model=settings.model,
@@ -117,21 +117,30 @@ async def serve(settings: WorkerSettings) -> int:
         capabilities=[],
         max_jobs=settings.max_jobs,
         host=socket.gethostname(),
+        address=settings.advertise_host or address_towards(settings.redis_url),
         pid=os.getpid(),
-        metrics_port=server.server_port,
         started=time.time(),
     )
+    failed = threading.Event()
+    server = http_endpoints.serve(
+        settings.metrics_host, settings.metrics_port, lambda: "failed" if failed.is_set() else info.state
+    )
+    info.metrics_port = server.server_port
     redis = redis_client.connect(settings.redis_url)
     outage = Outage(log, f"worker {info.worker_id}")
     heartbeat = Heartbeat(redis, info, settings.heartbeat_interval, outage)
     beating = asyncio.create_task(heartbeat.beat_forever(), name="heartbeat")
     try:
-        return await _serve_engine(settings, engine, redis, info, heartbeat, outage)
+        code = await _serve_engine(settings, engine, redis, info, heartbeat, outage)
+        if code == EXIT_ENGINE_FAILED:
+            failed.set()
+        return code
     finally:
         beating.cancel()
         await heartbeat.leave()
         await redis_client.close(redis)
         server.shutdown()
+        server.server_close()
         await engine.stop()
         log.info("worker %s stopped", info.worker_id)
 

@@ -12,7 +12,6 @@ from conveyor import contract, registry
 from conveyor.contract import JobEnvelope, JobKind
 from gateway.arq_queue import ArqJobQueue
 from gateway.directory import ModelDirectory
-from gateway.metrics import GatewayMetrics
 from gateway.queue import JobState
 from gateway.settings import GatewaySettings
 from worker.arq_source import ArqJobSource
@@ -39,7 +38,7 @@ async def queue(redis: Redis) -> ArqJobQueue:
         worker_id="w", model=MODEL, capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
     )
     await registry.heartbeat(redis, info, ttl=60)
-    return ArqJobQueue(redis, settings, GatewayMetrics(), ModelDirectory(redis, settings))
+    return ArqJobQueue(redis, settings, ModelDirectory(redis, settings))
 
 
 def source(redis: Redis, worker: str, lease: float = 5.0) -> ArqJobSource:

@@ -1,0 +1,63 @@
+"""Fixtures of the deployment checks: the compose file, the Kubernetes objects as kustomize renders them, uv.lock."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tomllib
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.files import DASHBOARD, K8S, ROOT, Objects, load_yaml
+
+#: manifests for CRDs that may not be installed (KEDA, the Prometheus Operator): not in the kustomization
+OPTIONAL_MANIFESTS = ("keda-scaledobject.yaml", "monitoring.yaml")
+
+
+@pytest.fixture(scope="session")
+def compose() -> dict[str, Any]:
+    return load_yaml(ROOT / "compose.yaml")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]  # type: ignore[no-any-return]
+
+
+def kustomize() -> list[dict[str, Any]]:
+    """``kubectl kustomize deploy/k8s``: what ``kubectl apply -k`` would send."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is not installed: `make test` installs Debian's kubernetes-client (make tools)"
+    rendered = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def rendered() -> list[dict[str, Any]]:
+    return kustomize()
+
+
+@pytest.fixture(scope="session")
+def k8s(rendered: list[dict[str, Any]]) -> Objects:
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in rendered}
+    for name in OPTIONAL_MANIFESTS:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+@pytest.fixture(scope="session")
+def lock() -> dict[str, list[dict[str, Any]]]:
+    packages: dict[str, list[dict[str, Any]]] = {}
+    for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
+        packages.setdefault(package["name"], []).append(package)
+    return packages
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]

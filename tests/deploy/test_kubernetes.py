@@ -1,0 +1,175 @@
+"""The Kubernetes manifests as ``kubectl kustomize`` renders them: valid against the Kubernetes API schema
+(kubernetes-validate), wired together (selectors, ports, config, secrets), probes that match what each process
+promises, grace periods that cover the drain and the longest stream, disruption budgets, and a KEDA trigger whose
+fields are the ones KEDA's redis scaler reads."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+
+from conveyor.contract import queue_name
+from tests.deploy.conftest import OPTIONAL_MANIFESTS
+from tests.deploy.files import (
+    GATEWAY_PORT,
+    GRACE_MARGIN_S,
+    K8S,
+    WORKER_METRICS_PORT,
+    Objects,
+    compose_workers,
+    container,
+    env,
+    k8s_workers,
+    load_yaml,
+    of_kind,
+    resolve,
+)
+
+#: the Kubernetes version the manifests are validated against
+KUBERNETES_VERSION = "1.31"
+
+#: trigger metadata KEDA's redis scaler reads (kedacore/keda pkg/scalers/redis_scaler.go, v2.8.0 onward: the
+#: `activationListLength` field came with kedacore/keda#3415; reading a sorted set with ZCARD with #1013, v2.0.0)
+KEDA_REDIS_FIELDS = {
+    "address", "addresses", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "listName",
+    "listLength", "activationListLength", "databaseIndex", "username", "usernameFromEnv", "password",
+    "passwordFromEnv", "enableTLS", "unsafeSsl",
+}  # fmt: skip
+
+
+def test_every_rendered_object_is_valid_for_the_kubernetes_api(rendered: list[dict[str, Any]]) -> None:
+    assert rendered
+    for doc in rendered:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        assert "namespace" not in doc["metadata"], f"{doc['metadata']['name']}: manifests are namespace-less"
+
+
+def test_kustomization_lists_the_manifests() -> None:
+    resources = set(load_yaml(K8S / "kustomization.yaml")["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", *OPTIONAL_MANIFESTS}
+    assert resources == on_disk
+
+
+def test_deployments_and_services_wire_up(k8s: Objects) -> None:
+    deployments = of_kind(k8s, "Deployment")
+    configmaps = of_kind(k8s, "ConfigMap")
+    assert {"redis", "conveyor-gateway"} <= deployments.keys()
+    for name, deployment in deployments.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+        for source in container(deployment).get("envFrom", []):
+            assert source["configMapRef"]["name"] in configmaps, name
+        for variable in container(deployment).get("env", []):
+            ref = variable.get("valueFrom", {}).get("secretKeyRef")
+            assert ref is None or ref.get("optional") is True, f"{name}: no Secret is shipped, keep it optional"
+    for name, service in of_kind(k8s, "Service").items():
+        (target,) = [
+            d
+            for d in deployments.values()
+            if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        ports = container(target)["ports"]
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in [p["name"] for p in ports] + [p["containerPort"] for p in ports], name
+
+
+def test_gateway_probes(k8s: Objects) -> None:
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    gateway = container(k8s[("Deployment", "conveyor-gateway")])
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports == {"http": GATEWAY_PORT}
+    assert int(config["data"]["CONVEYOR_GATEWAY_PORT"]) == GATEWAY_PORT
+    # readiness: this gateway can serve (one model without a worker must not empty the Service)
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/ready?scope=gateway", "port": "http"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert k8s[("Service", "conveyor-gateway")]["spec"]["ports"][0]["port"] == GATEWAY_PORT
+
+
+def test_a_stopping_gateway_lets_the_longest_stream_finish(k8s: Objects) -> None:
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    deployment = k8s[("Deployment", "conveyor-gateway")]
+    pause = int(container(deployment)["lifecycle"]["preStop"]["exec"]["command"][1])
+    longest = float(config["data"]["CONVEYOR_GATEWAY_REQUEST_TIMEOUT"])
+    grace = float(config["data"]["CONVEYOR_GATEWAY_SHUTDOWN_GRACE"])
+    assert grace >= longest
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pause + grace + GRACE_MARGIN_S
+
+
+def test_every_deployment_has_a_disruption_budget(k8s: Objects) -> None:
+    budgets = of_kind(k8s, "PodDisruptionBudget").values()
+    for name, deployment in of_kind(k8s, "Deployment").items():
+        if name == "redis":
+            continue
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(b["spec"]["selector"]["matchLabels"].items() <= labels.items() for b in budgets), name
+
+
+def test_workers_get_one_gpu_and_time_to_drain(k8s: Objects, services: dict[str, Any]) -> None:
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    grace = int(config["data"]["CONVEYOR_WORKER_GRACE_PERIOD"])
+    workers = k8s_workers(k8s)
+    assert len(workers) >= 2
+    models = set()
+    for name, deployment in workers.items():
+        spec = deployment["spec"]
+        worker = container(deployment)
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= grace + GRACE_MARGIN_S, name
+        assert spec["strategy"]["rollingUpdate"]["maxSurge"] == 0, f"{name}: a surge pod waits for a free GPU"
+        assert {p["name"]: p["containerPort"] for p in worker["ports"]} == {"metrics": WORKER_METRICS_PORT}
+        assert worker["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}, name
+        assert worker["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}, name
+        assert int(config["data"]["CONVEYOR_WORKER_METRICS_PORT"]) == WORKER_METRICS_PORT
+        annotations = spec["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == WORKER_METRICS_PORT, name
+        assert worker["args"][worker["args"].index("--model") + 1] == "$(CONVEYOR_WORKER_MODEL)", name
+        assert isinstance(json.loads(env(worker)["CONVEYOR_WORKER_ENGINE_ARGS"]), dict), name
+        models.add(env(worker)["CONVEYOR_WORKER_MODEL"])
+    assert set(config["data"]["CONVEYOR_GATEWAY_MODELS"].split(",")) == models
+    assert config["data"]["HF_HUB_OFFLINE"] == "0", "the default models are hub ids; the worker defaults to offline"
+    compose_models = {resolve(w["environment"]["CONVEYOR_WORKER_MODEL"]) for w in compose_workers(services).values()}
+    assert models == compose_models, "compose and kubernetes deploy the same default models"
+
+
+def test_images_match_compose(k8s: Objects, services: dict[str, Any]) -> None:
+    assert container(k8s[("Deployment", "conveyor-gateway")])["image"] == services["gateway"]["image"]
+    worker_images = {w["image"] for w in compose_workers(services).values()}
+    assert {container(d)["image"] for d in k8s_workers(k8s).values()} == worker_images
+    redis_image = container(k8s[("Deployment", "redis")])["image"]
+    assert redis_image == services["redis"]["image"]
+
+
+def test_keda_scales_a_worker_on_its_own_queue(k8s: Objects) -> None:
+    scaled = of_kind(k8s, "ScaledObject")
+    workers = k8s_workers(k8s)
+    assert scaled
+    redis_port = k8s[("Service", "redis")]["spec"]["ports"][0]["port"]
+    for name, obj in scaled.items():
+        target = workers[obj["spec"]["scaleTargetRef"]["name"]]
+        assert obj["spec"]["minReplicaCount"] >= 1, f"{name}: zero workers means 503s and a cold model load"
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert set(trigger["metadata"]) <= KEDA_REDIS_FIELDS, "a field KEDA's redis scaler does not read"
+        assert trigger["metadata"]["listName"] == queue_name(env(container(target))["CONVEYOR_WORKER_MODEL"])
+        assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
+        assert int(trigger["metadata"]["listLength"]) > 0
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string-only"
+
+
+def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(
+    k8s: Objects,
+) -> None:
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    path = config["data"]["CONVEYOR_FILES_URL"]
+    (claim,) = of_kind(k8s, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod of every Deployment writes to it
+    for name, deployment in of_kind(k8s, "Deployment").items():
+        if name == "redis":
+            continue
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert path in mounts, name
+        assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], name

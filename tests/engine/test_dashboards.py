@@ -1,0 +1,61 @@
+"""The dashboard on the real engine: a real Prometheus on the shipped scrape config discovers `conveyor up`'s
+gateway and vLLM workers, traffic runs, and EVERY query of EVERY panel returns a number, the vLLM row included
+(so vLLM's `vllm:` names arrive intact). Each panel's data is drawn as a PNG in `.artifacts/dashboard/` for a
+person to look at, since no Grafana runs here."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import wait_for
+from tests.dashboards.prom import panels, plot, prometheus, unanswered
+from tests.engine.conftest import CHAT, EMBED, RealStack
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts" / "dashboard"
+
+
+def test_every_panel_returns_data_on_the_real_engine(real_stack: RealStack, tmp_path: Path) -> None:
+    with prometheus(real_stack.base_url, tmp_path) as prom:
+        started = time.monotonic()
+        wait_for(lambda: prom.scrapes(gateways=1, workers=2), timeout=60, what="the gateway and both workers scraped")
+        client = OpenAI(base_url=f"{real_stack.base_url}/v1", api_key="unused", max_retries=0)
+        for i in range(8):
+            client.embeddings.create(model=EMBED, input=f"a sentence to embed, number {i}")
+        for i in range(3):
+            stream = client.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=16, stream=True
+            )
+            assert list(stream)
+        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        with pytest.raises(openai.NotFoundError):  # a failure, for the failure panels
+            client.embeddings.create(model="no-such-model", input="x")
+        lines = "".join(
+            json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+                        "body": {"model": EMBED, "input": f"batch line {i}"}}) + "\n"
+            for i in range(4)
+        )  # fmt: skip
+        batch_input = client.files.create(file=("in.jsonl", io.BytesIO(lines.encode())), purpose="batch")
+        batch = client.batches.create(input_file_id=batch_input.id, endpoint="/v1/embeddings", completion_window="24h")
+        wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=120, what="the batch")
+        every = panels()
+        assert any(panel.engine for panel in every)
+        missing: list[str] = []
+
+        def answered() -> bool:
+            missing[:] = unanswered(prom, every)
+            return not missing
+
+        try:
+            wait_for(answered, timeout=60, what="every panel query answered")
+        except AssertionError:
+            pytest.fail("panel queries without data:\n" + "\n".join(missing))
+        assert prom.query("vllm:num_requests_running"), "vLLM's metric names did not survive the scrape"
+        drawn = plot(prom, every, time.monotonic() - started, ARTIFACTS)
+        assert len(drawn) == len(every) and all(path.stat().st_size > 0 for path in drawn)
