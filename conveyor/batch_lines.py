@@ -167,6 +167,16 @@ BatchStatus = Literal[
 FINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
+class BatchUsage(BaseModel):
+    """Tokens of the lines that succeeded, as each line's own usage counted them (OpenAI's batch ``usage``)."""
+
+    input_tokens: int = 0
+    input_tokens_details: dict[str, int] = {"cached_tokens": 0}
+    output_tokens: int = 0
+    output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
+    total_tokens: int = 0
+
+
 class BatchObject(BaseModel):
     id: str
     object: Literal["batch"] = "batch"
@@ -187,6 +197,7 @@ class BatchObject(BaseModel):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: BatchRequestCounts = BatchRequestCounts()
+    usage: BatchUsage = BatchUsage()
     metadata: dict[str, str] | None = None
     model: str | None = None
 

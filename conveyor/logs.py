@@ -36,6 +36,11 @@ def tag(request_id: str, model: str | None) -> None:
     _model.set(model)
 
 
+def current_request() -> str | None:
+    """The id of the request the current task works for, if any."""
+    return _request_id.get()
+
+
 class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = _request_id.get()

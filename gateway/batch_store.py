@@ -16,7 +16,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from conveyor import contract
-from conveyor.batch_lines import BatchErrors, BatchObject, BatchRequestCounts, StoredFile
+from conveyor.batch_lines import BatchErrors, BatchObject, BatchRequestCounts, BatchUsage, StoredFile
 from conveyor.contract import ChunkRef
 from conveyor.errors import NotFound
 from gateway.queue import redis_errors
@@ -37,18 +37,21 @@ for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-#: Fold the chunk reports workers left on the done list into the counts, each chunk once. KEYS: done list, chunk
-#: hash, batch hash. Returns how many reports were read.
+#: Fold the chunk reports workers left on the done list (``<index> <ok> <failed> <input tokens> <output tokens>``)
+#: into the counts and the usage, each chunk once. KEYS: done list, chunk hash, batch hash. Returns how many reports
+#: were read.
 FOLD_SCRIPT = """
 local read = 0
 while true do
   local report = redis.call('LPOP', KEYS[1])
   if not report then break end
   read = read + 1
-  local index, ok, failed = string.match(report, '(%d+) (%d+) (%d+)')
+  local index, ok, failed, input, output = string.match(report, '^(%d+) (%d+) (%d+) ?(%d*) ?(%d*)')
   if index and redis.call('HSETNX', KEYS[2], index, ok .. ' ' .. failed) == 1 then
     redis.call('HINCRBY', KEYS[3], 'completed', ok)
     redis.call('HINCRBY', KEYS[3], 'failed', failed)
+    if input ~= '' then redis.call('HINCRBY', KEYS[3], 'input_tokens', input) end
+    if output ~= '' then redis.call('HINCRBY', KEYS[3], 'output_tokens', output) end
   end
 end
 return read
@@ -140,12 +143,18 @@ class BatchStore:
         counts = BatchRequestCounts(
             total=int(values.pop("total", 0)), completed=int(values.pop("completed")), failed=int(values.pop("failed"))
         )
+        input_tokens, output_tokens = int(values.pop("input_tokens", 0)), int(values.pop("output_tokens", 0))
+        usage = BatchUsage(
+            input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
+        )
         errors = values.pop("errors", None)
         values.pop("plan", None)
         for name, value in values.items():
             data[name] = int(value) if name.endswith("_at") else value
         return BatchObject.model_validate(
-            data | {"request_counts": counts, "errors": BatchErrors.model_validate_json(errors) if errors else None}
+            data
+            | {"request_counts": counts, "usage": usage}
+            | {"errors": BatchErrors.model_validate_json(errors) if errors else None}
         )
 
     async def move(self, batch_id: str, allowed: tuple[str, ...], status: str, **fields: str | int) -> bool:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from conveyor import logs
 from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooLarge, error_body
 from gateway.metrics import OTHER
 
@@ -49,7 +50,9 @@ def respond(request: Request, error: ConveyorError) -> JSONResponse:
         arrived = getattr(request.state, "arrived", time.time())
         model = getattr(request.state, "model", None)
         metrics.observe(model, endpoint_label(request), error.status, error.code or error.type, arrived)
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    request_id = logs.current_request()  # known once the request became a job: the same id as in the logs
+    headers = error.headers | ({"X-Request-Id": request_id} if request_id else {})
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def install(app: FastAPI) -> None:

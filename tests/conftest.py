@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import shutil
 import subprocess
 import tempfile
@@ -173,3 +175,15 @@ def models_arg(names: Sequence[str]) -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def run_embedding_batch(client: OpenAI, model: str, lines: int, timeout: float = 60) -> None:
+    """Upload ``lines`` embedding requests, run them as a batch and wait until it completed."""
+    body = "".join(
+        json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+                    "body": {"model": model, "input": f"batch line {i}"}}) + "\n"
+        for i in range(lines)
+    )  # fmt: skip
+    batch_input = client.files.create(file=("in.jsonl", io.BytesIO(body.encode())), purpose="batch")
+    batch = client.batches.create(input_file_id=batch_input.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=timeout, what="the batch")

@@ -58,11 +58,13 @@ class Line:
 
 @dataclass
 class Result:
-    """One line's outcome: the engine's JSON body (status 200) or an error."""
+    """One line's outcome: the engine's JSON body (status 200) and its usage, or an error."""
 
     line: Line
     body: bytes | None = None
     error: ErrorInfo | None = None
+    #: the line's prompt and completion tokens, from its usage
+    tokens: tuple[int, int] = (0, 0)
 
     def encode(self) -> bytes:
         head = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": self.line.custom_id}
@@ -112,7 +114,9 @@ class ChunkRunner:
         await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "err"), _blocks(failed))
         metrics.BULK_LINES.labels(self.model, "ok").inc(len(ok))
         metrics.BULK_LINES.labels(self.model, "failed").inc(len(failed))
-        return Done(envelope.deadline, Delivery(report, f"{chunk.index} {len(ok)} {len(failed)}".encode(), ttl))
+        prompt, completion = (sum(r.tokens[i] for r in results if r.error is None) for i in (0, 1))
+        counts = f"{chunk.index} {len(ok)} {len(failed)} {prompt} {completion}"
+        return Done(envelope.deadline, Delivery(report, counts.encode(), ttl))
 
     async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
         number = chunk.first_line
@@ -145,10 +149,11 @@ class ChunkRunner:
         metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
             async with self.share.hold(len(_items(line.body["input"])) if "input" in line.body else 1):
-                raw = await self.engine.run(line.kind, line.body, line.request_id)
-            return Result(line, body=contract.json_bytes(raw))
+                raw = contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
+        usage = orjson.loads(raw).get("usage") or {}
+        return Result(line, body=raw, tokens=(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
 
     async def _embed_group(self, group: list[Line]) -> list[Result]:
         """Lines with the same parameters: as few engine calls as the engine share allows, split back per line."""
@@ -190,7 +195,7 @@ class ChunkRunner:
             at += len(items)
             usage = {"prompt_tokens": sum(line_counts), "total_tokens": sum(line_counts)}
             single = {"object": "list", "data": data, "model": answer.get("model"), "usage": usage}
-            results.append(Result(line, body=orjson.dumps(single)))
+            results.append(Result(line, body=orjson.dumps(single), tokens=(sum(line_counts), 0)))
         return results
 
 

@@ -204,10 +204,6 @@ async def _serve_engine(
         info.max_jobs,
         info.metrics_port,
     )
-    print(
-        f"conveyor worker ready: model={info.model} worker_id={info.worker_id} metrics_port={info.metrics_port}",
-        flush=True,
-    )
     try:
         await asyncio.wait({watchdog, serving}, return_when=asyncio.FIRST_COMPLETED)
         if not watchdog.done() and not consumer.engine_dead:

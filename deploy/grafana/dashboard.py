@@ -185,7 +185,7 @@ def dashboard() -> dict[str, Any]:
     model_variable = {
         "name": "model", "label": "Model", "type": "query", "datasource": DATASOURCE,
         "query": {"query": "label_values(conveyor_requests_total, model)", "refId": "model"},
-        "definition": "label_values(conveyor_requests_total, model)", "refresh": 2, "includeAll": True, "multi": True,
+        "refresh": 2, "includeAll": True, "multi": True,
         "allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 1,
     }  # fmt: skip
     return {

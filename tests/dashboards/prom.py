@@ -156,6 +156,20 @@ def unanswered(server: Prometheus, selected: list[Panel]) -> list[str]:
     return [f"{panel.title}: {expr}" for panel in selected for expr in panel.exprs if not server.finite(expr)]
 
 
+def require_answers(server: Prometheus, selected: list[Panel], timeout: float) -> None:
+    """Wait until every query of ``selected`` returns a number; fail naming those that do not."""
+    missing: list[str] = []
+
+    def answered() -> bool:
+        missing[:] = unanswered(server, selected)
+        return not missing
+
+    try:
+        wait_for(answered, timeout=timeout, what="every panel query answered")
+    except AssertionError:
+        raise AssertionError("panel queries without data:\n" + "\n".join(missing)) from None
+
+
 def legend_of(legend: str, labels: dict[str, str]) -> str:
     """A Grafana legend format (``{{model}} p95``) filled in with a series' labels."""
     return re.sub(r"\{\{(\w+)\}\}", lambda match: labels.get(match.group(1), ""), legend)

@@ -5,8 +5,6 @@ that reads Conveyor's metrics returns a number. The vLLM panels run in the engin
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import pytest
 
 from conveyor import redis_server
 from conveyor.redis_server import RedisServer
-from tests.conftest import Gateway, Processes, wait_for
-from tests.dashboards.prom import Prometheus, panels, prometheus, unanswered
+from tests.conftest import Gateway, Processes, run_embedding_batch, wait_for
+from tests.dashboards.prom import Prometheus, panels, prometheus, require_answers
 
 CHAT, EMBED, IDLE = "fake-chat", "fake-embed", "idle-model"
 STREAM_TOKENS, TOKEN_DELAY = 10, 0.05  # a stream of ~0.5 s
@@ -69,14 +67,7 @@ def send_traffic(gateway: Gateway) -> None:
             extra_headers={"x-conveyor-timeout": "1"},
         )  # fmt: skip
     assert timed_out.value.status_code == 504
-    lines = "".join(
-        json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
-                    "body": {"model": EMBED, "input": f"line {i}"}}) + "\n"
-        for i in range(6)
-    )  # fmt: skip
-    batch_input = client.files.create(file=("in.jsonl", io.BytesIO(lines.encode())), purpose="batch")
-    batch = client.batches.create(input_file_id=batch_input.id, endpoint="/v1/embeddings", completion_window="24h")
-    wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=30, what="the batch")
+    run_embedding_batch(client, EMBED, 6)
 
 
 def test_prometheus_discovers_the_gateway_and_every_worker_from_the_shipped_config(prom: Prometheus) -> None:
@@ -88,16 +79,7 @@ def test_every_panel_query_returns_data(stack: Gateway, prom: Prometheus) -> Non
     send_traffic(stack)
     conveyor_panels = [panel for panel in panels() if not panel.engine]
     assert len(conveyor_panels) >= 15
-    missing: list[str] = []
-
-    def answered() -> bool:
-        missing[:] = unanswered(prom, conveyor_panels)
-        return not missing
-
-    try:
-        wait_for(answered, timeout=30, what="every panel query answered")
-    except AssertionError:
-        pytest.fail("panel queries without data:\n" + "\n".join(missing))
+    require_answers(prom, conveyor_panels, timeout=30)
 
 
 def test_metrics_mean_what_they_say(stack: Gateway, prom: Prometheus) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,11 +28,11 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
     return compose["services"]  # type: ignore[no-any-return]
 
 
-def kustomize() -> list[dict[str, Any]]:
-    """``kubectl kustomize deploy/k8s``: what ``kubectl apply -k`` would send."""
+def kustomize(directory: Path = K8S) -> list[dict[str, Any]]:
+    """``kubectl kustomize DIRECTORY``: what ``kubectl apply -k`` would send."""
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is not installed: `make test` installs Debian's kubernetes-client (make tools)"
-    rendered = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=False)
+    rendered = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False)
     assert rendered.returncode == 0, rendered.stderr
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 

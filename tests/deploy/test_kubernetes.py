@@ -5,13 +5,15 @@ fields are the ones KEDA's redis scaler reads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 
 from conveyor.contract import queue_name
-from tests.deploy.conftest import OPTIONAL_MANIFESTS
+from tests.deploy.conftest import OPTIONAL_MANIFESTS, kustomize
 from tests.deploy.files import (
     GATEWAY_PORT,
     GRACE_MARGIN_S,
@@ -173,3 +175,53 @@ def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         assert path in mounts, name
         assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], name
+
+
+FLEET = """
+[[models]]
+name = "Qwen/Qwen3-8B"
+path = "Qwen/Qwen3-8B-FP8"
+task = "generate"
+gpus = ["0", "1", "2"]
+engine_args = { max_model_len = 32768 }
+
+[[models]]
+name = "bge-m3"
+task = "embed"
+replicas = 2
+env = { HF_HUB_OFFLINE = "0" }
+"""
+
+
+def _fleet(tmp_path: Path, models: str) -> list[dict[str, Any]]:
+    spec = importlib.util.spec_from_file_location("fleet", K8S / "fleet.py")
+    assert spec is not None and spec.loader is not None
+    fleet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fleet)
+    (tmp_path / "models.toml").write_text(models)
+    fleet.generate(tmp_path / "models.toml", tmp_path / "out")
+    return kustomize(tmp_path / "out")
+
+
+def test_a_fleet_is_generated_from_one_models_file(tmp_path: Path) -> None:
+    rendered = _fleet(tmp_path, FLEET)
+    for doc in rendered:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in rendered}
+    (config,) = of_kind(objects, "ConfigMap").values()
+    assert config["data"]["CONVEYOR_GATEWAY_MODELS"] == "Qwen/Qwen3-8B,bge-m3"
+    workers = k8s_workers(objects)
+    assert workers.keys() == {"conveyor-worker-qwen-qwen3-8b", "conveyor-worker-bge-m3"}
+    qwen, bge = workers["conveyor-worker-qwen-qwen3-8b"], workers["conveyor-worker-bge-m3"]
+    assert (qwen["spec"]["replicas"], bge["spec"]["replicas"]) == (3, 2)  # one pod per GPU; replicas
+    assert {
+        "CONVEYOR_WORKER_MODEL": "Qwen/Qwen3-8B", "CONVEYOR_WORKER_MODEL_PATH": "Qwen/Qwen3-8B-FP8",
+        "CONVEYOR_WORKER_TASK": "generate", "CONVEYOR_WORKER_ENGINE_ARGS": '{"max_model_len": 32768}',
+    }.items() <= env(container(qwen)).items()  # fmt: skip
+    assert env(container(bge))["HF_HUB_OFFLINE"] == "0" and "CONVEYOR_WORKER_MODEL_PATH" not in env(container(bge))
+    for name, deployment in workers.items():
+        assert container(deployment)["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        budget = objects[("PodDisruptionBudget", name)]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert {"conveyor-gateway", "redis"} <= of_kind(objects, "Deployment").keys()

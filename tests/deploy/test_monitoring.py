@@ -4,10 +4,15 @@ dashboard tier (tests/dashboards/) and the engine tier; here: promtool, the gene
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
+
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from tests.deploy.files import DASHBOARD, DEPLOY, GATEWAY_PORT, container_port, load_yaml
 
@@ -73,3 +78,23 @@ def test_grafana_provisioning_matches_the_compose_mounts(services: dict[str, Any
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     prom_ports = [container_port(p) for p in services["prometheus"]["ports"]]
     assert prom_ports == [9090]
+
+
+def _lost(ours: Any, kept: Any, path: str = "") -> list[str]:
+    """Paths of ``ours`` that ``kept`` does not have (or has with another value)."""
+    if isinstance(ours, dict):
+        return [p for key in ours for p in
+                (_lost(ours[key], kept[key], f"{path}/{key}") if key in kept else [f"{path}/{key}"])]  # fmt: skip
+    if isinstance(ours, list):
+        if len(ours) != len(kept):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(ours, kept, strict=True)) for p in _lost(a, b, f"{path}[{i}]")]
+    return [] if ours == kept else [path]
+
+
+def test_the_dashboard_is_valid_by_grafanas_own_schema(dashboard: dict[str, Any]) -> None:
+    """Read through Grafana's typed dashboard models (generated from its schema): every field is one the schema
+    knows (an unknown one is dropped on the way) and keeps its value."""
+    plugins.register_default_plugins()
+    parsed = json.loads(json.dumps(Dashboard.from_json(dashboard), cls=JSONEncoder))
+    assert _lost(dashboard, parsed) == []

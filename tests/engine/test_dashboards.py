@@ -5,8 +5,6 @@ person to look at, since no Grafana runs here."""
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from pathlib import Path
 
@@ -14,8 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import wait_for
-from tests.dashboards.prom import panels, plot, prometheus, unanswered
+from tests.conftest import run_embedding_batch, wait_for
+from tests.dashboards.prom import panels, plot, prometheus, require_answers
 from tests.engine.conftest import CHAT, EMBED, RealStack
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts" / "dashboard"
@@ -36,26 +34,10 @@ def test_every_panel_returns_data_on_the_real_engine(real_stack: RealStack, tmp_
         client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
         with pytest.raises(openai.NotFoundError):  # a failure, for the failure panels
             client.embeddings.create(model="no-such-model", input="x")
-        lines = "".join(
-            json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
-                        "body": {"model": EMBED, "input": f"batch line {i}"}}) + "\n"
-            for i in range(4)
-        )  # fmt: skip
-        batch_input = client.files.create(file=("in.jsonl", io.BytesIO(lines.encode())), purpose="batch")
-        batch = client.batches.create(input_file_id=batch_input.id, endpoint="/v1/embeddings", completion_window="24h")
-        wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=120, what="the batch")
+        run_embedding_batch(client, EMBED, 4, timeout=120)
         every = panels()
         assert any(panel.engine for panel in every)
-        missing: list[str] = []
-
-        def answered() -> bool:
-            missing[:] = unanswered(prom, every)
-            return not missing
-
-        try:
-            wait_for(answered, timeout=60, what="every panel query answered")
-        except AssertionError:
-            pytest.fail("panel queries without data:\n" + "\n".join(missing))
+        require_answers(prom, every, timeout=60)
         assert prom.query("vllm:num_requests_running"), "vLLM's metric names did not survive the scrape"
         drawn = plot(prom, every, time.monotonic() - started, ARTIFACTS)
         assert len(drawn) == len(every) and all(path.stat().st_size > 0 for path in drawn)

@@ -106,6 +106,13 @@ def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(sta
         assert body["usage"] == alone["usage"]
     output_file = client.files.retrieve(batch.output_file_id or "")
     assert output_file.purpose == "batch_output" and output_file.bytes > 0
+    prompt_tokens = sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in output)
+    assert batch.usage is not None and prompt_tokens > 0  # the batch's usage adds up its lines' own
+    assert (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (
+        prompt_tokens,
+        0,
+        prompt_tokens,
+    )
     after = stack.embed_worker.metrics()  # the lines of a chunk ran as a few engine calls, not one each
 
     def calls(merged: str) -> float:
@@ -133,6 +140,9 @@ def test_a_line_the_engine_refuses_goes_to_the_error_file_with_its_openai_error(
     answers = jsonl(client, batch.output_file_id)
     assert {a["custom_id"] for a in answers} == {"chat-0", "chat-1", "chat-3", "chat-4"}
     assert all(len(a["response"]["body"]["choices"][0]["message"]["content"].split()) == 3 for a in answers)
+    usages = [a["response"]["body"]["usage"] for a in answers]  # the refused line counts no tokens
+    assert batch.usage is not None and batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages) == 12
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
 
 
 @pytest.mark.parametrize(

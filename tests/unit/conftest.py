@@ -1,11 +1,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import fakeredis
+import httpx
 import pytest
 from fakeredis.aioredis import FakeAsyncRedisConnection
+from fastapi import FastAPI
 from redis.asyncio import ConnectionPool, Redis
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
 
 
 @pytest.fixture
@@ -24,3 +30,18 @@ async def redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
     yield client
     await client.aclose()
     await client.connection_pool.disconnect()
+
+
+@asynccontextmanager
+async def running_gateway(server: fakeredis.FakeServer, settings: GatewaySettings) -> AsyncIterator[FastAPI]:
+    """The gateway app in-process, its lifespan running, on fakeredis."""
+    application = create_app(settings, connect=lambda _url: fake_connect(server))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the module's ``app`` fixture (a running gateway)."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        yield http

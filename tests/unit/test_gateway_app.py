@@ -14,25 +14,18 @@ from redis.asyncio import Redis
 
 from conveyor import contract, registry
 from conveyor.contract import StreamFrame
-from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.unit.conftest import fake_connect
+from tests.unit.conftest import running_gateway
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
 async def app(fake_server: fakeredis.FakeServer) -> AsyncIterator[FastAPI]:
-    settings = GatewaySettings(models=["chat", "idle"], max_queue_depth=2, request_timeout=5)
-    application = create_app(settings, connect=lambda _url: fake_connect(fake_server))
-    async with application.router.lifespan_context(application):
+    async with running_gateway(
+        fake_server, GatewaySettings(models=["chat", "idle"], max_queue_depth=2, request_timeout=5)
+    ) as application:
         yield application
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-        yield c
 
 
 async def register(redis: Redis, model: str, capabilities: list[str]) -> None:

@@ -17,9 +17,8 @@ from redis.asyncio import Redis
 
 from conveyor import contract, registry
 from conveyor.netaddr import address_towards, host_port
-from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.unit.conftest import fake_connect
+from tests.unit.conftest import running_gateway
 from worker import http_endpoints
 
 #: the Accept header Prometheus 2.42 sends by default (it prefers OpenMetrics)
@@ -31,16 +30,10 @@ PROMETHEUS_2_ACCEPT = (
 
 @pytest.fixture
 async def app(fake_server: fakeredis.FakeServer) -> AsyncIterator[FastAPI]:
-    settings = GatewaySettings(models=["chat"], port=8123, advertise_host="10.0.0.7")
-    application = create_app(settings, connect=lambda _url: fake_connect(fake_server))
-    async with application.router.lifespan_context(application):
+    async with running_gateway(
+        fake_server, GatewaySettings(models=["chat"], port=8123, advertise_host="10.0.0.7")
+    ) as application:
         yield application
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-        yield c
 
 
 def worker(worker_id: str, model: str, state: registry.WorkerState, port: int | None) -> registry.WorkerInfo:
@@ -74,8 +67,7 @@ async def test_every_running_gateway_is_a_scrape_target(client: httpx.AsyncClien
 
 async def test_a_stopped_gateway_leaves_the_targets(fake_server: fakeredis.FakeServer, redis: Redis) -> None:
     settings = GatewaySettings(models=["chat"], port=8124, advertise_host="10.0.0.5")
-    application = create_app(settings, connect=lambda _url: fake_connect(fake_server))
-    async with application.router.lifespan_context(application):
+    async with running_gateway(fake_server, settings):
         assert "10.0.0.5:8124" in await registry.live_gateways(redis)
     assert "10.0.0.5:8124" not in await registry.live_gateways(redis)
 
