@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dockerfile_parse import DockerfileParser
 
 from tests.deploy.files import DEPLOY, GATEWAY_PORT, ROOT, WORKER_METRICS_PORT
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
-    joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    result = []
-    for line in joined.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            result.append((word.upper(), " ".join(rest.split())))
-    return result
+    """(INSTRUCTION, arguments) pairs as dockerfile-parse reads them (continuations joined, comments dropped)."""
+    with path.open("rb") as handle:
+        structure = DockerfileParser(fileobj=handle).structure
+    return [(item["instruction"], " ".join(item["value"].split())) for item in structure
+            if item["instruction"] != "COMMENT"]  # fmt: skip
 
 
 def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
