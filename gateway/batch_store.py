@@ -190,6 +190,26 @@ class BatchStore:
             members = await cast(Awaitable[set[bytes]], self.redis.smembers(contract.ACTIVE_BATCHES))
         return [i.decode() for i in members]
 
+    async def progress(self) -> dict[str, dict[str, int]]:
+        """Lines of the batches not yet finished, per model: pending, completed, failed."""
+        ids = await self.active()
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for batch_id in ids:
+                    pipe.hmget(contract.batch_key(batch_id), ["record", "total", "completed", "failed"])
+                rows = await pipe.execute()
+        found: dict[str, dict[str, int]] = {}
+        for record, total, completed, failed in rows:
+            if record is None:
+                continue
+            model = json.loads(record).get("model") or ""
+            counts = found.setdefault(model, {"pending": 0, "completed": 0, "failed": 0})
+            done, bad = int(completed or 0), int(failed or 0)
+            counts["completed"] += done
+            counts["failed"] += bad
+            counts["pending"] += max(int(total or 0) - done - bad, 0)
+        return found
+
     async def retire(self, batch_id: str) -> None:
         """A batch in a final state: nothing drives it any more; its chunk bookkeeping goes."""
         with redis_errors():

@@ -55,6 +55,10 @@ class BatchService:
         #: makes the batch driver look now (set when the driver starts)
         self.wake: Callable[[], None] = lambda: None
 
+    async def progress(self) -> dict[str, dict[str, int]]:
+        """Lines of the unfinished batches per model (for the metrics)."""
+        return await self.batches.progress()
+
     async def create(self, request: BatchCreate) -> BatchObject:
         stored = await self.batches.file(request.input_file_id)
         if stored.file.purpose != "batch":

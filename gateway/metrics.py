@@ -51,6 +51,23 @@ class GatewayMetrics:
             "conveyor_live_workers", "Live workers (at each admission, and every 5 s).", ["model"], registry=r
         )
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)
+        self.batch_lines = Gauge(
+            "conveyor_batch_lines",
+            "Lines of the batches not yet finished, by state (pending, completed, failed); read at each scrape.",
+            ["model", "state"],
+            registry=r,
+        )
+
+    def set_batch_progress(self, progress: dict[str, dict[str, int]]) -> None:
+        """Every known model's unfinished batch lines (0 when it runs no batch), so the series never vanish."""
+        totals: dict[str, dict[str, int]] = {model: {} for model in self.known_models}
+        for model, counts in progress.items():
+            total = totals.setdefault(self.model_label(model), {})
+            for state, lines in counts.items():
+                total[state] = total.get(state, 0) + lines
+        for label, counts in totals.items():
+            for state in ("pending", "completed", "failed"):
+                self.batch_lines.labels(label, state).set(counts.get(state, 0))
 
     def model_label(self, model: str | None) -> str:
         return model if model and model in self.known_models else OTHER

@@ -114,10 +114,11 @@ async def ready(request: Request, scope: Literal["system", "gateway"] = "system"
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus's classic text format whatever the scraper asks (see ``worker/http_endpoints.py``); queue depth
-    and live workers are read from Redis now, not left at their value of the last admission."""
+    and live workers, and the progress of unfinished batches, are read from Redis now."""
     service = service_of(request)
     with contextlib.suppress(BackendUnavailable):  # Redis down: the gauges keep their last values
         await service.refresh_gauges()
+        service.metrics.set_batch_progress(await request.app.state.batches.progress())
     return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 

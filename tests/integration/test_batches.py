@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.conftest import Processes, metric, wait_for
+from tests.conftest import Processes, metric, scrape, wait_for
 from tests.integration.conftest import CHAT, EMBED, Stack
 
 SLOW = "slow-chat"  # served only by the slow workers of the tests that start their own
@@ -228,7 +228,13 @@ def slow_batch(spawn: Processes, tmp_path: Path, **gateway_settings: str) -> tup
 
 def test_cancel_midway_delivers_what_finished_and_names_the_rest(spawn: Processes, tmp_path: Path) -> None:
     client, batch = slow_batch(spawn, tmp_path)
-    wait_batch(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed >= 4)
+    running = wait_batch(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed >= 4)
+    samples = scrape(f"{spawn.gateways[0].base_url}/metrics")  # the dashboard's batch progress, read at the scrape
+    pending, completed = (
+        metric(samples, "conveyor_batch_lines", model=SLOW, state=state) for state in ("pending", "completed")
+    )
+    assert running.request_counts is not None and completed >= running.request_counts.completed >= 4
+    assert pending + completed == 40 and pending > 0
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     batch = wait_batch(client, batch.id, finished)
