@@ -33,6 +33,7 @@ from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
 from worker import metrics
 from worker.consumer import Done
+from worker.embed_merge import inputs_of, params_key, split
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Delivery
@@ -133,8 +134,7 @@ class ChunkRunner:
         others = [line for line in batch_lines if line.kind is not JobKind.EMBEDDING]
         groups: dict[str, list[Line]] = {}
         for line in embeddings:
-            params = {k: v for k, v in line.body.items() if k != "input"}
-            groups.setdefault(json.dumps(params, sort_keys=True), []).append(line)
+            groups.setdefault(params_key(line.body), []).append(line)
         done = await asyncio.gather(
             *(self._embed_group(group) for group in groups.values()),
             *(self._one_each(others),),
@@ -148,7 +148,7 @@ class ChunkRunner:
     async def _one(self, line: Line) -> Result:
         metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
-            async with self.share.hold(len(_items(line.body["input"])) if "input" in line.body else 1):
+            async with self.share.hold(len(inputs_of(line.body["input"])) if "input" in line.body else 1):
                 raw = contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
@@ -157,7 +157,7 @@ class ChunkRunner:
 
     async def _embed_group(self, group: list[Line]) -> list[Result]:
         """Lines with the same parameters: as few engine calls as the engine share allows, split back per line."""
-        inputs = [_items(line.body["input"]) for line in group]
+        inputs = [inputs_of(line.body["input"]) for line in group]
         counts = self.engine.token_counts([item for items in inputs for item in items]) if len(group) > 1 else None
         if counts is None:
             return await self._one_each(group)
@@ -179,31 +179,22 @@ class ChunkRunner:
         flat = [item for items in inputs for item in items]
         body = group[0].body | {"input": flat}
         metrics.BULK_CALLS.labels(self.model, "yes").inc()
+        merged_id = f"{group[0].request_id}-merged"
         try:
             async with self.share.hold(len(flat)):
-                raw = await self.engine.run(JobKind.EMBEDDING, body, f"{group[0].request_id}-merged")
+                raw = await self.engine.run(JobKind.EMBEDDING, body, merged_id)
         except Exception as exc:  # one line refused, or a failure: each line alone tells which (EngineDead propagates)
             self.client_error(group[0].request_id, exc)
             return await self._one_each(group)
-        answer = orjson.loads(contract.json_bytes(raw))
-        total = sum(sum(line_counts) for line_counts in counts)
-        if answer.get("usage", {}).get("prompt_tokens") != total or len(answer["data"]) != len(flat):
+        answers = split(
+            orjson.loads(contract.json_bytes(raw)), inputs, counts, merged_id, [x.request_id for x in group]
+        )
+        if answers is None:
             return await self._one_each(group)  # the counts do not explain the engine's usage: do not guess
-        results, at = [], 0
-        for line, items, line_counts in zip(group, inputs, counts, strict=True):
-            data = [item | {"index": i} for i, item in enumerate(answer["data"][at : at + len(items)])]
-            at += len(items)
-            usage = {"prompt_tokens": sum(line_counts), "total_tokens": sum(line_counts)}
-            single = {"object": "list", "data": data, "model": answer.get("model"), "usage": usage}
-            results.append(Result(line, body=orjson.dumps(single), tokens=(sum(line_counts), 0)))
-        return results
-
-
-def _items(value: Any) -> list[Any]:
-    """An embedding request's inputs: one text or token array, or a list of them."""
-    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(x, int) for x in value)):
-        return [value]
-    return list(value)
+        return [
+            Result(line, body=orjson.dumps(single), tokens=(sum(line_counts), 0))
+            for line, single, line_counts in zip(group, answers, counts, strict=True)
+        ]
 
 
 async def _blocks(encoded: list[bytes]) -> AsyncIterator[bytes]:
