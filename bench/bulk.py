@@ -27,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from openai import OpenAI
+from openai.types import Batch
 
 from bench.common import machine, ms, percentile, stack, table
 from bench.soak import rss_mib
@@ -71,10 +72,13 @@ class PeakRss:
         self._thread.join()
 
 
-def run_batch(client: OpenAI, jsonl: Path, count: int) -> float:
-    """Seconds from the batch's creation to its completion (the upload is not counted)."""
+def upload(client: OpenAI, jsonl: Path) -> str:
     with jsonl.open("rb") as handle:
-        file_id = client.files.create(file=handle, purpose="batch").id
+        return client.files.create(file=handle, purpose="batch").id
+
+
+def complete(client: OpenAI, file_id: str, count: int) -> tuple[float, Batch]:
+    """Create a batch of the file and wait for it: seconds from creation to completion, and the batch."""
     started = time.perf_counter()
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
@@ -84,7 +88,12 @@ def run_batch(client: OpenAI, jsonl: Path, count: int) -> float:
     counts = batch.request_counts
     if batch.status != "completed" or counts is None or counts.completed != count:
         raise RuntimeError(f"batch ended {batch.status} with {counts}")
-    return seconds
+    return seconds, batch
+
+
+def run_batch(client: OpenAI, jsonl: Path, count: int) -> float:
+    """Seconds from the batch's creation to its completion (the upload is not counted)."""
+    return complete(client, upload(client, jsonl), count)[0]
 
 
 def conveyor_bulk(jsonl: Path, count: int) -> tuple[float, dict[str, float]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from bench.bulk import PeakRss
+from bench.bulk import PeakRss, complete, upload
 from bench.common import machine, stack, table
 
 MODEL = "fake-embed"
@@ -48,18 +48,10 @@ def main() -> None:
             client = OpenAI(base_url=f"{running.base_url}/v1", api_key="none", timeout=900)
             with PeakRss({"gateway": running.children[0].pid, "worker": worker.pid}) as upload_rss:
                 started = time.perf_counter()
-                with jsonl.open("rb") as handle:
-                    file_id = client.files.create(file=handle, purpose="batch").id
+                file_id = upload(client, jsonl)
                 upload_seconds = time.perf_counter() - started
             with PeakRss({"gateway": running.children[0].pid, "worker": worker.pid}) as batch_rss:
-                started = time.perf_counter()
-                batch = client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
-                while batch.status not in ("completed", "failed", "expired", "cancelled"):
-                    time.sleep(0.5)
-                    batch = client.batches.retrieve(batch.id)
-                batch_seconds = time.perf_counter() - started
-            counts = batch.request_counts
-            assert batch.status == "completed" and counts is not None and counts.completed == args.lines, batch
+                batch_seconds, batch = complete(client, file_id, args.lines)
             output = client.files.content(str(batch.output_file_id)).text.splitlines()
             assert len(output) == args.lines
     print(f"Batch file {size / 1e6:.0f} MB, {args.lines} lines, fake embedding engine, {machine()}\n")
