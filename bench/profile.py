@@ -1,0 +1,117 @@
+"""Where the queue path's CPU goes: py-spy samples the gateway and a fake embedding worker under load.
+
+    uv run --frozen --extra cpu python -m bench.profile [--seconds 20] [--concurrency 16]
+
+Prints the request rate, each process's CPU per request, and per process the frames with the most samples: where
+the time is spent itself (self) and which of Conveyor's own functions hold it (inclusive). The raw stacks are kept
+in the printed directory (``py-spy record -f raw``: one ``stack count`` line each; flamegraph tools read them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.common import machine, stack
+
+MODEL = "profile-embed"
+BODY = {"model": MODEL, "input": "a sentence to embed", "encoding_format": "float"}
+OWN_CODE = ("gateway/", "worker/", "conveyor/")
+
+
+async def load(base_url: str, seconds: float, concurrency: int) -> int:
+    done = 0
+    end = time.monotonic() + seconds
+    async with aiohttp.ClientSession(base_url=base_url) as session:
+
+        async def client() -> None:
+            nonlocal done
+            while time.monotonic() < end:
+                async with session.post("/v1/embeddings", json=BODY) as response:
+                    await response.read()
+                    done += 1
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _frame(frame: str) -> str:
+    name, _, location = frame.partition(" (")
+    path = location.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} [{'/'.join(path.split('/')[-2:])}]"
+
+
+def summary(raw: Path, top: int = 12) -> list[str]:
+    own_self: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        frames, _, count = line.rpartition(" ")
+        if not frames:
+            continue
+        samples = int(count)
+        total += samples
+        names = [_frame(f) for f in frames.split(";")]
+        own_self[names[-1]] += samples
+        for name in set(names):
+            if any(part in name for part in OWN_CODE) and "cli.py" not in name and "main.py" not in name:
+                inclusive[name] += samples
+    lines = [f"  self (of {total} samples):"]
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own_self.most_common(top)]
+    lines.append("  inclusive, Conveyor's own functions:")
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("py-spy is not installed (it is a dev dependency: uv sync)")
+    out = Path(tempfile.mkdtemp(prefix="conveyor-profile-"))
+    with stack([MODEL]) as running:
+        worker = running.worker(MODEL, "--engine", "fake", "--task", "embed")
+        pids = {"gateway": running.children[0].pid, "worker": worker.pid}
+        asyncio.run(load(running.base_url, 2, args.concurrency))  # warm-up
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        samplers = [
+            subprocess.Popen(
+                [py_spy, "record", "--rate", "200", "--duration", str(int(args.seconds)), "--format", "raw",
+                 "--nonblocking", "--output", str(out / f"{name}.txt"), "--pid", str(pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for name, pid in pids.items()
+        ]  # fmt: skip
+        started = time.monotonic()
+        requests = asyncio.run(load(running.base_url, args.seconds, args.concurrency))
+        seconds = time.monotonic() - started
+        used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        for sampler in samplers:
+            sampler.wait()
+    print(f"Profile of the queue path, fake embedding engine, concurrency {args.concurrency}, {machine()}")
+    print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), sampled by py-spy at 200 Hz")
+    for name in pids:
+        print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request")
+        print("\n".join(summary(out / f"{name}.txt")))
+    print(f"\nraw stacks: {out}")
+
+
+if __name__ == "__main__":
+    main()
