@@ -9,7 +9,7 @@ card (capabilities, context length) is refreshed alongside by serving workers.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -131,10 +131,13 @@ async def known_models(redis: Redis) -> set[str]:
 
 
 async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
-    ids = await redis.zrangebyscore(contract.model_workers_key(model), time.time(), "+inf")
-    if not ids:
-        return []
-    raw = await redis.mget([contract.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+    return await _infos(redis, await redis.zrangebyscore(contract.model_workers_key(model), time.time(), "+inf"))
+
+
+async def _infos(redis: Redis, ids: Iterable[bytes | str]) -> list[WorkerInfo]:
+    """The registry entries of these worker ids (an entry that lapsed meanwhile is left out)."""
+    keys = sorted({contract.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids})
+    raw = await redis.mget(keys) if keys else []
     return [WorkerInfo.model_validate_json(r) for r in raw if r]
 
 
@@ -147,11 +150,7 @@ async def all_workers(redis: Redis) -> list[WorkerInfo]:
             pipe.zrangebyscore(contract.model_workers_key(model), now, "+inf")
             pipe.zrangebyscore(contract.model_loading_key(model), now, "+inf")
         id_lists = await pipe.execute()
-    ids = sorted({i.decode() if isinstance(i, bytes) else i for found in id_lists for i in found})
-    if not ids:
-        return []
-    raw = await redis.mget([contract.worker_info_key(i) for i in ids])
-    return [WorkerInfo.model_validate_json(r) for r in raw if r]
+    return await _infos(redis, (i for found in id_lists for i in found))
 
 
 async def gateway_heartbeat(redis: Redis, address: str, ttl: float) -> None:

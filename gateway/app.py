@@ -61,7 +61,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         address = host_port(settings.advertise_host or address_towards(settings.redis_url), settings.port)
         await advertise(redis, address)  # scrapable from the start
         background = [
-            asyncio.create_task(service.refresh_gauges_forever(), name="gauge-refresh"),
+            asyncio.create_task(service.refresh_known_models_forever(), name="known-models"),
             asyncio.create_task(advertise_forever(redis, address), name="advertise"),
             asyncio.create_task(driver.run_forever(), name="batch-driver"),
         ]

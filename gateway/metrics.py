@@ -45,11 +45,9 @@ class GatewayMetrics:
             "conveyor_request_failures", "Failed requests by reason (the error code).", ["model", "reason"], registry=r
         )
         self.queue_depth = Gauge(
-            "conveyor_queue_depth", "Jobs waiting or running (at each admission, and every 5 s).", ["model"], registry=r
+            "conveyor_queue_depth", "Jobs waiting or running, read at each scrape.", ["model"], registry=r
         )
-        self.live_workers = Gauge(
-            "conveyor_live_workers", "Live workers (at each admission, and every 5 s).", ["model"], registry=r
-        )
+        self.live_workers = Gauge("conveyor_live_workers", "Live workers, read at each scrape.", ["model"], registry=r)
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)
         self.batch_lines = Gauge(
             "conveyor_batch_lines",

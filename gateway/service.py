@@ -25,7 +25,7 @@ from gateway.relay import FrameReader, StreamRelay
 from gateway.settings import GatewaySettings
 
 #: how often the queue-depth and live-worker gauges are refreshed between requests (Prometheus scrapes every ~15 s)
-GAUGE_REFRESH_SECONDS = 5.0
+KNOWN_MODELS_REFRESH_SECONDS = 5.0
 
 
 class ServingService:
@@ -154,20 +154,22 @@ class ServingService:
         ready = all(m["live_workers"] > 0 for m in statuses.values())
         return {"ready": ready, "redis": True, "models": statuses}
 
+    async def refresh_known_models(self) -> set[str]:
+        """The set of models that may be metric labels (a model a worker registers later gets its own series)."""
+        self.metrics.known_models = await self.directory.names()
+        return self.metrics.known_models
+
     async def refresh_gauges(self) -> None:
-        """Queue depth and live workers of every known model, so dashboards stay current while no request arrives;
-        also the set of models that may be metric labels."""
-        names = await self.directory.names()
-        self.metrics.known_models = names
-        for model in names:
+        """Queue depth and live workers of every known model, read now (at each scrape of /metrics)."""
+        for model in await self.refresh_known_models():
             status = await self.directory.status(model)
             self.metrics.queue_depth.labels(model).set(status.queue_depth)
             self.metrics.live_workers.labels(model).set(status.live_workers)
 
-    async def refresh_gauges_forever(self, interval: float = GAUGE_REFRESH_SECONDS) -> None:
+    async def refresh_known_models_forever(self, interval: float = KNOWN_MODELS_REFRESH_SECONDS) -> None:
         while True:
             with contextlib.suppress(BackendUnavailable):  # /ready and the requests report Redis being down
-                await self.refresh_gauges()
+                await self.refresh_known_models()
             await asyncio.sleep(interval)
 
     # --- housekeeping -------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ Embedding lines that share their parameters are merged into ONE engine call and 
 on its own. Chat and completion lines run concurrently, each its own engine request (the engine batches them).
 
 A chunk's results are two files in the store (output lines and error lines, each written whole), then a report
-``<index> <ok> <failed>`` on the batch's done list, delivered only while this worker still holds the chunk. Running
-a chunk twice (a worker lost mid-chunk) rewrites the same two files; the batch driver counts each chunk once. A
-worker that cannot read the chunk's input (a store it cannot reach) reports every line failed and writes no files;
-the driver then names those lines in the error file.
+``<index> <ok> <failed> <prompt tokens> <completion tokens>`` on the batch's done list, delivered only while this
+worker still holds the chunk. Running a chunk twice (a worker lost mid-chunk) rewrites the same two files; the batch
+driver counts each chunk once. A worker that cannot read the chunk's input (a store it cannot reach) reports every
+line failed and writes no files; the driver then names those lines in the error file.
 """
 
 from __future__ import annotations
