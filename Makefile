@@ -42,7 +42,7 @@ test-fast: install tools  ## without the real-engine tier
 
 lint: install
 	$(RUN) ruff check .
-	$(RUN) ruff format --check conveyor gateway worker tests bench deploy
+	$(RUN) ruff format --check conveyor gateway worker launcher tests bench deploy
 
 typecheck: install
 	$(RUN) mypy

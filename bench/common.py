@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conveyor import processes, redis_server
+from launcher import processes, redis_server
 
 
 @dataclass

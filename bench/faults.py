@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 
 from bench.common import machine, table
-from conveyor import processes, redis_server
-from conveyor.redis_server import RedisServer
+from launcher import processes, redis_server
+from launcher.redis_server import RedisServer
 from tests.conftest import metric, scrape, wait_for
 
 MODEL = "faulty"

@@ -13,7 +13,7 @@ import os
 import time
 
 from bench.common import machine, stack, table
-from conveyor import processes
+from launcher import processes
 
 DELAYS = ("0.5", "0.1", "0.01", "0.002")
 

@@ -43,8 +43,9 @@ import httpx
 import redis
 
 from bench.common import machine, table
-from conveyor import contract, processes, redis_server
-from conveyor.redis_server import RedisServer
+from conveyor import contract
+from launcher import processes, redis_server
+from launcher.redis_server import RedisServer
 
 CHAT, EMBED = "soak-chat", "soak-embed"
 KEY = "soak-key"

@@ -17,8 +17,8 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor import processes, redis_server
 from conveyor.registry import WorkerInfo
+from launcher import processes, redis_server
 
 
 @pytest.fixture(scope="session")

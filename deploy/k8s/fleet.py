@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from conveyor.models_file import ModelSpec, load
+from launcher.models_file import ModelSpec, load
 
 HERE = Path(__file__).resolve().parent
 SHARED = ("configmap.yaml", "files.yaml", "redis.yaml", "gateway.yaml")

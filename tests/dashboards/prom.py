@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from conveyor import redis_server
+from launcher import redis_server
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from conveyor import redis_server
-from conveyor.redis_server import RedisServer
+from launcher import redis_server
+from launcher.redis_server import RedisServer
 from tests.conftest import Gateway, Processes, run_embedding_batch, wait_for
 from tests.dashboards.prom import Prometheus, panels, prometheus, require_answers
 

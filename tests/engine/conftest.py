@@ -13,8 +13,9 @@ import httpx
 import pytest
 import redis
 
-from conveyor import contract, processes, redis_server
+from conveyor import contract
 from conveyor.registry import WorkerInfo
+from launcher import processes, redis_server
 from tests.conftest import scrape, wait_for
 
 EMBED = "all-minilm-l6-v2"

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor import processes
-from conveyor.redis_server import free_port
+from launcher import processes
+from launcher.redis_server import free_port
 from worker.engines.vllm_engine import engine_environment, vllm_cli_args
 
 

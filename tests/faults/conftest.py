@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import redis_server
-from conveyor.redis_server import RedisServer
+from launcher import redis_server
+from launcher.redis_server import RedisServer
 from tests.conftest import Processes
 
 

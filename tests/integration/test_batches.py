@@ -279,7 +279,7 @@ def test_interactive_requests_pass_a_running_batch(spawn: Processes, tmp_path: P
 
 
 def conveyor_batch_embed(gateway_url: str, *args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "conveyor.cli", "batch", "embed", *args, "--base-url", f"{gateway_url}/v1"]
+    command = [sys.executable, "-m", "launcher.cli", "batch", "embed", *args, "--base-url", f"{gateway_url}/v1"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

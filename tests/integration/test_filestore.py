@@ -13,8 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conveyor import redis_server
 from conveyor.filestore import BLOCK_BYTES, FileStore, LocalFileStore, S3FileStore, lines, open_store
+from launcher import redis_server
 from tests.conftest import Processes, wait_for
 from tests.integration.test_batches import EMBEDDINGS, embedding_lines, finished, jsonl, upload, wait_batch
 

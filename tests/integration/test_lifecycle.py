@@ -10,7 +10,8 @@ import openai
 import pytest
 import redis
 
-from conveyor import contract, redis_server
+from conveyor import contract
+from launcher import redis_server
 from tests.conftest import Processes, Worker, metric, wait_for
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conveyor import processes, redis_server
+from launcher import processes, redis_server
 from tests.conftest import wait_for
 
 MODELS = """

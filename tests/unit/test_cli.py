@@ -8,7 +8,8 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import cli, contract, registry, status
+from conveyor import contract, registry, status
+from launcher import cli
 
 
 def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from conveyor import models_file
-from conveyor.models_file import ModelsFile, ModelSpec
+from launcher import models_file
+from launcher.models_file import ModelsFile, ModelSpec
 
 
 def test_the_repository_models_file_serves_the_two_cpu_models(repo_root: Path) -> None:

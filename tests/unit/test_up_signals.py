@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from conveyor import up
+from launcher import up
 
 
 def test_one_ctrl_c_delivered_twice_is_one_stop_and_a_later_press_ends_the_wait(

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from conveyor import models_file, paths, processes, redis_server
+from conveyor import paths
+from launcher import models_file, processes, redis_server
 
 DEFAULT_REDIS_PORT = 6379
 #: real engines take ~25-50 s to start on a CPU, longer when they first convert or download a model

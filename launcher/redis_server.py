@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.processes import spawn
+from launcher.processes import spawn
 
 
 def redis_server_binary() -> str:

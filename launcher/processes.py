@@ -26,7 +26,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def conveyor_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "conveyor.cli", *args]
+    return [sys.executable, "-m", "launcher.cli", *args]
 
 
 def spawn(

@@ -51,7 +51,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _up(args: argparse.Namespace) -> None:
-    from conveyor.up import serve
+    from launcher.up import serve
 
     models = Path(args.models_file)
     if not models.is_file():
