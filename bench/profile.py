@@ -1,10 +1,12 @@
 """Where the queue path's CPU goes: py-spy samples the gateway and a fake embedding worker under load.
 
-    uv run --frozen --extra cpu python -m bench.profile [--seconds 20] [--concurrency 16]
+    uv run --frozen --extra cpu python -m bench.profile [--seconds 20] [--concurrency 16] [--engine vllm]
 
 Prints the request rate, each process's CPU per request, and per process the frames with the most samples: where
-the time is spent itself (self) and which of Conveyor's own functions hold it (inclusive). The raw stacks are kept
-in the printed directory (``py-spy record -f raw``: one ``stack count`` line each; flamegraph tools read them).
+the time is spent itself (self) and which of Conveyor's own functions hold it (inclusive). With ``--engine vllm`` the
+worker runs the real all-MiniLM-L6-v2 on both cores, and its engine-core child process is sampled too. The raw
+stacks are kept in the printed directory (``py-spy record -f raw``: one ``stack count`` line each; flamegraph tools
+read them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +25,15 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import machine, stack
+from worker.model_prep import MINILM
 
-MODEL = "profile-embed"
-BODY = {"model": MODEL, "input": "a sentence to embed", "encoding_format": "float"}
+FAKE_MODEL = "profile-embed"
+TEXT = "a sentence to embed"
 OWN_CODE = ("gateway/", "worker/", "conveyor/")
 
 
-async def load(base_url: str, seconds: float, concurrency: int) -> int:
+async def load(base_url: str, model: str, seconds: float, concurrency: int) -> int:
+    body = {"model": model, "input": TEXT, "encoding_format": "float"}
     done = 0
     end = time.monotonic() + seconds
     async with aiohttp.ClientSession(base_url=base_url) as session:
@@ -36,7 +41,7 @@ async def load(base_url: str, seconds: float, concurrency: int) -> int:
         async def client() -> None:
             nonlocal done
             while time.monotonic() < end:
-                async with session.post("/v1/embeddings", json=BODY) as response:
+                async with session.post("/v1/embeddings", json=body) as response:
                     await response.read()
                     done += 1
 
@@ -47,6 +52,10 @@ async def load(base_url: str, seconds: float, concurrency: int) -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def _frame(frame: str) -> str:
@@ -81,15 +90,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--engine", choices=["fake", "vllm"], default="fake")
     args = parser.parse_args()
-    py_spy = shutil.which("py-spy")
+    if args.engine == "fake":
+        model, worker_args, env = FAKE_MODEL, ["--engine", "fake", "--task", "embed"], None
+    else:
+        model, worker_args = MINILM, ["--task", "embed"]
+        env = {"CONVEYOR_WORKER_CPU_THREADS_BIND": "0-1"}
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         raise SystemExit("py-spy is not installed (it is a dev dependency: uv sync)")
     out = Path(tempfile.mkdtemp(prefix="conveyor-profile-"))
-    with stack([MODEL]) as running:
-        worker = running.worker(MODEL, "--engine", "fake", "--task", "embed")
+    with stack([model]) as running:
+        worker = running.worker(model, *worker_args, env=env, timeout=900)
         pids = {"gateway": running.children[0].pid, "worker": worker.pid}
-        asyncio.run(load(running.base_url, 2, args.concurrency))  # warm-up
+        pids.update(("engine core", pid) for pid in children(worker.pid))  # vLLM's engine process
+        asyncio.run(load(running.base_url, model, 2, args.concurrency))  # warm-up
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         samplers = [
             subprocess.Popen(
@@ -100,12 +116,12 @@ def main() -> None:
             for name, pid in pids.items()
         ]  # fmt: skip
         started = time.monotonic()
-        requests = asyncio.run(load(running.base_url, args.seconds, args.concurrency))
+        requests = asyncio.run(load(running.base_url, model, args.seconds, args.concurrency))
         seconds = time.monotonic() - started
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         for sampler in samplers:
             sampler.wait()
-    print(f"Profile of the queue path, fake embedding engine, concurrency {args.concurrency}, {machine()}")
+    print(f"Profile of the queue path, {args.engine} embedding engine, concurrency {args.concurrency}, {machine()}")
     print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), sampled by py-spy at 200 Hz")
     for name in pids:
         print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request")

@@ -1,10 +1,9 @@
 """Running one batch chunk: read its lines from the file store, run them on the engine, store the results.
 
 Where the engine schedules by priority, every line runs behind interactive requests (``BULK_PRIORITY``).
-Embedding lines that share their parameters are merged into ONE engine call and the answer is split back per line
-(vectors, indices and usage exactly as each line would get alone). That needs the engine's token count per input
-(``Engine.token_counts``); when it has none, or the counts do not add up to what the engine reported, each line runs
-on its own. Chat and completion lines run concurrently, each its own engine request (the engine batches them).
+Embedding lines that share their parameters run as ONE engine call (``Engine.embed_many``, the mechanism that also
+merges concurrent interactive requests), each line answered as it would be alone (vectors, indices, usage, id).
+Chat and completion lines run concurrently, each its own engine request (the engine batches them).
 
 A chunk's results are two files in the store (output lines and error lines, each written whole), then a report
 ``<index> <ok> <failed> <prompt tokens> <completion tokens>`` on the batch's done list, delivered only while this
@@ -33,7 +32,7 @@ from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
 from worker import metrics
 from worker.consumer import Done
-from worker.embed_merge import inputs_of, params_key, split
+from worker.embed_batcher import inputs_of, mergeable, params_key
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Delivery
@@ -132,7 +131,7 @@ class ChunkRunner:
     async def _execute(self, batch_lines: list[Line]) -> list[Result]:
         embeddings = [line for line in batch_lines if line.kind is JobKind.EMBEDDING]
         others = [line for line in batch_lines if line.kind is not JobKind.EMBEDDING]
-        groups: dict[str, list[Line]] = {}
+        groups: dict[bytes, list[Line]] = {}
         for line in embeddings:
             groups.setdefault(params_key(line.body), []).append(line)
         done = await asyncio.gather(
@@ -152,49 +151,36 @@ class ChunkRunner:
                 raw = contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
-        usage = orjson.loads(raw).get("usage") or {}
-        return Result(line, body=raw, tokens=(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+        return _answered(line, raw)
 
     async def _embed_group(self, group: list[Line]) -> list[Result]:
-        """Lines with the same parameters: as few engine calls as the engine share allows, split back per line."""
-        inputs = [inputs_of(line.body["input"]) for line in group]
-        counts = self.engine.token_counts([item for items in inputs for item in items]) if len(group) > 1 else None
-        if counts is None:
-            return await self._one_each(group)
-        per_line, at = [], 0
-        for items in inputs:
-            per_line.append(counts[at : at + len(items)])
-            at += len(items)
+        """Lines with the same parameters: as few engine calls as the engine share allows, each answered per line."""
         results: list[Result] = []
         while len(results) < len(group):
             start = len(results)
             end = start + self.share.call_size(len(group) - start)
-            results += await self._embed_merged(group[start:end], inputs[start:end], per_line[start:end])
+            results += await self._embed_merged(group[start:end])
         return results
 
-    async def _embed_merged(self, group: list[Line], inputs: list[list[Any]], counts: list[list[int]]) -> list[Result]:
-        """One engine call for the inputs of ``group``; each line gets its vectors and its own usage."""
-        if len(group) == 1:
-            return [await self._one(group[0])]
-        flat = [item for items in inputs for item in items]
-        body = group[0].body | {"input": flat}
-        metrics.BULK_CALLS.labels(self.model, "yes").inc()
-        merged_id = f"{group[0].request_id}-merged"
-        try:
-            async with self.share.hold(len(flat)):
-                raw = await self.engine.run(JobKind.EMBEDDING, body, merged_id)
-        except Exception as exc:  # one line refused, or a failure: each line alone tells which (EngineDead propagates)
-            self.client_error(group[0].request_id, exc)
+    async def _embed_merged(self, group: list[Line]) -> list[Result]:
+        """One engine call for the inputs of ``group`` (``Engine.embed_many``); each line gets its own answer."""
+        if len(group) == 1 or not all(mergeable(line.body) for line in group):
             return await self._one_each(group)
-        answers = split(
-            orjson.loads(contract.json_bytes(raw)), inputs, counts, merged_id, [x.request_id for x in group]
-        )
-        if answers is None:
-            return await self._one_each(group)  # the counts do not explain the engine's usage: do not guess
-        return [
-            Result(line, body=orjson.dumps(single), tokens=(sum(line_counts), 0))
-            for line, single, line_counts in zip(group, answers, counts, strict=True)
-        ]
+        metrics.BULK_CALLS.labels(self.model, "yes").inc()
+        async with self.share.hold(sum(len(inputs_of(line.body["input"])) for line in group)):
+            answers = await self.engine.embed_many([x.body for x in group], [x.request_id for x in group])
+        results = []
+        for line, answer in zip(group, answers, strict=True):
+            if isinstance(answer, Exception):  # EngineDead (raised by client_error) propagates: the chunk goes back
+                results.append(Result(line, error=self.client_error(line.request_id, answer).info()))
+            else:
+                results.append(_answered(line, contract.json_bytes(answer)))
+        return results
+
+
+def _answered(line: Line, raw: bytes) -> Result:
+    usage = orjson.loads(raw).get("usage") or {}
+    return Result(line, body=raw, tokens=(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
 
 
 async def _blocks(encoded: list[bytes]) -> AsyncIterator[bytes]:

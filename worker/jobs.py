@@ -17,12 +17,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from conveyor import contract, logs
-from conveyor.contract import JobEnvelope, Reply, StreamFrame
+from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
 from worker import metrics
 from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead
+from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import BUSY_INPUTS, EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Claim, Delivery
@@ -44,12 +45,14 @@ class JobRunner:
         max_tries: int = 3,
         store: FileStore | None = None,
         share: EngineShare | None = None,
+        batcher: EmbeddingBatcher | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
         self.max_tries = max_tries
         self.publisher = BatchPublisher(redis)
         self.share = share or EngineShare(BUSY_INPUTS)
+        self.batcher = batcher or EmbeddingBatcher(engine, model)
         self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model, self.share)
 
     async def job(self, claim: Claim) -> Done:
@@ -121,7 +124,10 @@ class JobRunner:
     async def _complete(self, envelope: JobEnvelope, left: float) -> tuple[str, Reply]:
         try:
             async with asyncio.timeout(left):
-                body = await self.engine.run(envelope.kind, envelope.body, envelope.request_id)
+                if envelope.kind is JobKind.EMBEDDING:  # concurrent ones with the same parameters share a call
+                    body = await self.batcher.embed(envelope.body, envelope.request_id)
+                else:
+                    body = await self.engine.run(envelope.kind, envelope.body, envelope.request_id)
         except Exception as exc:  # CancelledError is not an Exception: it propagates
             error = self._client_error(envelope.request_id, exc)
             return _outcome(error), Reply(envelope.request_id, error=error.info())

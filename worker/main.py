@@ -27,6 +27,7 @@ from conveyor.outage import REDIS_DOWN, Outage
 from worker import http_endpoints, metrics
 from worker.arq_source import ArqJobSource
 from worker.consumer import Consumer
+from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
@@ -172,6 +173,7 @@ async def _serve_engine(
         max_tries=settings.max_tries,
         store=open_store(settings.files_url),
         share=EngineShare(settings.bulk_busy_inputs),
+        batcher=EmbeddingBatcher(engine, settings.model, settings.embed_batch_wait, settings.embed_batch_max_inputs),
     )
     source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(

@@ -34,3 +34,9 @@ BULK_CALLS = Counter(
     "Engine calls made for batch lines: merged (many lines' embedding inputs in one call) or not (one line alone).",
     ["model", "merged"],
 )
+EMBED_CALL_REQUESTS = Histogram(
+    "conveyor_worker_embedding_call_requests",
+    "Interactive embedding requests per engine call: concurrent requests with the same parameters share one.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)

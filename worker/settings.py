@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.redis_client import DEFAULT_REDIS_URL
+from worker.embed_batcher import MAX_INPUTS
 from worker.engine_share import BUSY_INPUTS
 
 
@@ -32,6 +33,11 @@ class WorkerSettings(BaseSettings):
     #: while interactive requests run (and for 2 s after), batch lines hold at most this many inputs of the engine,
     #: so an interactive request waits behind a short engine step of batch work, not a full one
     bulk_busy_inputs: int = Field(default=BUSY_INPUTS, ge=1)
+    #: concurrent embedding requests with the same parameters run as one engine call: a group takes the requests that
+    #: arrive in the same turn of the event loop (0, the default: nobody waits), or for this many seconds
+    embed_batch_wait: float = Field(default=0.0, ge=0)
+    #: a group of embedding requests runs at once when it holds this many inputs
+    embed_batch_max_inputs: int = Field(default=MAX_INPUTS, ge=1)
     #: the file store holding batch inputs and outputs (shared with the gateway): a directory or ``file://`` URL;
     #: default ``<data dir>/files``
     files_url: str | None = Field(default=None, validation_alias="CONVEYOR_FILES_URL")

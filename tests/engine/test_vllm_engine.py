@@ -190,6 +190,20 @@ class TestGenerate:
         await _until(lambda: engine.running_requests() == 0)
 
 
+def _count_merged_passes(engine: VLLMEngine) -> list[int]:
+    """The sizes of the merged pipeline passes that succeed on ``engine`` from now on."""
+    passes: list[int] = []
+    merged_pass = engine._embed_merged
+
+    async def counting(requests: list[Any]) -> list[bytes]:
+        answers = await merged_pass(requests)
+        passes.append(len(requests))
+        return answers
+
+    engine._embed_merged = counting  # type: ignore[method-assign]
+    return passes
+
+
 @pytest.mark.asyncio(loop_scope="class")
 class TestEmbed:
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
@@ -213,13 +227,41 @@ class TestEmbed:
         cosine = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
         assert cosine.min() > 0.999, cosine
 
-    async def test_token_counts_add_up_to_the_engines_usage(self, engine: VLLMEngine) -> None:
-        texts = ["hello", "The capital of France is Paris.", "Queues decouple producers from consumers. " * 12]
-        counts = engine.token_counts(list(texts))
-        assert counts is not None and engine.schedules_by_priority() is False
-        for text, count in zip(texts, counts, strict=True):  # what the bulk runner splits a merged call's usage by
-            alone = await _run(engine, JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": text}, f"count-{count}")
-            assert alone["usage"]["prompt_tokens"] == count
+    async def test_merged_requests_get_what_each_gets_alone(self, engine: VLLMEngine) -> None:
+        """One pass through vLLM's embedding pipeline for many requests: per request its own id, indices, usage
+        and vectors (equal to a run alone up to float rounding: the engine batches differently), in vLLM's shape."""
+        import numpy as np
+
+        inputs: list[Any] = [
+            "hello",
+            ["The capital of France is Paris.", "Queues decouple producers from consumers."],
+            "Queues decouple producers from consumers. " * 12,
+        ]
+        bodies = [{"model": EMBED_MODEL, "input": x, "encoding_format": "float"} for x in inputs]
+        ids = [f"merge-{i}" for i in range(len(bodies))]
+        passes = _count_merged_passes(engine)
+        merged = await engine.embed_many(bodies, ids)
+        assert passes == [3]  # one pass for all three, not each alone
+        for body, rid, answer in zip(bodies, ids, merged, strict=True):
+            assert isinstance(answer, bytes), answer
+            got = json.loads(answer)
+            alone = await _run(engine, JobKind.EMBEDDING, body, rid)
+            assert got["id"] == alone["id"] == f"embd-{rid}"
+            assert got["usage"] == alone["usage"]
+            assert list(got) == list(alone)  # the same fields in the same order
+            assert [d["index"] for d in got["data"]] == [d["index"] for d in alone["data"]]
+            vectors = [np.array([d["embedding"] for d in answer["data"]]) for answer in (got, alone)]
+            np.testing.assert_allclose(vectors[0], vectors[1], rtol=0, atol=1e-5)
+
+    async def test_a_request_refused_in_a_merged_call_gets_its_own_error(self, engine: VLLMEngine) -> None:
+        too_long = "word " * 2 * (engine.max_model_len or 512)
+        bodies = [{"model": EMBED_MODEL, "input": x} for x in ("first", too_long, "third")]
+        passes = _count_merged_passes(engine)
+        first, refused, third = await engine.embed_many(bodies, ["ok-1", "too-long", "ok-3"])
+        assert passes == []  # the merged pass was refused as a whole: each ran alone
+        assert isinstance(refused, InvalidRequest) and "token" in refused.message.lower(), refused
+        for answer, rid in ((first, "ok-1"), (third, "ok-3")):
+            assert isinstance(answer, bytes) and json.loads(answer)["id"] == f"embd-{rid}"
 
     async def test_generation_on_an_embedding_model_is_refused(self, engine: VLLMEngine) -> None:
         with pytest.raises(InvalidRequest):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from openai.types import CreateEmbeddingResponse
 
+from tests.conftest import Processes, scrape
 from tests.integration.conftest import CHAT, EMBED, IDLE, Stack
 from worker.engines.fake import fake_tokens, fake_vector
 
@@ -141,3 +144,27 @@ def test_gateway_answers_health_ready_and_metrics(stack: Stack) -> None:
     stack.gateway.client().chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=1)
     text = httpx.get(f"{base}/metrics").text
     assert f'conveyor_requests_total{{endpoint="/v1/chat/completions",model="{CHAT}",status="200"}}' in text
+
+
+def test_concurrent_embeddings_share_engine_calls_and_each_gets_its_own_answer(session_processes: Processes) -> None:
+    """Eight SDK clients at once against a worker that gathers embedding requests for up to 0.5 s: they share
+    engine calls (the worker's histogram says how many per call), and each gets its own vector, usage and index."""
+    model = "merging-embed"
+    gateway = session_processes.gateway(models=model)
+    worker = session_processes.fake_worker(model, embed=True, env={"CONVEYOR_WORKER_EMBED_BATCH_WAIT": "0.5"})
+    texts = [" ".join(["word"] * (i + 1)) + f" {i}" for i in range(8)]
+    client = gateway.client()
+
+    def embed(text: str) -> CreateEmbeddingResponse:
+        return client.embeddings.create(model=model, input=text, encoding_format="float")
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        answers = list(pool.map(embed, texts))
+    for text, answer in zip(texts, answers, strict=True):
+        assert answer.data[0].index == 0
+        assert answer.data[0].embedding == pytest.approx(fake_vector(text, 32))
+        assert answer.usage.prompt_tokens == len(text.split())
+    samples = scrape(f"http://127.0.0.1:{worker.info.metrics_port}/metrics")
+    calls = samples[f'conveyor_worker_embedding_call_requests_count{{model="{model}"}}']
+    assert samples[f'conveyor_worker_embedding_call_requests_sum{{model="{model}"}}'] == len(texts)
+    assert calls < len(texts)

@@ -1,4 +1,4 @@
-"""The Redis scripts batches rely on (on fakeredis) and the chunk runner's merge and split (on the fake engine)."""
+"""The Redis scripts batches rely on (on fakeredis) and the chunk runner's merged engine calls (on the fake engine)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from conveyor.errors import ConveyorError, EngineFailure
 from conveyor.filestore import LocalFileStore
 from gateway.batch_store import BatchStore
 from worker.bulk import BULK_PRIORITY, ChunkRunner
-from worker.embed_merge import split
 from worker.engine_share import BUSY_INPUTS, EngineShare
 from worker.engines.fake import FakeEngine
 
@@ -213,20 +212,3 @@ async def test_a_share_without_interactive_traffic_has_room_for_anything() -> No
     share = EngineShare(busy_inputs=1)
     async with share.hold(100), share.hold(100):
         assert not share.busy()
-
-
-def test_a_merged_answer_splits_into_what_each_request_gets_alone_from_vllm() -> None:
-    """vLLM's answer shape: each part gets its own id (``embd-<request id>``), indices from 0 and its usage."""
-    vector = [{"object": "embedding", "index": i, "embedding": [float(i)]} for i in range(3)]
-    usage = {"prompt_tokens": 9, "total_tokens": 9, "completion_tokens": 0, "prompt_tokens_details": None}
-    answer = {"id": "embd-b-0-merged", "object": "list", "created": 7, "model": "m", "data": vector, "usage": usage}
-    parts = split(answer, [["a"], ["b", "c"]], [[4], [2, 3]], "b-0-merged", ["b-0", "b-1"])
-    assert parts == [
-        {"id": "embd-b-0", "object": "list", "created": 7, "model": "m", "data": [vector[0]],
-         "usage": usage | {"prompt_tokens": 4, "total_tokens": 4}},
-        {"id": "embd-b-1", "object": "list", "created": 7, "model": "m",
-         "data": [vector[1] | {"index": 0}, vector[2] | {"index": 1}],
-         "usage": usage | {"prompt_tokens": 5, "total_tokens": 5}},
-    ]  # fmt: skip
-    assert list(parts[0]) == list(answer)  # the same fields in the same order as an answer of its own
-    assert split(answer, [["a"], ["b", "c"]], [[4], [2, 2]], "b-0-merged", ["b-0", "b-1"]) is None  # 8 != 9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,10 +50,22 @@ class Engine(ABC):
         run behind interactive requests inside the engine too."""
         return False
 
-    def token_counts(self, inputs: list[str | list[int]]) -> list[int] | None:
-        """How many prompt tokens each embedding input counts as alone (what its usage would say), so the inputs of
-        several requests can run as one call and the usage be split back exactly. None: unknown (no merging)."""
-        return None
+    async def embed_many(
+        self, bodies: list[dict[str, Any]], request_ids: list[str]
+    ) -> list[dict[str, Any] | bytes | Exception]:
+        """Embedding requests with the same parameters (all but ``input``, texts only) as one engine call, each
+        answered exactly as it would be alone: its answer, or the error it would get alone. Raises only when the
+        engine failed under the whole call. This default runs each alone."""
+        results = await asyncio.gather(
+            *(self.run(JobKind.EMBEDDING, body, rid) for body, rid in zip(bodies, request_ids, strict=True)),
+            return_exceptions=True,
+        )
+        out: list[dict[str, Any] | bytes | Exception] = []
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            out.append(result)
+        return out
 
     def running_requests(self) -> int:
         """Requests currently inside the engine (for metrics and cancellation tests)."""

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from conveyor.contract import JobKind
-from conveyor.errors import InvalidRequest
+from conveyor.errors import ConveyorError, InvalidRequest
+from worker.embed_batcher import inputs_of
 from worker.engines.base import Engine
 
 FAULT_FIELD = "fake_fault"
@@ -202,14 +203,38 @@ class FakeEngine(Engine):
 
     # --- embeddings ---------------------------------------------------------------------------------------------
 
-    def token_counts(self, inputs: list[str | list[int]]) -> list[int]:
-        return [_item_tokens(item) for item in inputs]
+    async def embed_many(
+        self, bodies: list[dict[str, Any]], request_ids: list[str]
+    ) -> list[dict[str, Any] | bytes | Exception]:
+        """One call for all the inputs, cut back per request by the fake's own usage rule (words per text)."""
+        if len(bodies) == 1:
+            return await super().embed_many(bodies, request_ids)
+        inputs = [inputs_of(body["input"]) for body in bodies]
+        merged_body = bodies[0] | {"input": [item for items in inputs for item in items]}
+        try:
+            merged = await self.run(JobKind.EMBEDDING, merged_body, request_ids[0])
+        except ConveyorError:  # refused: each alone says which
+            return await super().embed_many(bodies, request_ids)
+        out: list[dict[str, Any] | bytes | Exception] = []
+        at = 0
+        for items in inputs:
+            data = [item | {"index": i} for i, item in enumerate(merged["data"][at : at + len(items)])]
+            at += len(items)
+            tokens = sum(_item_tokens(item) for item in items)
+            out.append(merged | {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return out
 
     def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
         raw = body["input"]
         single = isinstance(raw, str) or all(isinstance(x, int) for x in raw)
         items: list[str | list[int]] = [raw] if single else list(raw)
         dim = int(body.get("dimensions") or self.embedding_dim)
+        longest = max((_item_tokens(item) for item in items), default=0)
+        if longest > MAX_MODEL_LEN:  # as vLLM refuses it
+            raise InvalidRequest(
+                f"This model's maximum context length is {MAX_MODEL_LEN} tokens; an input has {longest}.",
+                param="input",
+            )
         data = []
         for index, item in enumerate(items):
             vector = fake_vector(item, dim)

@@ -216,16 +216,6 @@ class VLLMEngine(Engine):
     def schedules_by_priority(self) -> bool:
         return self._llm is not None and self._llm.vllm_config.scheduler_config.policy == "priority"
 
-    def token_counts(self, inputs: list[str | list[int]]) -> list[int] | None:
-        """The model's tokenizer, as vLLM's embedding endpoint applies it (special tokens added). The bulk runner
-        checks the sum against the usage vLLM reports and runs each line alone if it differs."""
-        if self._llm is None or "embed" not in self.capabilities:
-            return None
-        tokenizer = self._llm.get_tokenizer()
-        texts = [item for item in inputs if isinstance(item, str)]
-        encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])  # one batched call
-        return [len(item) if isinstance(item, list) else len(next(encoded)) for item in inputs]
-
     def alive(self) -> bool:
         """vLLM's own verdict: its engine-core process died, or its output loop ended (``AsyncLLM.errored``)."""
         return self._llm is not None and not self._llm.errored
@@ -252,6 +242,8 @@ class VLLMEngine(Engine):
 
     def _request(self, kind: JobKind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
         """Validate ``body`` into vLLM's own request model (what FastAPI does in vLLM's server)."""
+        if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
+            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         data = {**body, "request_id": request_id}
         if kind is not JobKind.EMBEDDING:
             data["stream"] = stream
@@ -303,8 +295,6 @@ class VLLMEngine(Engine):
         return result
 
     async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> bytes:
-        if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
-            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         result = await self._call(kind, self._request(kind, body, request_id, stream=False))
         _raise_if_error(result)
         if kind is JobKind.EMBEDDING:  # a starlette JSONResponse (or ORJSONResponse): its body is the JSON
@@ -318,6 +308,77 @@ class VLLMEngine(Engine):
             raise EngineFailure("vLLM returned a stream for a non-streamed request")
         dumped: str = result.model_dump_json()  # the fields vLLM's server sends (JSONResponse(result.model_dump()))
         return dumped.encode()
+
+    async def embed_many(
+        self, bodies: list[dict[str, Any]], request_ids: list[str]
+    ) -> list[dict[str, Any] | bytes | Exception]:
+        """One pass through vLLM's own embedding pipeline for all the requests' inputs, answered per request.
+
+        The merged request is validated, rendered (tokenised, truncated) and sent to the engine by
+        ``ServingEmbedding``'s own steps; each prompt keeps the engine request id it would have alone
+        (``embd-<request id>-<i>``), and each request's answer is built by vLLM's own response builder from its own
+        outputs, so its vectors, usage and id are what it would get alone. A request vLLM refuses gets its own error;
+        when the merged call fails for another reason each request runs alone, so each gets the error it would get.
+        """
+        if len(bodies) == 1 or self._state is None:
+            return await super().embed_many(bodies, request_ids)
+        requests: list[Any] = []
+        out: list[dict[str, Any] | bytes | Exception | None] = [None] * len(bodies)
+        for i, (body, rid) in enumerate(zip(bodies, request_ids, strict=True)):
+            try:
+                requests.append((i, self._request(JobKind.EMBEDDING, body, rid, stream=False)))
+            except ConveyorError as exc:
+                out[i] = exc
+        if len(requests) > 1 and not self._serving("serving_embedding").io_processor.enable_chunked_processing:
+            try:
+                answers = await self._embed_merged([r for _, r in requests])
+            except Exception as exc:
+                if not self.alive():
+                    raise
+                log.debug("a merged embedding call failed (%s); its requests run alone", exc)
+            else:
+                for (i, _), answer in zip(requests, answers, strict=True):
+                    out[i] = answer
+        alone = [i for i, result in enumerate(out) if result is None]
+        rest = await super().embed_many([bodies[i] for i in alone], [request_ids[i] for i in alone])
+        for i, result in zip(alone, rest, strict=True):
+            out[i] = result
+        return [result for result in out if result is not None]
+
+    async def _embed_merged(self, requests: list[Any]) -> list[bytes]:
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+        if not all(isinstance(r, EmbeddingCompletionRequest) for r in requests):
+            raise InvalidRequest("only text inputs are merged")  # chat-style inputs: each runs alone
+        serving = self._serving("serving_embedding")
+        inputs = [[r.input] if isinstance(r.input, str) else list(r.input) for r in requests]
+        merged = requests[0].model_copy(update={"input": [text for items in inputs for text in items]})
+        ctx = await serving._init_ctx(serving.io_processor, merged, None)
+        await serving._preprocessing(serving.io_processor, ctx)
+        ctx.prompt_request_ids = [
+            f"{serving.request_id_prefix}-{r.request_id}-{i}"
+            for r, items in zip(requests, inputs, strict=True)
+            for i in range(len(items))
+        ]
+        await serving._prepare_generators(ctx)
+        await serving._collect_batch(ctx)
+        serving.io_processor.post_process_online(ctx)
+        if len(ctx.final_res_batch) != len(ctx.prompt_request_ids):
+            raise EngineFailure("vLLM answered a merged embedding call with a different number of outputs")
+        answers, at = [], 0
+        for request, items in zip(requests, inputs, strict=True):
+            response = serving._openai_json_response(
+                ctx.final_res_batch[at : at + len(items)],
+                f"{serving.request_id_prefix}-{request.request_id}",
+                ctx.created_time,
+                ctx.model_name,
+                request.encoding_format,
+                request.embed_dtype,
+                request.endianness,
+            )
+            at += len(items)
+            answers.append(bytes(response.body))
+        return answers
 
     async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
         if kind is JobKind.EMBEDDING:

@@ -1,0 +1,193 @@
+"""Conveyor versus vLLM's own server, driven by vLLM's own benchmark client (``vllm.benchmarks.serve``).
+
+    uv run --frozen --extra cpu python -m bench.vllm_serve [--only embed|generate] [--systems conveyor,vllm] [--quick]
+
+A client nobody here wrote: ``vllm bench serve``'s random dataset (fixed seed, so both systems get the same prompts),
+its ``openai-embeddings`` and ``openai-chat`` backends, ``--max-concurrency`` closed loops. For each model Conveyor
+(gateway + Redis + one worker, ``bench.vs_vllm.conveyor``) is started, measured at every concurrency and stopped;
+then vLLM's server on the same weights with the same engine arguments, so the two never share the CPU. Each cell's
+result is also written as vLLM's JSON to ``.artifacts/bench/vllm_serve/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, table
+from bench.vs_vllm import CHAT, EMBED, Urls, conveyor, vllm
+from tests.conftest import scrape
+from worker import model_prep
+
+OUT = Path(".artifacts/bench/vllm_serve")
+SYSTEMS: dict[str, Callable[[str, str], AbstractContextManager[Urls]]] = {"Conveyor": conveyor, "vLLM server": vllm}
+
+
+@dataclass(frozen=True)
+class Workload:
+    task: str  # embed | generate
+    model: str
+    backend: str
+    endpoint: str
+    input_len: int
+    output_len: int
+    concurrencies: tuple[int, ...]
+
+    def prompts(self, concurrency: int, quick: bool) -> int:
+        if self.task == "embed":
+            return concurrency * (4 if quick else 40)
+        return concurrency * (1 if quick else 2)
+
+
+WORKLOADS = (
+    Workload("embed", EMBED, "openai-embeddings", "/v1/embeddings", 32, 0, (64, 16, 8)),
+    Workload("generate", CHAT, "openai-chat", "/v1/chat/completions", 128, 100, (32, 16, 8, 4)),
+)
+
+
+def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, label: str) -> dict[str, Any]:
+    """One ``vllm bench serve`` run; its result dictionary (the JSON it saves)."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()  # type: ignore[no-untyped-call]
+    add_cli_args(parser)
+    metrics = "e2el" if workload.task == "embed" else "ttft,tpot,e2el"
+    argv = [
+        *("--backend", workload.backend, "--base-url", urls.base, "--endpoint", workload.endpoint),
+        *("--model", workload.model, "--tokenizer", str(model_prep.resolve(workload.model))),
+        *("--dataset-name", "random", "--random-input-len", str(workload.input_len), "--seed", "0"),
+        *("--num-prompts", str(workload.prompts(concurrency, quick)), "--max-concurrency", str(concurrency)),
+        *("--percentile-metrics", metrics, "--metric-percentiles", "50,95,99", "--disable-tqdm"),
+        *("--save-result", "--result-dir", str(OUT), "--result-filename", f"{label}.json", "--label", label),
+    ]
+    if workload.task == "generate":
+        argv += ["--random-output-len", str(workload.output_len), "--ignore-eos", "--temperature", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):  # its own report; the table below has what matters
+        result: dict[str, Any] = main(parser.parse_args(argv))
+    return result
+
+
+def measure(systems: list[str], workloads: list[Workload], quick: bool) -> dict[tuple[str, str, int], dict[str, Any]]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for workload in workloads:
+        for system in systems:
+            with SYSTEMS[system](workload.model, workload.task) as urls:
+                run_client(urls, workload, workload.concurrencies[-1], True, "warm-up")
+                for concurrency in workload.concurrencies:
+                    label = _label(workload, system, concurrency)
+                    before = call_sizes(urls) if system == "Conveyor" else None
+                    result = run_client(urls, workload, concurrency, quick, label)
+                    if before is not None:
+                        after = call_sizes(urls)
+                        calls = after[1] - before[1]
+                        result["requests_per_engine_call"] = (after[0] - before[0]) / calls if calls else None
+                    results[(workload.task, system, concurrency)] = result
+    return results
+
+
+def call_sizes(urls: Urls) -> tuple[float, float]:
+    """(embedding requests, engine calls) from the worker's ``conveyor_worker_embedding_call_requests``."""
+    samples = scrape(urls.metrics)
+    name = "conveyor_worker_embedding_call_requests"
+    return (
+        sum(v for k, v in samples.items() if k.startswith(f"{name}_sum{{")),
+        sum(v for k, v in samples.items() if k.startswith(f"{name}_count{{")),
+    )
+
+
+def _label(workload: Workload, system: str, concurrency: int) -> str:
+    return f"{workload.task}-{'conveyor' if system == 'Conveyor' else 'vllm'}-c{concurrency}"
+
+
+def saved(systems: list[str], workloads: list[Workload]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The last saved results of the systems not measured in this run (to compare one side after a change)."""
+    results = {}
+    for workload in workloads:
+        for system in (s for s in SYSTEMS if s not in systems):
+            for concurrency in workload.concurrencies:
+                path = OUT / f"{_label(workload, system, concurrency)}.json"
+                if path.exists():
+                    results[(workload.task, system, concurrency)] = json.loads(path.read_text())
+    return results
+
+
+def report(results: dict[tuple[str, str, int], dict[str, Any]]) -> str:
+    lines = [f"vllm.benchmarks.serve against Conveyor and vLLM's server, {machine()}; client on the same machine.", ""]
+    for workload in WORKLOADS:
+        rows = []
+        for concurrency in workload.concurrencies:
+            cells = {s: results.get((workload.task, s, concurrency)) for s in SYSTEMS}
+            if not any(cells.values()):
+                continue
+            row: list[object] = [concurrency]
+            for cell in cells.values():
+                row += _cell(workload, cell)
+            ours, theirs = cells["Conveyor"], cells["vLLM server"]
+            if ours and theirs:
+                rate = "request_throughput" if workload.task == "embed" else "output_throughput"
+                row.append(f"{ours[rate] / theirs[rate]:.2f}x")
+            else:
+                row.append("-")
+            if workload.task == "embed":
+                merged = (cells["Conveyor"] or {}).get("requests_per_engine_call")
+                row.append(f"{merged:.1f}" if merged else "-")
+            rows.append(row)
+        if not rows:
+            continue
+        if workload.task == "embed":
+            title = f"single-text embeddings ({workload.input_len} tokens)"
+            each = ["req/s", "p50 / p95 / p99 ms", "failed"]
+        else:
+            title = f"chat, {workload.input_len} in / {workload.output_len} out"
+            each = ["tok/s", "TTFT p50 ms", "p95 latency ms", "failed"]
+        headers = [f"{title}: concurrency"]
+        headers += [f"{s} {h}" for s in SYSTEMS for h in each] + ["ratio"]
+        if workload.task == "embed":
+            headers.append("Conveyor requests per engine call")
+        lines += [table(headers, rows), ""]
+    return "\n".join(lines)
+
+
+def _cell(workload: Workload, cell: dict[str, Any] | None) -> list[object]:
+    if cell is None:
+        return ["-"] * (3 if workload.task == "embed" else 4)
+    failed = cell.get("failed", cell["num_prompts"] - cell["completed"])
+    if workload.task == "embed":
+        latency = " / ".join(f"{cell[f'p{p}_e2el_ms']:.0f}" for p in (50, 95, 99))
+        return [f"{cell['request_throughput']:.1f}", latency, failed]
+    return [
+        f"{cell['output_throughput']:.1f}",
+        f"{cell['p50_ttft_ms']:.0f}",
+        f"{cell['p95_e2el_ms']:.0f}",
+        failed,
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=[w.task for w in WORKLOADS], help="one workload instead of both")
+    parser.add_argument("--systems", default="conveyor,vllm", help="comma-separated: conveyor, vllm")
+    parser.add_argument("--quick", action="store_true", help="few prompts per cell (a smoke run)")
+    args = parser.parse_args()
+    names = {"conveyor": "Conveyor", "vllm": "vLLM server"}
+    systems = [names[s.strip()] for s in args.systems.split(",") if s.strip()]
+    workloads = [w for w in WORKLOADS if args.only in (None, w.task)]
+    results = measure(systems, workloads, args.quick)
+    earlier = saved(systems, workloads)
+    print(report({**earlier, **results}))
+    if earlier:
+        others = ", ".join(sorted({key[1] for key in earlier}))
+        print(f"(the {others} columns are results saved in {OUT} by an earlier run)")
+
+
+if __name__ == "__main__":
+    main()
