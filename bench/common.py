@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ class Stack:
     redis_url: str
     base_url: str
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    redis_pid: int = 0
 
     def worker(
         self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None
@@ -39,7 +41,7 @@ def stack(models: Sequence[str] = (), gateway_env: dict[str, str] | None = None)
         gateway_port = redis_server.free_port()
         env = {"CONVEYOR_GATEWAY_MODELS": ",".join(models), **(gateway_env or {})}
         gateway = processes.start_gateway(url, gateway_port, env, output=subprocess.DEVNULL)
-        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway])
+        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway], redis.pid)
         try:
             yield result
         finally:
@@ -47,6 +49,12 @@ def stack(models: Sequence[str] = (), gateway_env: dict[str, str] | None = None)
                 processes.stop(child, grace=10)
             redis.terminate()
             redis.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -60,8 +68,6 @@ def ms(seconds: float) -> str:
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, loopback"
 
 

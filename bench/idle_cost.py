@@ -9,19 +9,12 @@ a dead worker is noticed; this table shows what a shorter fallback would cost wh
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from bench.common import machine, stack, table
+from bench.common import cpu_seconds, machine, stack, table
 from launcher import processes
 
 DELAYS = ("0.5", "0.1", "0.01", "0.002")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

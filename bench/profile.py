@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import machine, stack
+from bench.common import cpu_seconds, machine, stack
 from worker.model_prep import MINILM
 
 FAKE_MODEL = "profile-embed"
@@ -47,11 +46,6 @@ async def load(base_url: str, model: str, seconds: float, concurrency: int) -> i
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return done
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:

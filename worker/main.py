@@ -49,6 +49,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
             token_delay=settings.fake_token_delay,
             embedding_dim=settings.fake_embedding_dim,
             concurrency=settings.max_jobs or 64,
+            cpu_per_input=settings.fake_cpu_per_input,
         )
     from worker.engines.vllm_engine import VLLMEngine
 

@@ -71,6 +71,8 @@ class WorkerSettings(BaseSettings):
     # --- fake engine knobs (tests and benchmarks) ---
     fake_token_delay: float = Field(default=0.0, ge=0)
     fake_embedding_dim: int = Field(default=32, ge=1)
+    #: CPU seconds the fake engine burns per embedding input (a compute-bound engine, for the scale-out benchmark)
+    fake_cpu_per_input: float = Field(default=0.0, ge=0)
 
     @property
     def weights(self) -> str:

@@ -57,6 +57,13 @@ def _prompt_text(kind: JobKind, body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else repr(prompt)
 
 
+def _burn(cpu_seconds: float) -> None:
+    """Spend this much CPU time in this thread (not wall time: under contention it takes longer, as compute does)."""
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        pass
+
+
 def _item_tokens(item: str | list[int]) -> int:
     """The fake engine's token count of one embedding input: its words, or its token ids."""
     return len(item.split()) if isinstance(item, str) else len(item)
@@ -71,12 +78,15 @@ class FakeEngine(Engine):
         token_delay: float = 0.0,
         embedding_dim: int = 32,
         concurrency: int = 64,
+        cpu_per_input: float = 0.0,
     ) -> None:
         self.model = model
         self.capabilities = frozenset({"embed"} if embed else {"generate"})
         self.max_model_len = MAX_MODEL_LEN
         self.token_delay = token_delay
         self.embedding_dim = embedding_dim
+        #: CPU seconds each embedding input burns, in the worker's own thread (a compute-bound engine, for scale-out)
+        self.cpu_per_input = cpu_per_input
         self._concurrency = concurrency
         self._running = 0
         self._progress = 0
@@ -235,6 +245,7 @@ class FakeEngine(Engine):
                 f"This model's maximum context length is {MAX_MODEL_LEN} tokens; an input has {longest}.",
                 param="input",
             )
+        _burn(self.cpu_per_input * len(items))
         data = []
         for index, item in enumerate(items):
             vector = fake_vector(item, dim)
