@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 from collections.abc import Callable
@@ -47,8 +48,8 @@ class Workload:
 
 
 WORKLOADS = (
-    Workload("embed", EMBED, "openai-embeddings", "/v1/embeddings", 32, 0, (64, 16, 8)),
-    Workload("generate", CHAT, "openai-chat", "/v1/chat/completions", 128, 100, (32, 16, 8, 4)),
+    Workload("embed", EMBED, "openai-embeddings", "/v1/embeddings", 32, 0, (64, 16, 8, 1)),
+    Workload("generate", CHAT, "openai-chat", "/v1/chat/completions", 128, 100, (64, 32, 16, 8, 4)),
 )
 
 
@@ -75,12 +76,17 @@ def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, la
     return result
 
 
-def measure(systems: list[str], workloads: list[Workload], quick: bool) -> dict[tuple[str, str, int], dict[str, Any]]:
+def measure(
+    systems: list[str], workloads: list[Workload], quick: bool, worker_env: dict[str, str] | None = None
+) -> dict[tuple[str, str, int], dict[str, Any]]:
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
     for workload in workloads:
         for system in systems:
-            with SYSTEMS[system](workload.model, workload.task) as urls:
+            starter = SYSTEMS[system]
+            if system == "Conveyor" and worker_env:
+                starter = functools.partial(conveyor, worker_env=worker_env)
+            with starter(workload.model, workload.task) as urls:
                 run_client(urls, workload, workload.concurrencies[-1], True, "warm-up")
                 for concurrency in workload.concurrencies:
                     label = _label(workload, system, concurrency)
@@ -177,11 +183,19 @@ def main() -> None:
     parser.add_argument("--only", choices=[w.task for w in WORKLOADS], help="one workload instead of both")
     parser.add_argument("--systems", default="conveyor,vllm", help="comma-separated: conveyor, vllm")
     parser.add_argument("--quick", action="store_true", help="few prompts per cell (a smoke run)")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of Conveyor's worker, e.g. CONVEYOR_WORKER_EMBED_BATCH_WAIT=0.002 (repeatable)",
+    )
     args = parser.parse_args()
     names = {"conveyor": "Conveyor", "vllm": "vLLM server"}
     systems = [names[s.strip()] for s in args.systems.split(",") if s.strip()]
     workloads = [w for w in WORKLOADS if args.only in (None, w.task)]
-    results = measure(systems, workloads, args.quick)
+    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    results = measure(systems, workloads, args.quick, worker_env)
     earlier = saved(systems, workloads)
     print(report({**earlier, **results}))
     if earlier:

@@ -162,9 +162,10 @@ class Urls:
 
 
 @contextlib.contextmanager
-def conveyor(model: str, task: str) -> Iterator[Urls]:
+def conveyor(model: str, task: str, worker_env: dict[str, str] | None = None) -> Iterator[Urls]:
     with stack([model]) as running:
-        info = running.worker(model, "--task", task, timeout=900, env={"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND})
+        env = {"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND, **(worker_env or {})}
+        info = running.worker(model, "--task", task, timeout=900, env=env)
         yield Urls(running.base_url, f"http://127.0.0.1:{info.metrics_port}/metrics")
 
 

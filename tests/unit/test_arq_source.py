@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -106,6 +107,29 @@ async def test_finish_delivers_once_and_only_while_the_lease_is_ours(redis: Redi
     keys = {k.decode() for k in await redis.keys("*")} - {inbox}
     assert not {k for k in keys if k.endswith(":j")}, keys  # lease, data, tries and queue entry are gone
     assert await redis.zcard(contract.queue_name(MODEL)) == 0
+
+
+async def test_jobs_finishing_together_go_to_redis_in_one_pipeline_each_with_its_own_result(
+    redis: Redis, queue: ArqJobQueue
+) -> None:
+    for i in range(3):
+        await queue.submit(envelope(f"j{i}"))
+    a = source(redis, "A")
+    await a.claim(3)
+    await redis.set(in_progress_key_prefix + "j1", "B")  # j1 was taken over: its finish must say so
+    pipelines = 0
+    make_pipeline = redis.pipeline
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+
+    redis.pipeline = counting  # type: ignore[method-assign]
+    inbox = contract.inbox_key("gw")
+    results = await asyncio.gather(*(a.finish(f"j{i}", Delivery(inbox, f"answer {i}".encode())) for i in range(3)))
+    assert results == [True, False, True] and pipelines == 1
+    assert sorted(await redis.lrange(inbox, 0, -1)) == [b"answer 0", b"answer 2"]
 
 
 async def test_hand_back_frees_the_job_for_others_counting_the_try_only_after_a_failure(
