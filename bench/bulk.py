@@ -138,10 +138,11 @@ def vllm_server_bulk(count: int) -> tuple[float, int]:
 
 
 OFFLINE = """
-import sys, time
+import json, sys, time
 from vllm import LLM
 llm = LLM(model=sys.argv[1], runner="pooling", dtype="float32", enforce_eager=True)
-texts = [f"Sentence {i} is about topic {i % 11}, and a few more words to embed." for i in range(int(sys.argv[2]))]
+with open(sys.argv[2]) as f:
+    texts = json.load(f)
 llm.embed(texts[:640], use_tqdm=False)
 started = time.perf_counter()
 llm.embed(texts, use_tqdm=False)
@@ -149,13 +150,18 @@ print("RATE", len(texts) / (time.perf_counter() - started))
 """
 
 
-def offline_rate(count: int) -> float | None:
-    """Lines/s of ``LLM.embed``; None (and why, on stderr) when the offline engine failed before measuring."""
+def offline_rate(inputs: list[str]) -> float | None:
+    """Texts/s of ``LLM.embed`` over ``inputs`` in one call, with the engine arguments Conveyor and vLLM's server run
+    (both cores); None (and why, on stderr) when the offline engine failed before measuring."""
     from worker.engines.vllm_engine import engine_environment
 
     env = {**os.environ, **engine_environment(2, "0-1")}
     weights = str(model_prep.resolve(EMBED))
-    done = subprocess.run([sys.executable, "-c", OFFLINE, weights, str(count)], env=env, capture_output=True, text=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(inputs, file)
+        file.flush()
+        argv = [sys.executable, "-c", OFFLINE, weights, file.name]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
     rate = next((line for line in done.stdout.splitlines() if line.startswith("RATE")), None)
     if done.returncode != 0:  # vLLM's CPU backend may abort at interpreter exit, after the rate was printed
         print(f"offline LLM.embed exited {done.returncode}:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -217,7 +223,7 @@ def main() -> None:
         print(f"Conveyor: {args.lines / ours:,.0f} lines/s, peak RSS {rss}", file=sys.stderr, flush=True)
         server, best = vllm_server_bulk(args.lines)
         print(f"vLLM server: {server:,.0f} lines/s at concurrency {best}", file=sys.stderr, flush=True)
-        offline = offline_rate(args.lines)
+        offline = offline_rate(texts(args.lines))
         print(f"vLLM offline: {offline} lines/s", file=sys.stderr, flush=True)
         latency = interactive(jsonl, args.lines)
     rate = args.lines / ours

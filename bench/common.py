@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
 
 
@@ -22,9 +23,7 @@ class Stack:
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis_pid: int = 0
 
-    def worker(
-        self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None
-    ) -> processes.registry.WorkerInfo:
+    def worker(self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> WorkerInfo:
         process, info = processes.start_worker(
             self.redis_url, model, args, env=env, output=subprocess.DEVNULL, timeout=timeout
         )

@@ -24,28 +24,36 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import cpu_seconds, machine, stack
-from worker.model_prep import MINILM
+from worker.model_prep import MINILM, SMOLLM2
 
 FAKE_MODEL = "profile-embed"
 TEXT = "a sentence to embed"
 OWN_CODE = ("gateway/", "worker/", "conveyor/")
 
 
-async def load(base_url: str, model: str, seconds: float, concurrency: int) -> int:
-    body = {"model": model, "input": TEXT, "encoding_format": "float"}
-    done = 0
+async def load(base_url: str, model: str, seconds: float, concurrency: int, chat: bool = False) -> tuple[int, int]:
+    """Closed-loop clients for ``seconds``: (requests answered, stream chunks received). Chat requests are streamed
+    100-token completions."""
+    if chat:
+        path = "/v1/chat/completions"
+        body = {"model": model, "messages": [{"role": "user", "content": TEXT}], "max_tokens": 100,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+    else:
+        path, body = "/v1/embeddings", {"model": model, "input": TEXT, "encoding_format": "float"}
+    done = chunks = 0
     end = time.monotonic() + seconds
     async with aiohttp.ClientSession(base_url=base_url) as session:
 
         async def client() -> None:
-            nonlocal done
+            nonlocal done, chunks
             while time.monotonic() < end:
-                async with session.post("/v1/embeddings", json=body) as response:
-                    await response.read()
+                async with session.post(path, json=body) as response:
+                    async for line in response.content:
+                        chunks += line.startswith(b"data: {")
                     done += 1
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done
+    return done, chunks
 
 
 def children(pid: int) -> list[int]:
@@ -85,11 +93,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--engine", choices=["fake", "vllm"], default="fake")
+    parser.add_argument("--workload", choices=["embed", "chat"], default="embed", help="chat: streamed, 100 tokens")
     args = parser.parse_args()
+    chat = args.workload == "chat"
+    task = "generate" if chat else "embed"
     if args.engine == "fake":
-        model, worker_args, env = FAKE_MODEL, ["--engine", "fake", "--task", "embed"], None
+        model, worker_args, env = FAKE_MODEL, ["--engine", "fake", "--task", task], None
     else:
-        model, worker_args = MINILM, ["--task", "embed"]
+        model, worker_args = (SMOLLM2 if chat else MINILM), ["--task", task]
         env = {"CONVEYOR_WORKER_CPU_THREADS_BIND": "0-1"}
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
@@ -99,8 +110,9 @@ def main() -> None:
         worker = running.worker(model, *worker_args, env=env, timeout=900)
         pids = {"gateway": running.children[0].pid, "worker": worker.pid}
         pids.update(("engine core", pid) for pid in children(worker.pid))  # vLLM's engine process
-        asyncio.run(load(running.base_url, model, 2, args.concurrency))  # warm-up
+        asyncio.run(load(running.base_url, model, 2, args.concurrency, chat))  # warm-up
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        redis_before = cpu_seconds(running.redis_pid)
         samplers = [
             subprocess.Popen(
                 [py_spy, "record", "--rate", "200", "--duration", str(int(args.seconds)), "--format", "raw",
@@ -110,15 +122,19 @@ def main() -> None:
             for name, pid in pids.items()
         ]  # fmt: skip
         started = time.monotonic()
-        requests = asyncio.run(load(running.base_url, model, args.seconds, args.concurrency))
+        requests, chunks = asyncio.run(load(running.base_url, model, args.seconds, args.concurrency, chat))
         seconds = time.monotonic() - started
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        redis_used = cpu_seconds(running.redis_pid) - redis_before
         for sampler in samplers:
             sampler.wait()
-    print(f"Profile of the queue path, {args.engine} embedding engine, concurrency {args.concurrency}, {machine()}")
+    print(f"Profile of the queue path, {args.engine} {task} engine, concurrency {args.concurrency}, {machine()}")
     print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), sampled by py-spy at 200 Hz")
+    per_chunk = f", {1000 * redis_used / chunks:.3f} ms per stream chunk" if chunks else ""
+    print(f"Redis: {1000 * redis_used / requests:.2f} ms of CPU per request{per_chunk}")
     for name in pids:
-        print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request")
+        per_chunk = f", {1000 * used[name] / chunks:.3f} ms per stream chunk ({chunks} chunks)" if chunks else ""
+        print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{per_chunk}")
         print("\n".join(summary(out / f"{name}.txt")))
     print(f"\nraw stacks: {out}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.bulk import offline_rate
 from bench.common import machine, table
 from bench.vs_vllm import CHAT, EMBED, Urls, conveyor, vllm
 from tests.conftest import scrape
@@ -76,6 +78,22 @@ def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, la
     return result
 
 
+def offline_ceiling(workload: Workload, count: int = 2560) -> float | None:
+    """Texts/s of vLLM's offline ``LLM.embed`` over prompts like the client's (its random dataset, same length): the
+    engine's own ceiling for this work, with no server in front of it."""
+    from transformers import AutoTokenizer
+    from vllm.benchmarks.datasets import RandomDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_prep.resolve(workload.model)))
+    sampled = RandomDataset(random_seed=0).sample(
+        tokenizer=tokenizer,  # type: ignore[arg-type]  # a Hugging Face tokenizer, as vLLM's own client passes
+        num_requests=count,
+        input_len=workload.input_len,
+        output_len=1,
+    )
+    return offline_rate([str(request.prompt) for request in sampled])
+
+
 def measure(
     systems: list[str], workloads: list[Workload], quick: bool, worker_env: dict[str, str] | None = None
 ) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -126,14 +144,12 @@ def saved(systems: list[str], workloads: list[Workload]) -> dict[tuple[str, str,
     return results
 
 
-def report(results: dict[tuple[str, str, int], dict[str, Any]]) -> str:
+def report(results: dict[tuple[str, str, int], dict[str, Any]], ceiling: float | None = None) -> str:
     lines = [f"vllm.benchmarks.serve against Conveyor and vLLM's server, {machine()}; client on the same machine.", ""]
     for workload in WORKLOADS:
         rows = []
-        for concurrency in workload.concurrencies:
+        for concurrency in sorted({key[2] for key in results if key[0] == workload.task}, reverse=True):
             cells = {s: results.get((workload.task, s, concurrency)) for s in SYSTEMS}
-            if not any(cells.values()):
-                continue
             row: list[object] = [concurrency]
             for cell in cells.values():
                 row += _cell(workload, cell)
@@ -160,6 +176,9 @@ def report(results: dict[tuple[str, str, int], dict[str, Any]]) -> str:
         if workload.task == "embed":
             headers.append("Conveyor requests per engine call")
         lines += [table(headers, rows), ""]
+        if workload.task == "embed" and ceiling:
+            lines += [f"vLLM's offline LLM.embed over {workload.input_len}-token prompts of the same dataset, all in "
+                      f"one call (the engine's ceiling, no server): {ceiling:.1f} texts/s", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -183,6 +202,8 @@ def main() -> None:
     parser.add_argument("--only", choices=[w.task for w in WORKLOADS], help="one workload instead of both")
     parser.add_argument("--systems", default="conveyor,vllm", help="comma-separated: conveyor, vllm")
     parser.add_argument("--quick", action="store_true", help="few prompts per cell (a smoke run)")
+    parser.add_argument("--concurrencies", help="comma-separated, instead of each workload's own list")
+    parser.add_argument("--offline", action="store_true", help="also vLLM's offline LLM.embed on such prompts")
     parser.add_argument(
         "--worker-env",
         action="append",
@@ -194,10 +215,14 @@ def main() -> None:
     names = {"conveyor": "Conveyor", "vllm": "vLLM server"}
     systems = [names[s.strip()] for s in args.systems.split(",") if s.strip()]
     workloads = [w for w in WORKLOADS if args.only in (None, w.task)]
+    if args.concurrencies:
+        wanted = tuple(int(c) for c in args.concurrencies.split(","))
+        workloads = [dataclasses.replace(w, concurrencies=wanted) for w in workloads]
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     results = measure(systems, workloads, args.quick, worker_env)
     earlier = saved(systems, workloads)
-    print(report({**earlier, **results}))
+    ceiling = offline_ceiling(WORKLOADS[0]) if args.offline and WORKLOADS[0] in workloads else None
+    print(report({**earlier, **results}, ceiling))
     if earlier:
         others = ", ".join(sorted({key[1] for key in earlier}))
         print(f"(the {others} columns are results saved in {OUT} by an earlier run)")
