@@ -51,9 +51,10 @@ bench: install
 	$(RUN) python -m bench.queue_overhead
 	$(RUN) python -m bench.stream_relay
 	$(RUN) python -m bench.idle_cost
+	$(RUN) python -m bench.scale_out
 
-bench-engine: install  ## Conveyor vs vLLM's own OpenAI server on the default CPU models (~15 min)
-	$(RUN) python -m bench.vs_vllm
+bench-engine: install  ## Conveyor vs vLLM's own server, with vLLM's own benchmark client (~20 min)
+	$(RUN) python -m bench.vllm_serve --offline
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,9 @@ sending single-text embeddings. Rows:
   more workers cannot add anything there;
 - with ``--real``: all-MiniLM-L6-v2 on vLLM, one worker on both cores against two workers on one core each.
 
+"workers CPU" is the worker processes' own (claims, vLLM's front end); a real engine's compute runs in vLLM's
+engine processes and is not in it.
+
 Per row: requests/s, speed-up over one worker, latency, and the CPU each part used (share of one core), which says
 what the ceiling is.
 """
@@ -87,11 +90,10 @@ def fake_rows(cpu_per_input: float, seconds: float, concurrency: int) -> list[Ro
 
 
 def real_rows(seconds: float, concurrency: int) -> list[Row]:
-    args = ["--task", "embed"]
-    one = measure("vLLM MiniLM, 1 worker on cores 0-1", MINILM, [args], [_bind("0-1")], seconds, concurrency)
-    two = measure(
-        "vLLM MiniLM, 2 workers on 1 core each", MINILM, [args, args], [_bind("0"), _bind("1")], seconds, concurrency
-    )
+    """One worker whose engine binds both cores, then two whose engines bind one core each."""
+    args, label = ["--task", "embed"], "vLLM MiniLM, the 2 cores split among the workers"
+    one = measure(label, MINILM, [args], [_bind("0-1")], seconds, concurrency)
+    two = measure(label, MINILM, [args, args], [_bind("0"), _bind("1")], seconds, concurrency)
     return [one, two]
 
 

@@ -140,7 +140,7 @@ class ArqJobSource:
         self._finish = redis.register_script(FINISH_SCRIPT)
         self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
         self._finishing: list[_Finishing] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
 
     @property
     def _lease_ms(self) -> int:
@@ -169,8 +169,8 @@ class ArqJobSource:
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
     async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
-        """Finish a job. Jobs finishing in the same turn of the event loop go to Redis together, in one pipeline
-        (one write and one read for all of them, not one round trip each)."""
+        """Finish a job. Jobs finishing together go to Redis together, in one pipeline (one write and one read for
+        all of them, not one round trip each), each with its own fenced result."""
         keys = [
             in_progress_key_prefix + job_id,
             job_key_prefix + job_id,
@@ -183,18 +183,18 @@ class ArqJobSource:
         if delivery is not None:
             keys.append(delivery.inbox)
             args += [delivery.payload, int(delivery.ttl_seconds * 1000)]
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[bool] = loop.create_future()
-        if not self._finishing:
-            loop.call_soon(self._send_finishes)
+        finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._finishing.append((keys, args, finished))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_finishes())
         return await finished
 
-    def _send_finishes(self) -> None:
-        batch, self._finishing = self._finishing, []
-        task = asyncio.create_task(self._finish_all(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+    async def _send_finishes(self) -> None:
+        """Send what is waiting, one pipeline at a time: finishes that arrive while one is on its way go together in
+        the next (a lone finish goes at once)."""
+        while self._finishing:
+            batch, self._finishing = self._finishing, []
+            await self._finish_all(batch)
 
     async def _finish_all(self, batch: list[_Finishing]) -> None:
         try:

@@ -46,6 +46,15 @@ def source(redis: Redis, worker: str, lease: float = 5.0) -> ArqJobSource:
     return ArqJobSource(redis, MODEL, worker, lease)
 
 
+async def three_held_by_a(redis: Redis, queue: ArqJobQueue) -> ArqJobSource:
+    """Jobs j0, j1, j2 queued and claimed by worker A; A's source."""
+    for i in range(3):
+        await queue.submit(envelope(f"j{i}"))
+    a = source(redis, "A")
+    await a.claim(3)
+    return a
+
+
 async def test_claims_are_leases_held_by_one_worker(redis: Redis, queue: ArqJobQueue) -> None:
     for i in range(3):
         await queue.submit(envelope(f"j{i}"))
@@ -80,10 +89,7 @@ async def test_a_job_whose_data_expired_is_dropped_not_run(redis: Redis, queue: 
 async def test_renewal_reports_lost_and_aborted_jobs_and_retakes_a_lapsed_lease(
     redis: Redis, queue: ArqJobQueue
 ) -> None:
-    for i in range(3):
-        await queue.submit(envelope(f"j{i}"))
-    a = source(redis, "A")
-    await a.claim(3)
+    a = await three_held_by_a(redis, queue)
     await redis.set(in_progress_key_prefix + "j0", "B")  # taken over by B after A's lease lapsed
     await redis.delete(in_progress_key_prefix + "j1")  # lapsed (an outage), nobody took it
     await queue.cancel(envelope("j2"))  # running: the client's cancel leaves a marker
@@ -112,10 +118,7 @@ async def test_finish_delivers_once_and_only_while_the_lease_is_ours(redis: Redi
 async def test_jobs_finishing_together_go_to_redis_in_one_pipeline_each_with_its_own_result(
     redis: Redis, queue: ArqJobQueue
 ) -> None:
-    for i in range(3):
-        await queue.submit(envelope(f"j{i}"))
-    a = source(redis, "A")
-    await a.claim(3)
+    a = await three_held_by_a(redis, queue)
     await redis.set(in_progress_key_prefix + "j1", "B")  # j1 was taken over: its finish must say so
     pipelines = 0
     make_pipeline = redis.pipeline
