@@ -17,7 +17,6 @@ Every step is one Lua script (one round trip, atomic).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from redis.asyncio import Redis
 
 from conveyor import contract
 from worker.job_source import Claim, Delivery, Renewal
+from worker.pipeliner import Pipeliner
 
 #: Lease due jobs nobody holds: interactive ones first, up to a limit; then, only when no interactive job is left
 #: waiting, bulk ones (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it
@@ -121,8 +121,6 @@ return 0
 """
 
 ABORT_PREFIX = contract.abort_key("")
-#: a finish waiting for its pipeline: the script's keys and arguments, and whoever awaits its result
-_Finishing = tuple[list[str], list[str | bytes | int], asyncio.Future[bool]]
 #: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
 LISTEN_READ_SECONDS = 1.0
 
@@ -139,8 +137,7 @@ class ArqJobSource:
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
         self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
-        self._finishing: list[_Finishing] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._pipeliner = Pipeliner(redis)
 
     @property
     def _lease_ms(self) -> int:
@@ -169,8 +166,8 @@ class ArqJobSource:
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
     async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
-        """Finish a job. Jobs finishing together go to Redis together, in one pipeline (one write and one read for
-        all of them, not one round trip each), each with its own fenced result."""
+        """Finish a job. Jobs finishing together go to Redis together, in one pipeline (``worker.pipeliner``), each
+        with its own fenced result."""
         keys = [
             in_progress_key_prefix + job_id,
             job_key_prefix + job_id,
@@ -183,33 +180,7 @@ class ArqJobSource:
         if delivery is not None:
             keys.append(delivery.inbox)
             args += [delivery.payload, int(delivery.ttl_seconds * 1000)]
-        finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._finishing.append((keys, args, finished))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_finishes())
-        return await finished
-
-    async def _send_finishes(self) -> None:
-        """Send what is waiting, one pipeline at a time: finishes that arrive while one is on its way go together in
-        the next (a lone finish goes at once)."""
-        while self._finishing:
-            batch, self._finishing = self._finishing, []
-            await self._finish_all(batch)
-
-    async def _finish_all(self, batch: list[_Finishing]) -> None:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    await self._finish(keys=keys, args=args, client=pipe)
-                results = await pipe.execute()
-        except Exception as exc:  # a Redis outage: each job's finisher retries on its own
-            for *_, finished in batch:
-                if not finished.done():
-                    finished.set_exception(exc)
-            return
-        for (*_, finished), result in zip(batch, results, strict=True):
-            if not finished.done():
-                finished.set_result(bool(result))
+        return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:
