@@ -2,11 +2,12 @@
 
     uv run --frozen --extra cpu python -m bench.framework_floor [--seconds 10] [--concurrency 16]
 
-Serves two endpoints in a bare uvicorn process (the gateway's own server settings, uvloop and httptools) and loads each
-with the same aiohttp client as ``bench.profile``: an embeddings-shaped POST whose body FastAPI validates into
-Conveyor's ``EmbeddingRequest`` and which answers a constant JSON body, and a raw ASGI callable answering the same
-bytes without FastAPI. Prints the server's CPU per request for each: the part of the gateway's CPU per request that
-no change inside Conveyor's own code can remove.
+A bare uvicorn process (the gateway's own server: uvloop, httptools) under the same aiohttp client as
+``bench.profile``, three ways: an embeddings-shaped POST whose body FastAPI validates into Conveyor's
+``EmbeddingRequest`` and which answers a constant JSON body; the same route making one Lua call to a real
+redis-server through redis-py first (what admission makes); a raw ASGI callable answering the same bytes. Prints the
+server's CPU per request for each: the part of the gateway's CPU per request that no change inside Conveyor's own
+code can remove.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import argparse
 import asyncio
 import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import cpu_seconds, machine, table
 from bench.profile import load
-from launcher import processes
+from launcher import processes, redis_server
 from launcher.redis_server import free_port
 
 ANSWER = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0]}],"model":"m"}'
@@ -28,14 +31,19 @@ SERVER = """
 import sys
 import uvicorn
 from fastapi import FastAPI, Response
+from redis.asyncio import Redis
 from conveyor.protocol import EmbeddingRequest
 
 ANSWER = %r
 app = FastAPI()
+redis = Redis.from_url(sys.argv[3]) if len(sys.argv) > 3 else None
+script = redis.register_script("return ARGV[1]") if redis is not None else None
 
 
 @app.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest) -> Response:
+    if script is not None:
+        await script(keys=["k"], args=[body.model])
     return Response(ANSWER, media_type="application/json")
 
 
@@ -50,15 +58,17 @@ async def raw(scope, receive, send):
 
 
 if __name__ == "__main__":
-    target = app if sys.argv[2] == "fastapi" else raw
+    target = raw if sys.argv[2] == "raw" else app
     uvicorn.run(target, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
 """
 
 
-def measure(kind: str, seconds: float, concurrency: int) -> tuple[float, float]:
+def measure(kind: str, seconds: float, concurrency: int, redis_url: str | None = None) -> tuple[float, float]:
     """(requests/s, server CPU ms per request) of one kind of server."""
     port = free_port()
-    server = processes.spawn([sys.executable, "-c", SERVER % ANSWER, str(port), kind])
+    server = processes.spawn(
+        [sys.executable, "-c", SERVER % ANSWER, str(port), kind, *([redis_url] if redis_url else [])]
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_port(port)
@@ -89,9 +99,25 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     rows = []
-    for kind, label in (("fastapi", "FastAPI route, body validated into EmbeddingRequest"), ("raw", "raw ASGI")):
-        rate, cpu = measure(kind, args.seconds, args.concurrency)
-        rows.append([label, f"{rate:,.0f}", f"{cpu:.3f}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        redis = redis_server.start(port, Path(tmp))
+        try:
+            kinds = [
+                ("fastapi", "FastAPI route, body validated into EmbeddingRequest", None),
+                (
+                    "fastapi",
+                    "the same route + one Lua call to Redis (redis-py), as admission makes",
+                    f"redis://127.0.0.1:{port}",
+                ),
+                ("raw", "raw ASGI", None),
+            ]
+            for kind, label, redis_url in kinds:
+                rate, cpu = measure(kind, args.seconds, args.concurrency, redis_url)
+                rows.append([label, f"{rate:,.0f}", f"{cpu:.3f}"])
+        finally:
+            redis.terminate()
+            redis.wait(10)
     print(f"uvicorn (uvloop, httptools) answering a constant body, {args.concurrency} clients; {machine()}\n")
     print(table(["server", "requests/s", "server CPU ms per request"], rows))
 
