@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
@@ -48,6 +53,36 @@ def stack(models: Sequence[str] = (), gateway_env: dict[str, str] | None = None)
                 processes.stop(child, grace=10)
             redis.terminate()
             redis.wait(10)
+
+
+@dataclass
+class Loaded:
+    """What a closed-loop load saw: each answer's latency, and the stream chunks (SSE ``data:`` objects) received."""
+
+    latencies: list[float]
+    chunks: int
+
+
+async def closed_loop(base_url: str, path: str, body: dict[str, Any], seconds: float, concurrency: int) -> Loaded:
+    """``concurrency`` clients posting ``body`` to ``path`` back to back for ``seconds``; a failed answer stops it."""
+    latencies: list[float] = []
+    chunks = 0
+    end = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector) as session:
+
+        async def client() -> None:
+            nonlocal chunks
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                async with session.post(path, json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.content:
+                        chunks += line.startswith(b"data: {")
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Loaded(latencies, chunks)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import tempfile
 import time
@@ -71,7 +70,7 @@ def measure(kind: str, seconds: float, concurrency: int, redis_url: str | None =
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_port(port)
+        processes.wait_http_ok(f"{base}/openapi.json", server, 30)  # FastAPI's schema; the raw callable answers all
         asyncio.run(load(base, "m", 2, concurrency))  # warm-up
         before, started = cpu_seconds(server.pid), time.monotonic()
         done, _ = asyncio.run(load(base, "m", seconds, concurrency))
@@ -79,18 +78,6 @@ def measure(kind: str, seconds: float, concurrency: int, redis_url: str | None =
         return done / elapsed, 1000 * (cpu_seconds(server.pid) - before) / done
     finally:
         processes.stop(server, grace=5)
-
-
-def _wait_port(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def main() -> None:

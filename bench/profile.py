@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
-from bench.common import cpu_seconds, machine, stack
+from bench.common import closed_loop, cpu_seconds, machine, stack
 from worker.model_prep import MINILM, SMOLLM2
 
 FAKE_MODEL = "profile-embed"
@@ -40,20 +38,8 @@ async def load(base_url: str, model: str, seconds: float, concurrency: int, chat
                 "ignore_eos": True, "stream": True}  # fmt: skip
     else:
         path, body = "/v1/embeddings", {"model": model, "input": TEXT, "encoding_format": "float"}
-    done = chunks = 0
-    end = time.monotonic() + seconds
-    async with aiohttp.ClientSession(base_url=base_url) as session:
-
-        async def client() -> None:
-            nonlocal done, chunks
-            while time.monotonic() < end:
-                async with session.post(path, json=body) as response:
-                    async for line in response.content:
-                        chunks += line.startswith(b"data: {")
-                    done += 1
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done, chunks
+    loaded = await closed_loop(base_url, path, body, seconds, concurrency)
+    return len(loaded.latencies), loaded.chunks
 
 
 def children(pid: int) -> list[int]:

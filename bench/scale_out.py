@@ -25,9 +25,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
-from bench.common import cpu_seconds, machine, ms, percentile, stack, table
+from bench.common import closed_loop, cpu_seconds, machine, ms, percentile, stack, table
 from worker.model_prep import MINILM
 
 FAKE = "scale-embed"
@@ -45,22 +43,8 @@ class Row:
 
 
 async def load(base_url: str, model: str, seconds: float, concurrency: int) -> list[float]:
-    latencies: list[float] = []
-    end = time.monotonic() + seconds
     body = {"model": model, "input": TEXT, "encoding_format": "float"}
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url=base_url, connector=connector) as session:
-
-        async def client() -> None:
-            while time.monotonic() < end:
-                started = time.perf_counter()
-                async with session.post("/v1/embeddings", json=body) as response:
-                    await response.read()
-                    response.raise_for_status()
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies
+    return (await closed_loop(base_url, "/v1/embeddings", body, seconds, concurrency)).latencies
 
 
 def measure(
