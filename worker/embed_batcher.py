@@ -115,13 +115,15 @@ class EmbeddingBatcher:
         metrics.EMBED_CALL_REQUESTS.labels(self.model).observe(len(bodies))
         try:
             results = await self.engine.embed_many(bodies, request_ids)
-        except BaseException as exc:  # the engine failed under the whole call (or the worker is stopping)
+        except Exception as exc:  # the engine failed under the whole call
             for answer in answers:
                 if not answer.done():
-                    answer.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-            if not isinstance(exc, Exception):
-                raise
+                    answer.set_exception(exc)
             return
+        except BaseException:  # the worker is stopping: so are the jobs waiting for this call
+            for answer in answers:
+                answer.cancel()
+            raise
         for answer, result in zip(answers, results, strict=True):
             if answer.done():  # its job was cancelled meanwhile
                 continue

@@ -235,9 +235,7 @@ class FakeEngine(Engine):
         return out
 
     def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        raw = body["input"]
-        single = isinstance(raw, str) or all(isinstance(x, int) for x in raw)
-        items: list[str | list[int]] = [raw] if single else list(raw)
+        items: list[str | list[int]] = inputs_of(body["input"])
         dim = int(body.get("dimensions") or self.embedding_dim)
         longest = max((_item_tokens(item) for item in items), default=0)
         if longest > MAX_MODEL_LEN:  # as vLLM refuses it

@@ -38,6 +38,7 @@ from conveyor.errors import (
     Unauthorized,
 )
 from conveyor.paths import data_dir
+from worker.embed_batcher import inputs_of
 from worker.engines.base import Engine
 from worker.model_prep import PACKAGED_MODELS, resolve
 from worker.settings import WorkerSettings
@@ -351,7 +352,7 @@ class VLLMEngine(Engine):
         if not all(isinstance(r, EmbeddingCompletionRequest) for r in requests):
             raise InvalidRequest("only text inputs are merged")  # chat-style inputs: each runs alone
         serving = self._serving("serving_embedding")
-        inputs = [[r.input] if isinstance(r.input, str) else list(r.input) for r in requests]
+        inputs = [inputs_of(r.input) for r in requests]
         merged = requests[0].model_copy(update={"input": [text for items in inputs for text in items]})
         ctx = await serving._init_ctx(serving.io_processor, merged, None)
         await serving._preprocessing(serving.io_processor, ctx)
