@@ -98,7 +98,7 @@ class ArqJobQueue:
             envelope.request_id,
         ]
         with redis_errors():
-            code, _live, depth = await self._admit_and_enqueue(keys=keys, args=args)
+            code, depth = await self._admit_and_enqueue(keys=keys, args=args)
         if code == Admission.NO_WORKER:
             raise await self.directory.unavailable(model)
         if code == Admission.INCAPABLE:

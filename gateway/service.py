@@ -24,7 +24,7 @@ from gateway.queue import JobQueue, redis_errors
 from gateway.relay import FrameReader, StreamRelay
 from gateway.settings import GatewaySettings
 
-#: how often the queue-depth and live-worker gauges are refreshed between requests (Prometheus scrapes every ~15 s)
+#: how often the set of models that may be metric labels is refreshed (the gauges themselves are read at each scrape)
 KNOWN_MODELS_REFRESH_SECONDS = 5.0
 
 
