@@ -48,9 +48,14 @@ class _Context(logging.Filter):
         return True
 
 
+def _stamp(record: logging.LogRecord) -> str:
+    """The record's time in UTC, to the millisecond (``2026-11-23T22:28:16.123Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        stamp = _stamp(record)
         context = ""
         request_id = getattr(record, "request_id", None)
         if request_id:
@@ -64,7 +69,7 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _stamp(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
