@@ -44,6 +44,18 @@ class ChunkRef(BaseModel):
     first_line: int
     lines: int
     expires_at: float  # the batch's completion window ends here
+    #: the tokens its lines are estimated to use (``conveyor.token_estimate``), charged to the batch's API key
+    tokens: int = 0
+
+
+class TenantRef(BaseModel):
+    """The managed API key a job is accounted to (``conveyor.keys``), and what admission reserved for it: ``reserved``
+    tokens in the tokens window's bucket of second ``second``, reconciled with the engine's usage when it finishes."""
+
+    key_id: str
+    name: str
+    second: int
+    reserved: int = 0
 
 
 class JobEnvelope(BaseModel):
@@ -61,6 +73,7 @@ class JobEnvelope(BaseModel):
     created: float = Field(default_factory=time.time)
     deadline: float
     chunk: ChunkRef | None = None
+    tenant: TenantRef | None = None
 
     def seconds_left(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
@@ -247,6 +260,38 @@ def batch_driver_key(batch_id: str) -> str:
 
 def chunk_job_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index}"
+
+
+def batch_released_key(batch_id: str) -> str:
+    """Hash: chunk index -> 1 once the chunk was put on its bulk lane (its tokens charged to its key); set once."""
+    return f"{KEY_PREFIX}:batch:{batch_id}:released"
+
+
+# ---- managed API keys (``conveyor.keys``) and their limits ----------------------------------------------------
+
+API_KEYS_INDEX = f"{KEY_PREFIX}:apikeys"  # sorted set: key id -> created_at, revoked ones included
+API_KEY_HASHES = f"{KEY_PREFIX}:apikeys:hashes"  # hash: SHA-256 of an active key's secret -> key id
+API_KEY_NAMES = f"{KEY_PREFIX}:apikeys:names"  # hash: name of an active key -> key id
+
+
+def api_key_key(key_id: str) -> str:
+    """A key's record (hash): name, limits, allowed models, created and revoked times; never its secret."""
+    return f"{KEY_PREFIX}:apikey:{key_id}"
+
+
+def rate_window_key(key_id: str, unit: Literal["requests", "tokens"]) -> str:
+    """Hash: unix second -> requests admitted (or tokens charged) in it; the last 60 seconds are the window."""
+    return f"{KEY_PREFIX}:rate:{key_id}:{unit}"
+
+
+def key_jobs_key(key_id: str) -> str:
+    """Sorted set: id of each of a key's interactive jobs not finished yet -> its deadline (the per-key queue bound)."""
+    return f"{KEY_PREFIX}:apikey:{key_id}:jobs"
+
+
+def usage_key(key_id: str, day: str) -> str:
+    """Hash of one key's usage on one UTC day (``YYYY-MM-DD``): ``<model>|<counter>`` -> count."""
+    return f"{KEY_PREFIX}:usage:{key_id}:{day}"
 
 
 # ---- names inside the file store ------------------------------------------------------------------------------

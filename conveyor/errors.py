@@ -57,6 +57,24 @@ class NotFound(ConveyorError):
     default_code = "not_found"
 
 
+class Conflict(ConveyorError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class RateLimited(ConveyorError):
+    """Over one of an API key's limits. ``type`` names the limit as OpenAI does (``requests``, ``tokens``)."""
+
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.type = limit
+
+
 class Overloaded(ConveyorError):
     status = 429
     type = "rate_limit_error"

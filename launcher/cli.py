@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from conveyor import logs
 from conveyor.redis_client import DEFAULT_REDIS_URL
+from launcher import keys_command
 
 
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -84,6 +85,8 @@ DESCRIPTION = """Conveyor: queue-backed, OpenAI-compatible LLM serving.
   conveyor gateway            the HTTP API alone
   conveyor worker --model M   one engine serving model M's queue
   conveyor batch embed FILE   embed a file of texts through the Batches API
+  conveyor keys create|list|update|revoke|usage
+                              managed API keys: limits per key, usage per key
 
 Every setting can also come from the environment (CONVEYOR_GATEWAY_*, CONVEYOR_WORKER_*, CONVEYOR_REDIS_URL);
 a flag wins over the environment. See README.md for all of them."""
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", help="use this Redis instead of starting one (default: $CONVEYOR_REDIS_URL)")
     up.set_defaults(handler=_up)
 
+    keys_command.add_parser(commands, redis_help).set_defaults(handler=_keys)
+
     status = commands.add_parser("status", help="models, workers, queue depths and running batches, from Redis")
     status.add_argument("--redis-url", help=redis_help)
     status.set_defaults(handler=_status)
@@ -150,10 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keys(args: argparse.Namespace) -> None:
+    raise SystemExit(keys_command.run(os.environ.get("CONVEYOR_REDIS_URL", DEFAULT_REDIS_URL), args))
+
+
 def _status(args: argparse.Namespace) -> None:
     from conveyor import status
 
     raise SystemExit(status.show(os.environ.get("CONVEYOR_REDIS_URL", DEFAULT_REDIS_URL)))
+
+
+#: settings read from a variable without the command's prefix
+UNPREFIXED = {"redis_url": "CONVEYOR_REDIS_URL", "admin_key": "CONVEYOR_ADMIN_KEY", "files_url": "CONVEYOR_FILES_URL"}
 
 
 def settings_error(command: str, exc: ValidationError) -> str:
@@ -162,7 +175,7 @@ def settings_error(command: str, exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "settings"
         message = str(error["msg"]).removeprefix("Value error, ")
-        variable = "CONVEYOR_REDIS_URL" if field == "redis_url" else f"CONVEYOR_{command.upper()}_{field.upper()}"
+        variable = UNPREFIXED.get(field, f"CONVEYOR_{command.upper()}_{field.upper()}")
         lines.append(f"conveyor {command}: {field}: {message} (set {variable}, or its flag where there is one)")
     return "\n".join(lines)
 
