@@ -1,12 +1,38 @@
--- Admit and enqueue one job atomically: one round trip, and the queue-depth bound is exact.
--- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel
+-- Admit and enqueue one job atomically: one round trip, so every bound (the model's queue depth, an API key's limits)
+-- is exact however many gateways admit at once. rate_window.lua is prepended.
+-- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel;
+--       with an API key: 6 its record, 7 its requests window, 8 its tokens window, 9 its unfinished jobs
 -- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 serialised arq job, 5 expiry ms, 6 score (enqueue ms),
---       7 job id
--- Returns {code, queue depth}: 1 enqueued, 0 no live worker, 2 queue full, 3 capability missing,
--- 4 duplicate job id.
+--       7 job id; with an API key: 8 model, 9 tokens charged, 10 bucket second, 11 deadline (unix s)
+-- Returns {code, queue depth, then with a key: for requests and for tokens each limit, used, retry ms, reset ms (all
+-- -1 when the key sets no such limit)}, used before this job. Codes: 1 enqueued, 0 no live worker, 2 queue full,
+-- 3 capability missing, 4 duplicate job id, 5 key revoked, 6 model not allowed for the key, 7 over the requests per
+-- minute, 8 over the tokens per minute, 9 larger than the tokens per minute, 10 over the key's queued jobs.
+local now = tonumber(ARGV[1])
+local depth = redis.call('ZCARD', KEYS[3])
+local keyed = #KEYS > 5
+local none = {-1, -1, -1, -1}
+local requests, tokens = none, none
+local record
+if keyed then
+  record = redis.call('HMGET', KEYS[6], 'name', 'revoked_at', 'rpm', 'tpm', 'max_queued', 'models')
+  if not record[1] or record[2] then return {5, depth} end
+  if record[6] then
+    local allowed = false
+    for _, model in ipairs(cjson.decode(record[6])) do
+      if model == ARGV[8] then allowed = true end
+    end
+    if not allowed then return {6, depth} end
+  end
+end
+local function refusal(code)
+  local out = {code, depth}
+  for _, v in ipairs(requests) do out[#out + 1] = v end
+  for _, v in ipairs(tokens) do out[#out + 1] = v end
+  return out
+end
 local live = redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')
 local card = redis.call('GET', KEYS[2])
-local depth = redis.call('ZCARD', KEYS[3])
 if live == 0 or not card then
   return {0, depth}
 end
@@ -17,8 +43,19 @@ end
 if not capable then
   return {3, depth}
 end
+if keyed then
+  if record[3] then requests = window(KEYS[7], tonumber(record[3]), 1, now) end
+  if record[4] then tokens = window(KEYS[8], tonumber(record[4]), tonumber(ARGV[9]), now) end
+  if requests[3] ~= 0 and requests ~= none then return refusal(7) end
+  if tokens[3] == -1 and tokens ~= none then return refusal(9) end
+  if tokens[3] ~= 0 and tokens ~= none then return refusal(8) end
+  if record[5] then
+    redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+    if redis.call('ZCARD', KEYS[9]) >= tonumber(record[5]) then return refusal(10) end
+  end
+end
 if depth >= tonumber(ARGV[2]) then
-  return {2, depth}
+  return refusal(2)
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {4, depth}
@@ -26,4 +63,13 @@ end
 redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('PUBLISH', KEYS[5], 'job')  -- contract.WAKE_JOB
-return {1, depth + 1}
+if keyed then
+  if requests ~= none then charge(KEYS[7], ARGV[10], 1) end
+  if tokens ~= none then charge(KEYS[8], ARGV[10], ARGV[9]) end
+  if record[5] then
+    redis.call('ZADD', KEYS[9], ARGV[11], ARGV[7])
+    local ttl = math.ceil(tonumber(ARGV[11]) - now) + 1
+    if redis.call('TTL', KEYS[9]) < ttl then redis.call('EXPIRE', KEYS[9], ttl) end
+  end
+end
+return refusal(1)

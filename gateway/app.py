@@ -13,9 +13,11 @@ from redis.asyncio import Redis
 
 from conveyor import redis_client
 from conveyor.filestore import open_store
+from conveyor.keys import KeyStore
 from conveyor.netaddr import address_towards, host_port
 from conveyor.outage import Outage
 from gateway import errors
+from gateway.admin_routes import admin
 from gateway.arq_queue import ArqJobQueue
 from gateway.batch_driver import BatchDriver
 from gateway.batch_store import BatchStore
@@ -25,6 +27,7 @@ from gateway.directory import ModelDirectory
 from gateway.files import FileService
 from gateway.guard import RequestGuard
 from gateway.inbox import ReplyInbox
+from gateway.key_cache import KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.pubsub import PubSubMultiplexer
 from gateway.routes import router
@@ -49,6 +52,8 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         queue = ArqJobQueue(redis, settings, directory)
         service = ServingService(queue, directory, inbox, mux, settings, metrics)
         app.state.service = service
+        app.state.keys = KeyStore(redis)
+        app.state.key_cache = KeyCache(app.state.keys, settings.key_cache_seconds)
         store = open_store(settings.files_url)
         batch_store = BatchStore(redis)
         app.state.files = FileService(store, batch_store, directory)
@@ -84,5 +89,6 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     app.include_router(router)
     app.include_router(bulk)
     app.include_router(targets)
+    app.include_router(admin)
     app.add_middleware(RequestGuard, settings=settings)
     return app

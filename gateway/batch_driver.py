@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from conveyor import contract
+from conveyor import contract, token_estimate
 from conveyor.batch_lines import (
     FINAL_STATUSES,
     KIND_FOR_URL,
@@ -38,11 +38,11 @@ from conveyor.batch_lines import (
     StoredFile,
     parse_line,
 )
-from conveyor.contract import ChunkRef, JobEnvelope
+from conveyor.contract import ChunkRef, JobEnvelope, TenantRef
 from conveyor.errors import BackendUnavailable, NotFound
 from conveyor.filestore import FileStore, lines
 from conveyor.outage import Outage
-from gateway.batch_store import BatchStore
+from gateway.batch_store import BatchOwner, BatchStore
 from gateway.directory import ModelDirectory
 from gateway.files import FileService
 from gateway.queue import JobQueue, JobState
@@ -51,6 +51,8 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("conveyor.gateway")
 
 LEASE_SECONDS = 15.0
+#: chunks offered to the bulk lane per round (workers run a few hundred lines a second: this is never the bottleneck)
+RELEASE_PER_ROUND = 256
 ROUND_SECONDS = 1.0
 #: at most this many line errors are listed on a failed batch
 MAX_LISTED_ERRORS = 100
@@ -157,9 +159,9 @@ class BatchDriver:
             return
         total = chunks[-1].first_line + chunks[-1].lines if chunks else 0
         await self.batches.set_plan(batch.id, chunks, total)
-        await self.queue.submit_bulk([self._envelope(batch, chunk) for chunk in chunks])
+        await self._release(batch, chunks)
         if await self.batches.move(batch.id, ("validating",), "in_progress"):
-            log.info("batch %s: %d lines in %d chunks on %s's bulk lane", batch.id, total, len(chunks), batch.model)
+            log.info("batch %s: %d lines in %d chunks for %s's bulk lane", batch.id, total, len(chunks), batch.model)
 
     async def _plan(self, batch: BatchObject, stored: StoredFile, errors: list[BatchError]) -> list[ChunkRef]:
         """Cut the file into chunks of lines. Every line was checked at upload; the record of what its lines ask for
@@ -167,21 +169,36 @@ class BatchDriver:
         size = self.settings.batch_chunk_lines
         name = stored.store_name
         check = set(stored.urls) != {batch.endpoint} or set(stored.models) != {batch.model}
+        owned = await self.batches.owner(batch.id) is not None  # its lines' tokens are estimated, to charge its key
         chunks: list[ChunkRef] = []
         offset = chunk_start = 0
-        count = 0
+        count = tokens = 0
         async for raw in lines(self.store.read(name)):
             count += 1
             if check:
                 self._check_line(batch, raw, count, errors)
+            if owned:
+                tokens += self._estimate(batch, raw)
             offset += len(raw) + 1
             if count % size == 0:
                 chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, count - size + 1, size))
-                chunk_start = offset
+                chunks[-1].tokens, chunk_start, tokens = tokens, offset, 0
         if count % size:
             first = count - count % size + 1
             chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, first, count % size))
+            chunks[-1].tokens = tokens
         return chunks
+
+    def _estimate(self, batch: BatchObject, raw: bytes) -> int:
+        """A line's estimated tokens (0 for a line validation refuses anyway)."""
+        try:
+            body = json.loads(raw).get("body")
+        except (ValueError, AttributeError):
+            return 0
+        kind = KIND_FOR_URL.get(batch.endpoint)
+        if not isinstance(body, dict) or kind is None:
+            return 0
+        return token_estimate.charge(kind, body, self.settings.default_output_tokens)
 
     @staticmethod
     def _check_line(batch: BatchObject, raw: bytes, number: int, errors: list[BatchError]) -> None:
@@ -207,7 +224,27 @@ class BatchDriver:
             expires_at=float(batch.expires_at or time.time()),
         )
 
-    def _envelope(self, batch: BatchObject, chunk: ChunkRef) -> JobEnvelope:
+    async def _release(self, batch: BatchObject, plan: list[ChunkRef]) -> None:
+        """Put the next chunks on the bulk lane, as far as the batch's API key has tokens to spare (``release``)."""
+        released = await self.batches.released(batch.id)
+        if released >= len(plan):
+            return
+        owner = await self.batches.owner(batch.id)
+        now = time.time()
+        offered = plan[released : released + RELEASE_PER_ROUND]
+        count = await self.queue.release(
+            batch.id, [self._envelope(batch, c, owner, now) for c in offered], self.settings.batch_token_share, now
+        )
+        if count < 0 and await self.batches.move(batch.id, ("validating", "in_progress"), "cancelling"):
+            log.warning("batch %s: its API key %s was revoked; cancelling it", batch.id, owner.name if owner else "")
+
+    def _envelope(
+        self, batch: BatchObject, chunk: ChunkRef, owner: BatchOwner | None = None, now: float = 0.0
+    ) -> JobEnvelope:
+        """A chunk's job; with the batch's owner, charged the chunk's estimated tokens in second ``now``."""
+        tenant = None
+        if owner is not None:
+            tenant = TenantRef(key_id=owner.key_id, name=owner.name, second=int(now), reserved=chunk.tokens)
         return JobEnvelope(
             request_id=contract.chunk_job_id(batch.id, chunk.index),
             model=batch.model or "",
@@ -216,6 +253,7 @@ class BatchDriver:
             created=batch.created_at + chunk.index / 1000,  # queued in batch order, chunks in file order
             deadline=chunk.expires_at,
             chunk=chunk,
+            tenant=tenant,
         )
 
     # --- running ------------------------------------------------------------------------------------------------
@@ -223,6 +261,8 @@ class BatchDriver:
     async def _progress(self, batch: BatchObject) -> None:
         done = await self.batches.fold_reports(batch.id)
         plan = await self.batches.plan(batch.id)
+        if len(done) < len(plan):
+            await self._release(batch, plan)
         if len(done) >= len(plan):
             if await self.batches.move(batch.id, ("in_progress",), "finalizing"):
                 await self._finalize(await self.batches.batch(batch.id), "completed")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, cast
 
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from conveyor import contract
@@ -71,6 +72,14 @@ end
 return 0
 """
 
+
+class BatchOwner(BaseModel):
+    """The managed API key that created a batch."""
+
+    key_id: str
+    name: str
+
+
 FIXED_FIELDS = ("id", "endpoint", "input_file_id", "completion_window", "created_at", "expires_at", "metadata", "model")
 
 
@@ -121,14 +130,20 @@ class BatchStore:
 
     # --- batches ------------------------------------------------------------------------------------------------
 
-    async def create_batch(self, batch: BatchObject) -> None:
+    async def create_batch(self, batch: BatchObject, owner: BatchOwner | None = None) -> None:
+        """A new batch; ``owner`` is the managed API key that created it (its lines count against that key)."""
         fixed = batch.model_dump(mode="json", include=set(FIXED_FIELDS))
+        fields: dict[str, str | int] = {
+            "record": json.dumps(fixed),
+            "status": batch.status,
+            "completed": 0,
+            "failed": 0,
+        }
+        if owner is not None:
+            fields["owner"] = owner.model_dump_json()
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    contract.batch_key(batch.id),
-                    mapping={"record": json.dumps(fixed), "status": batch.status, "completed": 0, "failed": 0},
-                )
+                pipe.hset(contract.batch_key(batch.id), mapping=cast(Any, fields))
                 pipe.zadd(contract.BATCHES_INDEX, {batch.id: time.time()})
                 pipe.sadd(contract.ACTIVE_BATCHES, batch.id)
                 await pipe.execute()
@@ -149,6 +164,7 @@ class BatchStore:
         )
         errors = values.pop("errors", None)
         values.pop("plan", None)
+        values.pop("owner", None)
         for name, value in values.items():
             data[name] = int(value) if name.endswith("_at") else value
         return BatchObject.model_validate(
@@ -176,6 +192,16 @@ class BatchStore:
         with redis_errors():
             raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "plan"))
         return [ChunkRef.model_validate(c) for c in json.loads(raw)] if raw else []
+
+    async def owner(self, batch_id: str) -> BatchOwner | None:
+        with redis_errors():
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "owner"))
+        return BatchOwner.model_validate_json(raw) if raw else None
+
+    async def released(self, batch_id: str) -> int:
+        """How many of the batch's chunks were put on the bulk lane (always its first ones)."""
+        with redis_errors():
+            return int(await cast(Awaitable[int], self.redis.hlen(contract.batch_released_key(batch_id))))
 
     async def fold_reports(self, batch_id: str) -> set[int]:
         """Count the chunks workers reported since the last fold; returns the indices of every chunk done so far."""
@@ -215,7 +241,11 @@ class BatchStore:
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.srem(contract.ACTIVE_BATCHES, batch_id)
-                pipe.delete(contract.batch_chunks_key(batch_id), contract.batch_done_key(batch_id))
+                pipe.delete(
+                    contract.batch_chunks_key(batch_id),
+                    contract.batch_done_key(batch_id),
+                    contract.batch_released_key(batch_id),
+                )
                 pipe.hdel(contract.batch_key(batch_id), "plan")
                 await pipe.execute()
 

@@ -11,8 +11,9 @@ from pydantic import BaseModel, Field, field_validator
 
 from conveyor import contract
 from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject
-from conveyor.errors import InvalidRequest
-from gateway.batch_store import BatchStore
+from conveyor.errors import InvalidRequest, ModelNotFound
+from conveyor.keys import ApiKey
+from gateway.batch_store import BatchOwner, BatchStore
 from gateway.settings import GatewaySettings
 
 COMPLETION_WINDOWS = ("24h",)
@@ -59,8 +60,14 @@ class BatchService:
         """Lines of the unfinished batches per model (for the metrics)."""
         return await self.batches.progress()
 
-    async def create(self, request: BatchCreate) -> BatchObject:
+    async def create(self, request: BatchCreate, key: ApiKey | None = None) -> BatchObject:
+        """A new batch; made with a managed API key, it runs as that key (its models, its token budget, its usage)."""
         stored = await self.batches.file(request.input_file_id)
+        barred = sorted(set(stored.models) - set(key.models)) if key is not None and key.models is not None else []
+        if barred:
+            raise ModelNotFound(
+                f"The model `{barred[0]}` does not exist or you do not have access to it.", param="input_file_id"
+            )
         if stored.file.purpose != "batch":
             raise InvalidRequest(
                 f"File {request.input_file_id} has purpose {stored.file.purpose!r}; a batch needs one uploaded with "
@@ -80,7 +87,7 @@ class BatchService:
             metadata=request.metadata,
             model=next(iter(stored.models), None),
         )
-        await self.batches.create_batch(batch)
+        await self.batches.create_batch(batch, BatchOwner(key_id=key.id, name=key.name) if key else None)
         self.wake()
         return batch
 

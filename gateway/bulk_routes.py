@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 from conveyor.batch_lines import BatchObject, FileObject, list_page
+from gateway import guard
 from gateway.batches import BatchCreate, BatchService
 from gateway.files import FileService
 
@@ -63,7 +64,7 @@ async def file_content(request: Request, file_id: str) -> StreamingResponse:
 
 @bulk.post("/batches")
 async def create_batch(request: Request, body: BatchCreate) -> BatchObject:
-    return await batches_of(request).create(body)
+    return await batches_of(request).create(body, guard.api_key_of(request))
 
 
 @bulk.get("/batches")

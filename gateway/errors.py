@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor import logs
-from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooLarge, error_body
+from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, error_body
 from gateway.metrics import OTHER
 
 log = logging.getLogger("conveyor.gateway")
@@ -50,6 +50,9 @@ def respond(request: Request, error: ConveyorError) -> JSONResponse:
         arrived = getattr(request.state, "arrived", time.time())
         model = getattr(request.state, "model", None)
         metrics.observe(model, endpoint_label(request), error.status, error.code or error.type, arrived)
+        key = getattr(request.state, "api_key", None)
+        if isinstance(error, RateLimited) and key is not None:
+            metrics.key_refusals.labels(key.name, error.type).inc()
     request_id = logs.current_request()  # known once the request became a job: the same id as in the logs
     headers = error.headers | ({"X-Request-Id": request_id} if request_id else {})
     return JSONResponse(error.body(), status_code=error.status, headers=headers)

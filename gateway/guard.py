@@ -3,6 +3,10 @@
 A pure ASGI middleware, so a client without a key is refused 401 before a byte of its body is read, and a body
 over ``max_body_bytes`` is refused 413 from its ``Content-Length`` (or, sent chunked, as soon as it grows past the
 limit) instead of being buffered.
+
+Keys: a static key (``CONVEYOR_GATEWAY_API_KEYS``) or a managed one (``conveyor keys``, looked up through
+``gateway.key_cache``); the managed key is put on the request (``api_key_of``) for its limits and usage. Requests need
+no key only while neither kind exists. ``/admin/`` routes need ``CONVEYOR_ADMIN_KEY`` and do not exist without it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conveyor.errors import ConveyorError, PayloadTooLarge, Unauthorized
+from conveyor.errors import ConveyorError, NotFound, PayloadTooLarge, Unauthorized
+from conveyor.keys import ApiKey
 from gateway import errors
+from gateway.key_cache import KeyCache
 from gateway.settings import GatewaySettings
 
 #: paths that need a key when keys are set (health, readiness and metrics stay open for probes and scrapers)
 PROTECTED_PREFIXES = ("/v1/",)
+ADMIN_PREFIX = "/admin/"
 UPLOAD_PATH = "/v1/files"
 
 
@@ -42,22 +49,45 @@ class RequestGuard:
             return
         scope.setdefault("state", {})["arrived"] = time.time()
         request = Request(scope)
-        refusal = self._refusal(request)
+        try:
+            refusal = await self._refusal(request)
+        except ConveyorError as exc:  # Redis down while looking a key up
+            refusal = exc
         if refusal is not None:
             response = errors.respond(request, refusal)
             await response(scope, receive, send)
             return
         await self.app(scope, self._limited(receive, self._limit(request)), send)
 
-    def _refusal(self, request: Request) -> ConveyorError | None:
-        keys = self.settings.api_keys
-        if keys and request.url.path.startswith(PROTECTED_PREFIXES):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
-                return Unauthorized("Incorrect API key provided.")
+    async def _refusal(self, request: Request) -> ConveyorError | None:
+        path = request.url.path
+        if path.startswith(PROTECTED_PREFIXES):
+            refusal = await self._client_refusal(request)
+            if refusal is not None:
+                return refusal
+        elif path.startswith(ADMIN_PREFIX):
+            admin = self.settings.admin_key
+            if admin is None:
+                return NotFound(f"No route {request.method} {path}.")
+            if not key_matches(_bearer(request) or "", [admin]):
+                return Unauthorized("Incorrect admin key provided (CONVEYOR_ADMIN_KEY).")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self._limit(request):
             return self._too_large(self._limit(request))
+        return None
+
+    async def _client_refusal(self, request: Request) -> ConveyorError | None:
+        static = self.settings.api_keys
+        token = _bearer(request)
+        if token and static and key_matches(token, static):
+            return None
+        keys: KeyCache = request.app.state.key_cache
+        key = await keys.resolve(token) if token else None
+        if key is not None:
+            request.state.api_key = key
+            return None
+        if static or await keys.any_active():
+            return Unauthorized("Incorrect API key provided.")
         return None
 
     def _limit(self, request: Request) -> int:
@@ -84,3 +114,19 @@ class RequestGuard:
             return message
 
         return guarded
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def api_key_of(request: Request) -> ApiKey | None:
+    """The managed key the request came with (None: a static key, or no key needed)."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    return key
+
+
+def may_use(request: Request, model: str) -> bool:
+    key = api_key_of(request)
+    return key is None or key.models is None or model in key.models

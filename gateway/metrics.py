@@ -1,7 +1,8 @@
 """Gateway metrics, in a registry the app owns (so two apps in one process never collide).
 
 Label values are bounded: a model label is a model this deployment knows (configured, or registered by a worker),
-else ``OTHER``; an endpoint label is a route template, else ``OTHER``. A client cannot create series.
+else ``OTHER``; an endpoint label is a route template, else ``OTHER``; a key label is a managed key's name (made by an
+admin, never its secret). A client cannot create series.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class GatewayMetrics:
         )
         self.live_workers = Gauge("conveyor_live_workers", "Live workers, read at each scrape.", ["model"], registry=r)
         self.open_streams = Gauge("conveyor_open_streams", "Streams being relayed now.", registry=r)
+        self.key_refusals = Counter(
+            "conveyor_key_rate_limited",
+            "Requests refused over a managed API key's limit, by key name and limit (requests, tokens).",
+            ["key", "limit"],
+            registry=r,
+        )
         self.batch_lines = Gauge(
             "conveyor_batch_lines",
             "Lines of the batches not yet finished, by state (pending, completed, failed); read at each scrape.",

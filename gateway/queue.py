@@ -27,13 +27,15 @@ class JobState(StrEnum):
 
 
 class JobQueue(Protocol):
-    async def submit(self, envelope: JobEnvelope) -> None:
+    async def submit(self, envelope: JobEnvelope) -> dict[str, str]:
         """Admit and enqueue in one atomic step, or raise why not: unknown model 404, no live worker 503, wrong
-        capability 400, queue full 429."""
+        capability 400, queue full 429; with an API key also its limits (429), revocation (401) and allowed models
+        (404). Returns the key's rate-limit headers (none without a key)."""
 
-    async def submit_bulk(self, envelopes: list[JobEnvelope]) -> None:
-        """Put batch chunks on their model's bulk lane (no admission: a batch waits for workers); a chunk already
-        there is left as it is."""
+    async def release(self, batch_id: str, envelopes: list[JobEnvelope], token_share: float, now: float) -> int:
+        """Put a batch's next chunks (in order, one model) on its model's bulk lane, each once, as far as the batch's
+        API key has tokens left in ``token_share`` of its tokens per minute (no other admission: a batch waits for
+        workers). Returns how many went now; -1 when the key was revoked."""
 
     async def cancel(self, envelope: JobEnvelope) -> None:
         """Drop the job if no worker has started it, else ask the worker running it to stop. Never raises."""

@@ -14,8 +14,9 @@ from pydantic import BaseModel
 
 from conveyor import logs
 from conveyor.contract import JobKind
-from conveyor.errors import BackendUnavailable, InvalidRequest
+from conveyor.errors import BackendUnavailable, ConveyorError, InvalidRequest, ModelNotFound
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList
+from gateway import guard
 from gateway.errors import endpoint_label
 from gateway.relay import CLIENT_CLOSED_REQUEST
 from gateway.service import ServingService
@@ -52,15 +53,19 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
         payload: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
     except ValueError:  # pydantic-core's "Maximum serialization depth exceeded": a body nested hundreds of levels deep
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
-    envelope = service.envelope(kind, payload, _timeout(request, service.settings.request_timeout))
+    key = guard.api_key_of(request)
+    envelope = service.envelope(kind, payload, _timeout(request, service.settings.request_timeout), key)
     logs.tag(envelope.request_id, envelope.model)
     headers = {"X-Request-Id": envelope.request_id}
     endpoint = endpoint_label(request)
     try:
         if envelope.stream:
-            relay = await until_disconnect(request, service.open_stream(envelope, endpoint))
+            relay = await until_disconnect(request, service.open_stream(envelope, endpoint, headers))
             return EventStream(relay, headers=headers)  # the relay records its outcome when it ends
-        result = await until_disconnect(request, service.complete(envelope))
+        result = await until_disconnect(request, service.complete(envelope, headers))
+    except ConveyorError as exc:  # refused or failed: the key's rate-limit headers go with the error
+        exc.headers = headers | exc.headers
+        raise
     except ClientGone:
         gone = CLIENT_CLOSED_REQUEST
         service.metrics.observe(envelope.model, endpoint, gone, "client_closed_request", envelope.created)
@@ -90,11 +95,14 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 @api.get("/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=await service_of(request).models())
+    """The models, or those the request's API key may use."""
+    return ModelList(data=[c for c in await service_of(request).models() if guard.may_use(request, c.id)])
 
 
 @api.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    if not guard.may_use(request, model_id):
+        raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.", param="model")
     return await service_of(request).model_card(model_id)
 
 

@@ -12,9 +12,10 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from conveyor import contract
-from conveyor.contract import JobEnvelope, JobKind
+from conveyor import contract, token_estimate
+from conveyor.contract import JobEnvelope, JobKind, TenantRef
 from conveyor.errors import BackendUnavailable, DeadlineExceeded, EngineFailure, RemoteError
+from conveyor.keys import ApiKey
 from conveyor.protocol import ModelCard
 from gateway.directory import ModelDirectory
 from gateway.inbox import ReplyInbox
@@ -46,8 +47,15 @@ class ServingService:
         self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
-    def envelope(self, kind: JobKind, body: dict[str, Any], timeout: float | None = None) -> JobEnvelope:
+    def envelope(
+        self, kind: JobKind, body: dict[str, Any], timeout: float | None = None, key: ApiKey | None = None
+    ) -> JobEnvelope:
+        """A job for ``body``; with a managed API key, accounted to it and charged its estimated tokens."""
         now = time.time()
+        tenant = None
+        if key is not None:
+            reserved = token_estimate.charge(kind, body, self.settings.default_output_tokens)
+            tenant = TenantRef(key_id=key.id, name=key.name, second=int(now), reserved=reserved)
         return JobEnvelope(
             request_id=uuid.uuid4().hex,
             reply_to=self.inbox.gateway_id,
@@ -57,15 +65,16 @@ class ServingService:
             stream=bool(body.get("stream")),
             created=now,
             deadline=now + (timeout or self.settings.request_timeout),
+            tenant=tenant,
         )
 
     # --- non-streamed ---------------------------------------------------------------------------------------------
 
-    async def complete(self, envelope: JobEnvelope) -> bytes:
-        """The engine's response JSON, untouched."""
+    async def complete(self, envelope: JobEnvelope, headers: dict[str, str]) -> bytes:
+        """The engine's response JSON, untouched; the key's rate-limit headers are added to ``headers``."""
         answer = self.inbox.expect(envelope.request_id)
         try:
-            await self.queue.submit(envelope)
+            headers.update(await self.queue.submit(envelope))
         except BaseException:  # refused: nothing was enqueued
             self.inbox.forget(envelope.request_id)
             raise
@@ -87,15 +96,16 @@ class ServingService:
 
     # --- streamed ---------------------------------------------------------------------------------------------------
 
-    async def open_stream(self, envelope: JobEnvelope, endpoint: str) -> StreamRelay:
+    async def open_stream(self, envelope: JobEnvelope, endpoint: str, headers: dict[str, str]) -> StreamRelay:
         """Subscribe, admit + enqueue, and wait for the first frame, so that anything that fails before the first
-        token is an ordinary HTTP error. Returns the relay of the rest."""
+        token is an ordinary HTTP error. Returns the relay of the rest; the key's rate-limit headers are added to
+        ``headers``."""
         channel = contract.stream_channel(envelope.request_id)
         with redis_errors():
             messages = await self.mux.subscribe(channel)
         enqueued = False
         try:
-            await self.queue.submit(envelope)
+            headers.update(await self.queue.submit(envelope))
             enqueued = True
             reader = FrameReader(self.queue, envelope, messages)
             first = await reader.next()

@@ -24,8 +24,18 @@ class GatewaySettings(BaseSettings):
     #: served model names this deployment expects (comma-separated); a request for one with no live worker is
     #: answered 503 at once, a name that is neither configured nor served by any worker is 404
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    #: bearer keys clients must send (comma-separated); empty = no authentication
+    #: static bearer keys clients may send (comma-separated), without limits or usage accounting. Managed keys
+    #: (``conveyor keys``) work beside them; with neither, requests need no key
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: the bearer key of the admin API (``/admin/...``); unset, the admin routes do not exist
+    admin_key: str | None = Field(default=None, validation_alias="CONVEYOR_ADMIN_KEY")
+    #: how long a gateway trusts what it read of a managed key (a revoked key stops everywhere within this long;
+    #: inference requests see a revocation at once, in the admission script)
+    key_cache_seconds: float = Field(default=0.5, ge=0, le=1)
+    #: output tokens reserved against a key's tokens per minute for a request that sets no ``max_tokens``
+    default_output_tokens: int = Field(default=256, ge=1)
+    #: share of a key's tokens per minute its batches may fill; the rest stays for its interactive requests
+    batch_token_share: float = Field(default=0.8, gt=0, le=1)
     #: default and ceiling of a request's deadline in seconds; clients may ask for less with
     #: the ``X-Conveyor-Timeout`` header
     request_timeout: float = Field(default=600, gt=0)
@@ -59,7 +69,17 @@ class GatewaySettings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _no_placeholder_keys(cls, keys: list[str]) -> list[str]:
-        bad = [k for k in keys if k.lower() in PLACEHOLDER_KEYS or len(k) < 8]
-        if bad:
+        if any(_weak(k) for k in keys):
             raise ValueError("api_keys holds a placeholder or a key shorter than 8 characters; set real keys")
         return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, key: str | None) -> str | None:
+        if key and _weak(key):
+            raise ValueError("CONVEYOR_ADMIN_KEY is a placeholder or shorter than 8 characters; set a real key")
+        return key or None
+
+
+def _weak(key: str) -> bool:
+    return key.lower() in PLACEHOLDER_KEYS or len(key) < 8

@@ -27,7 +27,9 @@ from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
 from conveyor import contract
+from conveyor.keys import USAGE_RETENTION_SECONDS
 from worker.job_source import Claim, Delivery, Renewal
+from worker.key_usage import KeyUsage
 from worker.pipeliner import Pipeliner
 
 #: Lease due jobs nobody holds: interactive ones first, up to a limit; then, only when no interactive job is left
@@ -91,18 +93,28 @@ end
 return {lost, aborted}
 """
 
-#: Finish a job: unless another worker holds its lease now, remove it and push its answer. KEYS: lease, job, retry,
-#: abort marker, queue, bulk queue[, inbox]. ARGV: worker id, job id[, answer, inbox ttl ms]. Returns 1 when
-#: finished here, 0 when another worker holds it.
+#: Finish a job: unless another worker holds its lease now, remove it, push its answer and account its API key's usage
+#: (``worker.key_usage``). KEYS: lease, job, retry, abort marker, queue, bulk queue[, inbox][, the key's unfinished
+#: jobs, its tokens window, its usage of the day]. ARGV: worker id, job id, 1 with an answer, answer, inbox ttl ms,
+#: 1 with usage, the bucket second admission charged, the tokens to add to it, usage ttl s, then usage
+#: field/increment pairs. Returns 1 when finished here, 0 when another worker holds it.
 FINISH_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[2])
 redis.call('ZREM', KEYS[6], ARGV[2])
-if KEYS[7] then
-  redis.call('RPUSH', KEYS[7], ARGV[3])
-  redis.call('PEXPIRE', KEYS[7], ARGV[4])
+local k = 7
+if ARGV[3] == '1' then
+  redis.call('RPUSH', KEYS[7], ARGV[4])
+  redis.call('PEXPIRE', KEYS[7], ARGV[5])
+  k = 8
+end
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[k], ARGV[2])
+  if redis.call('HEXISTS', KEYS[k + 1], ARGV[7]) == 1 then redis.call('HINCRBY', KEYS[k + 1], ARGV[7], ARGV[8]) end
+  for i = 10, #ARGV, 2 do redis.call('HINCRBY', KEYS[k + 2], ARGV[i], ARGV[i + 1]) end
+  if #ARGV >= 10 then redis.call('EXPIRE', KEYS[k + 2], ARGV[9]) end
 end
 return 1
 """
@@ -165,7 +177,7 @@ class ArqJobSource:
         lost, aborted = await self._renew(args=args)
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
-    async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
+    async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
         """Finish a job. Jobs finishing together go to Redis together, in one pipeline (``worker.pipeliner``), each
         with its own fenced result."""
         keys = [
@@ -179,7 +191,14 @@ class ArqJobSource:
         args: list[str | bytes | int] = [self.worker_id, job_id]
         if delivery is not None:
             keys.append(delivery.inbox)
-            args += [delivery.payload, int(delivery.ttl_seconds * 1000)]
+            args += [1, delivery.payload, int(delivery.ttl_seconds * 1000)]
+        else:
+            args += [0, b"", 0]
+        if usage is not None:
+            key_id = usage.tenant.key_id
+            keys += [contract.key_jobs_key(key_id), contract.rate_window_key(key_id, "tokens"), usage.day_key]
+            args += [1, usage.tenant.second, usage.token_delta, USAGE_RETENTION_SECONDS]
+            args += [item for pair in usage.counters().items() for item in pair]
         return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:

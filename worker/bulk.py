@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from conveyor import contract
 from conveyor.batch_lines import KIND_FOR_URL
 from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
@@ -36,6 +34,7 @@ from worker.embed_batcher import inputs_of, mergeable, params_key
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Delivery
+from worker.key_usage import KeyUsage, tokens_in_body
 
 log = logging.getLogger("conveyor.worker")
 
@@ -103,7 +102,8 @@ class ChunkRunner:
                 "gateway's? Its %d lines are reported failed.",
                 *(chunk.batch_id, chunk.index, chunk.input_file, type(exc).__name__, exc, chunk.lines),
             )
-            return Done(envelope.deadline, Delivery(report, f"{chunk.index} 0 {chunk.lines}".encode(), ttl))
+            counts = f"{chunk.index} 0 {chunk.lines}"
+            return Done(envelope.deadline, Delivery(report, counts.encode(), ttl), _usage(envelope, 0, 0, 0))
         if lost is not None:
             results = [Result(line, error=lost.info()) for line in batch_lines]
         else:
@@ -116,7 +116,8 @@ class ChunkRunner:
         metrics.BULK_LINES.labels(self.model, "failed").inc(len(failed))
         prompt, completion = (sum(r.tokens[i] for r in results if r.error is None) for i in (0, 1))
         counts = f"{chunk.index} {len(ok)} {len(failed)} {prompt} {completion}"
-        return Done(envelope.deadline, Delivery(report, counts.encode(), ttl))
+        usage = _usage(envelope, len(ok), prompt, completion)
+        return Done(envelope.deadline, Delivery(report, counts.encode(), ttl), usage)
 
     async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
         number = chunk.first_line
@@ -179,8 +180,14 @@ class ChunkRunner:
 
 
 def _answered(line: Line, raw: bytes) -> Result:
-    usage = orjson.loads(raw).get("usage") or {}
-    return Result(line, body=raw, tokens=(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+    return Result(line, body=raw, tokens=tokens_in_body(raw))
+
+
+def _usage(envelope: JobEnvelope, lines_ok: int, prompt: int, completion: int) -> KeyUsage | None:
+    """What the chunk used, for the API key that created its batch (None without one)."""
+    if envelope.tenant is None:
+        return None
+    return KeyUsage(envelope.tenant, envelope.model, envelope.kind, lines_ok, prompt, completion, at=time.time())
 
 
 async def _blocks(encoded: list[bytes]) -> AsyncIterator[bytes]:

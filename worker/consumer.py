@@ -23,16 +23,19 @@ from enum import Enum
 
 from conveyor.outage import REDIS_DOWN, Outage
 from worker.job_source import Claim, Delivery, JobSource
+from worker.key_usage import KeyUsage
 
 log = logging.getLogger("conveyor.worker")
 
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """What running a job produced: the answer to deliver (non-streamed jobs), and until when anyone waits for it."""
+    """What running a job produced: the answer to deliver (non-streamed jobs), until when anyone waits for it, and
+    what it used of its API key."""
 
     deadline: float
     delivery: Delivery | None = None
+    usage: KeyUsage | None = None
 
 
 class EngineDead(Exception):
@@ -190,8 +193,10 @@ class Consumer:
         """Finish the job, retrying through a Redis outage until its answer is delivered or nobody waits for it."""
         while True:
             try:
-                if not await self.source.finish(job_id, done.delivery):
+                if not await self.source.finish(job_id, done.delivery, done.usage):
                     log.warning("job %s: another worker took it over; its answer counts, not this one", job_id)
+                elif done.usage is not None:
+                    done.usage.record_metrics()
                 self.outage.ok()
                 return
             except REDIS_DOWN as exc:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from worker.key_usage import KeyUsage
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -56,8 +58,9 @@ class JobSource(Protocol):
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         """Extend the leases of the jobs this worker runs; re-take a lease that lapsed while nobody took it."""
 
-    async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
-        """Remove the job and deliver its answer, unless another worker holds it now (then False, nothing done)."""
+    async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
+        """Remove the job, deliver its answer and account its API key's ``usage``, unless another worker holds it
+        now (then False, nothing done)."""
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         """Give held jobs back to the queue at once. A shutdown does not count the try; an engine failure does (the

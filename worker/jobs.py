@@ -20,13 +20,14 @@ from conveyor import contract, logs
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
-from worker import metrics
+from worker import key_usage, metrics
 from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead
 from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import BUSY_INPUTS, EngineShare
 from worker.engines.base import Engine
 from worker.job_source import Claim, Delivery
+from worker.key_usage import KeyUsage
 from worker.publisher import BatchPublisher
 
 log = logging.getLogger("conveyor.worker")
@@ -106,10 +107,11 @@ class JobRunner:
                 return done
             async with self.share.interactive():
                 if envelope.stream:
-                    outcome = await self._stream(envelope, left)
-                    return Done(envelope.deadline)
+                    outcome, tokens = await self._stream(envelope, left)
+                    return Done(envelope.deadline, usage=_usage(envelope, outcome, tokens))
                 outcome, reply = await self._complete(envelope, left)
-            return Done(envelope.deadline, _delivery(envelope.reply_to, reply))
+            tokens = key_usage.tokens_in_body(reply.body) if envelope.tenant and reply.body else (0, 0)
+            return Done(envelope.deadline, _delivery(envelope.reply_to, reply), _usage(envelope, outcome, tokens))
         except EngineDead:
             outcome = "engine_dead"
             raise
@@ -133,20 +135,31 @@ class JobRunner:
             return _outcome(error), Reply(envelope.request_id, error=error.info())
         return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
-    async def _stream(self, envelope: JobEnvelope, left: float) -> str:
+    async def _stream(self, envelope: JobEnvelope, left: float) -> tuple[str, tuple[int, int]]:
+        """Publish the stream's frames; returns the outcome and, for a job with an API key, the engine's usage (asked
+        of the engine even when the client did not ask for it, and then not passed on)."""
         channel = contract.stream_channel(envelope.request_id)
-        seq = 0
+        body, counted = envelope.body, envelope.tenant is not None
+        asked = bool((body.get("stream_options") or {}).get("include_usage"))
+        if counted and not asked:
+            body = body | {"stream_options": (body.get("stream_options") or {}) | {"include_usage": True}}
+        seq, tokens = 0, (0, 0)
         try:
             async with asyncio.timeout(left):
-                async for chunk in self.engine.stream(envelope.kind, envelope.body, envelope.request_id):
+                async for chunk in self.engine.stream(envelope.kind, body, envelope.request_id):
+                    found = key_usage.usage_chunk(chunk) if counted else None
+                    if found is not None:
+                        tokens = key_usage.tokens_of(found[0])
+                        if found[1] and not asked:
+                            continue
                     await self._publish(channel, StreamFrame.chunk(seq, chunk))
                     seq += 1
         except Exception as exc:
             error = self._client_error(envelope.request_id, exc)
             await self._publish(channel, StreamFrame.failure(seq, error.info()))
-            return _outcome(error)
+            return _outcome(error), tokens
         await self._publish(channel, StreamFrame(seq, "end"))
-        return "ok"
+        return "ok", tokens
 
     def _client_error(self, request_id: str, exc: Exception) -> ConveyorError:
         """What the client is told about ``exc``; raises ``EngineDead`` when the engine died under the job."""
@@ -181,6 +194,14 @@ class JobRunner:
 def _delivery(reply_to: str, reply: Reply) -> Delivery | None:
     """The answer pushed to the inbox of the gateway that enqueued the job (none if it named no inbox)."""
     return Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None
+
+
+def _usage(envelope: JobEnvelope, outcome: str, tokens: tuple[int, int]) -> KeyUsage | None:
+    """What an interactive job used, for its API key (None without one)."""
+    if envelope.tenant is None:
+        return None
+    answered = int(outcome == "ok")
+    return KeyUsage(envelope.tenant, envelope.model, envelope.kind, answered, *tokens, at=time.time())
 
 
 def _kind(envelope: JobEnvelope) -> str:
