@@ -63,13 +63,20 @@ class Loaded:
     chunks: int
 
 
-async def closed_loop(base_url: str, path: str, body: dict[str, Any], seconds: float, concurrency: int) -> Loaded:
+async def closed_loop(
+    base_url: str,
+    path: str,
+    body: dict[str, Any],
+    seconds: float,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+) -> Loaded:
     """``concurrency`` clients posting ``body`` to ``path`` back to back for ``seconds``; a failed answer stops it."""
     latencies: list[float] = []
     chunks = 0
     end = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url=base_url, connector=connector) as session:
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector, headers=headers) as session:
 
         async def client() -> None:
             nonlocal chunks

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from conveyor.outage import Outage
 from worker.consumer import Consumer, Done
 from worker.job_source import Claim, Delivery, Renewal
+from worker.key_usage import KeyUsage
 
 
 class ScriptedSource:
@@ -40,7 +41,7 @@ class ScriptedSource:
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         return Renewal(aborted=[j for j in job_ids if j in self.aborted])
 
-    async def finish(self, job_id: str, delivery: Delivery | None) -> bool:
+    async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
         self._maybe_fail()
         self.finished.append(job_id)
         return True

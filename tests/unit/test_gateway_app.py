@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from conveyor import contract, registry
 from conveyor.contract import StreamFrame
+from conveyor.keys import KeyCreate, KeyStore
 from gateway.settings import GatewaySettings
 from tests.unit.conftest import running_gateway
 
@@ -118,3 +119,23 @@ async def test_gauges_are_refreshed_without_requests(app: FastAPI, redis: Redis)
     assert registry_.get_sample_value("conveyor_queue_depth", {"model": "chat"}) == 3
     assert registry_.get_sample_value("conveyor_live_workers", {"model": "chat"}) == 1
     assert registry_.get_sample_value("conveyor_live_workers", {"model": "idle"}) == 0
+
+
+async def test_the_admin_api_does_not_exist_without_an_admin_key(client: httpx.AsyncClient) -> None:
+    response = await client.get("/admin/keys", headers={"Authorization": "Bearer anything-at-all"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+async def test_the_first_managed_key_turns_authentication_on(
+    fake_server: fakeredis.FakeServer, redis: Redis, client: httpx.AsyncClient
+) -> None:
+    assert (await client.get("/v1/models")).status_code == 200
+    created = await KeyStore(redis).create(KeyCreate(name="first"))
+    settings = GatewaySettings(models=["chat"], key_cache_seconds=0)
+    async with running_gateway(fake_server, settings) as application:
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as fresh:
+            assert (await fresh.get("/v1/models")).status_code == 401
+            bearer = {"Authorization": f"Bearer {created.value}"}
+            assert (await fresh.get("/v1/models", headers=bearer)).status_code == 200
+            assert (await fresh.get("/health")).status_code == 200  # probes stay open

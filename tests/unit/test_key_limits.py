@@ -1,0 +1,150 @@
+"""An API key's limits inside the admission script, at chosen clock times (fakeredis runs the same Lua): the sliding
+windows, Retry-After from the window, revocation, allowed models, the queued-jobs bound, and the worker's fenced
+reconciliation and usage."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from conveyor import contract, registry
+from conveyor.contract import JobKind, TenantRef
+from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
+from gateway.arq_queue import ADMISSION_SCRIPT
+from gateway.rate_limits import duration
+from worker.arq_source import ArqJobSource
+from worker.key_usage import KeyUsage
+
+MODEL = "m"
+
+
+class Admission:
+    """Calls admission.lua as ``ArqJobQueue.submit`` does, with the clock given."""
+
+    def __init__(self, redis: Redis, key_id: str) -> None:
+        self.redis = redis
+        self.key_id = key_id
+        self.script = redis.register_script(ADMISSION_SCRIPT)
+        self.count = 0
+
+    async def __call__(self, now: float, tokens: int = 1, model: str = MODEL, deadline: float = 1e12) -> list[int]:
+        self.count += 1
+        job_id = f"job{self.count}"
+        keys = [
+            contract.model_workers_key(MODEL),
+            contract.model_card_key(MODEL),
+            contract.queue_name(MODEL),
+            f"arq:job:{job_id}",
+            contract.wake_channel(MODEL),
+            contract.api_key_key(self.key_id),
+            contract.rate_window_key(self.key_id, "requests"),
+            contract.rate_window_key(self.key_id, "tokens"),
+            contract.key_jobs_key(self.key_id),
+        ]
+        args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, int(now * 1000), job_id]
+        args += [model, tokens, int(now), repr(deadline)]
+        return [int(v) for v in await self.script(keys=keys, args=args)]
+
+
+@pytest.fixture
+async def keys(redis: Redis) -> KeyStore:
+    info = registry.WorkerInfo(
+        worker_id="w", model=MODEL, capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
+    )
+    await registry.heartbeat(redis, info, ttl=60)
+    return KeyStore(redis)
+
+
+async def admission_for(keys: KeyStore, **limits: Any) -> tuple[Admission, str]:
+    key = await keys.create(KeyCreate(name="k", **limits))
+    return Admission(keys.redis, key.id), key.id
+
+
+async def test_requests_per_minute_slide_and_retry_after_comes_from_the_window(keys: KeyStore) -> None:
+    admit, _ = await admission_for(keys, rpm=3)
+    assert [(await admit(t))[0] for t in (1000.2, 1000.7, 1010.5)] == [1, 1, 1]
+    refused = await admit(1020.0)
+    # {code, depth, requests: limit, used, retry ms, reset ms, tokens: -1 ...}
+    assert refused[:2] == [7, 3] and refused[2:6] == [3, 3, 40_000, 50_000]
+    assert refused[6:] == [-1, -1, -1, -1]
+    assert (await admit(1059.9))[0] == 7  # second 1000 still counts until 1060
+    assert (await admit(1060.0))[0] == 1  # ... and its two requests leave together
+    assert (await admit(1060.5))[0] == 1
+    assert (await admit(1060.6))[0] == 7
+
+
+async def test_tokens_per_minute_wait_for_as_many_seconds_as_must_leave(keys: KeyStore) -> None:
+    admit, _ = await admission_for(keys, tpm=100)
+    assert (await admit(1000.0, tokens=60))[0] == 1
+    assert (await admit(1005.0, tokens=30))[0] == 1
+    refused = await admit(1010.0, tokens=50)
+    assert refused[0] == 8 and refused[6:10] == [100, 90, 50_000, 55_000]  # second 1000 must leave: at 1060
+    assert (await admit(1010.0, tokens=10))[0] == 1  # a smaller one fits now
+    assert (await admit(1011.0, tokens=101))[0] == 9  # can never fit
+
+
+async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, redis: Redis) -> None:
+    admit, key_id = await admission_for(keys, rpm=1, tpm=10)
+    assert (await admit(1000.0, tokens=5))[0] == 1
+    assert (await admit(1000.1, tokens=5))[0] == 7
+    assert await redis.zcard(contract.queue_name(MODEL)) == 1
+    assert await redis.hgetall(contract.rate_window_key(key_id, "tokens")) == {b"1000": b"5"}
+
+
+async def test_revoked_keys_and_barred_models_are_refused_before_anything_else(keys: KeyStore) -> None:
+    admit, key_id = await admission_for(keys, models=["other"])
+    assert (await admit(1000.0))[0] == 6
+    await keys.update(key_id, KeyUpdate(models=None))
+    assert (await admit(1000.0))[0] == 1
+    await keys.revoke(key_id)
+    assert (await admit(1000.0))[0] == 5
+
+
+async def test_queued_jobs_are_bounded_and_expired_ones_stop_counting(keys: KeyStore) -> None:
+    admit, _ = await admission_for(keys, max_queued=2)
+    assert (await admit(1000.0, deadline=1005.0))[0] == 1
+    assert (await admit(1000.0, deadline=2000.0))[0] == 1
+    assert (await admit(1001.0))[0] == 10
+    assert (await admit(1006.0))[0] == 1  # the first one's deadline passed: it no longer counts
+
+
+async def test_the_worker_reconciles_the_charge_and_counts_usage_once(keys: KeyStore, redis: Redis) -> None:
+    admit, key_id = await admission_for(keys, tpm=1000, max_queued=5)
+    now = time.time()
+    assert (await admit(now, tokens=300))[0] == 1
+    tenant = TenantRef(key_id=key_id, name="k", second=int(now), reserved=300)
+    usage = KeyUsage(tenant, MODEL, JobKind.CHAT, 1, prompt_tokens=12, completion_tokens=20, at=now)
+    a, b = ArqJobSource(redis, MODEL, "A", 5), ArqJobSource(redis, MODEL, "B", 5)
+    await a.claim(1)
+    assert not await b.finish("job1", None, usage)  # not B's job: nothing counted
+    assert await a.finish("job1", None, usage)
+    assert await redis.hget(contract.rate_window_key(key_id, "tokens"), str(int(now))) == b"32"
+    assert await redis.zcard(contract.key_jobs_key(key_id)) == 0
+    rows = await keys.usage(key_id, days=1)
+    assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(MODEL, 1, 12, 20)]
+
+
+async def test_keys_store_only_a_hash_and_names_stay_unique_among_active_keys(keys: KeyStore, redis: Redis) -> None:
+    created = await keys.create(KeyCreate(name="team"))
+    stored = [await redis.dump(k) for k in await redis.keys("*")]
+    assert not any(created.value.encode() in (value or b"") for value in stored)
+    assert (await keys.resolve(created.value)).id == created.id  # type: ignore[union-attr]
+    with pytest.raises(Exception, match="already named"):
+        await keys.create(KeyCreate(name="team"))
+    other = await keys.create(KeyCreate(name="other"))
+    with pytest.raises(Exception, match="already named"):
+        await keys.update(other.id, KeyUpdate(name="team"))
+    await keys.revoke("team")
+    assert await keys.resolve(created.value) is None
+    assert (await keys.create(KeyCreate(name="team"))).id != created.id  # a revoked key's name is free again
+
+
+WAITS = [(0, "0ms"), (250, "250ms"), (1500, "1.5s"), (59_999, "59.999s"), (60_000, "1m0s"), (359_000, "5m59s")]
+
+
+@pytest.mark.parametrize(("ms", "text"), WAITS)
+def test_waits_are_written_as_openai_writes_them(ms: int, text: str) -> None:
+    assert duration(ms) == text
