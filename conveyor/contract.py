@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -280,8 +281,13 @@ def api_key_key(key_id: str) -> str:
 
 
 def rate_window_key(key_id: str, unit: Literal["requests", "tokens"]) -> str:
-    """Hash: unix second -> requests admitted (or tokens charged) in it; the last 60 seconds are the window."""
+    """Hash: unix second -> requests admitted (or tokens charged) in it; the last 60 seconds are the window. Read and
+    changed only by the Lua of ``RATE_WINDOW_LUA``."""
     return f"{KEY_PREFIX}:rate:{key_id}:{unit}"
+
+
+#: the functions that read and change a rate window, prepended to every script that does (both sides)
+RATE_WINDOW_LUA = (Path(__file__).parent / "rate_window.lua").read_text()
 
 
 def key_jobs_key(key_id: str) -> str:

@@ -1,5 +1,5 @@
 -- Admit and enqueue one job atomically: one round trip, so every bound (the model's queue depth, an API key's limits)
--- is exact however many gateways admit at once. rate_window.lua is prepended.
+-- is exact however many gateways admit at once. conveyor/rate_window.lua is prepended.
 -- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel;
 --       with an API key: 6 its record, 7 its requests window, 8 its tokens window, 9 its unfinished jobs
 -- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 serialised arq job, 5 expiry ms, 6 score (enqueue ms),

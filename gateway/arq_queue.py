@@ -25,8 +25,7 @@ from gateway.directory import ModelDirectory
 from gateway.queue import JobState, redis_errors
 from gateway.settings import GatewaySettings
 
-RATE_WINDOW_LUA = (Path(__file__).parent / "rate_window.lua").read_text()
-ADMISSION_SCRIPT = RATE_WINDOW_LUA + (Path(__file__).parent / "admission.lua").read_text()
+ADMISSION_SCRIPT = contract.RATE_WINDOW_LUA + (Path(__file__).parent / "admission.lua").read_text()
 #: Put a batch's chunks on its model's bulk lane, in order, each once (``released`` remembers which), charging each
 #: chunk's estimated tokens to the batch's API key within ``share`` of the key's tokens per minute (the rest stays for
 #: its interactive requests). Stops at the first chunk that does not fit; the driver offers it again next round. A
@@ -34,7 +33,7 @@ ADMISSION_SCRIPT = RATE_WINDOW_LUA + (Path(__file__).parent / "admission.lua").r
 #: record, tokens window]. ARGV: job prefix, now, bucket second, share, released ttl ms, then per chunk: index, job
 #: id, job, expiry ms, score, tokens. Returns how many chunks this call put on the lane; -1 when the key is revoked.
 RELEASE_SCRIPT = (
-    RATE_WINDOW_LUA
+    contract.RATE_WINDOW_LUA
     + """
 local now = tonumber(ARGV[2])
 local limit

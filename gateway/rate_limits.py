@@ -1,5 +1,5 @@
 """An API key's limits as the client sees them: OpenAI's ``x-ratelimit-*`` headers and the 429s, from what
-``admission.lua`` read of the key's windows (``rate_window.lua``) in the same round trip that admitted the job."""
+``admission.lua`` read of the key's windows (``conveyor/rate_window.lua``) in the round trip that admitted the job."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from conveyor.contract import TenantRef
 from conveyor.errors import ConveyorError, ModelNotFound, RateLimited, Unauthorized
 
-#: the span of every window, seconds (``SPAN`` in rate_window.lua): limits are per minute
+#: the span of every window, seconds (``SPAN`` in conveyor/rate_window.lua): limits are per minute
 WINDOW_SECONDS = 60
 
 

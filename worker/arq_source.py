@@ -98,7 +98,9 @@ return {lost, aborted}
 #: jobs, its tokens window, its usage of the day]. ARGV: worker id, job id, 1 with an answer, answer, inbox ttl ms,
 #: 1 with usage, the bucket second admission charged, the tokens to add to it, usage ttl s, then usage
 #: field/increment pairs. Returns 1 when finished here, 0 when another worker holds it.
-FINISH_SCRIPT = """
+FINISH_SCRIPT = (
+    contract.RATE_WINDOW_LUA
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -112,12 +114,13 @@ if ARGV[3] == '1' then
 end
 if ARGV[6] == '1' then
   redis.call('ZREM', KEYS[k], ARGV[2])
-  if redis.call('HEXISTS', KEYS[k + 1], ARGV[7]) == 1 then redis.call('HINCRBY', KEYS[k + 1], ARGV[7], ARGV[8]) end
+  recharge(KEYS[k + 1], ARGV[7], ARGV[8])
   for i = 10, #ARGV, 2 do redis.call('HINCRBY', KEYS[k + 2], ARGV[i], ARGV[i + 1]) end
   if #ARGV >= 10 then redis.call('EXPIRE', KEYS[k + 2], ARGV[9]) end
 end
 return 1
 """
+)
 
 #: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, wake the other workers.
 #: KEYS: wake channel. ARGV: lease prefix, retry prefix, worker id, 1 to keep the try counted, job ids...

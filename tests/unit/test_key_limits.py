@@ -84,6 +84,8 @@ async def test_tokens_per_minute_wait_for_as_many_seconds_as_must_leave(keys: Ke
     assert refused[0] == 8 and refused[6:10] == [100, 90, 50_000, 55_000]  # second 1000 must leave: at 1060
     assert (await admit(1010.0, tokens=10))[0] == 1  # a smaller one fits now
     assert (await admit(1011.0, tokens=101))[0] == 9  # can never fit
+    after_a_day = await admit(87_400.0, tokens=100)  # everything left the window long ago
+    assert after_a_day[0] == 1 and after_a_day[6:10] == [100, 0, 0, 0]
 
 
 async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, redis: Redis) -> None:
@@ -91,7 +93,12 @@ async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, r
     assert (await admit(1000.0, tokens=5))[0] == 1
     assert (await admit(1000.1, tokens=5))[0] == 7
     assert await redis.zcard(contract.queue_name(MODEL)) == 1
-    assert await redis.hgetall(contract.rate_window_key(key_id, "tokens")) == {b"1000": b"5"}
+    assert await redis.hgetall(contract.rate_window_key(key_id, "tokens")) == {
+        b"1000": b"5",
+        b"t": b"5",
+        b"o": b"1000",
+        b"n": b"1000",
+    }
 
 
 async def test_revoked_keys_and_barred_models_are_refused_before_anything_else(keys: KeyStore) -> None:
@@ -121,7 +128,8 @@ async def test_the_worker_reconciles_the_charge_and_counts_usage_once(keys: KeyS
     await a.claim(1)
     assert not await b.finish("job1", None, usage)  # not B's job: nothing counted
     assert await a.finish("job1", None, usage)
-    assert await redis.hget(contract.rate_window_key(key_id, "tokens"), str(int(now))) == b"32"
+    window = contract.rate_window_key(key_id, "tokens")
+    assert await redis.hmget(window, [str(int(now)), "t"]) == [b"32", b"32"]
     assert await redis.zcard(contract.key_jobs_key(key_id)) == 0
     rows = await keys.usage(key_id, days=1)
     assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(MODEL, 1, 12, 20)]
