@@ -226,6 +226,13 @@ def bulk_queue_name(model: str) -> str:
     return f"{KEY_PREFIX}:bulk:{model}"
 
 
+# ---- the fleet of one host (``conveyor.fleet``) ------------------------------------------------------------------
+
+FLEET_MODELS = f"{KEY_PREFIX}:fleet:models"  # hash: model name -> its ModelSpec (JSON): what ``conveyor up`` runs
+FLEET_STATUS = f"{KEY_PREFIX}:fleet:status"  # hash: model name -> its ModelRun (JSON), written by ``conveyor up``
+FLEET_SUPERVISOR = f"{KEY_PREFIX}:fleet:supervisor"  # set (expiring) while a ``conveyor up`` manages the fleet
+
+
 # ---- files and batches ----------------------------------------------------------------------------------------
 
 FILES_INDEX = f"{KEY_PREFIX}:files"  # sorted set: file id -> created_at

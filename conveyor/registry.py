@@ -169,3 +169,16 @@ async def gateway_leave(redis: Redis, address: str) -> None:
 async def live_gateways(redis: Redis) -> list[str]:
     found = await redis.zrangebyscore(contract.GATEWAYS_KEY, time.time(), "+inf")
     return sorted(a.decode() if isinstance(a, bytes) else a for a in found)
+
+
+async def forget_model(redis: Redis, model: str) -> None:
+    """A model removed from the fleet: nobody knows it any more (404), and nothing of its registry is left."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.srem(contract.MODELS_KEY, model)
+        pipe.delete(
+            contract.model_card_key(model),
+            contract.model_failure_key(model),
+            contract.model_workers_key(model),
+            contract.model_loading_key(model),
+        )
+        await pipe.execute()

@@ -9,20 +9,25 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from conveyor import contract, redis_client, registry
+from conveyor.fleet import FleetStore
 from conveyor.outage import REDIS_DOWN
 
 
 async def snapshot(redis: Redis) -> dict[str, Any]:
     """Models (state, workers, queued jobs, queued batch chunks), workers, gateways and unfinished batches."""
     models = {}
-    for name in sorted(await registry.known_models(redis)):
+    fleet = FleetStore(redis)
+    runs = await fleet.runs()
+    for name in sorted(await registry.known_models(redis) | set(await fleet.specs())):
         status = await registry.model_status(redis, name)
+        run = runs.get(name)
         models[name] = {
             "state": status.state,
             "workers": status.live_workers,
             "loading": status.loading_workers,
             "queued": status.queue_depth,
             "bulk_queued": int(await redis.zcard(contract.bulk_queue_name(name))),
+            "fleet": run.model_dump() if run else None,
         }
     batches = []
     for raw in sorted(await cast(Any, redis.smembers(contract.ACTIVE_BATCHES))):
@@ -39,10 +44,13 @@ async def snapshot(redis: Redis) -> dict[str, Any]:
 
 
 def render(state: dict[str, Any]) -> str:
-    rows = [["MODEL", "STATE", "WORKERS", "LOADING", "QUEUED", "BATCH CHUNKS QUEUED"]]
-    rows += [[name, m["state"], m["workers"], m["loading"], m["queued"], m["bulk_queued"]]
+    rows = [["MODEL", "STATE", "WORKERS", "LOADING", "QUEUED", "BATCH CHUNKS QUEUED", "CONVEYOR UP"]]
+    rows += [[name, m["state"], m["workers"], m["loading"], m["queued"], m["bulk_queued"], _fleet(m["fleet"])]
              for name, m in state["models"].items()]  # fmt: skip
     out = [_table(rows) if state["models"] else "no models: no worker has registered with this Redis yet"]
+    for name, m in state["models"].items():
+        if m["fleet"] and m["fleet"]["state"] == "failed" and m["fleet"]["last_log"]:
+            out.append(f"last log lines of {name}:\n" + "\n".join(f"  {line}" for line in m["fleet"]["last_log"]))
     now = time.time()
     if state["workers"]:
         rows = [["WORKER", "MODEL", "STATE", "METRICS AT", "PID", "UP"]]
@@ -55,6 +63,16 @@ def render(state: dict[str, Any]) -> str:
         rows += [[b["id"], b["status"], b["completed"], b["failed"], b["total"]] for b in state["batches"]]
         out.append(_table(rows))
     return "\n\n".join(out)
+
+
+def _fleet(run: dict[str, Any] | None) -> str:
+    """How ``conveyor up`` runs the model: its state, workers serving of wanted, restarts, and why."""
+    if run is None:
+        return "-"
+    text = f"{run['state']} {run['serving']}/{run['replicas']}"
+    if run["restarts"]:
+        text += f", {run['restarts']} restarts"
+    return f"{text}: {run['message']}" if run["message"] else text
 
 
 def _table(rows: list[list[Any]]) -> str:

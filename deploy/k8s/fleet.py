@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from launcher.models_file import ModelSpec, load
+from conveyor.fleet import ModelSpec
+from launcher.models_file import load
 
 HERE = Path(__file__).resolve().parent
 SHARED = ("configmap.yaml", "files.yaml", "redis.yaml", "gateway.yaml")

@@ -1,0 +1,159 @@
+"""The fleet of one host: which models ``conveyor up`` should run (the desired state) and how each is doing.
+
+The desired state lives in Redis so the gateway's admin API can change it while ``conveyor up`` runs; ``conveyor up``
+(``launcher.supervisor``) reconciles its processes with it and writes each model's run state back, which
+``/admin/models``, ``/v1/models`` and ``conveyor status`` show. The models file is where the desired state starts and
+where every change is written back (``launcher.models_file``), so a restart comes back with the same fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.asyncio import Redis
+
+from conveyor import contract
+from conveyor.errors import InvalidRequest
+
+RunState = Literal["loading", "serving", "restarting", "draining", "failed"]
+
+
+class ModelSpec(BaseModel):
+    """One model of the fleet: the fields of a ``[[models]]`` table of the models file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    path: str | None = None
+    engine: Literal["vllm", "fake"] = "vllm"
+    task: Literal["auto", "generate", "embed"] = "auto"
+    replicas: int = Field(default=1, ge=1, le=64)
+    gpus: list[str] = Field(default_factory=list)
+    #: GPUs this model may share with other models that say so too (else an overlap is refused)
+    share_gpus: bool = False
+    #: cores this model's engines bind to on CPU, e.g. "0" or "0-1" (VLLM_CPU_OMP_THREADS_BIND)
+    cpu_threads_bind: str | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct_gpus(cls, gpus: list[str]) -> list[str]:
+        if len(set(gpus)) != len(gpus) or any(not g.strip() for g in gpus):
+            raise ValueError("list each GPU once, by its index or UUID")
+        return gpus
+
+    @model_validator(mode="after")
+    def _gpus_or_replicas(self) -> ModelSpec:
+        if self.gpus and self.replicas not in (1, len(self.gpus)):
+            raise ValueError(f"model {self.name}: give either gpus (one worker each) or replicas, not both")
+        if self.gpus:
+            self.replicas = len(self.gpus)
+        return self
+
+    def workers(self) -> list[tuple[list[str], dict[str, str]]]:
+        """The command-line arguments and environment of each of this model's workers."""
+        args = ["--engine", self.engine, "--task", self.task]
+        if self.path:
+            args += ["--model-path", self.path]
+        if self.engine_args:
+            args += ["--engine-args", json.dumps(self.engine_args)]
+        env = dict(self.env)
+        if self.cpu_threads_bind:
+            env["CONVEYOR_WORKER_CPU_THREADS_BIND"] = self.cpu_threads_bind
+        if self.gpus:
+            return [(args, env | {"CUDA_VISIBLE_DEVICES": gpu}) for gpu in self.gpus]
+        return [(args, env) for _ in range(self.replicas)]
+
+    def same_workers(self, other: ModelSpec) -> bool:
+        """Whether ``other`` runs workers like these (only the number of replicas may differ)."""
+        return self.model_dump(exclude={"replicas"}) == other.model_dump(exclude={"replicas"})
+
+
+def check_fleet(specs: Iterable[ModelSpec]) -> None:
+    """Names unique, and no GPU given to two models unless both share it. Raises ``InvalidRequest`` saying which."""
+    seen: dict[str, ModelSpec] = {}
+    owners: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise InvalidRequest(f"Model {spec.name!r} is listed twice; names must be unique.", param="name")
+        seen[spec.name] = spec
+        for gpu in spec.gpus:
+            other = owners.get(gpu)
+            if other is not None and not (other.share_gpus and spec.share_gpus):
+                raise InvalidRequest(
+                    f"GPU {gpu} is already assigned to model {other.name!r}; give {spec.name!r} other GPUs, or set "
+                    "share_gpus = true on both models to share it (their engines then split its memory: lower "
+                    "gpu_memory_utilization in engine_args).",
+                    param="gpus",
+                    code="gpu_conflict",
+                )
+            owners[gpu] = spec
+
+
+class ModelRun(BaseModel):
+    """How a model of the fleet is doing, as ``conveyor up`` last saw it."""
+
+    state: RunState
+    #: workers the model should have, and how many are serving
+    replicas: int
+    serving: int = 0
+    restarts: int = 0
+    #: what is going on, in a sentence (why it is restarting or failed, how long it has been loading)
+    message: str = ""
+    #: the last lines of the log of the worker that failed last
+    last_log: list[str] = Field(default_factory=list)
+    updated_at: float = Field(default_factory=time.time)
+
+
+class FleetStore:
+    """The desired state (``contract.FLEET_MODELS``) and the run states (``contract.FLEET_STATUS``) in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def specs(self) -> dict[str, ModelSpec]:
+        raw = await cast(Any, self.redis.hgetall(contract.FLEET_MODELS))
+        return {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
+
+    async def managed(self) -> bool:
+        """Whether a ``conveyor up`` manages this Redis's fleet (then the admin API may change it)."""
+        return bool(await self.redis.exists(contract.FLEET_SUPERVISOR))
+
+    async def replace(self, specs: list[ModelSpec]) -> None:
+        """The whole desired state at once (``conveyor up`` starting from its models file)."""
+        check_fleet(specs)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(contract.FLEET_MODELS)
+            if specs:
+                pipe.hset(contract.FLEET_MODELS, mapping={s.name: s.model_dump_json() for s in specs})
+            await pipe.execute()
+
+    async def put(self, spec: ModelSpec) -> None:
+        """Add or change one model, checked against the rest of the fleet."""
+        others = [s for name, s in (await self.specs()).items() if name != spec.name]
+        check_fleet([*others, spec])
+        await cast(Any, self.redis.hset(contract.FLEET_MODELS, spec.name, spec.model_dump_json()))
+
+    async def remove(self, name: str) -> bool:
+        return bool(await cast(Any, self.redis.hdel(contract.FLEET_MODELS, name)))
+
+    async def runs(self) -> dict[str, ModelRun]:
+        raw = await cast(Any, self.redis.hgetall(contract.FLEET_STATUS))
+        return {_text(k): ModelRun.model_validate_json(v) for k, v in raw.items()}
+
+    async def set_runs(self, runs: dict[str, ModelRun], gone: Iterable[str] = ()) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if runs:
+                pipe.hset(contract.FLEET_STATUS, mapping={n: r.model_dump_json() for n, r in runs.items()})
+            for name in gone:
+                pipe.hdel(contract.FLEET_STATUS, name)
+            await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

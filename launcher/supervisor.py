@@ -1,0 +1,327 @@
+"""``conveyor up``'s supervisor: keeps this host's worker processes equal to the fleet's desired state in Redis.
+
+Every ``TICK_SECONDS`` it reads the desired state (``conveyor.fleet``, changed by the gateway's ``/admin/models``) and:
+
+- starts the workers of an added model, and more or fewer when only its replicas changed;
+- rolls a changed model: the new workers start beside the old ones, which drain (SIGTERM: finish what they hold,
+  hand back the rest) only once every new one serves; if the new ones cannot start, the old ones go on serving;
+- drains and stops a removed model's workers, then forgets the model (it answers 404, not 503);
+- restarts a worker that exited (a crash; exit code 3 is its engine dying or hanging, ``worker.main``) after an
+  exponential backoff, and stops restarting a model whose workers exited ``restart_limit`` times within
+  ``CRASH_WINDOW_SECONDS``: the model is ``failed``, with its last log lines, and the rest of the fleet goes on;
+- writes each model's state (loading, serving, restarting, draining, failed) for ``/admin/models``, ``/v1/models`` and
+  ``conveyor status``, and every change of the desired state back to the models file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from conveyor import contract, registry
+from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
+from launcher import models_file, processes
+
+TICK_SECONDS = 0.5
+#: a worker's exits within this long count towards its model's crash-loop limit
+CRASH_WINDOW_SECONDS = 600.0
+#: the longest wait before a restart
+MAX_BACKOFF_SECONDS = 60.0
+#: a draining worker (SIGTERM) is killed after this long: its own grace period (25 s) and some
+DRAIN_SECONDS = 40.0
+#: how long the supervisor's presence key lives without renewal (the admin API refuses changes without it)
+PRESENCE_SECONDS = 5
+LOG_LINES = 20
+#: the line ``conveyor up`` writes to a worker's log before each start
+START_MARK = "--- conveyor up: starting worker"
+#: a loading worker is mentioned this often
+PROGRESS_SECONDS = 10.0
+EXIT_REASONS = {3: "its engine died or hung", -int(signal.SIGKILL): "it was killed (SIGKILL)"}
+
+Say = Callable[[str], None]
+
+
+def tail(log: Path, lines: int = LOG_LINES) -> list[str]:
+    """The last lines a worker's latest run wrote to its log (each run starts with ``START_MARK``)."""
+    if not log.exists():
+        return []
+    text = log.read_text(errors="replace")
+    return text[text.rfind(START_MARK) :].splitlines()[1:][-lines:]
+
+
+def exit_reason(code: int) -> str:
+    return EXIT_REASONS.get(code, f"it exited with code {code}")
+
+
+@dataclass
+class Worker:
+    """One worker process of a model (a slot: restarted in place when it exits)."""
+
+    model: str
+    index: int
+    spec: ModelSpec
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    #: when its loading progress was last shown
+    reported_at: float = 0.0
+    serving: bool = False
+    #: when the supervisor asked it to stop (SIGTERM), or None
+    stopping_since: float | None = None
+    #: when to start it (again)
+    start_at: float = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+@dataclass
+class Model:
+    spec: ModelSpec
+    workers: list[Worker] = field(default_factory=list)
+    #: workers of the spec before a change, serving until the new ones do
+    outgoing: list[Worker] = field(default_factory=list)
+    exits: deque[float] = field(default_factory=deque)
+    restarts: int = 0
+    failed: str | None = None
+    message: str = ""
+    last_log: list[str] = field(default_factory=list)
+    removed: bool = False
+    since: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        redis: Redis,
+        redis_url: str,
+        logs: Path,
+        models_path: Path,
+        say: Say,
+        restart_backoff: float = 1.0,
+        restart_limit: int = 5,
+    ) -> None:
+        self.redis = redis
+        self.redis_url = redis_url
+        self.fleet = FleetStore(redis)
+        self.logs = logs
+        self.models_path = models_path
+        self.say = say
+        self.restart_backoff = restart_backoff
+        self.restart_limit = restart_limit
+        self.models: dict[str, Model] = {}
+        self._written: dict[str, ModelSpec] = {}
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    async def start(self, specs: list[ModelSpec]) -> None:
+        """Make ``specs`` (the models file's) the desired state and start their workers."""
+        await self.fleet.replace(specs)
+        self._written = {s.name: s for s in specs}
+        await self.step()
+
+    async def run(self, on_settled: Callable[[], None] | None = None) -> None:
+        """Reconcile forever; ``on_settled`` is called once, when every model first serves or has failed."""
+        while True:
+            await self.step()
+            if on_settled is not None and self.settled():
+                on_settled()
+                on_settled = None
+            await asyncio.sleep(TICK_SECONDS)
+
+    def settled(self) -> bool:
+        return all(m.failed or all(w.serving for w in m.workers) for m in self.models.values())
+
+    async def step(self) -> None:
+        await self.redis.set(contract.FLEET_SUPERVISOR, os.getpid(), ex=PRESENCE_SECONDS)
+        desired = await self.fleet.specs()
+        self._write_back(desired)
+        for name, spec in desired.items():
+            self._reconcile(name, spec)
+        for name, model in self.models.items():
+            if name not in desired and not model.removed:
+                model.removed = True
+                self.say(f"model {name} removed: draining its {len(model.workers)} worker(s)")
+                for worker in model.workers + model.outgoing:
+                    self._stop(worker)
+        now = time.monotonic()
+        for name, model in list(self.models.items()):
+            live = {w.pid for w in await registry.live_workers(self.redis, name)}
+            for worker in [*model.workers, *model.outgoing]:
+                self._watch(model, worker, live, now)
+            self._finish_roll(model)
+            if model.removed and not model.workers and not model.outgoing:
+                del self.models[name]
+                await registry.forget_model(self.redis, name)
+                await self.fleet.set_runs({}, gone=[name])
+                self.say(f"model {name} stopped and forgotten (it now answers 404)")
+        await self.fleet.set_runs({name: self._run(m) for name, m in self.models.items()})
+
+    # --- desired state ------------------------------------------------------------------------------------------
+
+    def _write_back(self, desired: dict[str, ModelSpec]) -> None:
+        if desired != self._written:
+            models_file.save(self.models_path, list(desired.values()))
+            self._written = dict(desired)
+            self.say(f"fleet changed: {', '.join(sorted(desired)) or 'no models'} (written to {self.models_path})")
+
+    def _reconcile(self, name: str, spec: ModelSpec) -> None:
+        model = self.models.get(name)
+        if model is None:
+            model = self.models[name] = Model(spec)
+            self.say(f"model {name}: starting {spec.replicas} worker(s)")
+            model.workers = [self._worker(name, i, spec) for i in range(spec.replicas)]
+            return
+        if model.removed:  # added again while its old workers drain: they go on draining, new ones start
+            model.removed = False
+            model.outgoing += model.workers
+            model.workers = []
+        elif model.spec == spec:
+            return
+        model.failed, model.exits, model.message = None, deque(), ""
+        if model.spec.same_workers(spec):
+            self.say(f"model {name}: {model.spec.replicas} -> {spec.replicas} worker(s)")
+            model.spec = spec
+            for worker in model.workers[spec.replicas :]:
+                self._stop(worker)
+                model.outgoing.append(worker)
+            model.workers = model.workers[: spec.replicas]
+            model.workers += [self._worker(name, i, spec) for i in range(len(model.workers), spec.replicas)]
+            return
+        self.say(f"model {name} changed: starting {spec.replicas} new worker(s); the old ones serve until they are up")
+        for worker in model.outgoing:
+            self._stop(worker)  # a roll that did not finish: its old workers go, the newest serve
+        model.outgoing += model.workers
+        model.spec = spec
+        first = max([w.index for w in model.outgoing], default=-1) + 1
+        model.workers = [self._worker(name, first + i, spec) for i in range(spec.replicas)]
+        model.since = time.monotonic()
+
+    def _finish_roll(self, model: Model) -> None:
+        """Once every new worker serves, the old ones drain."""
+        waiting = [w for w in model.outgoing if w.stopping_since is None]
+        if waiting and model.workers and all(w.serving for w in model.workers):
+            self.say(f"model {model.spec.name}: new workers serving; draining {len(waiting)} old one(s)")
+            for worker in waiting:
+                self._stop(worker)
+
+    # --- processes ----------------------------------------------------------------------------------------------
+
+    def _worker(self, model: str, index: int, spec: ModelSpec) -> Worker:
+        log = self.logs / f"worker-{model.replace('/', '_')}-{index}.log"
+        worker = Worker(model, index, spec, log)
+        self._start(worker)
+        return worker
+
+    def _start(self, worker: Worker) -> None:
+        slots = worker.spec.workers()  # on GPUs each slot has its own GPU
+        args, env = slots[worker.index % len(slots)]
+        with worker.log.open("ab") as output:
+            output.write(f"{START_MARK} {worker.model} #{worker.index}\n".encode())
+            output.flush()
+            worker.process = processes.spawn(
+                processes.conveyor_command("worker", "--model", worker.model, *args),
+                {"CONVEYOR_REDIS_URL": self.redis_url, **env},
+                output,
+            )
+        worker.started_at = worker.reported_at = time.monotonic()
+        worker.serving = False
+
+    def _stop(self, worker: Worker) -> None:
+        """Ask a worker to drain (SIGTERM); ``_watch`` kills it if it takes longer than ``DRAIN_SECONDS``."""
+        if worker.stopping_since is None:
+            worker.stopping_since = time.monotonic()
+            if worker.process is not None and worker.process.poll() is None:
+                with processes.no_such_process():
+                    os.killpg(worker.process.pid, signal.SIGTERM)
+
+    def _watch(self, model: Model, worker: Worker, live: set[int], now: float) -> None:
+        process = worker.process
+        if worker.stopping_since is not None:
+            if process is None or process.poll() is not None:
+                self._forget(model, worker)
+            elif now - worker.stopping_since > DRAIN_SECONDS:
+                with processes.no_such_process():
+                    os.killpg(process.pid, signal.SIGKILL)
+            return
+        if process is None:
+            if not model.failed and now >= worker.start_at:
+                self._start(worker)
+            return
+        code = process.poll()
+        if code is None:
+            if not worker.serving and process.pid in live:
+                worker.serving = True
+                self.say(f"worker {worker.model} #{worker.index} is serving ({now - worker.started_at:.0f} s)")
+            elif not worker.serving and now - worker.reported_at >= PROGRESS_SECONDS:
+                worker.reported_at = now
+                self.say(
+                    f"still loading {worker.model} #{worker.index} ({now - worker.started_at:.0f} s; log: {worker.log})"
+                )
+            return
+        with processes.no_such_process():  # whatever it started (vLLM's engine core) goes with it
+            os.killpg(process.pid, signal.SIGKILL)
+        worker.process, worker.serving = None, False
+        model.last_log = tail(worker.log)
+        model.exits.append(now)
+        while model.exits and now - model.exits[0] > CRASH_WINDOW_SECONDS:
+            model.exits.popleft()
+        why = exit_reason(code)
+        if len(model.exits) >= self.restart_limit:
+            model.failed = f"worker #{worker.index} exited {len(model.exits)} times in a row; last: {why}"
+            self.say(f"model {worker.model} FAILED: {model.failed}; not restarting it. Last log lines:")
+            for line in model.last_log:
+                self.say(f"  {line}")
+            return
+        delay = min(self.restart_backoff * 2 ** (len(model.exits) - 1), MAX_BACKOFF_SECONDS)
+        worker.start_at = now + delay
+        model.restarts += 1
+        model.message = f"worker #{worker.index}: {why}; restarting in {delay:.0f} s (restart {model.restarts})"
+        self.say(f"worker {worker.model} #{worker.index}: {why}; restarting in {delay:.1f} s")
+
+    def _forget(self, model: Model, worker: Worker) -> None:
+        if worker in model.workers:
+            model.workers.remove(worker)
+        if worker in model.outgoing:
+            model.outgoing.remove(worker)
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def _run(self, model: Model) -> ModelRun:
+        serving = sum(w.serving for w in model.workers + model.outgoing)
+        state: RunState
+        if model.removed:
+            state, message = "draining", "removed: its workers are draining"
+        elif model.failed:
+            state, message = "failed", model.failed
+        elif any(w.process is None for w in model.workers):
+            state, message = "restarting", model.message
+        elif all(w.serving for w in model.workers):
+            state, message = "serving", ""
+        else:
+            elapsed = time.monotonic() - min((w.started_at for w in model.workers if not w.serving), default=0)
+            ready = sum(w.serving for w in model.workers)
+            state, message = "loading", f"{ready}/{len(model.workers)} new worker(s) serving after {elapsed:.0f} s"
+        return ModelRun(
+            state=state,
+            replicas=model.spec.replicas,
+            serving=serving,
+            restarts=model.restarts,
+            message=message,
+            last_log=model.last_log,
+        )
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """Every worker process still running (for the final stop)."""
+        found = [w.process for m in self.models.values() for w in m.workers + m.outgoing]
+        return [p for p in found if p is not None]
