@@ -74,6 +74,17 @@ class EmbeddingRequest(OpenAIBaseModel):
         return self
 
 
+class FleetState(BaseModel):
+    """How ``conveyor up`` runs a model of its fleet: loading, serving, restarting, draining or failed, the workers
+    it should have and those serving, its restarts, and what is going on."""
+
+    state: str
+    replicas: int
+    serving: int
+    restarts: int
+    message: str = ""
+
+
 class ModelCard(BaseModel):
     """OpenAI's model object, plus what Conveyor knows of the model's workers."""
 
@@ -89,6 +100,8 @@ class ModelCard(BaseModel):
     loading_workers: int = 0
     #: why the last worker stopped, while none serves (engine_dead, engine_stalled, engine_start_failed)
     failure: str | None = None
+    #: for a model ``conveyor up`` runs: its supervisor's view of it
+    fleet: FleetState | None = None
 
 
 class ModelList(BaseModel):

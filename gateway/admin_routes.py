@@ -1,12 +1,16 @@
-"""The admin API: managed API keys and their usage (``conveyor.keys``). Served only when ``CONVEYOR_ADMIN_KEY`` is set,
-and only to that bearer key (``gateway.guard``). ``conveyor keys`` does the same from a shell, straight on Redis."""
+"""The admin API: managed API keys and their usage (``conveyor.keys``), and the fleet of models ``conveyor up`` runs
+(``conveyor.fleet``). Served only when ``CONVEYOR_ADMIN_KEY`` is set, and only to that bearer key
+(``gateway.guard``). ``conveyor keys`` does the same for keys from a shell, straight on Redis."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
 
+from conveyor.errors import Conflict, InvalidRequest, NotFound
+from conveyor.fleet import FleetStore, ModelSpec
 from conveyor.keys import ApiKey, CreatedKey, KeyCreate, KeyStore, KeyUpdate
 from gateway.queue import redis_errors
 
@@ -67,3 +71,91 @@ async def usage(request: Request, days: UsageDays = 30) -> dict[str, Any]:
     """Every key's usage per model and UTC day."""
     with redis_errors():
         return _list(await keys_of(request).usage(None, days))
+
+
+# --- the fleet ----------------------------------------------------------------------------------------------------
+
+
+def fleet_of(request: Request) -> FleetStore:
+    return FleetStore(request.app.state.redis)
+
+
+async def _model(fleet: FleetStore, name: str) -> dict[str, Any]:
+    spec = (await fleet.specs()).get(name)
+    if spec is None:
+        raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+    run = (await fleet.runs()).get(name)
+    return {"object": "fleet.model", **spec.model_dump(), "status": run.model_dump() if run else None}
+
+
+async def _supervised(fleet: FleetStore) -> None:
+    if not await fleet.managed():
+        raise Conflict(
+            "No `conveyor up` manages a fleet on this Redis, so nothing would start or stop the workers. Run "
+            "`conveyor up`; in Kubernetes, change the manifests (deploy/k8s) instead.",
+            code="no_supervisor",
+        )
+
+
+def _spec(fields: dict[str, Any]) -> ModelSpec:
+    try:
+        return ModelSpec.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param) from None
+
+
+@admin.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every model of the fleet: its models-file fields and how ``conveyor up`` runs it (``status``)."""
+    fleet = fleet_of(request)
+    with redis_errors():
+        return _list([await _model(fleet, name) for name in sorted(await fleet.specs())])
+
+
+@admin.post("/models", status_code=201)
+async def add_model(body: dict[str, Any], request: Request) -> dict[str, Any]:
+    """Add a model (the fields of a ``[[models]]`` table); ``conveyor up`` starts its workers within a second."""
+    spec, fleet = _spec(body), fleet_of(request)
+    with redis_errors():
+        await _supervised(fleet)
+        if spec.name in await fleet.specs():
+            raise Conflict(f"Model {spec.name!r} is in the fleet already; PATCH it.", param="name", code="model_exists")
+        await fleet.put(spec)
+        return await _model(fleet, spec.name)
+
+
+@admin.get("/models/{name:path}")
+async def get_model(name: str, request: Request) -> dict[str, Any]:
+    with redis_errors():
+        return await _model(fleet_of(request), name)
+
+
+@admin.patch("/models/{name:path}")
+async def change_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
+    """Change fields of a model: replicas alone scale it; anything else rolls it (new workers serve before the old
+    ones drain)."""
+    fleet = fleet_of(request)
+    with redis_errors():
+        await _supervised(fleet)
+        current = (await fleet.specs()).get(name)
+        if current is None:
+            raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+        if body.get("name", name) != name:
+            raise InvalidRequest("A model cannot be renamed; add it under the new name, remove this one.", param="name")
+        kept = current.model_dump(exclude={"replicas"} if "gpus" in body else set())
+        await fleet.put(_spec(kept | body))
+        return await _model(fleet, name)
+
+
+@admin.delete("/models/{name:path}")
+async def remove_model(name: str, request: Request) -> dict[str, Any]:
+    """Remove a model: its workers drain and stop, then it is forgotten (404)."""
+    fleet = fleet_of(request)
+    with redis_errors():
+        await _supervised(fleet)
+        if not await fleet.remove(name):
+            raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+    return {"id": name, "object": "fleet.model", "deleted": True}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import cast
+
 from redis.asyncio import Redis
 
-from conveyor import registry
+from conveyor import contract, registry
 from conveyor.errors import ConveyorError, ModelNotFound, NoLiveWorker
+from conveyor.fleet import FleetStore
 from gateway.queue import redis_errors
 from gateway.settings import GatewaySettings
 
@@ -15,10 +19,18 @@ class ModelDirectory:
         self.redis = redis
         self.settings = settings
 
-    async def names(self) -> set[str]:
-        """Every model this deployment knows: configured, or served by a worker at some time."""
+    async def configured(self) -> set[str]:
+        """The models this deployment expects: ``CONVEYOR_GATEWAY_MODELS``, and the fleet ``conveyor up`` runs."""
         with redis_errors():
-            return await registry.known_models(self.redis) | set(self.settings.models)
+            fleet = await cast(Awaitable[list[bytes]], self.redis.hkeys(contract.FLEET_MODELS))
+        return set(self.settings.models) | {name.decode() for name in fleet}
+
+    async def names(self) -> set[str]:
+        """Every model this deployment knows: configured, or served by a worker at some time (until it is removed
+        from the fleet)."""
+        with redis_errors():
+            served = await registry.known_models(self.redis)
+        return served | await self.configured()
 
     async def is_known(self, model: str) -> bool:
         """A known model without a live worker is 503; anything else is 404."""
@@ -40,6 +52,10 @@ class ModelDirectory:
                 code="model_loading",
                 headers={"Retry-After": "5"},
             )
+        with redis_errors():
+            run = (await FleetStore(self.redis).runs()).get(model)
+        if run is not None and run.state == "failed" and not status.live_workers:
+            return NoLiveWorker(f"`{model}` failed: {run.message}.", param="model", code="model_failed")
         if status.state == "failed" and status.failure is not None:
             return NoLiveWorker(
                 f"`{model}` has no live worker: its last worker stopped ({status.failure.reason}).",

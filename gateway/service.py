@@ -15,8 +15,9 @@ from typing import Any
 from conveyor import contract, token_estimate
 from conveyor.contract import JobEnvelope, JobKind, TenantRef
 from conveyor.errors import BackendUnavailable, DeadlineExceeded, EngineFailure, RemoteError
+from conveyor.fleet import FleetStore, ModelRun
 from conveyor.keys import ApiKey
-from conveyor.protocol import ModelCard
+from conveyor.protocol import FleetState, ModelCard
 from gateway.directory import ModelDirectory
 from gateway.inbox import ReplyInbox
 from gateway.metrics import GatewayMetrics
@@ -121,12 +122,14 @@ class ServingService:
 
     # --- models and readiness ----------------------------------------------------------------------------------
 
-    async def _card(self, model: str) -> ModelCard | None:
+    async def _card(self, model: str, configured: set[str], runs: dict[str, ModelRun]) -> ModelCard | None:
         """A model's card with its state; None for a model that is neither configured nor doing anything."""
         status = await self.directory.status(model)
-        if status.state == "unavailable" and model not in self.settings.models:
+        if status.state == "unavailable" and model not in configured:
             return None
+        run = runs.get(model)
         return ModelCard(
+            fleet=FleetState(**run.model_dump(exclude={"last_log", "updated_at"})) if run else None,
             id=model,
             status=status.state,
             max_model_len=status.info.max_model_len if status.info else None,
@@ -136,12 +139,17 @@ class ServingService:
             failure=status.failure.reason if status.failure and not status.live_workers else None,
         )
 
+    async def _fleet(self) -> tuple[set[str], dict[str, ModelRun]]:
+        with redis_errors():
+            return await self.directory.configured(), await FleetStore(self.directory.redis).runs()
+
     async def models(self) -> list[ModelCard]:
-        cards = [await self._card(name) for name in sorted(await self.directory.names())]
+        configured, runs = await self._fleet()
+        cards = [await self._card(name, configured, runs) for name in sorted(await self.directory.names())]
         return [card for card in cards if card is not None]
 
     async def model_card(self, model: str) -> ModelCard:
-        card = await self._card(model) if await self.directory.is_known(model) else None
+        card = await self._card(model, *await self._fleet()) if await self.directory.is_known(model) else None
         if card is None:
             raise await self.directory.unavailable(model)
         return card
@@ -150,7 +158,7 @@ class ServingService:
         """Ready when Redis answers and (with ``models``) every configured model has a live worker."""
         statuses: dict[str, dict[str, Any]] = {}
         try:
-            for model in self.settings.models if models else ():
+            for model in sorted(await self.directory.configured()) if models else ():
                 status = await self.directory.status(model)
                 statuses[model] = {"status": status.state, "live_workers": status.live_workers}
         except BackendUnavailable:
