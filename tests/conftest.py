@@ -187,3 +187,30 @@ def run_embedding_batch(client: OpenAI, model: str, lines: int, timeout: float =
     batch_input = client.files.create(file=("in.jsonl", io.BytesIO(body.encode())), purpose="batch")
     batch = client.batches.create(input_file_id=batch_input.id, endpoint="/v1/embeddings", completion_window="24h")
     wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=timeout, what="the batch")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

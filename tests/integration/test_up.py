@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from launcher import processes, redis_server
-from tests.conftest import wait_for
+from tests.conftest import alive, descendants, wait_for
 
 MODELS = """
 [[models]]
@@ -25,33 +25,6 @@ name = "up-embed"
 engine = "fake"
 task = "embed"
 """
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:

@@ -58,6 +58,6 @@ async def test_status_shows_models_workers_gateways_and_batches(redis: Redis) ->
     )
     text = status.render(await status.snapshot(redis))
     lines = text.splitlines()
-    assert lines[1].split() == ["chat", "serving", "1", "0", "2", "0"]
+    assert lines[1].split() == ["chat", "serving", "1", "0", "2", "0", "-"]
     assert "w-1" in text and "10.1.2.3:9100" in text and "10.1.2.4:8000" in text
     assert "batch_1  in_progress  5     1       64" in text

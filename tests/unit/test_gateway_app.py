@@ -139,3 +139,15 @@ async def test_the_first_managed_key_turns_authentication_on(
             bearer = {"Authorization": f"Bearer {created.value}"}
             assert (await fresh.get("/v1/models", headers=bearer)).status_code == 200
             assert (await fresh.get("/health")).status_code == 200  # probes stay open
+
+
+async def test_fleet_changes_are_refused_while_no_conveyor_up_runs_the_fleet(fake_server: fakeredis.FakeServer) -> None:
+    settings = GatewaySettings(models=["chat"], **{"CONVEYOR_ADMIN_KEY": "admin-key-for-unit"})
+    async with running_gateway(fake_server, settings) as application:
+        transport = httpx.ASGITransport(app=application)
+        headers = {"Authorization": "Bearer admin-key-for-unit"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw", headers=headers) as admin:
+            refused = await admin.post("/admin/models", json={"name": "m", "engine": "fake"})
+            assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_supervisor"
+            assert (await admin.get("/admin/models")).json() == {"object": "list", "data": []}
+            assert (await admin.get("/admin/models/m")).status_code == 404

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from conveyor.fleet import ModelSpec
 from launcher import models_file
-from launcher.models_file import ModelsFile, ModelSpec
+from launcher.models_file import ModelsFile
 
 
 def test_the_repository_models_file_serves_the_two_cpu_models(repo_root: Path) -> None:
@@ -41,7 +42,33 @@ def test_gpus_and_a_different_replica_count_conflict() -> None:
 
 
 def test_names_are_unique_and_unknown_keys_refused() -> None:
-    with pytest.raises(ValidationError, match="unique"):
+    with pytest.raises(ValidationError, match="listed twice"):
         ModelsFile(models=[ModelSpec(name="a"), ModelSpec(name="a")])
     with pytest.raises(ValidationError):
         ModelsFile.model_validate({"models": [{"name": "a", "gpu": ["0"]}]})
+
+
+def test_two_models_on_one_gpu_are_refused_unless_both_share_it() -> None:
+    with pytest.raises(ValidationError, match=r"GPU 1 is already assigned to model 'a'.*share_gpus"):
+        ModelsFile(models=[ModelSpec(name="a", gpus=["0", "1"]), ModelSpec(name="b", gpus=["1"])])
+    with pytest.raises(ValidationError, match="share_gpus"):
+        ModelsFile(models=[ModelSpec(name="a", gpus=["1"], share_gpus=True), ModelSpec(name="b", gpus=["1"])])
+    shared = [ModelSpec(name="a", gpus=["1"], share_gpus=True), ModelSpec(name="b", gpus=["1"], share_gpus=True)]
+    assert len(ModelsFile(models=shared).models) == 2
+
+
+def test_writing_the_fleet_back_keeps_comments_and_unchanged_models(repo_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text((repo_root / "models.toml").read_text())
+    fleet = models_file.load(path).models
+    changed = [
+        fleet[0],
+        fleet[1].model_copy(update={"replicas": 2}),
+        ModelSpec(name="new", engine="fake", env={"A": "1"}),
+    ]
+    models_file.save(path, changed)
+    text = path.read_text()
+    assert "# The models `conveyor up` serves." in text and "# two engines on two cores" in text
+    assert models_file.load(path).models == changed
+    models_file.save(path, changed[1:])
+    assert [m.name for m in models_file.load(path).models] == ["smollm2-135m-instruct", "new"]

@@ -1,0 +1,208 @@
+"""``conveyor up`` as the supervisor of one host's fleet: models added, scaled and removed over the admin API,
+workers restarted when they die, a crash-looping model failed alone, and the fleet back after a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from launcher import processes, redis_server
+from launcher.models_file import load
+from launcher.redis_server import RedisServer
+from tests.conftest import alive, descendants, wait_for
+
+ADMIN = {"Authorization": "Bearer fleet-admin-key"}
+CHAT = "fleet-chat"
+MODELS = f"""# the test fleet
+[[models]]
+name = "{CHAT}"  # stays up through everything
+engine = "fake"
+task = "generate"
+"""
+
+
+@dataclass
+class Up:
+    """A ``conveyor up`` process and what it printed."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers=ADMIN, timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def fleet_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(redis_server.free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_up(fleet_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
+    """Starts ``conveyor up`` on the test's models file (``tmp_path/models.toml``) and Redis; stops them all after."""
+    models = tmp_path / "models.toml"
+    models.write_text(MODELS)
+    started: list[Up] = []
+
+    def start() -> Up:
+        port = redis_server.free_port()
+        env = os.environ | {
+            "CONVEYOR_REDIS_URL": fleet_redis.url,
+            "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
+            "CONVEYOR_ADMIN_KEY": ADMIN["Authorization"].removeprefix("Bearer "),
+            "CONVEYOR_UP_RESTART_BACKOFF": "0.1",
+            "CONVEYOR_UP_RESTART_LIMIT": "3",
+        }
+        command = processes.conveyor_command(
+            "up", "--models-file", str(models), "--port", str(port), "--host", "127.0.0.1"
+        )
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        up = Up(process, f"http://127.0.0.1:{port}")
+        threading.Thread(
+            target=lambda: up.lines.extend(line.decode() for line in process.stdout or ()), daemon=True
+        ).start()
+        started.append(up)
+        wait_for(lambda: "Conveyor is up" in up.output, timeout=60, what="conveyor up's banner")
+        return up
+
+    yield start
+    for up in started:
+        up.stop()
+
+
+def model_card(up: Up, name: str) -> dict[str, Any] | None:
+    cards = {card["id"]: card for card in httpx.get(f"{up.base}/v1/models").json()["data"]}
+    return cards.get(name)
+
+
+def workers_of(up: Up, model: str) -> set[int]:
+    """Pids of the running worker processes of ``model`` below this ``conveyor up``."""
+    found = set()
+    for pid in descendants(up.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in command and model.encode() in command and alive(pid):
+            found.add(pid)
+    return found
+
+
+def serving(up: Up, name: str, workers: int) -> bool:
+    card = model_card(up, name)
+    return bool(card and card["live_workers"] == workers and card["fleet"] and card["fleet"]["state"] == "serving")
+
+
+def test_a_model_is_added_scaled_and_removed_over_http_and_the_file_follows(start_up: Any, tmp_path: Path) -> None:
+    up: Up = start_up()
+    with up.client() as admin:
+        added = admin.post("/admin/models", json={"name": "fleet-embed", "engine": "fake", "task": "embed"})
+        assert added.status_code == 201, added.text
+        wait_for(
+            lambda: (
+                httpx.post(f"{up.base}/v1/embeddings", json={"model": "fleet-embed", "input": "hi"}).status_code == 200
+            ),
+            timeout=30,
+            what="the added model's first answer",
+        )
+        assert [m.name for m in load(tmp_path / "models.toml").models] == [CHAT, "fleet-embed"]
+        assert admin.patch("/admin/models/fleet-embed", json={"replicas": 2}).status_code == 200
+        wait_for(lambda: serving(up, "fleet-embed", 2), timeout=30, what="two workers")
+        pids = workers_of(up, "fleet-embed")
+        assert len(pids) == 2
+        assert admin.delete("/admin/models/fleet-embed").json()["deleted"] is True
+
+        def forgotten() -> bool:
+            refused = httpx.post(f"{up.base}/v1/embeddings", json={"model": "fleet-embed", "input": "hi"})
+            return refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+
+        wait_for(forgotten, timeout=60, what="the model forgotten")
+    assert model_card(up, "fleet-embed") is None
+    assert [pid for pid in pids if alive(pid)] == []  # drained and gone, no orphan
+    text = (tmp_path / "models.toml").read_text()
+    assert "fleet-embed" not in text and "# stays up through everything" in text  # the file's comments stay
+    assert serving(up, CHAT, 1)
+
+
+def test_two_models_on_one_gpu_are_refused_unless_shared(start_up: Any) -> None:
+    up: Up = start_up()
+    with up.client() as admin:
+        first = {"name": "gpu-a", "engine": "fake", "task": "generate", "gpus": ["0"]}
+        assert admin.post("/admin/models", json=first).status_code == 201
+        clash = admin.post("/admin/models", json={"name": "gpu-b", "engine": "fake", "gpus": ["0"]})
+        assert clash.status_code == 400
+        error = clash.json()["error"]
+        assert error["code"] == "gpu_conflict" and "gpu-a" in error["message"] and "share_gpus" in error["message"]
+        bad = admin.post("/admin/models", json={"name": "x", "engine": "nope"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "engine"
+        assert admin.post("/admin/models", json=first).status_code == 409
+
+
+def test_a_killed_worker_is_restarted_and_a_crash_loop_fails_only_its_model(start_up: Any) -> None:
+    up: Up = start_up()
+    (victim,) = workers_of(up, CHAT)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: (model_card(up, CHAT) or {}).get("fleet", {}).get("restarts") == 1, timeout=30, what="a restart")
+    wait_for(lambda: serving(up, CHAT, 1), timeout=30, what="the chat model serving again")
+    assert workers_of(up, CHAT) != {victim}
+    assert "it was killed (SIGKILL); restarting" in up.output
+    crashing = {"name": "fleet-crash", "engine": "fake", "env": {"CONVEYOR_WORKER_MAX_JOBS": "-5"}}
+    with up.client() as admin:
+        assert admin.post("/admin/models", json=crashing).status_code == 201
+
+        def failed() -> bool:
+            status = admin.get("/admin/models/fleet-crash").json()["status"]
+            return bool(status and status["state"] == "failed")
+
+        wait_for(failed, timeout=30, what="the crash-looping model marked failed")
+        status = admin.get("/admin/models/fleet-crash").json()["status"]
+    assert any("CONVEYOR_WORKER_MAX_JOBS" in line for line in status["last_log"])
+    assert "exited 3 times" in status["message"]
+    refused = httpx.post(f"{up.base}/v1/completions", json={"model": "fleet-crash", "prompt": "x"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_failed"
+    answer = httpx.post(f"{up.base}/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": 2})
+    assert answer.status_code == 200  # the rest of the fleet never stopped
+    assert workers_of(up, "fleet-crash") == set()
+
+
+def test_conveyor_up_restarted_brings_the_same_fleet_back(start_up: Any) -> None:
+    first: Up = start_up()
+    with first.client() as admin:
+        assert admin.post("/admin/models", json={"name": "fleet-added", "engine": "fake"}).status_code == 201
+    wait_for(lambda: serving(first, "fleet-added", 1), timeout=30, what="the added model")
+    family = descendants(first.process.pid)
+    first.stop()
+    assert first.process.returncode == 0 and [pid for pid in family if alive(pid)] == []
+    second: Up = start_up()
+    wait_for(lambda: serving(second, "fleet-added", 1) and serving(second, CHAT, 1), timeout=30, what="the fleet")
