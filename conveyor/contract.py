@@ -231,6 +231,7 @@ def bulk_queue_name(model: str) -> str:
 FLEET_MODELS = f"{KEY_PREFIX}:fleet:models"  # hash: model name -> its ModelSpec (JSON): what ``conveyor up`` runs
 FLEET_STATUS = f"{KEY_PREFIX}:fleet:status"  # hash: model name -> its ModelRun (JSON), written by ``conveyor up``
 FLEET_SUPERVISOR = f"{KEY_PREFIX}:fleet:supervisor"  # set (expiring) while a ``conveyor up`` manages the fleet
+FLEET_SAVED = f"{KEY_PREFIX}:fleet:saved"  # set with the desired state: its absence means Redis lost it
 
 
 # ---- files and batches ----------------------------------------------------------------------------------------

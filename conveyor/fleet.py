@@ -131,7 +131,12 @@ class FleetStore:
             pipe.delete(contract.FLEET_MODELS)
             if specs:
                 pipe.hset(contract.FLEET_MODELS, mapping={s.name: s.model_dump_json() for s in specs})
+            pipe.set(contract.FLEET_SAVED, 1)
             await pipe.execute()
+
+    async def saved(self) -> bool:
+        """Whether Redis holds a desired state (an empty fleet included): False after it restarted empty."""
+        return bool(await self.redis.exists(contract.FLEET_SAVED))
 
     async def put(self, spec: ModelSpec) -> None:
         """Add or change one model, checked against the rest of the fleet."""

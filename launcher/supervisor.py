@@ -144,6 +144,9 @@ class Supervisor:
 
     async def step(self) -> None:
         await self.redis.set(contract.FLEET_SUPERVISOR, os.getpid(), ex=PRESENCE_SECONDS)
+        if not await self.fleet.saved():  # Redis restarted empty: the fleet is what was last written to the file
+            self.say("Redis lost the fleet's desired state (restarted empty?); restoring it from the models file")
+            await self.fleet.replace(list(self._written.values()))
         desired = await self.fleet.specs()
         self._write_back(desired)
         for name, spec in desired.items():
@@ -199,8 +202,8 @@ class Supervisor:
             model.workers += [self._worker(name, i, spec) for i in range(len(model.workers), spec.replicas)]
             return
         self.say(f"model {name} changed: starting {spec.replicas} new worker(s); the old ones serve until they are up")
-        for worker in model.outgoing:
-            self._stop(worker)  # a roll that did not finish: its old workers go, the newest serve
+        for worker in model.outgoing + [w for w in model.workers if w.process is None]:
+            self._stop(worker)  # a roll that did not finish, and workers waiting for a restart: they go
         model.outgoing += model.workers
         model.spec = spec
         first = max([w.index for w in model.outgoing], default=-1) + 1

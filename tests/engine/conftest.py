@@ -24,11 +24,17 @@ CHAT = "smollm2-135m-instruct"
 START_TIMEOUT = 900.0
 
 
+#: the admin key of the real stack's gateway (its /admin/models adds and removes real models)
+ADMIN_KEY = "engine-tier-admin-key"
+
+
 @dataclass
 class RealStack:
     base_url: str
     redis_url: str
     log: Path
+    #: the ``conveyor up`` process
+    pid: int
 
     def worker(self, model: str) -> WorkerInfo:
         with redis.Redis.from_url(self.redis_url) as client:
@@ -54,16 +60,18 @@ def _ready(base_url: str, up: subprocess.Popen[bytes], log: Path) -> bool:
 def real_stack(redis_url: str, repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
     """`conveyor up` with the repository's models.toml, on the session's Redis."""
     port = redis_server.free_port()
-    log = tmp_path_factory.mktemp("up") / "conveyor-up.log"
+    workdir = tmp_path_factory.mktemp("up")
+    log = workdir / "conveyor-up.log"
+    models = workdir / "models.toml"  # a copy: fleet changes are written back to it
+    models.write_text((repo_root / "models.toml").read_text())
     with log.open("wb") as output:
         up = subprocess.Popen(
-            processes.conveyor_command(
-                "up", "--models-file", str(repo_root / "models.toml"), "--port", str(port), "--host", "127.0.0.1"
-            ),
+            processes.conveyor_command("up", "--models-file", str(models), "--port", str(port), "--host", "127.0.0.1"),
             env={
                 **os.environ,
                 "CONVEYOR_REDIS_URL": redis_url,
                 "CONVEYOR_FILES_URL": str(tmp_path_factory.mktemp("files")),
+                "CONVEYOR_ADMIN_KEY": ADMIN_KEY,
             },
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -71,7 +79,7 @@ def real_stack(redis_url: str, repo_root: Path, tmp_path_factory: pytest.TempPat
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(base_url, up, log), timeout=START_TIMEOUT, what="conveyor up with real engines")
-        yield RealStack(base_url, redis_url, log)
+        yield RealStack(base_url, redis_url, log, up.pid)
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -102,7 +102,11 @@ def start_up(fleet_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
 
 
 def model_card(up: Up, name: str) -> dict[str, Any] | None:
-    cards = {card["id"]: card for card in httpx.get(f"{up.base}/v1/models").json()["data"]}
+    """The model's card in /v1/models (None when it is not there, or the gateway does not answer)."""
+    try:
+        cards = {card["id"]: card for card in httpx.get(f"{up.base}/v1/models").json()["data"]}
+    except httpx.TransportError:
+        return None
     return cards.get(name)
 
 
@@ -206,3 +210,52 @@ def test_conveyor_up_restarted_brings_the_same_fleet_back(start_up: Any) -> None
     assert first.process.returncode == 0 and [pid for pid in family if alive(pid)] == []
     second: Up = start_up()
     wait_for(lambda: serving(second, "fleet-added", 1) and serving(second, CHAT, 1), timeout=30, what="the fleet")
+
+
+def test_a_changed_model_rolls_new_workers_in_before_the_old_ones_drain(start_up: Any) -> None:
+    up: Up = start_up()
+    (old,) = workers_of(up, CHAT)
+    failures: list[int] = []
+    done = threading.Event()
+
+    def load() -> None:  # requests all through the roll: none may fail
+        with httpx.Client(base_url=up.base, timeout=30) as client:
+            while not done.is_set():
+                answer = client.post("/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": 2})
+                if answer.status_code != 200:
+                    failures.append(answer.status_code)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        with up.client() as admin:
+            changed = admin.patch(f"/admin/models/{CHAT}", json={"env": {"CONVEYOR_WORKER_MAX_JOBS": "4"}})
+            assert changed.status_code == 200 and changed.json()["env"] == {"CONVEYOR_WORKER_MAX_JOBS": "4"}
+        wait_for(lambda: workers_of(up, CHAT) - {old} and old not in workers_of(up, CHAT), timeout=60, what="the roll")
+    finally:
+        done.set()
+        loader.join(30)
+    assert failures == []
+    output = up.output
+    assert output.index(f"model {CHAT} changed") < output.index("new workers serving; draining 1 old one(s)")
+    assert serving(up, CHAT, 1)
+
+
+def test_the_gateway_is_restarted_when_it_exits(start_up: Any) -> None:
+    up: Up = start_up()
+    (gateway,) = {pid for pid in descendants(up.process.pid) if b"gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    os.kill(gateway, signal.SIGKILL)
+    wait_for(lambda: "gateway exited with code -9; restarting it" in up.output, timeout=30, what="the restart")
+    wait_for(lambda: serving(up, CHAT, 1), timeout=30, what="the API back")
+
+
+def test_a_redis_restarted_empty_gets_the_fleet_back_from_the_models_file(
+    start_up: Any, fleet_redis: RedisServer
+) -> None:
+    up: Up = start_up()
+    fleet_redis.stop()  # SIGKILL, no persistence: it comes back empty
+    fleet_redis.start()
+    wait_for(lambda: "restoring it from the models file" in up.output, timeout=30, what="the fleet restored")
+    wait_for(lambda: serving(up, CHAT, 1), timeout=30, what="the model serving again")
+    with up.client() as admin:
+        assert [m["name"] for m in admin.get("/admin/models").json()["data"]] == [CHAT]
