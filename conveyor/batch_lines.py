@@ -141,6 +141,12 @@ class StoredFile(BaseModel):
     lines: int = 0
     urls: list[str] = []
     models: dict[str, int] = {}
+    #: the id of the managed API key that uploaded it (or whose batch wrote it): only that key sees it
+    owner: str | None = None
+
+    def visible_to(self, key_id: str | None) -> bool:
+        """Requests with a managed key see their own files; a static key (or none) sees every file."""
+        return key_id is None or self.owner == key_id
 
 
 class BatchRequestCounts(BaseModel):

@@ -291,11 +291,13 @@ class BatchDriver:
         done = await self.batches.fold_reports(batch.id)
         plan = await self.batches.plan(batch.id)
         stem = batch.id.removeprefix("batch_")
+        owner = await self.batches.owner(batch.id)
+        key_id = owner.key_id if owner else None
         output = await self.files.add_output(
-            f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out")
+            f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out"), key_id
         )  # (the order of a file's lines is its chunks' order)
         errors = await self.files.add_output(
-            f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final)
+            f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final), key_id
         )
         ids = {"output_file_id": output.id if output else "", "error_file_id": errors.id if errors else ""}
         fields = {k: v for k, v in ids.items() if v}

@@ -99,12 +99,14 @@ class BatchStore:
                 pipe.zadd(contract.FILES_INDEX, {stored.file.id: time.time()})  # finer than created_at: keeps order
                 await pipe.execute()
 
-    async def file(self, file_id: str) -> StoredFile:
+    async def file(self, file_id: str, viewer: str | None = None) -> StoredFile:
+        """A file's record; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it."""
         with redis_errors():
             raw = await self.redis.get(contract.file_key(file_id))
-        if raw is None:
+        stored = StoredFile.model_validate_json(raw) if raw is not None else None
+        if stored is None or not stored.visible_to(viewer):
             raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
-        return StoredFile.model_validate_json(raw)
+        return stored
 
     async def forget_file(self, file_id: str) -> None:
         with redis_errors():

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from conveyor import contract
 from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject
-from conveyor.errors import InvalidRequest, ModelNotFound
+from conveyor.errors import InvalidRequest, ModelNotFound, NotFound
 from conveyor.keys import ApiKey
 from gateway.batch_store import BatchOwner, BatchStore
 from gateway.settings import GatewaySettings
@@ -62,7 +62,7 @@ class BatchService:
 
     async def create(self, request: BatchCreate, key: ApiKey | None = None) -> BatchObject:
         """A new batch; made with a managed API key, it runs as that key (its models, its token budget, its usage)."""
-        stored = await self.batches.file(request.input_file_id)
+        stored = await self.batches.file(request.input_file_id, key.id if key else None)
         barred = sorted(set(stored.models) - set(key.models)) if key is not None and key.models is not None else []
         if barred:
             raise ModelNotFound(
@@ -91,15 +91,32 @@ class BatchService:
         self.wake()
         return batch
 
-    async def get(self, batch_id: str) -> BatchObject:
-        return await self.batches.batch(batch_id)
+    async def _visible(self, batch_id: str, viewer: str | None) -> bool:
+        """Requests with a managed key see their own batches; a static key (or none) sees every batch."""
+        if viewer is None:
+            return True
+        owner = await self.batches.owner(batch_id)
+        return owner is not None and owner.key_id == viewer
 
-    async def list(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
-        ids, more = await self.batches.page(contract.BATCHES_INDEX, after, limit)
-        return [await self.batches.batch(i) for i in ids], more
-
-    async def cancel(self, batch_id: str) -> BatchObject:
+    async def get(self, batch_id: str, viewer: str | None = None) -> BatchObject:
         batch = await self.batches.batch(batch_id)
+        if not await self._visible(batch_id, viewer):
+            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+        return batch
+
+    async def list(self, after: str | None, limit: int, viewer: str | None = None) -> tuple[list[BatchObject], bool]:
+        found: list[BatchObject] = []
+        cursor = after
+        while len(found) <= limit:  # a key sees only its own: page on until enough or none left
+            ids, more = await self.batches.page(contract.BATCHES_INDEX, cursor, limit)
+            found += [await self.batches.batch(i) for i in ids if await self._visible(i, viewer)]
+            if not more or not ids:
+                break
+            cursor = ids[-1]
+        return found[:limit], len(found) > limit
+
+    async def cancel(self, batch_id: str, viewer: str | None = None) -> BatchObject:
+        batch = await self.get(batch_id, viewer)
         if batch.status in FINAL_STATUSES:
             raise InvalidRequest(
                 f"Batch {batch_id} is {batch.status}: only a validating or in-progress batch can be cancelled.",

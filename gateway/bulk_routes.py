@@ -21,6 +21,12 @@ def files_of(request: Request) -> FileService:
     return service
 
 
+def viewer(request: Request) -> str | None:
+    """The managed API key whose files and batches the request may see (None: a static key or none, sees all)."""
+    key = guard.api_key_of(request)
+    return key.id if key is not None else None
+
+
 def batches_of(request: Request) -> BatchService:
     service: BatchService = request.app.state.batches
     return service
@@ -30,7 +36,7 @@ def batches_of(request: Request) -> BatchService:
 async def upload_file(
     request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
 ) -> FileObject:
-    return await files_of(request).upload(file, purpose)
+    return await files_of(request).upload(file, purpose, viewer(request))
 
 
 @bulk.get("/files")
@@ -41,24 +47,24 @@ async def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
-    found, more = await files_of(request).list(purpose, after, limit, order)
+    found, more = await files_of(request).list(purpose, after, limit, order, viewer(request))
     return list_page(found, more)
 
 
 @bulk.get("/files/{file_id}")
 async def retrieve_file(request: Request, file_id: str) -> FileObject:
-    return await files_of(request).get(file_id)
+    return await files_of(request).get(file_id, viewer(request))
 
 
 @bulk.delete("/files/{file_id}")
 async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
-    await files_of(request).delete(file_id)
+    await files_of(request).delete(file_id, viewer(request))
     return {"id": file_id, "object": "file", "deleted": True}
 
 
 @bulk.get("/files/{file_id}/content")
 async def file_content(request: Request, file_id: str) -> StreamingResponse:
-    blocks = await files_of(request).content(file_id)
+    blocks = await files_of(request).content(file_id, viewer(request))
     return StreamingResponse(blocks, media_type="application/octet-stream")
 
 
@@ -71,15 +77,15 @@ async def create_batch(request: Request, body: BatchCreate) -> BatchObject:
 async def list_batches(
     request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
-    found, more = await batches_of(request).list(after, limit)
+    found, more = await batches_of(request).list(after, limit, viewer(request))
     return list_page(found, more)
 
 
 @bulk.get("/batches/{batch_id}")
 async def retrieve_batch(request: Request, batch_id: str) -> BatchObject:
-    return await batches_of(request).get(batch_id)
+    return await batches_of(request).get(batch_id, viewer(request))
 
 
 @bulk.post("/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> BatchObject:
-    return await batches_of(request).cancel(batch_id)
+    return await batches_of(request).cancel(batch_id, viewer(request))

@@ -30,7 +30,7 @@ class FileService:
         self.batches = batches
         self.directory = directory
 
-    async def upload(self, upload: UploadFile, purpose: str) -> FileObject:
+    async def upload(self, upload: UploadFile, purpose: str, owner: str | None = None) -> FileObject:
         if purpose not in UPLOAD_PURPOSES:
             raise InvalidRequest(
                 f"purpose {purpose!r} is not supported here; upload batch input files with purpose 'batch'.",
@@ -61,6 +61,7 @@ class FileService:
             lines=check.lines,
             urls=sorted(check.urls),
             models=check.models,
+            owner=owner,
         )
         await self.batches.save_file(stored)
         return stored.file
@@ -72,9 +73,11 @@ class FileService:
                     f"Line {line}: model {model!r} is not served here.", param="body.model", code="model_not_found"
                 )
 
-    async def add_output(self, file_id: str, filename: str, blocks: AsyncIterable[bytes]) -> FileObject | None:
-        """Store a batch's output or error file under ``file_id`` (written again whole on a retry); None when it
-        would be empty."""
+    async def add_output(
+        self, file_id: str, filename: str, blocks: AsyncIterable[bytes], owner: str | None = None
+    ) -> FileObject | None:
+        """Store a batch's output or error file under ``file_id`` (written again whole on a retry), owned by the
+        batch's API key; None when it would be empty."""
         name = contract.stored_file_name(file_id)
         size = await self.store.write(name, blocks)
         if size == 0:
@@ -83,14 +86,19 @@ class FileService:
         created = FileObject(
             id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose="batch_output"
         )
-        await self.batches.save_file(StoredFile(file=created, store_name=name))
+        await self.batches.save_file(StoredFile(file=created, store_name=name, owner=owner))
         return created
 
-    async def get(self, file_id: str) -> FileObject:
-        return (await self.batches.file(file_id)).file
+    async def get(self, file_id: str, viewer: str | None = None) -> FileObject:
+        return (await self.batches.file(file_id, viewer)).file
 
     async def list(
-        self, purpose: str | None, after: str | None, limit: int, order: Literal["asc", "desc"]
+        self,
+        purpose: str | None,
+        after: str | None,
+        limit: int,
+        order: Literal["asc", "desc"],
+        viewer: str | None = None,
     ) -> tuple[list[FileObject], bool]:
         found: list[FileObject] = []
         cursor = after
@@ -98,7 +106,9 @@ class FileService:
             ids, more = await self.batches.page(contract.FILES_INDEX, cursor, limit, newest_first=order == "desc")
             for file_id in ids:
                 stored = await self._maybe(file_id)
-                if stored is not None and (purpose is None or stored.file.purpose == purpose):
+                if stored is None or not stored.visible_to(viewer):
+                    continue
+                if purpose is None or stored.file.purpose == purpose:
                     found.append(stored.file)
             if not more or not ids:
                 return found[:limit], len(found) > limit
@@ -111,12 +121,12 @@ class FileService:
         except NotFound:  # deleted since it was listed
             return None
 
-    async def content(self, file_id: str) -> AsyncIterator[bytes]:
-        stored = await self.batches.file(file_id)
+    async def content(self, file_id: str, viewer: str | None = None) -> AsyncIterator[bytes]:
+        stored = await self.batches.file(file_id, viewer)
         return self.store.read(stored.store_name)
 
-    async def delete(self, file_id: str) -> None:
-        stored = await self.batches.file(file_id)
+    async def delete(self, file_id: str, viewer: str | None = None) -> None:
+        stored = await self.batches.file(file_id, viewer)
         for batch_id in await self.batches.active():
             if (await self.batches.batch(batch_id)).input_file_id == file_id:
                 raise InvalidRequest(

@@ -266,3 +266,28 @@ def test_the_admin_api_creates_updates_and_refuses_clearly(fleet: Fleet) -> None
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):  # the admin key is not an API key
         client(fleet, "admin-key-for-tests").models.list()
+
+
+def test_a_keys_files_and_batches_are_its_own(fleet: Fleet) -> None:
+    owner, other = client(fleet, new_key(fleet)["value"]), client(fleet, new_key(fleet)["value"], 1)
+    operator = client(fleet, STATIC_KEY)
+    upload = owner.files.create(file=("in.jsonl", io.BytesIO(_batch_input(EMBED, 2, 3))), purpose="batch")
+    batch = owner.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert upload.id in {f.id for f in owner.files.list()} and batch.id in {b.id for b in owner.batches.list()}
+    assert upload.id not in {f.id for f in other.files.list()} and batch.id not in {b.id for b in other.batches.list()}
+    for denied in (
+        lambda: other.files.retrieve(upload.id),
+        lambda: other.files.content(upload.id),
+        lambda: other.files.delete(upload.id),
+        lambda: other.batches.retrieve(batch.id),
+        lambda: other.batches.cancel(batch.id),
+        lambda: other.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            denied()
+    wait_for(lambda: owner.batches.retrieve(batch.id).status == "completed", timeout=30, what="the batch")
+    output = owner.batches.retrieve(batch.id).output_file_id
+    assert output is not None and len(owner.files.content(output).text.splitlines()) == 2
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(output)
+    assert operator.batches.retrieve(batch.id).id == batch.id  # a static key sees every tenant's work
