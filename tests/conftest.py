@@ -34,6 +34,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Gateway:
     port: int
     process: subprocess.Popen[bytes]
+    redis_url: str = ""
     clients: list[OpenAI] = field(default_factory=list)
 
     @property
@@ -98,7 +99,7 @@ class Processes:
         with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
             process = processes.start_gateway(self.redis_url, port, env, output=output)
         self.started.append(process)
-        self.gateways.append(Gateway(port, process))
+        self.gateways.append(Gateway(port, process, self.redis_url))
         return self.gateways[-1]
 
     def worker(

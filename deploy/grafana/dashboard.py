@@ -102,6 +102,22 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
         ],
     ),
     (
+        "API keys",
+        [
+            ("Requests/s by API key", "Requests (and batch lines) answered per second for each managed API key, "
+             "by key name.", "reqps",
+             [(f"sum by (key) (rate(conveyor_key_requests_total{{{M}}}{RATE}))", "{{key}}")], "timeseries"),
+            ("Tokens/s by API key", "Tokens the engines reported per second for each managed API key: prompt, "
+             "completion and embedding (the usage `conveyor keys usage` reports per day).", "short",
+             [(f"sum by (key, type) (rate(conveyor_key_tokens_total{{{M}}}{RATE}))", "{{key}} {{type}}")],
+             "timeseries"),
+            ("Rate-limited requests/s by API key", "Requests refused 429 over a key's limits, by key and limit "
+             "(requests or tokens per minute).", "reqps",
+             [(f"sum by (key, limit) (rate(conveyor_key_rate_limited_total{RATE}))", "{{key}} {{limit}}")],
+             "timeseries"),
+        ],
+    ),
+    (
         "Engine (vLLM)",
         [
             ("Engine running / waiting requests", "Requests inside each model's engines: running, and waiting "

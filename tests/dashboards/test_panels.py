@@ -5,6 +5,10 @@ that reads Conveyor's metrics returns a number. The vLLM panels run in the engin
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +72,20 @@ def send_traffic(gateway: Gateway) -> None:
         )  # fmt: skip
     assert timed_out.value.status_code == 504
     run_embedding_batch(client, EMBED, 6)
+    keyed_traffic(gateway)
+
+
+def keyed_traffic(gateway: Gateway) -> None:
+    """A managed key with 3 requests a minute, sent 4: its usage and one refusal (last: from now on every request
+    needs a key)."""
+    env = os.environ | {"CONVEYOR_REDIS_URL": gateway.redis_url}
+    create = [sys.executable, "-m", "launcher.cli", "keys", "create", "--name", "dash", "--rpm", "3", "--json"]
+    secret = json.loads(subprocess.run(create, env=env, capture_output=True, text=True, check=True).stdout)["value"]
+    keyed = gateway.client(api_key=secret)
+    for i in range(3):
+        keyed.embeddings.create(model=EMBED, input=f"keyed {i}")
+    with pytest.raises(openai.RateLimitError):
+        keyed.embeddings.create(model=EMBED, input="one too many")
 
 
 def test_prometheus_discovers_the_gateway_and_every_worker_from_the_shipped_config(prom: Prometheus) -> None:
