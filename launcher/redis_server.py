@@ -31,9 +31,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(port: int, workdir: Path, timeout: float = 10.0, persist: bool = False) -> subprocess.Popen[bytes]:
+def start(
+    port: int, workdir: Path, timeout: float = 10.0, persist: bool = False, fsync: str = "always"
+) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections. ``persist`` keeps an
-    append-only file in ``workdir`` (fsync every write), so a restart comes back with the same data."""
+    append-only file in ``workdir``, so a restart comes back with the same data: fsync after every write
+    (``always``), or once a second (``everysec``: Redis's default, a crash loses at most that second)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis-server.log"
     process = spawn(
@@ -48,7 +51,7 @@ def start(port: int, workdir: Path, timeout: float = 10.0, persist: bool = False
             "--appendonly",
             "yes" if persist else "no",
             "--appendfsync",
-            "always",
+            fsync,
             "--dir",
             str(workdir),
             "--daemonize",

@@ -125,8 +125,13 @@ class Supervisor:
     # --- the loop ---------------------------------------------------------------------------------------------
 
     async def start(self, specs: list[ModelSpec]) -> None:
-        """Make ``specs`` (the models file's) the desired state and start their workers."""
+        """Make ``specs`` (the models file's) the desired state and start their workers. What an earlier run left in
+        Redis of models no longer in the file, and without a live worker, is forgotten (they answer 404)."""
         await self.fleet.replace(specs)
+        await self.fleet.set_runs({}, gone=(await self.fleet.runs()).keys())
+        for name in await registry.known_models(self.redis) - {s.name for s in specs}:
+            if not await registry.live_workers(self.redis, name):
+                await registry.forget_model(self.redis, name)
         self._written = {s.name: s for s in specs}
         await self.step()
 
@@ -173,10 +178,16 @@ class Supervisor:
     # --- desired state ------------------------------------------------------------------------------------------
 
     def _write_back(self, desired: dict[str, ModelSpec]) -> None:
-        if desired != self._written:
+        if desired == self._written:
+            return
+        self._written = dict(desired)
+        names = ", ".join(sorted(desired)) or "no models"
+        try:
             models_file.save(self.models_path, list(desired.values()))
-            self._written = dict(desired)
-            self.say(f"fleet changed: {', '.join(sorted(desired)) or 'no models'} (written to {self.models_path})")
+        except OSError as exc:  # the fleet still changes; only a restart would not see it
+            self.say(f"fleet changed: {names}; could NOT write {self.models_path} ({exc}): a restart would lose it")
+            return
+        self.say(f"fleet changed: {names} (written to {self.models_path})")
 
     def _reconcile(self, name: str, spec: ModelSpec) -> None:
         model = self.models.get(name)

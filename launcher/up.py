@@ -79,7 +79,7 @@ class _StopSignals:
         raise Stop(signal.Signals(signum).name)
 
 
-def _redis(data: Path, children: list[Child]) -> str:
+def _redis(children: list[Child]) -> str:
     configured = os.environ.get("CONVEYOR_REDIS_URL")
     if configured:
         say(f"using Redis at {configured}")
@@ -90,9 +90,9 @@ def _redis(data: Path, children: list[Child]) -> str:
             port = redis_server.free_port()  # something already listens on 6379: use another port
     except OSError:
         pass
-    children.append(Child("redis", redis_server.start(port, data / "redis")))
+    children.append(Child("redis", _embedded_redis(port)))
     url = f"redis://127.0.0.1:{port}/0"
-    say(f"started the embedded redis-server at {url}")
+    say(f"started the embedded redis-server at {url} (data: {paths.data_dir() / 'redis'})")
     return url
 
 
@@ -106,7 +106,7 @@ def serve(models_path: Path, host: str, port: int) -> int:
     on_signal = _StopSignals()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        redis_url = _redis(data, children)
+        redis_url = _redis(children)
         # the gateway learns the models from the fleet in Redis (conveyor.fleet), so they can change while it runs
         children.append(Child("gateway", processes.start_gateway(redis_url, port, host=host)))
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -166,15 +166,25 @@ async def _supervise(
         await redis_client.close(redis)
 
 
+def _embedded_redis(port: int) -> subprocess.Popen[bytes]:
+    """The embedded Redis keeps what must outlive a restart (API keys and their usage, files and batches, the fleet)
+    in an append-only file in the data directory, synced every second."""
+    return redis_server.start(port, paths.data_dir() / "redis", persist=True, fsync="everysec")
+
+
 def _restarted(child: Child, restarts: dict[str, int], redis_url: str, port: int, host: str) -> Child:
-    """The gateway or the embedded Redis exited: start it again (after a backoff when it keeps exiting)."""
+    """The gateway or the embedded Redis exited: start it again (after a backoff when it keeps exiting). If it does
+    not start, the exited child is returned and the next round tries again."""
     count = restarts[child.name] = restarts.get(child.name, 0) + 1
     say(f"{child.name} exited with code {child.process.returncode}; restarting it (restart {count})")
     time.sleep(min(2 ** (count - 1) - 1, 30))
-    if child.name == "redis":
-        port_of_redis = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-        return Child("redis", redis_server.start(port_of_redis, paths.data_dir() / "redis"))
-    return Child("gateway", processes.start_gateway(redis_url, port, host=host))
+    try:
+        if child.name == "redis":
+            return Child("redis", _embedded_redis(int(redis_url.rsplit(":", 1)[1].split("/")[0])))
+        return Child("gateway", processes.start_gateway(redis_url, port, host=host))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        say(f"{child.name} did not start again ({exc}); trying again")
+        return child
 
 
 def _banner(base: str, config: models_file.ModelsFile) -> None:

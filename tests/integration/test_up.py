@@ -77,3 +77,37 @@ def _ready(base: str) -> bool:
         return httpx.get(f"{base}/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_embedded_redis_keeps_keys_and_usage_across_a_restart(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(MODELS)
+    env = {**os.environ, "CONVEYOR_DATA_DIR": str(tmp_path / "data")}
+    env.pop("CONVEYOR_REDIS_URL", None)
+
+    def run_up() -> tuple[subprocess.Popen[bytes], list[str]]:
+        port = redis_server.free_port()
+        command = processes.conveyor_command("up", "--models-file", str(models), "--port", str(port))
+        up = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout or ()), daemon=True).start()
+        wait_for(lambda: "Conveyor is up" in "".join(lines), timeout=60, what="conveyor up's banner")
+        return up, lines
+
+    def keys(redis_url: str, *args: str) -> str:
+        command = processes.conveyor_command("keys", "--redis-url", redis_url, *args)
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    for attempt in range(2):
+        up, lines = run_up()
+        try:
+            redis_url = "".join(lines).split("started the embedded redis-server at ")[1].split()[0]
+            if attempt == 0:
+                keys(redis_url, "create", "--name", "survivor")
+            else:
+                assert "survivor" in keys(redis_url, "list")
+        finally:
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
+            if up.stdout:
+                up.stdout.close()
