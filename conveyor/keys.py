@@ -28,6 +28,7 @@ from conveyor import contract
 from conveyor.errors import Conflict, InvalidRequest, NotFound
 
 SECRET_PREFIX = "sk-cv-"
+ID_PREFIX = "key_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: a key's usage per model and UTC day: requests answered, and the engine's token counts
 USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "embedding_tokens")
@@ -72,6 +73,8 @@ def secret_hash(secret: str) -> str:
 def _name(value: str) -> str:
     if not NAME_PATTERN.match(value):
         raise ValueError("a key name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if value.startswith(ID_PREFIX):
+        raise ValueError(f"a key name may not start with {ID_PREFIX!r} (key ids do)")
     return value
 
 
@@ -170,7 +173,7 @@ class KeyStore:
         self._revoke = redis.register_script(REVOKE_SCRIPT)
 
     async def create(self, request: KeyCreate) -> CreatedKey:
-        key_id = f"key_{uuid.uuid4().hex[:16]}"
+        key_id = f"{ID_PREFIX}{uuid.uuid4().hex[:16]}"
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         digest = secret_hash(secret)
         now = int(time.time())
@@ -190,7 +193,7 @@ class KeyStore:
     async def get(self, ref: str) -> ApiKey:
         """A key by id, or an active key by name."""
         key_id = ref
-        if not ref.startswith("key_"):
+        if not ref.startswith(ID_PREFIX):
             found = await cast(Any, self.redis.hget(contract.API_KEY_NAMES, ref))
             key_id = _text(found) if found else ref
         raw = await cast(Any, self.redis.hgetall(contract.api_key_key(key_id)))
@@ -207,8 +210,10 @@ class KeyStore:
         key = _key_from(_text(key_id), with_record) if with_record else None
         return key if key is not None and key.revoked_at is None else None
 
-    async def any_active(self) -> bool:
-        return bool(await cast(Any, self.redis.hlen(contract.API_KEY_HASHES)))
+    async def ever_created(self) -> bool:
+        """Whether a managed key was ever created here (revoked ones keep their record): then every request needs a
+        key, also once the last one is revoked."""
+        return bool(await self.redis.exists(contract.API_KEYS_INDEX))
 
     async def list_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         ids = [_text(i) for i in await self.redis.zrange(contract.API_KEYS_INDEX, 0, -1)]

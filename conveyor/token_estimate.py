@@ -3,7 +3,7 @@
 Nothing before the engine has the model's tokenizer, so the prompt is estimated as OpenAI's own rate limiter does: a
 token per 4 characters of text (token-id inputs count exactly), plus a few tokens per chat message. Output is reserved
 at ``max_completion_tokens`` / ``max_tokens`` (times ``n``), or ``default_output`` when the request sets neither.
-The worker reconciles the charge with the engine's real usage when the job finishes (``conveyor.tenant_usage``).
+The worker reconciles the charge with the engine's real usage when the job finishes (``worker.key_usage``).
 """
 
 from __future__ import annotations

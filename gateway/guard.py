@@ -6,7 +6,8 @@ limit) instead of being buffered.
 
 Keys: a static key (``CONVEYOR_GATEWAY_API_KEYS``) or a managed one (``conveyor keys``, looked up through
 ``gateway.key_cache``); the managed key is put on the request (``api_key_of``) for its limits and usage. Requests need
-no key only while neither kind exists. ``/admin/`` routes need ``CONVEYOR_ADMIN_KEY`` and do not exist without it.
+no key only while no static key is set and no managed key was ever created. ``/admin/`` routes need
+``CONVEYOR_ADMIN_KEY`` and do not exist without it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class RequestGuard:
         if key is not None:
             request.state.api_key = key
             return None
-        if static or await keys.any_active():
+        if static or await keys.required():
             return Unauthorized("Incorrect API key provided.")
         return None
 

@@ -19,7 +19,7 @@ class KeyCache:
         self.store = store
         self.ttl = ttl
         self._keys: dict[str, tuple[float, ApiKey | None]] = {}
-        self._any_active: tuple[float, bool] = (0.0, False)
+        self._required: tuple[float, bool] = (0.0, False)
 
     async def resolve(self, secret: str) -> ApiKey | None:
         """The active managed key of ``secret``, or None. Raises ``BackendUnavailable`` when Redis is down."""
@@ -34,13 +34,14 @@ class KeyCache:
         self._keys[secret] = (now, key)
         return key
 
-    async def any_active(self) -> bool:
-        """Whether any managed key exists: then every request needs a key."""
+    async def required(self) -> bool:
+        """Whether requests need a key: once any managed key was created. Latched: once true it stays true for this
+        gateway's life, even if Redis comes back empty (a lost Redis must not open the doors)."""
         now = time.monotonic()
-        checked, active = self._any_active
-        if now - checked < self.ttl:
-            return active
+        checked, required = self._required
+        if required or now - checked < self.ttl:
+            return required
         with redis_errors():
-            active = await self.store.any_active()
-        self._any_active = (now, active)
-        return active
+            required = await self.store.ever_created()
+        self._required = (now, required)
+        return required

@@ -29,7 +29,8 @@ from conveyor.fleet import ModelSpec, check_fleet
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelSpec] = Field(min_length=1)
+    #: empty is allowed: ``conveyor up`` then runs the gateway alone, and models are added through the admin API
+    models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _valid_fleet(self) -> ModelsFile:

@@ -15,7 +15,6 @@ Every ``TICK_SECONDS`` it reads the desired state (``conveyor.fleet``, changed b
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -97,7 +96,6 @@ class Model:
     message: str = ""
     last_log: list[str] = field(default_factory=list)
     removed: bool = False
-    since: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -134,15 +132,6 @@ class Supervisor:
                 await registry.forget_model(self.redis, name)
         self._written = {s.name: s for s in specs}
         await self.step()
-
-    async def run(self, on_settled: Callable[[], None] | None = None) -> None:
-        """Reconcile forever; ``on_settled`` is called once, when every model first serves or has failed."""
-        while True:
-            await self.step()
-            if on_settled is not None and self.settled():
-                on_settled()
-                on_settled = None
-            await asyncio.sleep(TICK_SECONDS)
 
     def settled(self) -> bool:
         return all(m.failed or all(w.serving for w in m.workers) for m in self.models.values())
@@ -212,14 +201,19 @@ class Supervisor:
             model.workers = model.workers[: spec.replicas]
             model.workers += [self._worker(name, i, spec) for i in range(len(model.workers), spec.replicas)]
             return
-        self.say(f"model {name} changed: starting {spec.replicas} new worker(s); the old ones serve until they are up")
-        for worker in model.outgoing + [w for w in model.workers if w.process is None]:
-            self._stop(worker)  # a roll that did not finish, and workers waiting for a restart: they go
-        model.outgoing += model.workers
+        current = model.workers + model.outgoing
+        # workers already running this spec stay (a change reverted while its roll was unfinished)
+        keep = [w for w in current if w.spec.same_workers(spec) and w.process and w.stopping_since is None]
+        keep = keep[: spec.replicas]
+        for worker in current:
+            if worker not in keep and not worker.serving:
+                self._stop(worker)  # nothing to wait for: a worker still loading or waiting for a restart goes now
+        model.outgoing = [w for w in current if w not in keep]  # the serving ones drain once the new ones serve
         model.spec = spec
-        first = max([w.index for w in model.outgoing], default=-1) + 1
-        model.workers = [self._worker(name, first + i, spec) for i in range(spec.replicas)]
-        model.since = time.monotonic()
+        first = max([w.index for w in current], default=-1) + 1
+        starting = spec.replicas - len(keep)
+        self.say(f"model {name} changed: starting {starting} new worker(s); the old ones serve until they are up")
+        model.workers = keep + [self._worker(name, first + i, spec) for i in range(starting)]
 
     def _finish_roll(self, model: Model) -> None:
         """Once every new worker serves, the old ones drain."""
@@ -262,29 +256,35 @@ class Supervisor:
     def _watch(self, model: Model, worker: Worker, live: set[int], now: float) -> None:
         process = worker.process
         if worker.stopping_since is not None:
-            if process is None or process.poll() is not None:
-                self._forget(model, worker)
-            elif now - worker.stopping_since > DRAIN_SECONDS:
-                with processes.no_such_process():
-                    os.killpg(process.pid, signal.SIGKILL)
-            return
-        if process is None:
+            self._watch_stopping(model, worker, now)
+        elif process is None:
             if not model.failed and now >= worker.start_at:
                 self._start(worker)
-            return
-        code = process.poll()
-        if code is None:
-            if not worker.serving and process.pid in live:
-                worker.serving = True
-                self.say(f"worker {worker.model} #{worker.index} is serving ({now - worker.started_at:.0f} s)")
-            elif not worker.serving and now - worker.reported_at >= PROGRESS_SECONDS:
-                worker.reported_at = now
-                self.say(
-                    f"still loading {worker.model} #{worker.index} ({now - worker.started_at:.0f} s; log: {worker.log})"
-                )
-            return
-        with processes.no_such_process():  # whatever it started (vLLM's engine core) goes with it
-            os.killpg(process.pid, signal.SIGKILL)
+        elif (code := process.poll()) is not None:
+            self._exited(model, worker, code, now)
+        elif not worker.serving and process.pid in live:
+            worker.serving = True
+            self.say(f"worker {worker.model} #{worker.index} is serving ({now - worker.started_at:.0f} s)")
+        elif not worker.serving and now - worker.reported_at >= PROGRESS_SECONDS:
+            worker.reported_at = now
+            self.say(
+                f"still loading {worker.model} #{worker.index} ({now - worker.started_at:.0f} s; log: {worker.log})"
+            )
+
+    def _watch_stopping(self, model: Model, worker: Worker, now: float) -> None:
+        """A worker asked to drain: gone once it exited (with whatever it left behind), killed if it takes too long."""
+        process = worker.process
+        if process is None or process.poll() is not None:
+            if process is not None:
+                _kill_group(process)
+            self._forget(model, worker)
+        elif now - (worker.stopping_since or now) > DRAIN_SECONDS:
+            _kill_group(process)
+
+    def _exited(self, model: Model, worker: Worker, code: int, now: float) -> None:
+        """A worker exited on its own: restart it after a backoff, or mark its model failed when it keeps exiting."""
+        assert worker.process is not None
+        _kill_group(worker.process)  # whatever it started (vLLM's engine core) goes with it
         worker.process, worker.serving = None, False
         model.last_log = tail(worker.log)
         model.exits.append(now)
@@ -339,3 +339,8 @@ class Supervisor:
         """Every worker process still running (for the final stop)."""
         found = [w.process for m in self.models.values() for w in m.workers + m.outgoing]
         return [p for p in found if p is not None]
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with processes.no_such_process():
+        os.killpg(process.pid, signal.SIGKILL)

@@ -10,14 +10,13 @@ files under the data directory; this terminal shows progress, restarts and why, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -30,6 +29,8 @@ from launcher import models_file, processes, redis_server
 from launcher.supervisor import TICK_SECONDS, Supervisor
 
 DEFAULT_REDIS_PORT = 6379
+#: a gateway or Redis that ran this long before it exited is restarted at once again
+STABLE_SECONDS = 600.0
 
 
 class UpSettings(BaseSettings):
@@ -49,14 +50,14 @@ def say(message: str) -> None:
 
 @dataclass
 class Child:
+    """The embedded Redis or the gateway."""
+
     name: str
     process: subprocess.Popen[bytes]
-    log: Path | None = None
-
-    def tail(self, lines: int = 20) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+    started: float = field(default_factory=time.monotonic)
+    #: its exits in a row (reset once it ran ``STABLE_SECONDS``), and when to start it again after the last one
+    exits: int = 0
+    retry_at: float | None = None
 
 
 class Stop(Exception):
@@ -146,16 +147,23 @@ async def _supervise(
     redis = redis_client.connect(redis_url)
     settings = UpSettings()
     supervisor = Supervisor(redis, redis_url, logs, models_path, say, settings.restart_backoff, settings.restart_limit)
-    restarts: dict[str, int] = {}
     try:
         await supervisor.start(config.models)
         settled = False
+        trouble = ""
         while True:
             for index, child in enumerate(children):
                 if child.process.poll() is not None:
-                    children[index] = _restarted(child, restarts, redis_url, port, host)
-            with contextlib.suppress(*REDIS_DOWN):  # the embedded Redis restarting: the next round catches up
+                    children[index] = _restarted(child, redis_url, port, host)
+            try:
                 await supervisor.step()
+                trouble = ""
+            except REDIS_DOWN:  # the embedded Redis restarting: the next round catches up
+                pass
+            except Exception as exc:  # a bug or a broken models file must not stop the healthy fleet: say it once
+                if repr(exc) != trouble:
+                    trouble = repr(exc)
+                    say(f"supervising failed this round ({trouble}); retrying every {TICK_SECONDS} s")
             workers[:] = supervisor.processes()
             if not settled and supervisor.settled():
                 settled = True
@@ -172,25 +180,40 @@ def _embedded_redis(port: int) -> subprocess.Popen[bytes]:
     return redis_server.start(port, paths.data_dir() / "redis", persist=True, fsync="everysec")
 
 
-def _restarted(child: Child, restarts: dict[str, int], redis_url: str, port: int, host: str) -> Child:
-    """The gateway or the embedded Redis exited: start it again (after a backoff when it keeps exiting). If it does
-    not start, the exited child is returned and the next round tries again."""
-    count = restarts[child.name] = restarts.get(child.name, 0) + 1
-    say(f"{child.name} exited with code {child.process.returncode}; restarting it (restart {count})")
-    time.sleep(min(2 ** (count - 1) - 1, 30))
+def _restarted(child: Child, redis_url: str, port: int, host: str) -> Child:
+    """The gateway or the embedded Redis exited: start it again, at once the first time and after a doubling wait
+    (at most 30 s) when it keeps exiting; a child that ran 10 minutes starts the count afresh. Never blocks the
+    supervisor for long: the gateway is not waited for, and one that does not start is tried again."""
+    now = time.monotonic()
+    if child.retry_at is None:
+        child.exits = 1 if now - child.started > STABLE_SECONDS else child.exits + 1
+        delay = min(2 ** (child.exits - 1) - 1, 30)
+        child.retry_at = now + delay
+        say(f"{child.name} exited with code {child.process.returncode}; restarting it in {delay} s")
+    if now < child.retry_at:
+        return child
     try:
         if child.name == "redis":
-            return Child("redis", _embedded_redis(int(redis_url.rsplit(":", 1)[1].split("/")[0])))
-        return Child("gateway", processes.start_gateway(redis_url, port, host=host))
-    except (RuntimeError, TimeoutError, OSError) as exc:
+            process = _embedded_redis(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        else:
+            process = processes.spawn(
+                processes.conveyor_command("gateway", "--host", host, "--port", str(port)),
+                {"CONVEYOR_REDIS_URL": redis_url},
+            )
+    except (RuntimeError, OSError) as exc:
         say(f"{child.name} did not start again ({exc}); trying again")
+        child.retry_at = None
         return child
+    return Child(child.name, process, exits=child.exits)
 
 
 def _banner(base: str, config: models_file.ModelsFile) -> None:
     chat = next((m.name for m in config.models if m.task != "embed"), None)
     embed = next((m.name for m in config.models if m.task == "embed"), None)
     lines = ["", f"Conveyor is up: {base}/v1  (models: {base}/v1/models, metrics: {base}/metrics)", ""]
+    if not config.models:
+        print("\n".join([*lines, "  No models yet: add one with POST /admin/models (CONVEYOR_ADMIN_KEY).", ""]))
+        return
     if chat:
         lines += [
             "  curl " + base + "/v1/chat/completions -H 'Content-Type: application/json' \\",

@@ -175,7 +175,9 @@ class JobRunner:
         return EngineFailure(f"the engine failed on this request (request id {request_id})")
 
     async def _answer_error(self, envelope: JobEnvelope, error: ConveyorError) -> Done:
-        return await self._answer(envelope.request_id, envelope.reply_to, envelope.stream, error, envelope.deadline)
+        """Answer a job that did not run; its API key gets its place and its token charge back."""
+        done = await self._answer(envelope.request_id, envelope.reply_to, envelope.stream, error, envelope.deadline)
+        return Done(done.deadline, done.delivery, _usage(envelope, "error", (0, 0)))
 
     async def _answer(
         self, request_id: str, reply_to: str, stream: bool, error: ConveyorError, deadline: float

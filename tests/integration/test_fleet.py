@@ -259,3 +259,18 @@ def test_a_redis_restarted_empty_gets_the_fleet_back_from_the_models_file(
     wait_for(lambda: serving(up, CHAT, 1), timeout=30, what="the model serving again")
     with up.client() as admin:
         assert [m["name"] for m in admin.get("/admin/models").json()["data"]] == [CHAT]
+
+
+def test_a_change_that_cannot_start_leaves_the_old_workers_serving_and_can_be_reverted(start_up: Any) -> None:
+    up: Up = start_up()
+    (old,) = workers_of(up, CHAT)
+    with up.client() as admin:
+        assert admin.patch(f"/admin/models/{CHAT}", json={"env": {"CONVEYOR_WORKER_MAX_JOBS": "-5"}}).status_code == 200
+        wait_for(lambda: admin.get(f"/admin/models/{CHAT}").json()["status"]["state"] == "failed", timeout=30, what="x")
+        answer = httpx.post(f"{up.base}/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": 2})
+        assert answer.status_code == 200 and workers_of(up, CHAT) == {old}  # the old worker never stopped
+        assert admin.patch(f"/admin/models/{CHAT}", json={"env": {}}).status_code == 200
+        wait_for(
+            lambda: admin.get(f"/admin/models/{CHAT}").json()["status"]["state"] == "serving", timeout=30, what="y"
+        )
+    assert workers_of(up, CHAT) == {old}  # reverted: the worker that ran this spec all along stays

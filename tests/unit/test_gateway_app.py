@@ -126,7 +126,7 @@ async def test_the_admin_api_does_not_exist_without_an_admin_key(client: httpx.A
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-async def test_the_first_managed_key_turns_authentication_on(
+async def test_the_first_managed_key_turns_authentication_on_for_good(
     fake_server: fakeredis.FakeServer, redis: Redis, client: httpx.AsyncClient
 ) -> None:
     assert (await client.get("/v1/models")).status_code == 200
@@ -139,6 +139,8 @@ async def test_the_first_managed_key_turns_authentication_on(
             bearer = {"Authorization": f"Bearer {created.value}"}
             assert (await fresh.get("/v1/models", headers=bearer)).status_code == 200
             assert (await fresh.get("/health")).status_code == 200  # probes stay open
+            await KeyStore(redis).revoke(created.id)
+            assert (await fresh.get("/v1/models")).status_code == 401  # revoking the last key opens no door
 
 
 async def test_fleet_changes_are_refused_while_no_conveyor_up_runs_the_fleet(fake_server: fakeredis.FakeServer) -> None:
