@@ -41,6 +41,7 @@ from conveyor.batch_lines import (
 from conveyor.contract import ChunkRef, JobEnvelope, TenantRef
 from conveyor.errors import BackendUnavailable, NotFound
 from conveyor.filestore import FileStore, lines
+from conveyor.keys import KeyStore
 from conveyor.outage import Outage
 from gateway.batch_store import BatchOwner, BatchStore
 from gateway.directory import ModelDirectory
@@ -53,6 +54,8 @@ log = logging.getLogger("conveyor.gateway")
 LEASE_SECONDS = 15.0
 #: chunks offered to the bulk lane per round (workers run a few hundred lines a second: this is never the bottleneck)
 RELEASE_PER_ROUND = 256
+#: a chunk of a batch whose key limits tokens per minute is estimated at most at this fraction of its batch share
+CHUNKS_PER_SHARE = 4
 ROUND_SECONDS = 1.0
 #: at most this many line errors are listed on a failed batch
 MAX_LISTED_ERRORS = 100
@@ -165,29 +168,39 @@ class BatchDriver:
 
     async def _plan(self, batch: BatchObject, stored: StoredFile, errors: list[BatchError]) -> list[ChunkRef]:
         """Cut the file into chunks of lines. Every line was checked at upload; the record of what its lines ask for
-        tells whether any differs from the batch (its endpoint, one model), and only then is each line looked at."""
+        tells whether any differs from the batch (its endpoint, one model), and only then is each line looked at. A
+        batch made with an API key that has tokens per minute gets chunks of at most a quarter of its batch share
+        (``_token_cap``), so a chunk never fills the key's window and the batch goes on beside interactive requests."""
         size = self.settings.batch_chunk_lines
         name = stored.store_name
         check = set(stored.urls) != {batch.endpoint} or set(stored.models) != {batch.model}
-        owned = await self.batches.owner(batch.id) is not None  # its lines' tokens are estimated, to charge its key
+        owner = await self.batches.owner(batch.id)  # its lines' tokens are estimated, to charge its key
+        cap = await self._token_cap(owner)
         chunks: list[ChunkRef] = []
-        offset = chunk_start = 0
-        count = tokens = 0
+        offset = start = count = in_chunk = tokens = 0
         async for raw in lines(self.store.read(name)):
             count += 1
             if check:
                 self._check_line(batch, raw, count, errors)
-            if owned:
-                tokens += self._estimate(batch, raw)
+            cost = self._estimate(batch, raw) if owner is not None else 0
+            if in_chunk and (in_chunk == size or (cap and tokens + cost > cap)):
+                chunks.append(self._chunk(batch, name, len(chunks), start, offset, count - in_chunk, in_chunk, tokens))
+                start, in_chunk, tokens = offset, 0, 0
             offset += len(raw) + 1
-            if count % size == 0:
-                chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, count - size + 1, size))
-                chunks[-1].tokens, chunk_start, tokens = tokens, offset, 0
-        if count % size:
-            first = count - count % size + 1
-            chunks.append(self._chunk(batch, name, len(chunks), chunk_start, offset, first, count % size))
-            chunks[-1].tokens = tokens
+            in_chunk, tokens = in_chunk + 1, tokens + cost
+        if in_chunk:
+            chunks.append(self._chunk(batch, name, len(chunks), start, offset, count - in_chunk + 1, in_chunk, tokens))
         return chunks
+
+    async def _token_cap(self, owner: BatchOwner | None) -> int:
+        """The most tokens one chunk of this batch may be estimated at (0: no cap)."""
+        if owner is None:
+            return 0
+        try:
+            tpm = (await KeyStore(self.batches.redis).get(owner.key_id)).tpm
+        except NotFound:
+            return 0
+        return max(int((tpm or 0) * self.settings.batch_token_share / CHUNKS_PER_SHARE), 1) if tpm else 0
 
     def _estimate(self, batch: BatchObject, raw: bytes) -> int:
         """A line's estimated tokens (0 for a line validation refuses anyway)."""
@@ -212,7 +225,9 @@ class BatchDriver:
             errors.append(BatchError(code=exc.code, message=exc.message, param=exc.param, line=number))
 
     @staticmethod
-    def _chunk(batch: BatchObject, name: str, index: int, start: int, end: int, first: int, count: int) -> ChunkRef:
+    def _chunk(
+        batch: BatchObject, name: str, index: int, start: int, end: int, first: int, count: int, tokens: int
+    ) -> ChunkRef:
         return ChunkRef(
             batch_id=batch.id,
             index=index,
@@ -222,6 +237,7 @@ class BatchDriver:
             first_line=first - 1,
             lines=count,
             expires_at=float(batch.expires_at or time.time()),
+            tokens=tokens,
         )
 
     async def _release(self, batch: BatchObject, plan: list[ChunkRef]) -> None:

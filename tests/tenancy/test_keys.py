@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
+from conveyor import contract
 from tests.conftest import metric, wait_for
 from tests.tenancy.conftest import CHAT, EMBED, SLOW, STATIC_KEY, Fleet
 
@@ -227,8 +229,9 @@ def _batch_input(model: str, lines: int, words: int) -> bytes:
 
 
 def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_requests(fleet: Fleet) -> None:
-    """Chunks of 4 lines of 100 estimated tokens (400 per chunk) under a 1,000-tpm key whose batches may fill 80%:
-    two chunks go, the third waits for the window, and the key's interactive requests still fit beside them."""
+    """Lines of 100 estimated tokens under a 1,000-tpm key whose batches may fill 80%: chunks are cut at a quarter of
+    that (200 tokens: 2 lines, not the 4 the gateway's chunk size allows), four go (800), the fifth waits for the
+    window, and the key's interactive requests still fit beside them."""
     key = new_key(fleet, "--tpm", "1000")
     api = client(fleet, key["value"])
     upload = api.files.create(file=("in.jsonl", io.BytesIO(_batch_input(EMBED, 12, 80))), purpose="batch")
@@ -239,6 +242,9 @@ def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_reques
         what="the first two chunks",
     )
     assert api.batches.retrieve(batch.id).status == "in_progress"
+    with redis.Redis.from_url(fleet.redis_url) as store:
+        plan = json.loads(store.hget(contract.batch_key(batch.id), "plan") or "[]")
+    assert [(chunk["lines"], chunk["tokens"]) for chunk in plan] == [(2, 200)] * 6
     # the two chunks were reconciled to the engine's count (80 words a line): 640 of 1,000 used
     room = api.embeddings.with_raw_response.create(model=EMBED, input=list(range(1, 301)))
     assert int(room.headers["x-ratelimit-remaining-tokens"]) == 1000 - 640 - 300
