@@ -27,8 +27,13 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
+from conveyor.contract import JobKind, Reply, StreamFrame, TenantRef
+from conveyor.errors import ModelNotFound
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
 from launcher import models_file, processes
+from worker.arq_source import ArqJobSource
+from worker.job_source import Delivery
+from worker.key_usage import KeyUsage
 
 TICK_SECONDS = 0.5
 #: a worker's exits within this long count towards its model's crash-loop limit
@@ -40,6 +45,8 @@ DRAIN_SECONDS = 40.0
 #: how long the supervisor's presence key lives without renewal (the admin API refuses changes without it)
 PRESENCE_SECONDS = 5
 LOG_LINES = 20
+#: at most this many requests still queued for a removed model are answered (the queue bound is far below)
+WAITING_LIMIT = 100_000
 #: the line ``conveyor up`` writes to a worker's log before each start
 START_MARK = "--- conveyor up: starting worker"
 #: a loading worker is mentioned this often
@@ -159,6 +166,7 @@ class Supervisor:
             self._finish_roll(model)
             if model.removed and not model.workers and not model.outgoing:
                 del self.models[name]
+                await self._refuse_waiting(name)
                 await registry.forget_model(self.redis, name)
                 await self.fleet.set_runs({}, gone=[name])
                 self.say(f"model {name} stopped and forgotten (it now answers 404)")
@@ -222,6 +230,27 @@ class Supervisor:
             self.say(f"model {model.spec.name}: new workers serving; draining {len(waiting)} old one(s)")
             for worker in waiting:
                 self._stop(worker)
+
+    async def _refuse_waiting(self, model: str) -> None:
+        """Answer the requests still queued for a removed model (its workers are gone): 404, instead of leaving their
+        clients waiting for their deadline. Batch chunks stay on the bulk lane (their batch expires, or the model
+        comes back)."""
+        source = ArqJobSource(self.redis, model, f"conveyor-up-{os.getpid()}", DRAIN_SECONDS)
+        refusal = ModelNotFound(f"The model `{model}` was removed before this request ran.", param="model").info()
+        for claim in await source.claim(limit=WAITING_LIMIT):
+            fields = claim.envelope
+            delivery = None
+            if fields.get("stream"):
+                await self.redis.publish(
+                    contract.stream_channel(claim.job_id), StreamFrame.failure(0, refusal).encode()
+                )
+            elif fields.get("reply_to"):
+                reply = Reply(claim.job_id, error=refusal).encode()
+                delivery = Delivery(contract.inbox_key(str(fields["reply_to"])), reply)
+            tenant = fields.get("tenant")
+            kind = JobKind(fields.get("kind", JobKind.CHAT))
+            usage = KeyUsage(TenantRef.model_validate(tenant), model, kind) if tenant else None  # its charge back
+            await source.finish(claim.job_id, delivery, usage)
 
     # --- processes ----------------------------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from conveyor import contract
 from launcher import processes, redis_server
 from launcher.models_file import load
 from launcher.redis_server import RedisServer
@@ -36,6 +38,7 @@ class Up:
 
     process: subprocess.Popen[bytes]
     base: str
+    redis_url: str
     lines: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
 
@@ -88,7 +91,7 @@ def start_up(fleet_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
             "up", "--models-file", str(models), "--port", str(port), "--host", "127.0.0.1"
         )
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        up = Up(process, f"http://127.0.0.1:{port}")
+        up = Up(process, f"http://127.0.0.1:{port}", fleet_redis.url)
         threading.Thread(
             target=lambda: up.lines.extend(line.decode() for line in process.stdout or ()), daemon=True
         ).start()
@@ -274,3 +277,31 @@ def test_a_change_that_cannot_start_leaves_the_old_workers_serving_and_can_be_re
             lambda: admin.get(f"/admin/models/{CHAT}").json()["status"]["state"] == "serving", timeout=30, what="y"
         )
     assert workers_of(up, CHAT) == {old}  # reverted: the worker that ran this spec all along stays
+
+
+def test_requests_still_queued_for_a_removed_model_are_answered_404(start_up: Any) -> None:
+    up: Up = start_up()
+    slow = {"CONVEYOR_WORKER_MAX_JOBS": "1", "CONVEYOR_WORKER_FAKE_TOKEN_DELAY": "0.2"}
+    with up.client() as admin:
+        assert (
+            admin.post("/admin/models", json={"name": "fleet-slow", "engine": "fake", "env": slow}).status_code == 201
+        )
+        wait_for(lambda: serving(up, "fleet-slow", 1), timeout=30, what="the slow model")
+        answers: dict[int, httpx.Response] = {}
+
+        def ask(i: int) -> None:  # 10 tokens: 2 s each, one at a time
+            body = {"model": "fleet-slow", "prompt": "x", "max_tokens": 10}
+            answers[i] = httpx.post(f"{up.base}/v1/completions", json=body, timeout=60)
+
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for asker in askers:
+            asker.start()
+        with redis.Redis.from_url(up.redis_url) as store:
+            wait_for(lambda: store.zcard(contract.queue_name("fleet-slow")) == 3, timeout=10, what="three queued")
+        assert admin.delete("/admin/models/fleet-slow").status_code == 200
+        for asker in askers:
+            asker.join(60)
+    statuses = sorted(answer.status_code for answer in answers.values())
+    assert statuses == [200, 404, 404]  # the running one finished; the queued ones were told, not left to time out
+    refused = next(answer for answer in answers.values() if answer.status_code == 404)
+    assert "was removed before this request ran" in refused.json()["error"]["message"]
