@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from conveyor import contract
 from conveyor.errors import InvalidRequest
@@ -138,14 +139,28 @@ class FleetStore:
         """Whether Redis holds a desired state (an empty fleet included): False after it restarted empty."""
         return bool(await self.redis.exists(contract.FLEET_SAVED))
 
-    async def put(self, spec: ModelSpec) -> None:
-        """Add or change one model, checked against the rest of the fleet."""
-        others = [s for name, s in (await self.specs()).items() if name != spec.name]
-        check_fleet([*others, spec])
-        await cast(Any, self.redis.hset(contract.FLEET_MODELS, spec.name, spec.model_dump_json()))
-
-    async def remove(self, name: str) -> bool:
-        return bool(await cast(Any, self.redis.hdel(contract.FLEET_MODELS, name)))
+    async def change(self, name: str, build: Callable[[ModelSpec | None], ModelSpec | None]) -> ModelSpec | None:
+        """Change one model atomically: ``build`` gets its spec now (None: not in the fleet) and returns the new one
+        (None: remove it) or raises; the result is checked against the rest of the fleet. A change that another one
+        overtook is tried again on the fresh state (optimistic: WATCH/MULTI)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(contract.FLEET_MODELS)
+                    raw = await cast(Any, pipe.hgetall(contract.FLEET_MODELS))
+                    specs = {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
+                    new = build(specs.get(name))
+                    if new is not None:
+                        check_fleet([*(s for n, s in specs.items() if n != name), new])
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if new is None:
+                        pipe.hdel(contract.FLEET_MODELS, name)
+                    else:
+                        pipe.hset(contract.FLEET_MODELS, name, new.model_dump_json())
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
 
     async def runs(self) -> dict[str, ModelRun]:
         raw = await cast(Any, self.redis.hgetall(contract.FLEET_STATUS))

@@ -83,7 +83,7 @@ def fleet_of(request: Request) -> FleetStore:
 async def _model(fleet: FleetStore, name: str) -> dict[str, Any]:
     spec = (await fleet.specs()).get(name)
     if spec is None:
-        raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+        raise _missing(name)
     run = (await fleet.runs()).get(name)
     return {"object": "fleet.model", **spec.model_dump(), "status": run.model_dump() if run else None}
 
@@ -115,15 +115,23 @@ async def list_models(request: Request) -> dict[str, Any]:
         return _list([await _model(fleet, name) for name in sorted(await fleet.specs())])
 
 
+def _missing(name: str) -> NotFound:
+    return NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+
+
 @admin.post("/models", status_code=201)
 async def add_model(body: dict[str, Any], request: Request) -> dict[str, Any]:
     """Add a model (the fields of a ``[[models]]`` table); ``conveyor up`` starts its workers within a second."""
     spec, fleet = _spec(body), fleet_of(request)
+
+    def added(current: ModelSpec | None) -> ModelSpec:
+        if current is not None:
+            raise Conflict(f"Model {spec.name!r} is in the fleet already; PATCH it.", param="name", code="model_exists")
+        return spec
+
     with redis_errors():
         await _supervised(fleet)
-        if spec.name in await fleet.specs():
-            raise Conflict(f"Model {spec.name!r} is in the fleet already; PATCH it.", param="name", code="model_exists")
-        await fleet.put(spec)
+        await fleet.change(spec.name, added)
         return await _model(fleet, spec.name)
 
 
@@ -137,25 +145,31 @@ async def get_model(name: str, request: Request) -> dict[str, Any]:
 async def change_model(name: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
     """Change fields of a model: replicas alone scale it; anything else rolls it (new workers serve before the old
     ones drain)."""
+    if body.get("name", name) != name:
+        raise InvalidRequest("A model cannot be renamed; add it under the new name, remove this one.", param="name")
+
+    def changed(current: ModelSpec | None) -> ModelSpec:
+        if current is None:
+            raise _missing(name)
+        return _spec(current.model_dump(exclude={"replicas"} if "gpus" in body else set()) | body)
+
     fleet = fleet_of(request)
     with redis_errors():
         await _supervised(fleet)
-        current = (await fleet.specs()).get(name)
-        if current is None:
-            raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
-        if body.get("name", name) != name:
-            raise InvalidRequest("A model cannot be renamed; add it under the new name, remove this one.", param="name")
-        kept = current.model_dump(exclude={"replicas"} if "gpus" in body else set())
-        await fleet.put(_spec(kept | body))
+        await fleet.change(name, changed)
         return await _model(fleet, name)
 
 
 @admin.delete("/models/{name:path}")
 async def remove_model(name: str, request: Request) -> dict[str, Any]:
     """Remove a model: its workers drain and stop, then it is forgotten (404)."""
+
+    def removed(current: ModelSpec | None) -> None:
+        if current is None:
+            raise _missing(name)
+
     fleet = fleet_of(request)
     with redis_errors():
         await _supervised(fleet)
-        if not await fleet.remove(name):
-            raise NotFound(f"No model {name!r} in the fleet.", param="name", code="model_not_found")
+        await fleet.change(name, removed)
     return {"id": name, "object": "fleet.model", "deleted": True}
