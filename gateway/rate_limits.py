@@ -84,4 +84,6 @@ def refusal(
         )
         return RateLimited(message, limit="tokens", headers=headers(current, cost, False, 0, 0))
     message = f"API key {tenant.name!r} has its limit of queued requests waiting or running; retry when one finishes."
-    return RateLimited(message, limit="requests", headers=_retry_headers(queue_retry * 1000))
+    return RateLimited(
+        message, limit="requests", headers=_retry_headers(queue_retry * 1000) | headers(current, cost, False, 0, 0)
+    )
