@@ -126,6 +126,9 @@ class BatchDriver:
             failures = self._failures[batch_id] = self._failures.get(batch_id, 0) + 1
             if failures % 60 == 1:
                 log.exception("batch %s: step failed (%d times); retrying every round", batch_id, failures)
+            keeper.cancel()
+            with contextlib.suppress(BackendUnavailable):  # another gateway (one that reaches the store) may take it
+                await self.batches.drop_lease(batch_id, self.holder)
         finally:
             keeper.cancel()
 

@@ -92,10 +92,10 @@ class Processes:
     def shared_env(self) -> dict[str, str]:
         return {"CONVEYOR_FILES_URL": str(self.files_dir), **self.env}
 
-    def gateway(self, log: Path | None = None, **settings: str) -> Gateway:
-        """A gateway process; its output goes to ``log`` when given."""
+    def gateway(self, log: Path | None = None, env: dict[str, str] | None = None, **settings: str) -> Gateway:
+        """A gateway process; its output goes to ``log`` when given; ``env`` adds variables of its own."""
         port = redis_server.free_port()
-        env = self.shared_env | {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
+        env = self.shared_env | (env or {}) | {f"CONVEYOR_GATEWAY_{k.upper()}": v for k, v in settings.items()}
         with log.open("wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
             process = processes.start_gateway(self.redis_url, port, env, output=output)
         self.started.append(process)

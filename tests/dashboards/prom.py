@@ -44,6 +44,11 @@ class Panel:
         """Reads vLLM's own metrics (only a real engine exports them)."""
         return any("vllm:" in expr for expr in self.exprs)
 
+    @property
+    def keyed(self) -> bool:
+        """Reads the metrics of managed API keys (only traffic with such a key makes them)."""
+        return any("conveyor_key_" in expr for expr in self.exprs)
+
 
 def panels() -> list[Panel]:
     found = []

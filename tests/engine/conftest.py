@@ -16,7 +16,7 @@ import redis
 from conveyor import contract
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
-from tests.conftest import scrape, wait_for
+from tests.conftest import SESSION_FILES, scrape, wait_for
 
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -70,7 +70,7 @@ def real_stack(redis_url: str, repo_root: Path, tmp_path_factory: pytest.TempPat
             env={
                 **os.environ,
                 "CONVEYOR_REDIS_URL": redis_url,
-                "CONVEYOR_FILES_URL": str(tmp_path_factory.mktemp("files")),
+                "CONVEYOR_FILES_URL": str(SESSION_FILES),  # every gateway on the session's Redis may drive a batch
                 "CONVEYOR_ADMIN_KEY": ADMIN_KEY,
             },
             stdout=output,

@@ -35,7 +35,9 @@ def test_every_panel_returns_data_on_the_real_engine(real_stack: RealStack, tmp_
         with pytest.raises(openai.NotFoundError):  # a failure, for the failure panels
             client.embeddings.create(model="no-such-model", input="x")
         run_embedding_batch(client, EMBED, 4, timeout=120)
-        every = panels()
+        # the API-key panels need a managed key, which this session's shared Redis must not get (every gateway on it
+        # would demand keys from then on): the dashboards tier evaluates them
+        every = [panel for panel in panels() if not panel.keyed]
         assert any(panel.engine for panel in every)
         require_answers(prom, every, timeout=60)
         assert prom.query("vllm:num_requests_running"), "vLLM's metric names did not survive the scrape"

@@ -75,3 +75,15 @@ def test_two_gateways_drive_batches_without_running_a_chunk_twice_into_the_outpu
         assert_each_line_once(gateways[0].client(), batch_id, 30)
     chunks_run = metric(worker.metrics(), "conveyor_worker_jobs_total", kind="bulk", outcome="ok")
     assert chunks_run == 20  # 2 x 30 lines in chunks of 3: each chunk ran once
+
+
+def test_a_gateway_that_cannot_read_the_file_store_leaves_the_batch_to_one_that_can(
+    procs: Processes, tmp_path: Path
+) -> None:
+    blind = procs.gateway(models=MODEL, env={"CONVEYOR_FILES_URL": str(tmp_path / "another-store")})
+    seeing = procs.gateway(models=MODEL)
+    procs.fake_worker(MODEL, env={"CONVEYOR_WORKER_BULK_JOBS": "1"})
+    input_file = upload(seeing.client(), tmp_path, lines_for(8))
+    # created through the blind one: its driver is woken first, takes the lease and fails to read the input
+    batch = blind.client().batches.create(input_file_id=input_file, endpoint=CHATS, completion_window="24h")
+    assert_each_line_once(seeing.client(), batch.id, 8)
