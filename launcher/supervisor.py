@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
@@ -56,6 +58,19 @@ EXIT_REASONS = {3: "its engine died or hung", -int(signal.SIGKILL): "it was kill
 Say = Callable[[str], None]
 
 
+class UpSettings(BaseSettings):
+    """How ``conveyor up`` restarts what exits (env prefix ``CONVEYOR_UP_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_UP_", extra="ignore")
+
+    #: the first wait before restarting a worker that exited; it doubles with each exit (at most 60 s)
+    restart_backoff: float = Field(default=1.0, gt=0)
+    #: a model whose workers exit this many times within 10 minutes is marked failed and not restarted again
+    restart_limit: int = Field(default=5, ge=1)
+    #: a serving worker whose process runs but whose heartbeat has been missing this long is killed and restarted
+    hung_seconds: float = Field(default=30.0, gt=0)
+
+
 def tail(log: Path, lines: int = LOG_LINES) -> list[str]:
     """The last lines a worker's latest run wrote to its log (each run starts with ``START_MARK``)."""
     if not log.exists():
@@ -85,6 +100,9 @@ class Worker:
     stopping_since: float | None = None
     #: when to start it (again)
     start_at: float = 0.0
+    #: since when a serving worker's heartbeat is missing from the registry; whether it was killed for that
+    lapsed_since: float | None = None
+    hung: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -113,8 +131,7 @@ class Supervisor:
         logs: Path,
         models_path: Path,
         say: Say,
-        restart_backoff: float = 1.0,
-        restart_limit: int = 5,
+        settings: UpSettings,
     ) -> None:
         self.redis = redis
         self.redis_url = redis_url
@@ -122,8 +139,7 @@ class Supervisor:
         self.logs = logs
         self.models_path = models_path
         self.say = say
-        self.restart_backoff = restart_backoff
-        self.restart_limit = restart_limit
+        self.settings = settings
         self.models: dict[str, Model] = {}
         self._written: dict[str, ModelSpec] = {}
 
@@ -291,14 +307,28 @@ class Supervisor:
                 self._start(worker)
         elif (code := process.poll()) is not None:
             self._exited(model, worker, code, now)
-        elif not worker.serving and process.pid in live:
+        elif worker.serving:
+            self._watch_heartbeat(worker, process, process.pid in live, now)
+        elif process.pid in live:
             worker.serving = True
             self.say(f"worker {worker.model} #{worker.index} is serving ({now - worker.started_at:.0f} s)")
-        elif not worker.serving and now - worker.reported_at >= PROGRESS_SECONDS:
+        elif now - worker.reported_at >= PROGRESS_SECONDS:
             worker.reported_at = now
             self.say(
                 f"still loading {worker.model} #{worker.index} ({now - worker.started_at:.0f} s; log: {worker.log})"
             )
+
+    def _watch_heartbeat(self, worker: Worker, process: subprocess.Popen[bytes], beating: bool, now: float) -> None:
+        """A serving worker whose process runs but whose heartbeat lapsed (the registry declared it dead: its event
+        loop is stuck, or it was stopped) is killed after ``hung_seconds``, and restarted like any exit."""
+        if beating:
+            worker.lapsed_since = None
+            return
+        worker.lapsed_since = worker.lapsed_since or now
+        if now - worker.lapsed_since > self.settings.hung_seconds and not worker.hung:
+            worker.hung = True
+            self.say(f"worker {worker.model} #{worker.index} runs but stopped heartbeating: killing it (hung)")
+            _kill_group(process)
 
     def _watch_stopping(self, model: Model, worker: Worker, now: float) -> None:
         """A worker asked to drain: gone once it exited (with whatever it left behind), killed if it takes too long."""
@@ -319,14 +349,15 @@ class Supervisor:
         model.exits.append(now)
         while model.exits and now - model.exits[0] > CRASH_WINDOW_SECONDS:
             model.exits.popleft()
-        why = exit_reason(code)
-        if len(model.exits) >= self.restart_limit:
+        why = "it stopped heartbeating (hung) and was killed" if worker.hung else exit_reason(code)
+        worker.hung, worker.lapsed_since = False, None
+        if len(model.exits) >= self.settings.restart_limit:
             model.failed = f"worker #{worker.index} exited {len(model.exits)} times in a row; last: {why}"
             self.say(f"model {worker.model} FAILED: {model.failed}; not restarting it. Last log lines:")
             for line in model.last_log:
                 self.say(f"  {line}")
             return
-        delay = min(self.restart_backoff * 2 ** (len(model.exits) - 1), MAX_BACKOFF_SECONDS)
+        delay = min(self.settings.restart_backoff * 2 ** (len(model.exits) - 1), MAX_BACKOFF_SECONDS)
         worker.start_at = now + delay
         model.restarts += 1
         model.message = f"worker #{worker.index}: {why}; restarting in {delay:.0f} s (restart {model.restarts})"

@@ -20,28 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from conveyor import paths, redis_client
 from conveyor.outage import REDIS_DOWN
 from launcher import models_file, processes, redis_server
-from launcher.supervisor import TICK_SECONDS, Supervisor
+from launcher.supervisor import TICK_SECONDS, Supervisor, UpSettings
 
 DEFAULT_REDIS_PORT = 6379
 #: a gateway or Redis that ran this long before it exited is restarted at once again
 STABLE_SECONDS = 600.0
-
-
-class UpSettings(BaseSettings):
-    """How ``conveyor up`` restarts what exits (env prefix ``CONVEYOR_UP_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_UP_", extra="ignore")
-
-    #: the first wait before restarting a worker that exited; it doubles with each exit (at most 60 s)
-    restart_backoff: float = Field(default=1.0, gt=0)
-    #: a model whose workers exit this many times within 10 minutes is marked failed and not restarted again
-    restart_limit: int = Field(default=5, ge=1)
 
 
 def say(message: str) -> None:
@@ -99,6 +85,7 @@ def _redis(children: list[Child]) -> str:
 
 def serve(models_path: Path, host: str, port: int) -> int:
     config = models_file.load(models_path)
+    settings = UpSettings()
     data = paths.data_dir()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -112,7 +99,7 @@ def serve(models_path: Path, host: str, port: int) -> int:
         children.append(Child("gateway", processes.start_gateway(redis_url, port, host=host)))
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         say(f"gateway listening on {base} (readiness: {base}/ready)")
-        asyncio.run(_supervise(config, models_path, redis_url, logs, children, workers, base, host, port))
+        asyncio.run(_supervise(config, settings, models_path, redis_url, logs, children, workers, base, host, port))
         return 0
     except Stop as stop:
         say(f"{stop}: stopping")
@@ -134,6 +121,7 @@ def serve(models_path: Path, host: str, port: int) -> int:
 
 async def _supervise(
     config: models_file.ModelsFile,
+    settings: UpSettings,
     models_path: Path,
     redis_url: str,
     logs: Path,
@@ -145,8 +133,7 @@ async def _supervise(
 ) -> None:
     """Run the fleet (``launcher.supervisor``) and keep the gateway and the embedded Redis up, until a signal."""
     redis = redis_client.connect(redis_url)
-    settings = UpSettings()
-    supervisor = Supervisor(redis, redis_url, logs, models_path, say, settings.restart_backoff, settings.restart_limit)
+    supervisor = Supervisor(redis, redis_url, logs, models_path, say, settings)
     try:
         await supervisor.start(config.models)
         settled = False

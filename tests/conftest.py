@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
+from launcher.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     server.terminate()
     server.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: it may be stopped and restarted, and what it holds reaches no other test."""
+    server = RedisServer(redis_server.free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @dataclass

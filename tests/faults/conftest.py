@@ -8,23 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher import redis_server
 from launcher.redis_server import RedisServer
 from tests.conftest import Processes
 
 
 @pytest.fixture
-def fault_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_server.free_port(), tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def procs(fault_redis: RedisServer, tmp_path: Path) -> Iterator[Processes]:
+def procs(own_redis: RedisServer, tmp_path: Path) -> Iterator[Processes]:
     """Gateway and worker processes on this test's own Redis and file store."""
-    spawned = Processes(fault_redis.url, files_dir=tmp_path / "files")
+    spawned = Processes(own_redis.url, files_dir=tmp_path / "files")
     yield spawned
     spawned.stop_all()
 

@@ -64,15 +64,7 @@ class Up:
 
 
 @pytest.fixture
-def fleet_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_server.free_port(), tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def start_up(fleet_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
+def start_up(own_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
     """Starts ``conveyor up`` on the test's models file (``tmp_path/models.toml``) and Redis; stops them all after."""
     models = tmp_path / "models.toml"
     models.write_text(MODELS)
@@ -81,17 +73,18 @@ def start_up(fleet_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
     def start() -> Up:
         port = redis_server.free_port()
         env = os.environ | {
-            "CONVEYOR_REDIS_URL": fleet_redis.url,
+            "CONVEYOR_REDIS_URL": own_redis.url,
             "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
             "CONVEYOR_ADMIN_KEY": ADMIN["Authorization"].removeprefix("Bearer "),
             "CONVEYOR_UP_RESTART_BACKOFF": "0.1",
             "CONVEYOR_UP_RESTART_LIMIT": "3",
+            "CONVEYOR_UP_HUNG_SECONDS": "2",
         }
         command = processes.conveyor_command(
             "up", "--models-file", str(models), "--port", str(port), "--host", "127.0.0.1"
         )
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        up = Up(process, f"http://127.0.0.1:{port}", fleet_redis.url)
+        up = Up(process, f"http://127.0.0.1:{port}", own_redis.url)
         threading.Thread(
             target=lambda: up.lines.extend(line.decode() for line in process.stdout or ()), daemon=True
         ).start()
@@ -253,11 +246,11 @@ def test_the_gateway_is_restarted_when_it_exits(start_up: Any) -> None:
 
 
 def test_a_redis_restarted_empty_gets_the_fleet_back_from_the_models_file(
-    start_up: Any, fleet_redis: RedisServer
+    start_up: Any, own_redis: RedisServer
 ) -> None:
     up: Up = start_up()
-    fleet_redis.stop()  # SIGKILL, no persistence: it comes back empty
-    fleet_redis.start()
+    own_redis.stop()  # SIGKILL, no persistence: it comes back empty
+    own_redis.start()
     wait_for(lambda: "restoring it from the models file" in up.output, timeout=30, what="the fleet restored")
     wait_for(lambda: serving(up, CHAT, 1), timeout=30, what="the model serving again")
     with up.client() as admin:
@@ -305,3 +298,12 @@ def test_requests_still_queued_for_a_removed_model_are_answered_404(start_up: An
     assert statuses == [200, 404, 404]  # the running one finished; the queued ones were told, not left to time out
     refused = next(answer for answer in answers.values() if answer.status_code == 404)
     assert "was removed before this request ran" in refused.json()["error"]["message"]
+
+
+def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(start_up: Any) -> None:
+    up: Up = start_up()
+    (frozen,) = workers_of(up, CHAT)
+    os.kill(frozen, signal.SIGSTOP)  # alive, but its heartbeat lapses: the registry declares it dead
+    wait_for(lambda: "stopped heartbeating: killing it (hung)" in up.output, timeout=30, what="the hang noticed")
+    wait_for(lambda: serving(up, CHAT, 1) and frozen not in workers_of(up, CHAT), timeout=30, what="a new worker")
+    assert not alive(frozen)
