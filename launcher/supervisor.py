@@ -181,10 +181,10 @@ class Supervisor:
                 self._watch(model, worker, live, now)
             self._finish_roll(model)
             if model.removed and not model.workers and not model.outgoing:
-                del self.models[name]
                 await self._refuse_waiting(name)
                 await registry.forget_model(self.redis, name)
                 await self.fleet.set_runs({}, gone=[name])
+                del self.models[name]  # only now: a Redis error above leaves it for the next round
                 self.say(f"model {name} stopped and forgotten (it now answers 404)")
         await self.fleet.set_runs({name: self._run(m) for name, m in self.models.items()})
 
