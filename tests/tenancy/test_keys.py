@@ -297,3 +297,22 @@ def test_a_keys_files_and_batches_are_its_own(fleet: Fleet) -> None:
     with pytest.raises(openai.NotFoundError):
         other.files.content(output)
     assert operator.batches.retrieve(batch.id).id == batch.id  # a static key sees every tenant's work
+
+
+def test_a_revoked_keys_batch_releases_nothing_more_and_is_cancelled(fleet: Fleet) -> None:
+    key = new_key(fleet, "--tpm", "1000")
+    api = client(fleet, key["value"])
+    upload = api.files.create(file=("in.jsonl", io.BytesIO(_batch_input(EMBED, 12, 80))), purpose="batch")
+    batch = api.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_for(
+        lambda: api.batches.retrieve(batch.id).request_counts.completed == 8,  # type: ignore[union-attr]
+        timeout=30,
+        what="the chunks the key's tokens allow",
+    )
+    fleet.cli_json("revoke", key["id"])
+    operator = client(fleet, STATIC_KEY)  # the revoked key itself can no longer look
+    wait_for(lambda: operator.batches.retrieve(batch.id).status == "cancelled", timeout=30, what="the cancel")
+    final = operator.batches.retrieve(batch.id)
+    assert final.request_counts is not None and final.request_counts.completed == 8
+    errors = operator.files.content(final.error_file_id or "").text.splitlines()
+    assert len(errors) == 4 and all("batch_cancelled" in line for line in errors)
