@@ -150,12 +150,16 @@ class BatchStore:
                 pipe.sadd(contract.ACTIVE_BATCHES, batch.id)
                 await pipe.execute()
 
-    async def batch(self, batch_id: str) -> BatchObject:
+    async def batch(self, batch_id: str, viewer: str | None = None) -> BatchObject:
+        """A batch; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it: a managed key
+        sees the batches it created, a static key (or none) every batch."""
         with redis_errors():
             fields = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(contract.batch_key(batch_id)))
-        if not fields:
-            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         values = {k.decode(): v.decode() for k, v in fields.items()}
+        owner = values.pop("owner", None)
+        visible = viewer is None or (owner is not None and BatchOwner.model_validate_json(owner).key_id == viewer)
+        if not values or not visible:
+            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
         data: dict[str, Any] = json.loads(values.pop("record"))
         counts = BatchRequestCounts(
             total=int(values.pop("total", 0)), completed=int(values.pop("completed")), failed=int(values.pop("failed"))
@@ -166,7 +170,6 @@ class BatchStore:
         )
         errors = values.pop("errors", None)
         values.pop("plan", None)
-        values.pop("owner", None)
         for name, value in values.items():
             data[name] = int(value) if name.endswith("_at") else value
         return BatchObject.model_validate(

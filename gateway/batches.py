@@ -91,29 +91,25 @@ class BatchService:
         self.wake()
         return batch
 
-    async def _visible(self, batch_id: str, viewer: str | None) -> bool:
-        """Requests with a managed key see their own batches; a static key (or none) sees every batch."""
-        if viewer is None:
-            return True
-        owner = await self.batches.owner(batch_id)
-        return owner is not None and owner.key_id == viewer
-
     async def get(self, batch_id: str, viewer: str | None = None) -> BatchObject:
-        batch = await self.batches.batch(batch_id)
-        if not await self._visible(batch_id, viewer):
-            raise NotFound(f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
-        return batch
+        return await self.batches.batch(batch_id, viewer)
 
     async def list(self, after: str | None, limit: int, viewer: str | None = None) -> tuple[list[BatchObject], bool]:
         found: list[BatchObject] = []
         cursor = after
         while len(found) <= limit:  # a key sees only its own: page on until enough or none left
             ids, more = await self.batches.page(contract.BATCHES_INDEX, cursor, limit)
-            found += [await self.batches.batch(i) for i in ids if await self._visible(i, viewer)]
+            found += [batch for i in ids if (batch := await self._seen(i, viewer)) is not None]
             if not more or not ids:
                 break
             cursor = ids[-1]
         return found[:limit], len(found) > limit
+
+    async def _seen(self, batch_id: str, viewer: str | None) -> BatchObject | None:
+        try:
+            return await self.batches.batch(batch_id, viewer)
+        except NotFound:  # another key's, or deleted since it was listed
+            return None
 
     async def cancel(self, batch_id: str, viewer: str | None = None) -> BatchObject:
         batch = await self.get(batch_id, viewer)
