@@ -80,12 +80,24 @@ def fleet_of(request: Request) -> FleetStore:
     return FleetStore(request.app.state.redis)
 
 
+async def _models(fleet: FleetStore) -> dict[str, dict[str, Any]]:
+    """Every model of the fleet: its fields and how ``conveyor up`` runs it (``status``), from one read of each."""
+    specs, runs = await fleet.specs(), await fleet.runs()
+    return {
+        name: {
+            "object": "fleet.model",
+            **spec.model_dump(),
+            "status": run.model_dump() if (run := runs.get(name)) else None,
+        }
+        for name, spec in sorted(specs.items())
+    }
+
+
 async def _model(fleet: FleetStore, name: str) -> dict[str, Any]:
-    spec = (await fleet.specs()).get(name)
-    if spec is None:
+    found = (await _models(fleet)).get(name)
+    if found is None:
         raise _missing(name)
-    run = (await fleet.runs()).get(name)
-    return {"object": "fleet.model", **spec.model_dump(), "status": run.model_dump() if run else None}
+    return found
 
 
 async def _supervised(fleet: FleetStore) -> None:
@@ -110,9 +122,8 @@ def _spec(fields: dict[str, Any]) -> ModelSpec:
 @admin.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every model of the fleet: its models-file fields and how ``conveyor up`` runs it (``status``)."""
-    fleet = fleet_of(request)
     with redis_errors():
-        return _list([await _model(fleet, name) for name in sorted(await fleet.specs())])
+        return _list(list((await _models(fleet_of(request))).values()))
 
 
 def _missing(name: str) -> NotFound:
