@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
-from conveyor.contract import JobKind, Reply, StreamFrame, TenantRef
+from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ModelNotFound
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
 from launcher import models_file, processes
@@ -263,9 +263,10 @@ class Supervisor:
             elif fields.get("reply_to"):
                 reply = Reply(claim.job_id, error=refusal).encode()
                 delivery = Delivery(contract.inbox_key(str(fields["reply_to"])), reply)
-            tenant = fields.get("tenant")
-            kind = JobKind(fields.get("kind", JobKind.CHAT))
-            usage = KeyUsage(TenantRef.model_validate(tenant), model, kind) if tenant else None  # its charge back
+            try:
+                usage = KeyUsage.of(JobEnvelope.model_validate(fields), 0)  # its key's place and charge back
+            except ValidationError:
+                usage = None
             await source.finish(claim.job_id, delivery, usage)
 
     # --- processes ----------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class ChunkRunner:
                 *(chunk.batch_id, chunk.index, chunk.input_file, type(exc).__name__, exc, chunk.lines),
             )
             counts = f"{chunk.index} 0 {chunk.lines}"
-            return Done(envelope.deadline, Delivery(report, counts.encode(), ttl), _usage(envelope, 0, 0, 0))
+            return Done(envelope.deadline, Delivery(report, counts.encode(), ttl), KeyUsage.of(envelope, 0))
         if lost is not None:
             results = [Result(line, error=lost.info()) for line in batch_lines]
         else:
@@ -116,7 +116,7 @@ class ChunkRunner:
         metrics.BULK_LINES.labels(self.model, "failed").inc(len(failed))
         prompt, completion = (sum(r.tokens[i] for r in results if r.error is None) for i in (0, 1))
         counts = f"{chunk.index} {len(ok)} {len(failed)} {prompt} {completion}"
-        usage = _usage(envelope, len(ok), prompt, completion)
+        usage = KeyUsage.of(envelope, len(ok), prompt, completion)
         return Done(envelope.deadline, Delivery(report, counts.encode(), ttl), usage)
 
     async def _read(self, chunk: ChunkRef) -> AsyncIterator[Line]:
@@ -181,13 +181,6 @@ class ChunkRunner:
 
 def _answered(line: Line, raw: bytes) -> Result:
     return Result(line, body=raw, tokens=tokens_in_body(raw))
-
-
-def _usage(envelope: JobEnvelope, lines_ok: int, prompt: int, completion: int) -> KeyUsage | None:
-    """What the chunk used, for the API key that created its batch (None without one)."""
-    if envelope.tenant is None:
-        return None
-    return KeyUsage(envelope.tenant, envelope.model, envelope.kind, lines_ok, prompt, completion, at=time.time())
 
 
 async def _blocks(encoded: list[bytes]) -> AsyncIterator[bytes]:

@@ -108,10 +108,11 @@ class JobRunner:
             async with self.share.interactive():
                 if envelope.stream:
                     outcome, tokens = await self._stream(envelope, left)
-                    return Done(envelope.deadline, usage=_usage(envelope, outcome, tokens))
+                    return Done(envelope.deadline, usage=KeyUsage.of(envelope, int(outcome == "ok"), *tokens))
                 outcome, reply = await self._complete(envelope, left)
             tokens = key_usage.tokens_in_body(reply.body) if envelope.tenant and reply.body else (0, 0)
-            return Done(envelope.deadline, _delivery(envelope.reply_to, reply), _usage(envelope, outcome, tokens))
+            usage = KeyUsage.of(envelope, int(outcome == "ok"), *tokens)
+            return Done(envelope.deadline, _delivery(envelope.reply_to, reply), usage)
         except EngineDead:
             outcome = "engine_dead"
             raise
@@ -177,7 +178,7 @@ class JobRunner:
     async def _answer_error(self, envelope: JobEnvelope, error: ConveyorError) -> Done:
         """Answer a job that did not run; its API key gets its place and its token charge back."""
         done = await self._answer(envelope.request_id, envelope.reply_to, envelope.stream, error, envelope.deadline)
-        return Done(done.deadline, done.delivery, _usage(envelope, "error", (0, 0)))
+        return Done(done.deadline, done.delivery, KeyUsage.of(envelope, 0))
 
     async def _answer(
         self, request_id: str, reply_to: str, stream: bool, error: ConveyorError, deadline: float
@@ -196,14 +197,6 @@ class JobRunner:
 def _delivery(reply_to: str, reply: Reply) -> Delivery | None:
     """The answer pushed to the inbox of the gateway that enqueued the job (none if it named no inbox)."""
     return Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None
-
-
-def _usage(envelope: JobEnvelope, outcome: str, tokens: tuple[int, int]) -> KeyUsage | None:
-    """What an interactive job used, for its API key (None without one)."""
-    if envelope.tenant is None:
-        return None
-    answered = int(outcome == "ok")
-    return KeyUsage(envelope.tenant, envelope.model, envelope.kind, answered, *tokens, at=time.time())
 
 
 def _kind(envelope: JobEnvelope) -> str:

@@ -8,6 +8,7 @@ day's usage per model grows. Then this worker's Prometheus counters, labelled wi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 from prometheus_client import Counter
 
 from conveyor import contract
-from conveyor.contract import JobKind, TenantRef
+from conveyor.contract import JobEnvelope, JobKind, TenantRef
 from conveyor.keys import usage_day
 
 KEY_REQUESTS = Counter(
@@ -39,6 +40,13 @@ class KeyUsage:
     completion_tokens: int = 0
     #: unix time the job finished (the usage's day)
     at: float = 0.0
+
+    @classmethod
+    def of(cls, envelope: JobEnvelope, requests: int, prompt: int = 0, completion: int = 0) -> KeyUsage | None:
+        """What a job (or a batch chunk: ``requests`` is its lines answered) used, for its API key; None without one."""
+        if envelope.tenant is None:
+            return None
+        return cls(envelope.tenant, envelope.model, envelope.kind, requests, prompt, completion, at=time.time())
 
     @property
     def token_delta(self) -> int:
