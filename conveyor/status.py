@@ -47,7 +47,7 @@ def render(state: dict[str, Any]) -> str:
     rows = [["MODEL", "STATE", "WORKERS", "LOADING", "QUEUED", "BATCH CHUNKS QUEUED", "CONVEYOR UP"]]
     rows += [[name, m["state"], m["workers"], m["loading"], m["queued"], m["bulk_queued"], _fleet(m["fleet"])]
              for name, m in state["models"].items()]  # fmt: skip
-    out = [_table(rows) if state["models"] else "no models: no worker has registered with this Redis yet"]
+    out = [table(rows) if state["models"] else "no models: no worker has registered with this Redis yet"]
     for name, m in state["models"].items():
         if m["fleet"] and m["fleet"]["state"] == "failed" and m["fleet"]["last_log"]:
             out.append(f"last log lines of {name}:\n" + "\n".join(f"  {line}" for line in m["fleet"]["last_log"]))
@@ -56,12 +56,12 @@ def render(state: dict[str, Any]) -> str:
         rows = [["WORKER", "MODEL", "STATE", "METRICS AT", "PID", "UP"]]
         rows += [[w["worker_id"], w["model"], w["state"], f"{w['address'] or w['host']}:{w['metrics_port']}",
                   w["pid"], f"{now - w['started']:.0f} s"] for w in state["workers"]]  # fmt: skip
-        out.append(_table(rows))
+        out.append(table(rows))
     out.append("gateways: " + (", ".join(state["gateways"]) or "none running"))
     if state["batches"]:
         rows = [["BATCH", "STATUS", "DONE", "FAILED", "LINES"]]
         rows += [[b["id"], b["status"], b["completed"], b["failed"], b["total"]] for b in state["batches"]]
-        out.append(_table(rows))
+        out.append(table(rows))
     return "\n\n".join(out)
 
 
@@ -75,7 +75,8 @@ def _fleet(run: dict[str, Any] | None) -> str:
     return f"{text}: {run['message']}" if run["message"] else text
 
 
-def _table(rows: list[list[Any]]) -> str:
+def table(rows: list[list[Any]]) -> str:
+    """Rows (the first is the header) as aligned columns of plain text."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in rows)  # fmt: skip

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ValidationError
 
 from conveyor import redis_client
 from conveyor.errors import ConveyorError
-from conveyor.keys import USAGE_COUNTERS, ApiKey, CreatedKey, KeyCreate, KeyStore, KeyUpdate, UsageRow
+from conveyor.keys import LIMIT_FIELDS, USAGE_COUNTERS, ApiKey, KeyCreate, KeyStore, KeyUpdate
 from conveyor.outage import REDIS_DOWN
+from conveyor.status import table
 
 UNLIMITED = ("none", "unlimited")
 LIMIT_FLAGS = (("rpm", "requests per minute"), ("tpm", "tokens per minute"), ("max_queued", "requests queued at once"))
@@ -89,7 +90,7 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 async def _create(store: KeyStore, args: argparse.Namespace) -> None:
-    fields = _given(args, ("name", "rpm", "tpm", "max_queued", "models"))
+    fields = _given(args, ("name", *LIMIT_FIELDS))
     key = await store.create(KeyCreate(**fields))
     if args.json:
         _print_json(key)
@@ -108,11 +109,11 @@ async def _list(store: KeyStore, args: argparse.Namespace) -> None:
          ",".join(k.models) if k.models else "all", "revoked" if k.revoked_at else "active"]
         for k in keys
     ]  # fmt: skip
-    _table(["ID", "NAME", "KEY", "RPM", "TPM", "MAX QUEUED", "MODELS", "STATE"], rows)
+    print(table([["ID", "NAME", "KEY", "RPM", "TPM", "MAX QUEUED", "MODELS", "STATE"], *rows]))
 
 
 async def _update(store: KeyStore, args: argparse.Namespace) -> None:
-    changes = _given(args, ("name", "rpm", "tpm", "max_queued", "models"))
+    changes = _given(args, ("name", *LIMIT_FIELDS))
     if not changes:
         raise SystemExit(
             "conveyor keys update: nothing to change (give --name, --rpm, --tpm, --max-queued or --models)"
@@ -136,10 +137,10 @@ async def _usage(store: KeyStore, args: argparse.Namespace) -> None:
     if not rows:
         print(f"no usage in the last {args.days} days")
         return
-    table = [[r.date, r.key_name, r.model, *(str(getattr(r, c)) for c in USAGE_COUNTERS)] for r in rows]
+    rows_out = [[r.date, r.key_name, r.model, *(str(getattr(r, c)) for c in USAGE_COUNTERS)] for r in rows]
     totals = [sum(getattr(r, c) for r in rows) for c in USAGE_COUNTERS]
-    table.append(["total", "", "", *(str(t) for t in totals)])
-    _table(["DAY", "KEY", "MODEL", *(c.upper().replace("_", " ") for c in USAGE_COUNTERS)], table)
+    rows_out.append(["total", "", "", *(str(t) for t in totals)])
+    print(table([["DAY", "KEY", "MODEL", *(c.upper().replace("_", " ") for c in USAGE_COUNTERS)], *rows_out]))
 
 
 def _text(limit: int | None) -> str:
@@ -153,14 +154,8 @@ def _limits_text(key: ApiKey) -> str:
     return f": {', '.join(parts)}" if parts else ": no limits"
 
 
-def _print_json(item: ApiKey | CreatedKey | UsageRow | BaseModel) -> None:
+def _print_json(item: BaseModel) -> None:
     print(item.model_dump_json(indent=2))
-
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def run(redis_url: str, args: argparse.Namespace) -> int:
