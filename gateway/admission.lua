@@ -25,7 +25,7 @@ if keyed then
     if not allowed then return {6, depth} end
   end
 end
-local function refusal(code)
+local function result(code)  -- the code, the depth and the key's windows
   local out = {code, depth}
   for _, v in ipairs(requests) do out[#out + 1] = v end
   for _, v in ipairs(tokens) do out[#out + 1] = v end
@@ -46,16 +46,16 @@ end
 if keyed then
   if record[3] then requests = window(KEYS[7], tonumber(record[3]), 1, now) end
   if record[4] then tokens = window(KEYS[8], tonumber(record[4]), tonumber(ARGV[9]), now) end
-  if requests[3] ~= 0 and requests ~= none then return refusal(7) end
-  if tokens[3] == -1 and tokens ~= none then return refusal(9) end
-  if tokens[3] ~= 0 and tokens ~= none then return refusal(8) end
+  if requests[3] ~= 0 and requests ~= none then return result(7) end
+  if tokens[3] == -1 and tokens ~= none then return result(9) end
+  if tokens[3] ~= 0 and tokens ~= none then return result(8) end
   if record[5] then
     redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
-    if redis.call('ZCARD', KEYS[9]) >= tonumber(record[5]) then return refusal(10) end
+    if redis.call('ZCARD', KEYS[9]) >= tonumber(record[5]) then return result(10) end
   end
 end
 if depth >= tonumber(ARGV[2]) then
-  return refusal(2)
+  return result(2)
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {4, depth}
@@ -72,4 +72,4 @@ if keyed then
     if redis.call('TTL', KEYS[9]) < ttl then redis.call('EXPIRE', KEYS[9], ttl) end
   end
 end
-return refusal(1)
+return result(1)

@@ -67,23 +67,20 @@ def refusal(
         return Unauthorized("This API key has been revoked.", code="invalid_api_key")
     if code == 6:
         return ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model")
-    current = list(windows.values())
+    shown = headers(list(windows.values()), cost, False, 0, 0)  # as they stand: nothing was charged
     if code in (7, 8):
         w = windows["requests" if code == 7 else "tokens"]
         message = (
             f"Rate limit reached for API key {tenant.name!r} on {UNIT_TITLE[w.unit]}: Limit {w.limit}, Used {w.used}, "
             f"Requested {cost[w.unit]}. Please try again in {duration(w.retry_ms)}."
         )
-        found = _retry_headers(w.retry_ms) | headers(current, cost, False, 0, 0)
-        return RateLimited(message, limit=w.unit, headers=found)
+        return RateLimited(message, limit=w.unit, headers=_retry_headers(w.retry_ms) | shown)
     if code == 9:
         w = windows["tokens"]
         message = (
             f"Request too large for API key {tenant.name!r} on {UNIT_TITLE['tokens']}: Limit {w.limit}, Requested "
             f"{cost['tokens']} (estimated). Ask for fewer output tokens (max_tokens) or a shorter input."
         )
-        return RateLimited(message, limit="tokens", headers=headers(current, cost, False, 0, 0))
+        return RateLimited(message, limit="tokens", headers=shown)
     message = f"API key {tenant.name!r} has its limit of queued requests waiting or running; retry when one finishes."
-    return RateLimited(
-        message, limit="requests", headers=_retry_headers(queue_retry * 1000) | headers(current, cost, False, 0, 0)
-    )
+    return RateLimited(message, limit="requests", headers=_retry_headers(queue_retry * 1000) | shown)
