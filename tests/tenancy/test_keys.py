@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types import Batch
 
 from conveyor import contract
 from tests.conftest import metric, wait_for
@@ -228,10 +229,9 @@ def _batch_input(model: str, lines: int, words: int) -> bytes:
     ).encode()  # fmt: skip
 
 
-def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_requests(fleet: Fleet) -> None:
-    """Lines of 100 estimated tokens under a 1,000-tpm key whose batches may fill 80%: chunks are cut at a quarter of
-    that (200 tokens: 2 lines, not the 4 the gateway's chunk size allows), four go (800), the fifth waits for the
-    window, and the key's interactive requests still fit beside them."""
+def metered_batch(fleet: Fleet) -> tuple[dict[str, Any], openai.OpenAI, Batch]:
+    """A 1,000-tpm key's batch of 12 lines of 80 words (100 estimated tokens each), once the 8 lines its batch share
+    lets go are done: the key, its client and the batch."""
     key = new_key(fleet, "--tpm", "1000")
     api = client(fleet, key["value"])
     upload = api.files.create(file=("in.jsonl", io.BytesIO(_batch_input(EMBED, 12, 80))), purpose="batch")
@@ -239,13 +239,21 @@ def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_reques
     wait_for(
         lambda: api.batches.retrieve(batch.id).request_counts.completed == 8,  # type: ignore[union-attr]
         timeout=30,
-        what="the first two chunks",
+        what="the chunks the key's tokens allow",
     )
+    return key, api, batch
+
+
+def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_requests(fleet: Fleet) -> None:
+    """Lines of 100 estimated tokens under a 1,000-tpm key whose batches may fill 80%: chunks are cut at a quarter of
+    that (200 tokens: 2 lines, not the 4 the gateway's chunk size allows), four go (800), the fifth waits for the
+    window, and the key's interactive requests still fit beside them."""
+    key, api, batch = metered_batch(fleet)
     assert api.batches.retrieve(batch.id).status == "in_progress"
     with redis.Redis.from_url(fleet.redis_url) as store:
         plan = json.loads(store.hget(contract.batch_key(batch.id), "plan") or "[]")
     assert [(chunk["lines"], chunk["tokens"]) for chunk in plan] == [(2, 200)] * 6
-    # the two chunks were reconciled to the engine's count (80 words a line): 640 of 1,000 used
+    # the four chunks were reconciled to the engine's count (80 words a line): 640 of 1,000 used
     room = api.embeddings.with_raw_response.create(model=EMBED, input=list(range(1, 301)))
     assert int(room.headers["x-ratelimit-remaining-tokens"]) == 1000 - 640 - 300
     fleet.cli_json("update", key["id"], "--tpm", "5000")
@@ -300,15 +308,7 @@ def test_a_keys_files_and_batches_are_its_own(fleet: Fleet) -> None:
 
 
 def test_a_revoked_keys_batch_releases_nothing_more_and_is_cancelled(fleet: Fleet) -> None:
-    key = new_key(fleet, "--tpm", "1000")
-    api = client(fleet, key["value"])
-    upload = api.files.create(file=("in.jsonl", io.BytesIO(_batch_input(EMBED, 12, 80))), purpose="batch")
-    batch = api.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
-    wait_for(
-        lambda: api.batches.retrieve(batch.id).request_counts.completed == 8,  # type: ignore[union-attr]
-        timeout=30,
-        what="the chunks the key's tokens allow",
-    )
+    key, _, batch = metered_batch(fleet)
     fleet.cli_json("revoke", key["id"])
     operator = client(fleet, STATIC_KEY)  # the revoked key itself can no longer look
     wait_for(lambda: operator.batches.retrieve(batch.id).status == "cancelled", timeout=30, what="the cancel")
