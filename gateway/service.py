@@ -155,21 +155,20 @@ class ServingService:
         return card
 
     async def readiness(self, models: bool = True) -> dict[str, Any]:
-        """Ready when Redis answers and (with ``models``) every configured model has a live worker."""
+        """Ready when Redis answers and (with ``models``) at least one model is configured and every configured model
+        has a live worker. No configured model at all is not ready: that is also what a gateway sees while
+        ``conveyor up`` has not written its fleet yet, and a system that serves nothing is not ready to serve."""
         statuses: dict[str, dict[str, Any]] = {}
         try:
             for model in sorted(await self.directory.configured()) if models else ():
                 status = await self.directory.status(model)
                 statuses[model] = {"status": status.state, "live_workers": status.live_workers}
-        except BackendUnavailable:
-            return {"ready": False, "redis": False, "models": statuses}
-        if not statuses:
-            try:
+            if not statuses:
                 with redis_errors():
                     await self.directory.redis.ping()
-            except BackendUnavailable:
-                return {"ready": False, "redis": False, "models": {}}
-        ready = all(m["live_workers"] > 0 for m in statuses.values())
+        except BackendUnavailable:
+            return {"ready": False, "redis": False, "models": statuses}
+        ready = not models or (bool(statuses) and all(m["live_workers"] > 0 for m in statuses.values()))
         return {"ready": ready, "redis": True, "models": statuses}
 
     async def refresh_known_models(self) -> set[str]:

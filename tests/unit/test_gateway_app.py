@@ -105,6 +105,22 @@ async def test_ready_reports_each_configured_model(client: httpx.AsyncClient, re
     assert ready.status_code == 200 and ready.json()["models"]["chat"] == {"status": "serving", "live_workers": 1}
 
 
+async def test_not_ready_while_no_model_is_configured(fake_server: fakeredis.FakeServer, redis: Redis) -> None:
+    """What a gateway of ``conveyor up`` sees before the fleet is written: nothing to serve is not ready. Once the
+    fleet names a model, ready waits for its worker."""
+    async with (
+        running_gateway(fake_server, GatewaySettings(models=[])) as application,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as http,
+    ):
+        empty = await http.get("/ready")
+        assert empty.status_code == 503 and empty.json() == {"ready": False, "redis": True, "models": {}}
+        assert (await http.get("/ready", params={"scope": "gateway"})).status_code == 200
+        await redis.hset(contract.FLEET_MODELS, "chat", "{}")
+        assert (await http.get("/ready")).json()["models"] == {"chat": {"status": "unavailable", "live_workers": 0}}
+        await register(redis, "chat", ["generate"])
+        assert (await http.get("/ready")).status_code == 200
+
+
 def test_placeholder_api_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="placeholder"):
         GatewaySettings(api_keys="changeme")  # type: ignore[arg-type]
