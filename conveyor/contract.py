@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -161,6 +162,50 @@ class StreamFrame:
         return ErrorInfo.model_validate_json(self.payload)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamProgress:
+    """What a generation has sent so far, kept while it runs so that another worker can go on where it was cut
+    (request migration: ``worker.migration``). Stored as a list with one entry per frame sent (``progress_key``),
+    written in the same script that publishes the frame, so it never says more or less than the client was sent.
+
+    An entry is the token ids the frame added to the completion (``12,34``; empty for a frame without tokens),
+    optionally followed by ``/`` and the prompt's token ids once the engine reported them; ``!<reason>`` marks a
+    stream that cannot be continued exactly (``n > 1``, logprobs, guided decoding, ...).
+    """
+
+    #: frames sent: the next frame's sequence number
+    seq: int = 0
+    token_ids: tuple[int, ...] = ()
+    prompt_token_ids: tuple[int, ...] | None = None
+    #: why the stream cannot be continued, or None
+    unresumable: str | None = None
+
+    @staticmethod
+    def entry(token_ids: Sequence[int] | None, prompt_token_ids: Sequence[int] | None = None, why: str = "") -> bytes:
+        if token_ids is None:
+            return b"!" + (why or "the engine did not report the tokens it generated").encode()
+        text = ",".join(map(str, token_ids))
+        if prompt_token_ids is not None:
+            text += "/" + ",".join(map(str, prompt_token_ids))
+        return text.encode()
+
+    @classmethod
+    def decode(cls, entries: Sequence[bytes]) -> StreamProgress:
+        tokens: list[int] = []
+        prompt: tuple[int, ...] | None = None
+        why: str | None = None
+        for raw in entries:
+            if raw.startswith(b"!"):
+                why = why or raw[1:].decode(errors="replace")
+                continue
+            ids, _, prompt_ids = raw.partition(b"/")
+            if ids:
+                tokens.extend(int(i) for i in ids.split(b","))
+            if prompt_ids and prompt is None:
+                prompt = tuple(int(i) for i in prompt_ids.split(b","))
+        return cls(len(entries), tuple(tokens), prompt, why)
+
+
 # ---- Conveyor's own Redis key names (the queue backend's own keys live in its two seam modules) ---------------
 
 
@@ -181,6 +226,16 @@ def abort_key(request_id: str) -> str:
 
 def stream_channel(request_id: str) -> str:
     return f"{KEY_PREFIX}:stream:{request_id}"
+
+
+def progress_key(request_id: str) -> str:
+    """List: one ``StreamProgress`` entry per frame a generation sent; expires after its deadline, removed with it."""
+    return f"{KEY_PREFIX}:progress:{request_id}"
+
+
+def migrations_key(request_id: str) -> str:
+    """How many times a generation was continued on another worker (the per-request migration limit)."""
+    return f"{KEY_PREFIX}:migrations:{request_id}"
 
 
 def model_workers_key(model: str) -> str:

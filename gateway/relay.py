@@ -1,9 +1,11 @@
 """Relaying one job's stream frames to its client as SSE, and noticing when the worker behind it is lost.
 
-Frames carry sequence numbers from 0. While no frame arrives the relay checks the job's lease every
-``LEASE_CHECK_SECONDS``: a job that lost its worker after chunks were sent cannot be resumed exactly, so the client
-gets a ``worker_lost`` error event at once (and the job is dropped) instead of silence. Before the first chunk a lost
-worker costs nothing: another worker re-runs the job and its stream starts at 0, as the client expects.
+Frames carry sequence numbers from 0. A stream whose worker is lost mid-way is continued by the next worker where it
+was cut (``worker.migration``), numbering its frames on, so the relay waits while the job is queued again or running,
+up to the request's deadline; a job that cannot be continued gets a ``worker_lost`` error event from the worker that
+finds it. While no frame arrives the relay checks the job's lease every ``LEASE_CHECK_SECONDS``: a job gone from the
+queue without its end frame (cancelled elsewhere, its data expired), or a stream started again from its first chunk
+(a worker of an older version), ends with ``worker_lost`` at once instead of silence.
 
 ``aclose`` always cleans up, even when the client left before the relay sent a byte (an async generator that never
 started would skip its ``finally``): it unsubscribes, cancels the job unless it ended, and records the stream's
@@ -75,16 +77,13 @@ class FrameReader:
                     return await self.messages.get()
             except TimeoutError:
                 pass
-            state = await self.queue.state(self.envelope)
-            if state is JobState.RUNNING or (state is JobState.QUEUED and not self.relayed):
-                continue  # running, or waiting for a worker before anything was sent: a re-run will be exact
-            if state is JobState.GONE:
-                try:
-                    async with asyncio.timeout(GONE_GRACE_SECONDS):
-                        return await self.messages.get()
-                except TimeoutError:
-                    pass
-            raise self._lost()
+            if await self.queue.state(self.envelope) is not JobState.GONE:
+                continue  # running, or waiting for a worker (which goes on where the stream was cut)
+            try:
+                async with asyncio.timeout(GONE_GRACE_SECONDS):
+                    return await self.messages.get()
+            except TimeoutError:
+                raise self._lost() from None
 
     def _lost(self) -> WorkerLost:
         return WorkerLost(

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from conveyor import contract
 from conveyor.keys import USAGE_RETENTION_SECONDS
-from worker.job_source import Claim, Delivery, Renewal
+from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
 from worker.pipeliner import Pipeliner
 
@@ -93,24 +93,25 @@ end
 return {lost, aborted}
 """
 
-#: Finish a job: unless another worker holds its lease now, remove it, push its answer and account its API key's usage
-#: (``worker.key_usage``). KEYS: lease, job, retry, abort marker, queue, bulk queue[, inbox][, the key's unfinished
-#: jobs, its tokens window, its usage of the day]. ARGV: worker id, job id, 1 with an answer, answer, inbox ttl ms,
-#: 1 with usage, the bucket second admission charged, the tokens to add to it, usage ttl s, then usage
-#: field/increment pairs. Returns 1 when finished here, 0 when another worker holds it.
+#: Finish a job: unless another worker holds its lease now, remove it (with its stream progress), push its answer and
+#: account its API key's usage (``worker.key_usage``). KEYS: lease, job, retry, abort marker, progress, migrations,
+#: queue, bulk queue[, inbox][, the key's unfinished jobs, its tokens window, its usage of the day]. ARGV: worker id,
+#: job id, 1 with an answer, answer, inbox ttl ms, 1 with usage, the bucket second admission charged, the tokens to
+#: add to it, usage ttl s, then usage field/increment pairs. Returns 1 when finished here, 0 when another worker holds
+#: it.
 FINISH_SCRIPT = (
     contract.RATE_WINDOW_LUA
     + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('ZREM', KEYS[6], ARGV[2])
-local k = 7
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('ZREM', KEYS[7], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
+local k = 9
 if ARGV[3] == '1' then
-  redis.call('RPUSH', KEYS[7], ARGV[4])
-  redis.call('PEXPIRE', KEYS[7], ARGV[5])
-  k = 8
+  redis.call('RPUSH', KEYS[9], ARGV[4])
+  redis.call('PEXPIRE', KEYS[9], ARGV[5])
+  k = 10
 end
 if ARGV[6] == '1' then
   redis.call('ZREM', KEYS[k], ARGV[2])
@@ -170,7 +171,8 @@ class ArqJobSource:
         claims = []
         for i in range(0, len(flat), 4):
             job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
-            claims.append(Claim(job_id, _envelope(raw), tries, bulk))
+            fence = Fence(in_progress_key_prefix + job_id, self.worker_id)
+            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence))
         return claims
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
@@ -188,6 +190,8 @@ class ArqJobSource:
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
             contract.abort_key(job_id),
+            contract.progress_key(job_id),
+            contract.migrations_key(job_id),
             self.queue,
             self.bulk_queue,
         ]

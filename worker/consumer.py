@@ -42,6 +42,10 @@ class EngineDead(Exception):
     """The engine died under a job: the job is handed back, not answered, and the worker stops."""
 
 
+class LeaseLost(Exception):
+    """Another worker holds the job now (found while sending its stream): stop it here without answering."""
+
+
 Handler = Callable[[Claim], Awaitable[Done]]
 
 
@@ -183,6 +187,9 @@ class Consumer:
         except EngineDead:
             self._stops[claim.job_id] = _Stop.HAND_BACK
             self.fail()
+            return
+        except LeaseLost:
+            log.warning("job %s: another worker holds it now; stopping it here", claim.job_id)
             return
         except Exception as exc:  # a stream whose frames could not be published: nobody can be told any more
             log.warning("job %s: could not be answered (%s: %s)", claim.job_id, type(exc).__name__, exc)

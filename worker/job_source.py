@@ -16,6 +16,14 @@ from worker.key_usage import KeyUsage
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """How a script checks that a job's lease is still this worker's: the string at ``key`` is ``holder``."""
+
+    key: str
+    holder: str
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     job_id: str
     #: the envelope as the gateway enqueued it (empty when it cannot be read; the runner refuses it then)
@@ -24,6 +32,8 @@ class Claim:
     tries: int
     #: a batch chunk from the model's bulk lane
     bulk: bool = False
+    #: the lease's fence: what a stream's frames are published under (``worker.migration``)
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True, slots=True)

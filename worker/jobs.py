@@ -17,18 +17,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from conveyor import contract, logs
-from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
+from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame, StreamProgress
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
 from worker import key_usage, metrics
 from worker.bulk import ChunkRunner
-from worker.consumer import Done, EngineDead
+from worker.consumer import Done, EngineDead, LeaseLost
 from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import BUSY_INPUTS, EngineShare
-from worker.engines.base import Engine
-from worker.job_source import Claim, Delivery
+from worker.engines.base import Engine, Resume
+from worker.job_source import Claim, Delivery, Fence
 from worker.key_usage import KeyUsage
-from worker.publisher import BatchPublisher
+from worker.migration import Cut, Migration, continued_body
 
 log = logging.getLogger("conveyor.worker")
 
@@ -47,11 +47,12 @@ class JobRunner:
         store: FileStore | None = None,
         share: EngineShare | None = None,
         batcher: EmbeddingBatcher | None = None,
+        migration: Migration | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
         self.max_tries = max_tries
-        self.publisher = BatchPublisher(redis)
+        self.migration = migration or Migration(redis)
         self.share = share or EngineShare(BUSY_INPUTS)
         self.batcher = batcher or EmbeddingBatcher(engine, model)
         self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model, self.share)
@@ -86,9 +87,9 @@ class JobRunner:
         with logs.about(envelope.request_id, envelope.model):
             if claim.tries > 1:
                 log.info("running again (try %d) after its worker was lost", claim.tries)
-            return await self.run(envelope)
+            return await self.run(envelope, claim.fence)
 
-    async def run(self, envelope: JobEnvelope) -> Done:
+    async def run(self, envelope: JobEnvelope, fence: Fence | None = None) -> Done:
         kind = _kind(envelope)
         started = time.time()
         metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, started - envelope.created))
@@ -107,7 +108,7 @@ class JobRunner:
                 return done
             async with self.share.interactive():
                 if envelope.stream:
-                    outcome, tokens = await self._stream(envelope, left)
+                    outcome, tokens = await self._stream(envelope, left, fence)
                     return Done(envelope.deadline, usage=KeyUsage.of(envelope, int(outcome == "ok"), *tokens))
                 outcome, reply = await self._complete(envelope, left)
             tokens = key_usage.tokens_in_body(reply.body) if envelope.tenant and reply.body else (0, 0)
@@ -136,31 +137,59 @@ class JobRunner:
             return _outcome(error), Reply(envelope.request_id, error=error.info())
         return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
-    async def _stream(self, envelope: JobEnvelope, left: float) -> tuple[str, tuple[int, int]]:
-        """Publish the stream's frames; returns the outcome and, for a job with an API key, the engine's usage (asked
+    async def _stream(
+        self, envelope: JobEnvelope, left: float, fence: Fence | None
+    ) -> tuple[str, tuple[int, int]]:
+        """Publish the stream's frames, each with what it adds to the completion (``worker.migration``), going on
+        where an earlier worker was cut; returns the outcome and, for a job with an API key, the engine's usage (asked
         of the engine even when the client did not ask for it, and then not passed on)."""
-        channel = contract.stream_channel(envelope.request_id)
         body, counted = envelope.body, envelope.tenant is not None
         asked = bool((body.get("stream_options") or {}).get("include_usage"))
         if counted and not asked:
             body = body | {"stream_options": (body.get("stream_options") or {}) | {"include_usage": True}}
-        seq, tokens = 0, (0, 0)
+        cut = await self.migration.cut(envelope.request_id, envelope.deadline)
+        seq, tokens, resume = (cut.progress.seq if cut else 0), (0, 0), None
         try:
+            if cut is not None:
+                resume = self._resume(envelope, cut)
+                body = continued_body(body, len(resume.token_ids))
+            why = self.engine.unresumable(envelope.kind, body)
             async with asyncio.timeout(left):
-                async for chunk in self.engine.stream(envelope.kind, body, envelope.request_id):
-                    found = key_usage.usage_chunk(chunk) if counted else None
+                async for piece in self.engine.stream(envelope.kind, body, envelope.request_id, resume):
+                    found = key_usage.usage_chunk(piece.chunk) if counted else None
                     if found is not None:
                         tokens = key_usage.tokens_of(found[0])
                         if found[1] and not asked:
                             continue
-                    await self._publish(channel, StreamFrame.chunk(seq, chunk))
+                    ids = None if why else piece.token_ids
+                    entry = StreamProgress.entry(ids, piece.prompt_token_ids, why or "")
+                    await self._publish(envelope, fence, StreamFrame.chunk(seq, piece.chunk), entry)
                     seq += 1
+        except LeaseLost:
+            raise
         except Exception as exc:
             error = self._client_error(envelope.request_id, exc)
-            await self._publish(channel, StreamFrame.failure(seq, error.info()))
+            await self._publish(envelope, fence, StreamFrame.failure(seq, error.info()))
             return _outcome(error), tokens
-        await self._publish(channel, StreamFrame(seq, "end"))
+        await self._publish(envelope, fence, StreamFrame(seq, "end"))
         return "ok", tokens
+
+    def _resume(self, envelope: JobEnvelope, cut: Cut) -> Resume:
+        """Go on with a stream cut on another worker, or say (as its next event) why it cannot."""
+        refusal = self.migration.refusal(cut)
+        if refusal is not None:
+            metrics.MIGRATIONS.labels(self.model, "refused").inc()
+            raise WorkerLost(
+                f"The worker serving this stream was lost after {cut.progress.seq} chunks and {refusal}."
+            )
+        metrics.MIGRATIONS.labels(self.model, "resumed").inc()
+        log.info(
+            "continuing a stream cut on another worker after %d chunks (%d tokens; migration %d)",
+            cut.progress.seq,
+            len(cut.progress.token_ids),
+            cut.migrations,
+        )
+        return Resume(cut.progress.token_ids, cut.progress.prompt_token_ids)
 
     def _client_error(self, request_id: str, exc: Exception) -> ConveyorError:
         """What the client is told about ``exc``; raises ``EngineDead`` when the engine died under the job."""
@@ -185,12 +214,16 @@ class JobRunner:
     ) -> Done:
         """Answer a job with an error without running it."""
         if stream:
-            await self._publish(contract.stream_channel(request_id), StreamFrame.failure(0, error.info()))
+            frame = StreamFrame.failure(0, error.info()).encode()
+            await self.migration.publish(None, request_id, frame, b"", deadline)
+            metrics.STREAM_MESSAGES.labels(self.model).inc()
             return Done(deadline)
         return Done(deadline, _delivery(reply_to, Reply(request_id, error=error.info())))
 
-    async def _publish(self, channel: str, frame: StreamFrame) -> None:
-        await self.publisher.publish(channel, frame.encode())
+    async def _publish(
+        self, envelope: JobEnvelope, fence: Fence | None, frame: StreamFrame, entry: bytes = b""
+    ) -> None:
+        await self.migration.publish(fence, envelope.request_id, frame.encode(), entry, envelope.deadline)
         metrics.STREAM_MESSAGES.labels(self.model).inc()
 
 

@@ -31,6 +31,7 @@ from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
+from worker.migration import Migration
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("conveyor.worker")
@@ -175,6 +176,7 @@ async def _serve_engine(
         store=open_store(settings.files_url),
         share=EngineShare(settings.bulk_busy_inputs),
         batcher=EmbeddingBatcher(engine, settings.model, settings.embed_batch_wait, settings.embed_batch_max_inputs),
+        migration=Migration(redis, settings.migrate, settings.max_migrations),
     )
     source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(
@@ -221,7 +223,7 @@ async def _serve_engine(
     finally:
         watchdog.cancel()
         serving.cancel()
-        await runner.publisher.close()
+        await runner.migration.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

@@ -25,6 +25,12 @@ RUNNING_JOBS = Gauge("conveyor_worker_running_jobs", "Jobs running on this worke
 ENGINE_RUNNING = Gauge(
     "conveyor_worker_engine_running_requests", "Requests inside this worker's engine now.", ["model"]
 )
+MIGRATIONS = Counter(
+    "conveyor_worker_migrations",
+    "Streams cut on another worker that reached this one: resumed where they were cut, or refused (migration off, "
+    "over its limit, or not continuable exactly) with an error event.",
+    ["model", "outcome"],
+)
 STREAM_MESSAGES = Counter("conveyor_worker_stream_messages", "Stream messages published.", ["model"])
 BULK_LINES = Counter(
     "conveyor_worker_bulk_lines", "Batch lines run on this worker, by outcome (ok, failed).", ["model", "outcome"]

@@ -52,6 +52,11 @@ class WorkerSettings(BaseSettings):
     lease_seconds: float = Field(default=6.0, gt=0)
     #: runs of one job before it is answered ``worker_lost`` (a job that kills every worker that runs it stops here)
     max_tries: int = Field(default=3, ge=1)
+    #: a stream cut mid-way (its worker killed, drained or its engine dead) goes on where it was on the next worker
+    #: (request migration, ``worker.migration``); off, it ends with a ``worker_lost`` error event where it was cut
+    migrate: bool = True
+    #: times one request may be continued on another worker; one cut more ends it with a ``worker_lost`` event
+    max_migrations: int = Field(default=3, ge=0)
     #: how often the engine is checked (alive, and making progress while it has work)
     engine_check_interval: float = Field(default=5.0, gt=0)
     #: an engine with running requests and no progress for this long counts as hung: the worker exits

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import Any, cast
 
 import pytest
 
 from conveyor.contract import JobKind
 from conveyor.errors import InvalidRequest
+from worker.engines.base import Resume
 from worker.engines.fake import FakeEngine, fake_tokens, fake_vector
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
@@ -22,12 +24,37 @@ async def test_chat_is_deterministic_and_counts_usage() -> None:
     assert engine.running_requests() == 0
 
 
+async def _chunks(engine: FakeEngine, body: dict[str, Any], resume: Resume | None = None) -> list[dict[str, Any]]:
+    return [cast(dict[str, Any], p.chunk) async for p in engine.stream(JobKind.CHAT, body, "r", resume)]
+
+
+def _text(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
 async def test_stream_joins_to_run_and_reports_usage_last() -> None:
     engine = FakeEngine("m")
-    chunks = [c async for c in engine.stream(JobKind.CHAT, CHAT | {"stream_options": {"include_usage": True}}, "r")]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == (await engine.run(JobKind.CHAT, CHAT, "r"))["choices"][0]["message"]["content"]
+    chunks = await _chunks(engine, CHAT | {"stream_options": {"include_usage": True}})
+    assert _text(chunks) == (await engine.run(JobKind.CHAT, CHAT, "r"))["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_a_continuation_goes_on_exactly_where_the_stream_was_cut() -> None:
+    """Resumed after two tokens with max_tokens reduced by them, the fake gives the rest of the same completion, no
+    role chunk again, and usage for the whole request; from a wrong token it goes elsewhere, as a model would."""
+    engine = FakeEngine("m")
+    body = CHAT | {"max_tokens": 6, "stream_options": {"include_usage": True}}
+    whole = [p async for p in engine.stream(JobKind.CHAT, body, "r")]
+    sent = tuple(i for p in whole[:3] for i in p.token_ids or ())  # the role chunk and two tokens
+    assert len(sent) == 2
+    rest = await _chunks(engine, body | {"max_tokens": 4}, Resume(sent))
+    assert _text([cast(dict[str, Any], p.chunk) for p in whole[:3]]) + _text(rest) == _text(
+        [cast(dict[str, Any], p.chunk) for p in whole]
+    )
+    assert rest[-1]["usage"] == cast(dict[str, Any], whole[-1].chunk)["usage"]
+    assert "role" not in rest[0]["choices"][0]["delta"]
+    wrong = ((sent[0] + 1) % 12, sent[1])
+    assert _text(await _chunks(engine, body | {"max_tokens": 4}, Resume(wrong))) != _text(rest)
 
 
 async def test_too_long_request_is_refused_before_streaming() -> None:

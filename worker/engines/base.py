@@ -5,9 +5,32 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from conveyor.contract import JobKind
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One chunk of a stream, and the token ids it adds to the completion (choice 0): ``None`` when the engine cannot
+    say, and the stream then cannot be continued elsewhere after it. ``prompt_token_ids`` once the engine reports
+    what the prompt rendered to (vLLM: with the first chunk)."""
+
+    chunk: dict[str, Any] | str
+    token_ids: tuple[int, ...] | None = ()
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a stream that was cut on another worker goes on: the tokens already sent to the client (and the prompt's
+    token ids, when the engine reported them). The engine continues from the prompt plus these tokens and yields only
+    what comes after, as the original stream would have gone on: no role chunk again, its usage counting the whole
+    request (prompt as first rendered, every completion token once)."""
+
+    token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 class Engine(ABC):
@@ -42,8 +65,15 @@ class Engine(ABC):
         """Serve one non-streamed request."""
 
     @abstractmethod
-    def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any] | str]:
-        """Serve one streamed request (chat or completion)."""
+    def stream(
+        self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume | None = None
+    ) -> AsyncIterator[Piece]:
+        """Serve one streamed request (chat or completion), or go on with one cut elsewhere (``resume``; only for a
+        request ``unresumable`` has no objection to). ``body``'s ``max_tokens`` already counts what was sent."""
+
+    def unresumable(self, kind: JobKind, body: dict[str, Any]) -> str | None:
+        """Why a stream of this request could not be continued exactly on another worker, or None when it can."""
+        return "this engine cannot continue a generation"
 
     def schedules_by_priority(self) -> bool:
         """True when requests may carry a ``priority`` (vLLM: ``scheduling_policy="priority"``): batch lines then

@@ -16,13 +16,13 @@ import hashlib
 import math
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from conveyor.contract import JobKind
 from conveyor.errors import ConveyorError, InvalidRequest
 from worker.embed_batcher import inputs_of
-from worker.engines.base import Engine
+from worker.engines.base import Engine, Piece, Resume
 
 FAULT_FIELD = "fake_fault"
 
@@ -36,10 +36,24 @@ DEFAULT_MAX_TOKENS = 16
 MAX_MODEL_LEN = 2048
 
 
+def fake_token_ids(prompt: str, count: int, before: Sequence[int] = ()) -> list[int]:
+    """The token ids the fake engine generates after ``prompt`` and the tokens ``before``: each one picked by a hash
+    of the prompt and every token before it, as a model's next token depends on all of its context (so a
+    continuation from a wrong, missing or repeated token goes elsewhere from there on)."""
+    state = hashlib.sha256(prompt.encode())
+    for token in before:
+        state.update(bytes([token]))
+    out: list[int] = []
+    for _ in range(count):
+        token = state.copy().digest()[0] % len(VOCAB)
+        state.update(bytes([token]))
+        out.append(token)
+    return out
+
+
 def fake_tokens(prompt: str, count: int) -> list[str]:
-    """The completion the fake engine gives ``prompt``: ``count`` words picked by a hash of the prompt."""
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return [" " + VOCAB[(digest[i % len(digest)] + i) % len(VOCAB)] for i in range(count)]
+    """The completion the fake engine gives ``prompt``: ``count`` words."""
+    return [" " + VOCAB[token] for token in fake_token_ids(prompt, count)]
 
 
 def fake_vector(item: str | list[int], dim: int) -> list[float]:
@@ -130,37 +144,46 @@ class FakeEngine(Engine):
                 return self._embed(body)
             choices: list[list[str]] = [[] for _ in range(int(body.get("n") or 1))]
             async for index, token in self._generate(kind, body):
-                choices[index].append(token)
+                choices[index].append(" " + VOCAB[token])
             return self._response(kind, body, request_id, ["".join(c) for c in choices])
         finally:
             self._running -= 1
 
-    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+    def unresumable(self, kind: JobKind, body: dict[str, Any]) -> str | None:
+        return "n > 1: several choices cannot be continued" if int(body.get("n") or 1) > 1 else None
+
+    async def stream(
+        self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume | None = None
+    ) -> AsyncIterator[Piece]:
         self._prompt_tokens(kind, body)  # like vLLM: a bad request fails before the first chunk
         self._running += 1
         try:
             await self._fault(body)
             base = self._base(kind, body, request_id, chunk=True)
             n = int(body.get("n") or 1)
-            if kind is JobKind.CHAT:
+            ids = None if n > 1 else ()  # with several choices interleaved no one completion's tokens are known
+            if kind is JobKind.CHAT and resume is None:
                 for i in range(n):
-                    yield base | {
-                        "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-                    }
-            async for index, token in self._generate(kind, body):
-                yield base | {"choices": [self._choice(kind, index, token, None, chunk=True)]}
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield Piece(base | {"choices": [role]}, ids)
+            async for index, token in self._generate(kind, body, resume):
+                choice = self._choice(kind, index, " " + VOCAB[token], None, chunk=True)
+                yield Piece(base | {"choices": [choice]}, None if n > 1 else (token,))
             finish = self._finish_reason(body)
             for i in range(n):
-                yield base | {"choices": [self._choice(kind, i, "", finish, chunk=True)]}
+                yield Piece(base | {"choices": [self._choice(kind, i, "", finish, chunk=True)]}, ids)
             if (body.get("stream_options") or {}).get("include_usage"):
-                yield base | {"choices": [], "usage": self._usage(kind, body)}
+                yield Piece(base | {"choices": [], "usage": self._usage(kind, body, resume)}, ids)
         finally:
             self._running -= 1
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    def _max_tokens(self, body: dict[str, Any]) -> int:
-        return int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS)
+    def _max_tokens(self, body: dict[str, Any], resume: Resume | None = None) -> int:
+        """Tokens to generate now: a continuation's ``max_tokens`` already counts what was sent; without one, the
+        default is for the whole completion."""
+        explicit = body.get("max_completion_tokens") or body.get("max_tokens")
+        return int(explicit) if explicit else DEFAULT_MAX_TOKENS - len(resume.token_ids if resume else ())
 
     def _finish_reason(self, body: dict[str, Any]) -> str:
         return "length" if body.get("max_tokens") or body.get("max_completion_tokens") else "stop"
@@ -175,19 +198,25 @@ class FakeEngine(Engine):
             )
         return count
 
-    async def _generate(self, kind: JobKind, body: dict[str, Any]) -> AsyncIterator[tuple[int, str]]:
+    async def _generate(
+        self, kind: JobKind, body: dict[str, Any], resume: Resume | None = None
+    ) -> AsyncIterator[tuple[int, int]]:
+        """(choice index, token id) pairs, a step at a time."""
         self._prompt_tokens(kind, body)
         prompt = _prompt_text(kind, body)
         n = int(body.get("n") or 1)
-        for token in fake_tokens(prompt, self._max_tokens(body)):
+        before = resume.token_ids if resume else ()
+        for token in fake_token_ids(prompt, self._max_tokens(body, resume), before):
             for index in range(n):
                 yield index, token
             await asyncio.sleep(self.token_delay)
             await self._step()
 
-    def _usage(self, kind: JobKind, body: dict[str, Any]) -> dict[str, int]:
+    def _usage(self, kind: JobKind, body: dict[str, Any], resume: Resume | None = None) -> dict[str, int]:
+        """The whole request's usage: a continuation counts the tokens sent before it once."""
         prompt = self._prompt_tokens(kind, body)
-        completion = self._max_tokens(body) * int(body.get("n") or 1)
+        sent = len(resume.token_ids) if resume else 0
+        completion = (self._max_tokens(body, resume) + sent) * int(body.get("n") or 1)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _base(self, kind: JobKind, body: dict[str, Any], request_id: str, *, chunk: bool) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from conveyor.errors import (
 )
 from conveyor.paths import data_dir
 from worker.embed_batcher import inputs_of
-from worker.engines.base import Engine
+from worker.engines.base import Engine, Piece, Resume
 from worker.model_prep import PACKAGED_MODELS, resolve
 from worker.settings import WorkerSettings
 
@@ -381,9 +381,75 @@ class VLLMEngine(Engine):
             answers.append(bytes(response.body))
         return answers
 
-    async def stream(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+    def unresumable(self, kind: JobKind, body: dict[str, Any]) -> str | None:
+        """A continuation runs as a completion of the prompt's token ids plus those sent (vLLM has no way to resume a
+        request), so what that cannot reproduce exactly is refused: more than one choice, logprobs, guided decoding,
+        tools, an echoed prompt, and the chat parsers (reasoning, tool calls) that split a model's text."""
+        for field in UNRESUMABLE_FIELDS:
+            if body.get(field):
+                return f"`{field}` is set"
+        if int(body.get("n") or 1) > 1 or int(body.get("best_of") or 1) > 1:
+            return "n > 1: several choices cannot be continued"
+        if (body.get("response_format") or {}).get("type", "text") != "text":
+            return "guided decoding (response_format)"
+        if kind is JobKind.COMPLETION and not isinstance(body.get("prompt"), str | None):
+            prompt = body["prompt"]
+            if not (isinstance(prompt, list) and (all(isinstance(t, int) for t in prompt) or len(prompt) == 1)):
+                return "several prompts"
+        for option in ("reasoning_parser", "tool_call_parser", "enable_auto_tool_choice"):
+            if self.settings.engine_args.get(option):
+                return f"the engine runs with {option}"
+        return None
+
+    async def stream(
+        self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume | None = None
+    ) -> AsyncIterator[Piece]:
+        """vLLM's stream, asked for its token ids (``return_token_ids``), which are taken out of each chunk again
+        unless the client asked for them too; a continuation (``resume``) is a completion of the prompt's token ids
+        plus those already sent, its chunks given the shape, id and usage of the original stream."""
         if kind is JobKind.EMBEDDING:
             raise InvalidRequest("embeddings cannot be streamed", param="stream")
+        keep_ids = bool(body.get("return_token_ids"))
+        if resume is not None:
+            if resume.prompt_token_ids is None:
+                raise EngineFailure("the stream cannot be continued: its prompt's token ids were not recorded")
+            pieces = self._continue(kind, body, request_id, resume)
+        else:
+            pieces = self._stream_events(kind, body | {"return_token_ids": True}, request_id)
+        async for payload in pieces:
+            chunk = json.loads(payload)
+            prompt_ids = chunk.pop("prompt_token_ids", None) if not keep_ids else chunk.get("prompt_token_ids")
+            ids: list[int] = []
+            for choice in chunk.get("choices") or ():
+                ids += (choice.get("token_ids") if keep_ids else choice.pop("token_ids", None)) or ()
+            if resume is not None:
+                chunk = _as_original(kind, chunk, request_id, resume)
+            yield Piece(json.dumps(chunk, separators=(",", ":")), tuple(ids), _ids(prompt_ids))
+
+    async def _continue(
+        self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume
+    ) -> AsyncIterator[str]:
+        assert resume.prompt_token_ids is not None
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if limit is not None and int(limit) <= 0:  # cut after its last token: only its end is left to send
+            yield json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+            if usage:
+                yield json.dumps({"choices": [], "usage": _usage_of(len(resume.prompt_token_ids), 0)})
+            return
+        request = {field: body[field] for field in CONTINUATION_FIELDS if field in body}
+        request |= {
+            "model": body.get("model") or self.settings.model,
+            "prompt": [*resume.prompt_token_ids, *resume.token_ids],
+            "stream_options": {"include_usage": usage},
+        }
+        if limit is not None:
+            request["max_tokens"] = int(limit)
+        async for payload in self._stream_events(JobKind.COMPLETION, request, request_id):
+            yield payload
+
+    async def _stream_events(self, kind: JobKind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+        """The JSON of each chunk of vLLM's SSE stream."""
         result = await self._call(kind, self._request(kind, body, request_id, stream=True))
         _raise_if_error(result)
         if hasattr(result, "model_dump"):  # vLLM answered in one piece
@@ -403,6 +469,81 @@ class VLLMEngine(Engine):
             # On cancellation vLLM's generator already saw CancelledError and aborted the request; on an early
             # close (the consumer stopped iterating) closing it raises GeneratorExit inside, which aborts too.
             await result.aclose()
+
+
+#: request fields whose effect a continuation (a completion of token ids) cannot reproduce
+UNRESUMABLE_FIELDS = (
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "echo",
+    "use_beam_search",
+    "tools",
+    "functions",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "continue_final_message",
+)
+#: the sampling fields a continuation takes over from the original request (chat or completion)
+CONTINUATION_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "priority",
+    "user",
+)
+
+
+def _ids(value: Any) -> tuple[int, ...] | None:
+    return tuple(int(i) for i in value) if isinstance(value, list) else None
+
+
+def _usage_of(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _as_original(kind: JobKind, chunk: dict[str, Any], request_id: str, resume: Resume) -> dict[str, Any]:
+    """A continuation's completion chunk as the original stream would have sent it: a chat chunk for a chat (its
+    text the delta's content), the original id, and usage counting the prompt as first rendered and every completion
+    token once."""
+    assert resume.prompt_token_ids is not None
+    out = dict(chunk)
+    if kind is JobKind.CHAT:
+        out |= {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk"}
+        out["choices"] = [
+            {
+                "index": choice.get("index", 0),
+                "delta": {"content": choice["text"]} if choice.get("text") else {},
+                "logprobs": None,
+                "finish_reason": choice.get("finish_reason"),
+                **({"stop_reason": choice["stop_reason"]} if choice.get("stop_reason") is not None else {}),
+            }
+            for choice in chunk.get("choices") or ()
+        ]
+    else:
+        out["id"] = f"cmpl-{request_id}"
+    usage = chunk.get("usage")
+    if usage:
+        sent = len(resume.token_ids)
+        out["usage"] = usage | _usage_of(len(resume.prompt_token_ids), int(usage.get("completion_tokens", 0)) + sent)
+    return out
 
 
 def _raise_if_error(result: Any) -> None:

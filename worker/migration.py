@@ -1,0 +1,118 @@
+"""Request migration: a generation cut on one worker (killed, drained, its engine dead) goes on on the next one.
+
+Every frame of a stream is published by one script that also appends what the frame added to the completion to the
+job's progress list (``contract.StreamProgress``), and does both only while this worker holds the job's lease: the
+list never says more or less than the client was sent, and a worker that lost the job (stopped, then woken up after
+another took it over) cannot send a frame twice. The next worker that claims the job reads the list, continues from
+the prompt plus the tokens already sent, with ``max_tokens`` reduced by them, and numbers its frames on from there:
+the gateway relays one unbroken stream.
+
+A stream that cannot be continued exactly (``Engine.unresumable``), or one cut more than ``max_migrations`` times,
+ends with a ``worker_lost`` error event where it was cut instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from conveyor import contract
+from conveyor.contract import StreamProgress
+from worker.consumer import LeaseLost
+from worker.job_source import Fence
+from worker.pipeliner import Pipeliner
+
+#: Publish a frame and append its progress entry, unless another worker holds the job's lease now (a lease that lapsed
+#: with nobody taking it is still this worker's, as for a renewal). KEYS: lease key ('' for no check), stream channel,
+#: progress list. ARGV: lease holder, frame, progress entry, expire-at ms. Returns 1 when sent, 0 when not.
+PUBLISH_SCRIPT = """
+if KEYS[1] ~= '' then
+  local holder = redis.call('GET', KEYS[1])
+  if holder and holder ~= ARGV[1] then return 0 end
+end
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('PEXPIREAT', KEYS[3], ARGV[4])
+return 1
+"""
+
+#: Read a job's progress and, when there is some, count one more migration. KEYS: progress list, migrations counter.
+#: ARGV: expire-at ms. Returns {entries, migrations so far (this one included; 0 without progress)}.
+READ_SCRIPT = """
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+if #entries == 0 then return {entries, 0} end
+local n = redis.call('INCR', KEYS[2])
+redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+return {entries, n}
+"""
+
+#: progress outlives the job's deadline by this much (a job is never run after its deadline)
+KEEP_AFTER_DEADLINE_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A job that was already sending when its worker was lost: what was sent, and how many times it moved."""
+
+    progress: StreamProgress
+    migrations: int
+
+
+class Migration:
+    def __init__(self, redis: Redis, enabled: bool = True, max_migrations: int = 3) -> None:
+        self.enabled = enabled
+        self.max_migrations = max_migrations
+        self._pipeliner = Pipeliner(redis)
+        self._publish = redis.register_script(PUBLISH_SCRIPT)
+        self._read = redis.register_script(READ_SCRIPT)
+
+    async def cut(self, request_id: str, deadline: float) -> Cut | None:
+        """What an earlier worker sent of this job, or None when this is its first start (nothing sent)."""
+        keys = [contract.progress_key(request_id), contract.migrations_key(request_id)]
+        args = [_expire_at_ms(deadline)]
+        reply = await self._pipeliner.send(lambda pipe: self._read(keys=keys, args=args, client=pipe))
+        entries, migrations = cast(tuple[list[bytes], int], reply)
+        return Cut(StreamProgress.decode(entries), int(migrations)) if entries else None
+
+    def refusal(self, cut: Cut) -> str | None:
+        """Why ``cut`` is not continued here (it then ends with an error event), or None."""
+        if cut.progress.unresumable:
+            return f"it cannot be continued exactly ({cut.progress.unresumable})"
+        if not self.enabled:
+            return "request migration is off (CONVEYOR_WORKER_MIGRATE=false)"
+        if cut.migrations > self.max_migrations:
+            return f"it was already moved {self.max_migrations} times (CONVEYOR_WORKER_MAX_MIGRATIONS)"
+        return None
+
+    async def publish(
+        self, fence: Fence | None, request_id: str, frame: bytes, entry: bytes, deadline: float
+    ) -> None:
+        """Send one frame of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
+        another worker's now (nothing is sent then)."""
+        keys = [fence.key if fence else "", contract.stream_channel(request_id), contract.progress_key(request_id)]
+        args: list[str | bytes | int] = [fence.holder if fence else "", frame, entry, _expire_at_ms(deadline)]
+
+        def queue(pipe: Any) -> Awaitable[Any]:
+            return cast(Awaitable[Any], self._publish(keys=keys, args=args, client=pipe))
+
+        if not await self._pipeliner.send(queue):
+            raise LeaseLost(request_id)
+
+    async def close(self) -> None:
+        await self._pipeliner.close()
+
+
+def continued_body(body: dict[str, Any], sent: int) -> dict[str, Any]:
+    """The request a continuation runs: its token limit less what was already sent."""
+    out = dict(body)
+    for field in ("max_tokens", "max_completion_tokens"):
+        if out.get(field):
+            out[field] = max(int(out[field]) - sent, 0)  # 0: cut after its last token, before its finish
+    return out
+
+
+def _expire_at_ms(deadline: float) -> int:
+    return int(deadline * 1000) + KEEP_AFTER_DEADLINE_MS
