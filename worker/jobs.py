@@ -213,17 +213,22 @@ class JobRunner:
         self, request_id: str, reply_to: str, stream: bool, error: ConveyorError, deadline: float
     ) -> Done:
         """Answer a job with an error without running it."""
-        if stream:
-            frame = StreamFrame.failure(0, error.info()).encode()
-            await self.migration.publish(None, request_id, frame, b"", deadline)
-            metrics.STREAM_MESSAGES.labels(self.model).inc()
+        if stream:  # numbered on from what an earlier worker sent of it
+            cut = await self.migration.cut(request_id, deadline)
+            frame = StreamFrame.failure(cut.progress.seq if cut else 0, error.info())
+            await self._send(None, request_id, frame, deadline)
             return Done(deadline)
         return Done(deadline, _delivery(reply_to, Reply(request_id, error=error.info())))
 
     async def _publish(
         self, envelope: JobEnvelope, fence: Fence | None, frame: StreamFrame, entry: bytes = b""
     ) -> None:
-        await self.migration.publish(fence, envelope.request_id, frame.encode(), entry, envelope.deadline)
+        await self._send(fence, envelope.request_id, frame, envelope.deadline, entry)
+
+    async def _send(
+        self, fence: Fence | None, request_id: str, frame: StreamFrame, deadline: float, entry: bytes = b""
+    ) -> None:
+        await self.migration.publish(fence, request_id, frame.encode(), entry, deadline)
         metrics.STREAM_MESSAGES.labels(self.model).inc()
 
 

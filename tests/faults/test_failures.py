@@ -28,14 +28,14 @@ def test_workers_ride_out_a_redis_outage_and_lose_no_job(persist: bool) -> None:
     assert result.words_answered == result.words_asked  # the job held through the outage was answered in full
 
 
-def test_a_killed_workers_jobs_are_answered_by_the_other_and_its_stream_ends_clearly(procs: Processes) -> None:
+def test_a_killed_workers_jobs_are_answered_by_the_other_and_its_stream_goes_on_there(procs: Processes) -> None:
     gateway = procs.gateway(models=MODEL)
     workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.05", "--max-jobs", "4") for _ in range(2)]
 
     def running(worker_index: int) -> float:
         return metric(workers[worker_index].metrics(), "conveyor_worker_running_jobs")
 
-    async def kill_one_while_busy() -> tuple[list[int], str, float]:
+    async def kill_one_while_busy() -> tuple[list[int], int, float]:
         sdk = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
         try:
             calls = [
@@ -52,23 +52,18 @@ def test_a_killed_workers_jobs_are_answered_by_the_other_and_its_stream_ends_cle
             victim = next(w for w in workers if metric(w.metrics(), "conveyor_worker_stream_messages_total") > 0)
             victim.process.send_signal(signal.SIGKILL)
             killed = time.monotonic()
-            error = ""
-            try:
-                async for _ in stream:
-                    pass
-            except openai.APIError as exc:
-                error = str(exc.code or exc.message)
-            lost_after = time.monotonic() - killed
+            async for chunk in stream:  # continued on the other worker (tests/faults/test_migration.py)
+                chunks += bool(chunk.choices and chunk.choices[0].delta.content)
+            ended_after = time.monotonic() - killed
             answers = await asyncio.gather(*calls)
-            return [len((a.choices[0].message.content or "").split()) for a in answers], error, lost_after
+            return [len((a.choices[0].message.content or "").split()) for a in answers], chunks, ended_after
         finally:
             await sdk.close()
 
-    lengths, error, lost_after = asyncio.run(kill_one_while_busy())
+    lengths, chunks, ended_after = asyncio.run(kill_one_while_busy())
     assert lengths == [60] * 6  # every sync request answered, in full, exactly once
-    assert "worker_lost" in error
-    print(f"stream told worker_lost {lost_after:.1f} s after the SIGKILL")
-    assert lost_after < 15
+    assert chunks == 401  # the role chunk, then every one of its 400 tokens once
+    print(f"the stream ended {ended_after:.1f} s after the SIGKILL")
 
 
 @pytest.mark.parametrize("fault", ["die", "hang"])
