@@ -137,9 +137,7 @@ class JobRunner:
             return _outcome(error), Reply(envelope.request_id, error=error.info())
         return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
-    async def _stream(
-        self, envelope: JobEnvelope, left: float, fence: Fence | None
-    ) -> tuple[str, tuple[int, int]]:
+    async def _stream(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, tuple[int, int]]:
         """Publish the stream's frames, each with what it adds to the completion (``worker.migration``), going on
         where an earlier worker was cut; returns the outcome and, for a job with an API key, the engine's usage (asked
         of the engine even when the client did not ask for it, and then not passed on)."""
@@ -179,9 +177,7 @@ class JobRunner:
         refusal = self.migration.refusal(cut)
         if refusal is not None:
             metrics.MIGRATIONS.labels(self.model, "refused").inc()
-            raise WorkerLost(
-                f"The worker serving this stream was lost after {cut.progress.seq} chunks and {refusal}."
-            )
+            raise WorkerLost(f"The worker serving this stream was lost after {cut.progress.seq} chunks and {refusal}.")
         metrics.MIGRATIONS.labels(self.model, "resumed").inc()
         log.info(
             "continuing a stream cut on another worker after %d chunks (%d tokens; migration %d)",

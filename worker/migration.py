@@ -87,9 +87,7 @@ class Migration:
             return f"it was already moved {self.max_migrations} times (CONVEYOR_WORKER_MAX_MIGRATIONS)"
         return None
 
-    async def publish(
-        self, fence: Fence | None, request_id: str, frame: bytes, entry: bytes, deadline: float
-    ) -> None:
+    async def publish(self, fence: Fence | None, request_id: str, frame: bytes, entry: bytes, deadline: float) -> None:
         """Send one frame of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
         another worker's now (nothing is sent then)."""
         keys = [fence.key if fence else "", contract.stream_channel(request_id), contract.progress_key(request_id)]

@@ -18,7 +18,9 @@ import pytest_asyncio
 from conveyor.contract import JobKind
 from conveyor.errors import InvalidRequest, ModelNotFound
 from worker import model_prep
+from worker.engines.base import Piece, Resume
 from worker.engines.vllm_engine import VLLMEngine
+from worker.migration import continued_body
 from worker.settings import WorkerSettings
 
 pytestmark = [
@@ -67,6 +69,10 @@ def _text(body: dict[str, Any]) -> str:
     return str(choice["message"]["content"] if "message" in choice else choice["text"])
 
 
+def _parsed(pieces: list[Piece]) -> list[dict[str, Any]]:
+    return [json.loads(p.chunk) if isinstance(p.chunk, str) else p.chunk for p in pieces]
+
+
 def _joined(chunks: list[dict[str, Any]]) -> str:
     parts = []
     for chunk in chunks:
@@ -104,11 +110,16 @@ class TestGenerate:
             else {"prompt": "A queue is a data structure that"}
         )
         full = await _run(engine, kind, body, f"full-{kind}")
-        chunks = [
-            json.loads(c) if isinstance(c, str) else c
-            async for c in engine.stream(kind, {**body, "stream_options": {"include_usage": True}}, f"stream-{kind}")
-        ]
+        chunks = _parsed(
+            [
+                p
+                async for p in engine.stream(
+                    kind, {**body, "stream_options": {"include_usage": True}}, f"stream-{kind}"
+                )
+            ]
+        )
         assert len(chunks) > 3
+        assert not any("token_ids" in c or "prompt_token_ids" in c for c in chunks)  # asked for us, not passed on
         assert chunks[0]["object"] == ("chat.completion.chunk" if kind is JobKind.CHAT else "text_completion")
         assert _joined(chunks) == _text(full)
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
@@ -117,6 +128,39 @@ class TestGenerate:
         assert chunks[-1]["usage"] == {
             k: full["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         }
+
+    @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
+    async def test_a_stream_continued_from_its_tokens_equals_the_uninterrupted_one(
+        self, engine: VLLMEngine, kind: JobKind
+    ) -> None:
+        """Request migration on the real engine: cut after a few chunks, then continued from the prompt's token ids
+        plus the tokens sent (``max_tokens`` reduced by them), greedy decoding gives the same text token for token,
+        the same chunk shape and id, and usage counting each token once."""
+        body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "max_tokens": 40, "ignore_eos": True}
+        body |= {"messages": PARIS} if kind is JobKind.CHAT else {"prompt": "The three primary colours are"}
+        body |= {"stream_options": {"include_usage": True}}
+        assert engine.unresumable(kind, body) is None
+        whole = [p async for p in engine.stream(kind, body, f"whole-{kind}")]
+        head: list[Any] = []
+        async for piece in engine.stream(kind, body, f"cut-{kind}"):
+            head.append(piece)
+            if len(head) == 8:
+                break  # the worker was lost here
+        sent = tuple(i for piece in head for i in piece.token_ids or ())
+        prompt = next(p.prompt_token_ids for p in head if p.prompt_token_ids)
+        assert sent and prompt
+        resume = Resume(sent, prompt)
+        rest = [p async for p in engine.stream(kind, continued_body(body, len(sent)), f"cut-{kind}", resume)]
+        cut, uncut = _parsed(head + rest), _parsed(whole)
+        assert _joined(cut) == _joined(uncut)
+        assert tuple(i for p in head + rest for i in p.token_ids or ()) == tuple(
+            i for p in whole for i in p.token_ids or ()
+        )
+        assert cut[-1]["usage"] == uncut[-1]["usage"]
+        assert {c["object"] for c in cut} == {uncut[0]["object"]}
+        assert {c["id"] for c in cut} == {uncut[0]["id"].replace("whole-", "cut-")}
+        assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"]][-1] == "length"
+        assert engine.unresumable(JobKind.CHAT, body | {"n": 2}) and engine.unresumable(kind, body | {"logprobs": 2})
 
     async def test_json_schema_response_format(self, engine: VLLMEngine) -> None:
         schema = {

@@ -418,10 +418,13 @@ class VLLMEngine(Engine):
             pieces = self._stream_events(kind, body | {"return_token_ids": True}, request_id)
         async for payload in pieces:
             chunk = json.loads(payload)
-            prompt_ids = chunk.pop("prompt_token_ids", None) if not keep_ids else chunk.get("prompt_token_ids")
+            keep_prompt = keep_ids and resume is None  # a continuation's prompt is not the one the client sent
+            prompt_ids = chunk.get("prompt_token_ids") if keep_prompt else chunk.pop("prompt_token_ids", None)
             ids: list[int] = []
-            for choice in chunk.get("choices") or ():
+            for choice in chunk.get("choices") or ():  # a completion's prompt ids come in its choice
                 ids += (choice.get("token_ids") if keep_ids else choice.pop("token_ids", None)) or ()
+                in_choice = choice.get("prompt_token_ids") if keep_prompt else choice.pop("prompt_token_ids", None)
+                prompt_ids = prompt_ids or in_choice
             if resume is not None:
                 chunk = _as_original(kind, chunk, request_id, resume)
             yield Piece(json.dumps(chunk, separators=(",", ":")), tuple(ids), _ids(prompt_ids))
@@ -442,6 +445,7 @@ class VLLMEngine(Engine):
             "model": body.get("model") or self.settings.model,
             "prompt": [*resume.prompt_token_ids, *resume.token_ids],
             "stream_options": {"include_usage": usage},
+            "return_token_ids": True,  # what it adds, for a later continuation
         }
         if limit is not None:
             request["max_tokens"] = int(limit)
