@@ -161,15 +161,17 @@ class JobRunner:
                             continue
                     ids = None if why else piece.token_ids
                     entry = StreamProgress.entry(ids, piece.prompt_token_ids, why or "")
-                    await self._publish(envelope, fence, StreamFrame.chunk(seq, piece.chunk), entry)
+                    await self._send(
+                        fence, envelope.request_id, StreamFrame.chunk(seq, piece.chunk), envelope.deadline, entry
+                    )
                     seq += 1
         except LeaseLost:
             raise
         except Exception as exc:
             error = self._client_error(envelope.request_id, exc)
-            await self._publish(envelope, fence, StreamFrame.failure(seq, error.info()))
+            await self._send(fence, envelope.request_id, StreamFrame.failure(seq, error.info()), envelope.deadline)
             return _outcome(error), tokens
-        await self._publish(envelope, fence, StreamFrame(seq, "end"))
+        await self._send(fence, envelope.request_id, StreamFrame(seq, "end"), envelope.deadline)
         return "ok", tokens
 
     def _resume(self, envelope: JobEnvelope, cut: Cut) -> Resume:
@@ -215,11 +217,6 @@ class JobRunner:
             await self._send(None, request_id, frame, deadline)
             return Done(deadline)
         return Done(deadline, _delivery(reply_to, Reply(request_id, error=error.info())))
-
-    async def _publish(
-        self, envelope: JobEnvelope, fence: Fence | None, frame: StreamFrame, entry: bytes = b""
-    ) -> None:
-        await self._send(fence, envelope.request_id, frame, envelope.deadline, entry)
 
     async def _send(
         self, fence: Fence | None, request_id: str, frame: StreamFrame, deadline: float, entry: bytes = b""

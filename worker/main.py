@@ -189,6 +189,8 @@ async def _serve_engine(
         bulk_jobs=settings.bulk_jobs,
     )
     metrics.ENGINE_RUNNING.labels(settings.model).set_function(engine.running_requests)
+    for outcome in ("resumed", "refused"):  # exported from the start: a rate of 0 until the first migration
+        metrics.MIGRATIONS.labels(settings.model, outcome)
     loop = asyncio.get_running_loop()
     draining: list[asyncio.Task[None]] = []
 

@@ -88,6 +88,11 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
             ("Job outcomes", "Jobs finished per second on the workers, by outcome.", "ops",
              [(f"sum by (model, outcome) (rate(conveyor_worker_jobs_total{{{M}}}{RATE}))", "{{model}} {{outcome}}")],
              "timeseries"),
+            ("Stream migrations", "Streams cut on one worker (killed, drained, its engine dead) that reached another, "
+             "per second: resumed where they were cut, or refused (migration off, over its limit, or not continuable "
+             "exactly) with a worker_lost error event.", "ops",
+             [(f"sum by (model, outcome) (rate(conveyor_worker_migrations_total{{{M}}}{RATE}))",
+               "{{model}} {{outcome}}")], "timeseries"),
             ("Job duration p95 by kind", "Time a job ran on a worker (chat, completion, embedding, bulk chunk).", "s",
              quantiles("conveyor_worker_job_duration_seconds", "model, kind", M, (0.95,)), "timeseries"),
             ("Batch progress", "Lines of the batches still running, by state: pending, completed, failed.",
