@@ -257,6 +257,17 @@ def model_failure_key(model: str) -> str:
     return f"{KEY_PREFIX}:failed:{model}"
 
 
+def scale_to_zero_key(model: str) -> str:
+    """Set (expiring, refreshed) while a model may have no worker at all: a request for it then waits in its queue
+    for a worker to start instead of a 503 (``min_workers = 0``, or ``CONVEYOR_GATEWAY_SCALE_TO_ZERO``). Its value
+    is the model's capabilities as a JSON list (``[]``: not known, the check is left to the worker)."""
+    return f"{KEY_PREFIX}:zero:{model}"
+
+
+#: how long a ``scale_to_zero_key`` lives unless refreshed (by ``conveyor up`` or the gateways that allow it)
+SCALE_TO_ZERO_TTL_SECONDS = 30
+
+
 def model_card_key(model: str) -> str:
     """What the workers of a model advertise (capabilities, context length); refreshed with every heartbeat."""
     return f"{KEY_PREFIX}:model:{model}"

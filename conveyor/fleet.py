@@ -20,7 +20,7 @@ from redis.exceptions import WatchError
 from conveyor import contract
 from conveyor.errors import InvalidRequest
 
-RunState = Literal["loading", "serving", "restarting", "draining", "failed"]
+RunState = Literal["loading", "serving", "restarting", "draining", "scaled_to_zero", "failed"]
 
 
 class ModelSpec(BaseModel):
@@ -33,6 +33,11 @@ class ModelSpec(BaseModel):
     engine: Literal["vllm", "fake"] = "vllm"
     task: Literal["auto", "generate", "embed"] = "auto"
     replicas: int = Field(default=1, ge=1, le=64)
+    #: workers kept while the model is idle: 0 lets it scale to zero (its workers stop after ``idle_seconds``
+    #: without work, and start again when a request arrives, which waits in the queue meanwhile); default: replicas
+    min_workers: int | None = Field(default=None, ge=0, le=64)
+    #: seconds without queued or running work before a model with ``min_workers`` below its replicas scales down
+    idle_seconds: float = Field(default=300.0, gt=0)
     gpus: list[str] = Field(default_factory=list)
     #: GPUs this model may share with other models that say so too (else an overlap is refused)
     share_gpus: bool = False
@@ -54,7 +59,18 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name}: give either gpus (one worker each) or replicas, not both")
         if self.gpus:
             self.replicas = len(self.gpus)
+        if self.min_workers is not None and self.min_workers > self.replicas:
+            raise ValueError(f"model {self.name}: min_workers ({self.min_workers}) is more than its replicas")
         return self
+
+    @property
+    def idle_workers(self) -> int:
+        """How many workers it keeps while idle (0: it scales to zero)."""
+        return self.replicas if self.min_workers is None else self.min_workers
+
+    def capabilities(self) -> list[str]:
+        """What its workers will be able to do, as far as the spec says (``auto``: not known before they start)."""
+        return {"embed": ["embed"], "generate": ["generate"]}.get(self.task, [])
 
     def workers(self) -> list[tuple[list[str], dict[str, str]]]:
         """The command-line arguments and environment of each of this model's workers."""
@@ -72,7 +88,8 @@ class ModelSpec(BaseModel):
 
     def same_workers(self, other: ModelSpec) -> bool:
         """Whether ``other`` runs workers like these (only the number of replicas may differ)."""
-        return self.model_dump(exclude={"replicas"}) == other.model_dump(exclude={"replicas"})
+        scaling = {"replicas", "min_workers", "idle_seconds"}
+        return self.model_dump(exclude=scaling) == other.model_dump(exclude=scaling)
 
 
 def check_fleet(specs: Iterable[ModelSpec]) -> None:
@@ -165,6 +182,15 @@ class FleetStore:
     async def runs(self) -> dict[str, ModelRun]:
         raw = await cast(Any, self.redis.hgetall(contract.FLEET_STATUS))
         return {_text(k): ModelRun.model_validate_json(v) for k, v in raw.items()}
+
+    async def allow_zero(self, specs: Iterable[ModelSpec]) -> None:
+        """Mark these models as ones whose requests wait for a worker to start (``contract.scale_to_zero_key``),
+        for the next ``SCALE_TO_ZERO_TTL_SECONDS`` (refreshed by each round of ``conveyor up``)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for spec in specs:
+                key = contract.scale_to_zero_key(spec.name)
+                pipe.set(key, json.dumps(spec.capabilities()), ex=contract.SCALE_TO_ZERO_TTL_SECONDS)
+            await pipe.execute()
 
     async def set_runs(self, runs: dict[str, ModelRun], gone: Iterable[str] = ()) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

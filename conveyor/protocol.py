@@ -92,8 +92,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "conveyor"
-    #: serving (a live worker), loading (workers starting), failed (the last worker's engine failed), unavailable
-    status: Literal["serving", "loading", "failed", "unavailable"] = "serving"
+    #: serving (a live worker), loading (workers starting), scaled_to_zero (no worker: a request waits for one to
+    #: start), failed (the last worker's engine failed), unavailable
+    status: Literal["serving", "loading", "scaled_to_zero", "failed", "unavailable"] = "serving"
     max_model_len: int | None = None
     capabilities: list[str] = Field(default_factory=list)
     live_workers: int = 0

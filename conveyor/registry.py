@@ -61,16 +61,32 @@ class ModelStatus:
     queue_depth: int
     loading_workers: int = 0
     failure: Failure | None = None
+    #: the model may have no worker at all: its requests wait in the queue for one to start
+    may_scale_to_zero: bool = False
+    #: batch chunks on its bulk lane, waiting or running
+    bulk_depth: int = 0
 
     @property
     def state(self) -> str:
-        """serving (a live worker), loading (only workers still loading), failed (a recent engine failure and no
-        worker), or unavailable."""
+        """serving (a live worker), loading (only workers still loading), scaled_to_zero (no worker, and requests
+        wait for one), failed (a recent engine failure and no worker), or unavailable."""
         if self.live_workers:
             return "serving"
         if self.loading_workers:
             return "loading"
+        if self.may_scale_to_zero:
+            return "scaled_to_zero"
         return "failed" if self.failure is not None else "unavailable"
+
+    @property
+    def can_take_requests(self) -> bool:
+        """A request for it is queued now (a live worker, or one that starts on demand)."""
+        return self.live_workers > 0 or self.may_scale_to_zero
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs waiting or running, interactive and bulk: the demand that keeps (or brings) its workers up."""
+        return self.queue_depth + self.bulk_depth
 
 
 def _sets(worker: WorkerInfo) -> tuple[str, str]:
@@ -115,13 +131,17 @@ async def model_status(redis: Redis, model: str) -> ModelStatus:
         pipe.zcard(contract.queue_name(model))
         pipe.zcount(contract.model_loading_key(model), now, "+inf")
         pipe.get(contract.model_failure_key(model))
-        live, card, depth, loading, failure = await pipe.execute()
+        pipe.exists(contract.scale_to_zero_key(model))
+        pipe.zcard(contract.bulk_queue_name(model))
+        live, card, depth, loading, failure, zero, bulk = await pipe.execute()
     return ModelStatus(
         live_workers=int(live),
         info=ModelInfo.model_validate_json(card) if card and live else None,
         queue_depth=int(depth),
         loading_workers=int(loading),
         failure=Failure.model_validate_json(failure) if failure else None,
+        may_scale_to_zero=bool(zero),
+        bulk_depth=int(bulk),
     )
 
 
@@ -178,6 +198,7 @@ async def forget_model(redis: Redis, model: str) -> None:
         pipe.delete(
             contract.model_card_key(model),
             contract.model_failure_key(model),
+            contract.scale_to_zero_key(model),
             contract.model_workers_key(model),
             contract.model_loading_key(model),
         )

@@ -1,7 +1,8 @@
 -- Admit and enqueue one job atomically: one round trip, so every bound (the model's queue depth, an API key's limits)
 -- is exact however many gateways admit at once. conveyor/rate_window.lua is prepended.
--- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel;
---       with an API key: 6 its record, 7 its requests window, 8 its tokens window, 9 its unfinished jobs
+-- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel, 6 the
+--       model's scale-to-zero marker (a model with no worker that has it waits for one: contract.scale_to_zero_key);
+--       with an API key: 7 its record, 8 its requests window, 9 its tokens window, 10 its unfinished jobs
 -- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 serialised arq job, 5 expiry ms, 6 score (enqueue ms),
 --       7 job id; with an API key: 8 model, 9 tokens charged, 10 bucket second, 11 deadline (unix s)
 -- Returns {code, queue depth, then with a key: for requests and for tokens each limit, used, retry ms, reset ms (all
@@ -10,12 +11,12 @@
 -- minute, 8 over the tokens per minute, 9 larger than the tokens per minute, 10 over the key's queued jobs.
 local now = tonumber(ARGV[1])
 local depth = redis.call('ZCARD', KEYS[3])
-local keyed = #KEYS > 5
+local keyed = #KEYS > 6
 local none = {-1, -1, -1, -1}
 local requests, tokens = none, none
 local record
 if keyed then
-  record = redis.call('HMGET', KEYS[6], 'name', 'revoked_at', 'rpm', 'tpm', 'max_queued', 'models')
+  record = redis.call('HMGET', KEYS[7], 'name', 'revoked_at', 'rpm', 'tpm', 'max_queued', 'models')
   if not record[1] or record[2] then return {5, depth} end
   if record[6] then
     local allowed = false
@@ -33,25 +34,32 @@ local function result(code)  -- the code, the depth and the key's windows
 end
 local live = redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')
 local card = redis.call('GET', KEYS[2])
-if live == 0 or not card then
-  return {0, depth}
+local capabilities
+if live > 0 and card then
+  capabilities = cjson.decode(card)['capabilities']
+else
+  local zero = redis.call('GET', KEYS[6])  -- no worker now: it waits for one if the model may be at zero
+  if not zero then return {0, depth} end
+  capabilities = card and cjson.decode(card)['capabilities'] or cjson.decode(zero)
 end
-local capable = false
-for _, capability in ipairs(cjson.decode(card)['capabilities']) do
-  if capability == ARGV[3] then capable = true end
-end
-if not capable then
-  return {3, depth}
+if #capabilities > 0 then
+  local capable = false
+  for _, capability in ipairs(capabilities) do
+    if capability == ARGV[3] then capable = true end
+  end
+  if not capable then
+    return {3, depth}
+  end
 end
 if keyed then
-  if record[3] then requests = window(KEYS[7], tonumber(record[3]), 1, now) end
-  if record[4] then tokens = window(KEYS[8], tonumber(record[4]), tonumber(ARGV[9]), now) end
+  if record[3] then requests = window(KEYS[8], tonumber(record[3]), 1, now) end
+  if record[4] then tokens = window(KEYS[9], tonumber(record[4]), tonumber(ARGV[9]), now) end
   if requests[3] ~= 0 and requests ~= none then return result(7) end
   if tokens[3] == -1 and tokens ~= none then return result(9) end
   if tokens[3] ~= 0 and tokens ~= none then return result(8) end
   if record[5] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
-    if redis.call('ZCARD', KEYS[9]) >= tonumber(record[5]) then return result(10) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+    if redis.call('ZCARD', KEYS[10]) >= tonumber(record[5]) then return result(10) end
   end
 end
 if depth >= tonumber(ARGV[2]) then
@@ -64,12 +72,12 @@ redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('PUBLISH', KEYS[5], 'job')  -- contract.WAKE_JOB
 if keyed then
-  if requests ~= none then charge(KEYS[7], ARGV[10], 1) end
-  if tokens ~= none then charge(KEYS[8], ARGV[10], ARGV[9]) end
+  if requests ~= none then charge(KEYS[8], ARGV[10], 1) end
+  if tokens ~= none then charge(KEYS[9], ARGV[10], ARGV[9]) end
   if record[5] then
-    redis.call('ZADD', KEYS[9], ARGV[11], ARGV[7])
+    redis.call('ZADD', KEYS[10], ARGV[11], ARGV[7])
     local ttl = math.ceil(tonumber(ARGV[11]) - now) + 1
-    if redis.call('TTL', KEYS[9]) < ttl then redis.call('EXPIRE', KEYS[9], ttl) end
+    if redis.call('TTL', KEYS[10]) < ttl then redis.call('EXPIRE', KEYS[10], ttl) end
   end
 end
 return result(1)

@@ -129,6 +129,7 @@ class ArqJobQueue:
             contract.queue_name(model),
             job_key_prefix + envelope.request_id,
             contract.wake_channel(model),
+            contract.scale_to_zero_key(model),
         ]
         args: list[str | int | bytes] = [
             repr(now),

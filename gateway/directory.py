@@ -23,7 +23,16 @@ class ModelDirectory:
         """The models this deployment expects: ``CONVEYOR_GATEWAY_MODELS``, and the fleet ``conveyor up`` runs."""
         with redis_errors():
             fleet = await cast(Awaitable[list[bytes]], self.redis.hkeys(contract.FLEET_MODELS))
-        return set(self.settings.models) | {name.decode() for name in fleet}
+        return set(self.settings.models) | set(self.settings.scale_to_zero) | {name.decode() for name in fleet}
+
+    async def allow_zero(self, models: list[str]) -> None:
+        """Mark ``models`` as ones whose requests wait for a worker to start (capabilities unknown here: ``[]``)."""
+        if models:
+            with redis_errors():
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for model in models:
+                        pipe.set(contract.scale_to_zero_key(model), "[]", ex=contract.SCALE_TO_ZERO_TTL_SECONDS)
+                    await pipe.execute()
 
     async def names(self) -> set[str]:
         """Every model this deployment knows: configured, or served by a worker at some time (until it is removed

@@ -156,23 +156,27 @@ class ServingService:
 
     async def readiness(self, models: bool = True) -> dict[str, Any]:
         """Ready when Redis answers and (with ``models``) at least one model is configured and every configured model
-        has a live worker. No configured model at all is not ready: that is also what a gateway sees while
-        ``conveyor up`` has not written its fleet yet, and a system that serves nothing is not ready to serve."""
+        can take requests (a live worker, or ``scaled_to_zero``: its requests wait for a worker to start). No
+        configured model at all is not ready: that is also what a gateway sees while ``conveyor up`` has not written
+        its fleet yet, and a system that serves nothing is not ready to serve."""
         statuses: dict[str, dict[str, Any]] = {}
+        taking = True
         try:
             for model in sorted(await self.directory.configured()) if models else ():
                 status = await self.directory.status(model)
                 statuses[model] = {"status": status.state, "live_workers": status.live_workers}
+                taking = taking and status.can_take_requests
             if not statuses:
                 with redis_errors():
                     await self.directory.redis.ping()
         except BackendUnavailable:
             return {"ready": False, "redis": False, "models": statuses}
-        ready = not models or (bool(statuses) and all(m["live_workers"] > 0 for m in statuses.values()))
-        return {"ready": ready, "redis": True, "models": statuses}
+        return {"ready": not models or (bool(statuses) and taking), "redis": True, "models": statuses}
 
     async def refresh_known_models(self) -> set[str]:
-        """The set of models that may be metric labels (a model a worker registers later gets its own series)."""
+        """The set of models that may be metric labels (a model a worker registers later gets its own series); and
+        the models this gateway lets scale to zero, marked so again (``contract.scale_to_zero_key``)."""
+        await self.directory.allow_zero(self.settings.scale_to_zero)
         self.metrics.known_models = await self.directory.names()
         return self.metrics.known_models
 

@@ -24,6 +24,10 @@ class GatewaySettings(BaseSettings):
     #: served model names this deployment expects (comma-separated); a request for one with no live worker is
     #: answered 503 at once, a name that is neither configured nor served by any worker is 404
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: models that may have no worker at all (comma-separated; e.g. KEDA with ``minReplicaCount: 0``): a request
+    #: for one with no live worker waits in its queue, within its deadline, for a worker to start (``conveyor up``
+    #: says this itself for its models with ``min_workers = 0``)
+    scale_to_zero: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: static bearer keys clients may send (comma-separated), without limits or usage accounting. Managed keys
     #: (``conveyor keys``) work beside them; with neither, requests need no key
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -59,7 +63,7 @@ class GatewaySettings(BaseSettings):
     #: one log line per request (uvicorn's access log); off by default, it costs ~6% of the gateway's CPU
     access_log: bool = False
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "scale_to_zero", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -6,6 +6,9 @@ Every ``TICK_SECONDS`` it reads the desired state (``conveyor.fleet``, changed b
 - rolls a changed model: the new workers start beside the old ones, which drain (SIGTERM: finish what they hold,
   hand back the rest) only once every new one serves; if the new ones cannot start, the old ones go on serving;
 - drains and stops a removed model's workers, then forgets the model (it answers 404, not 503);
+- scales a model with ``min_workers`` below its replicas: up to its replicas as soon as work waits for it (queued
+  or running, interactive or bulk), down to ``min_workers`` after ``idle_seconds`` without any; a model that may
+  have no worker at all is marked so in Redis (``contract.scale_to_zero_key``), and its requests wait in the queue;
 - restarts a worker that exited (a crash; exit code 3 is its engine dying or hanging, ``worker.main``) after an
   exponential backoff, and stops restarting a model whose workers exited ``restart_limit`` times within
   ``CRASH_WINDOW_SECONDS``: the model is ``failed``, with its last log lines, and the rest of the fleet goes on;
@@ -121,6 +124,15 @@ class Model:
     message: str = ""
     last_log: list[str] = field(default_factory=list)
     removed: bool = False
+    #: scaled up to its replicas (a model that keeps fewer while idle: ``ModelSpec.min_workers``)
+    active: bool = False
+    #: when work last waited for it or ran on it
+    busy_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def wanted(self) -> int:
+        """Workers it should have now."""
+        return self.spec.replicas if self.active else self.spec.idle_workers
 
 
 class Supervisor:
@@ -175,7 +187,9 @@ class Supervisor:
                 for worker in model.workers + model.outgoing:
                     self._stop(worker)
         now = time.monotonic()
+        await self.fleet.allow_zero(m.spec for m in self.models.values() if self._may_be_at_zero(m))
         for name, model in list(self.models.items()):
+            await self._scale(name, model, now)
             live = {w.pid for w in await registry.live_workers(self.redis, name)}
             for worker in [*model.workers, *model.outgoing]:
                 self._watch(model, worker, live, now)
@@ -206,8 +220,11 @@ class Supervisor:
         model = self.models.get(name)
         if model is None:
             model = self.models[name] = Model(spec)
-            self.say(f"model {name}: starting {spec.replicas} worker(s)")
-            model.workers = [self._worker(name, i, spec) for i in range(spec.replicas)]
+            if not model.wanted:
+                self.say(f"model {name}: scaled to zero; its workers start when a request arrives")
+                return
+            self.say(f"model {name}: starting {model.wanted} worker(s)")
+            model.workers = [self._worker(name, i, spec) for i in range(model.wanted)]
             return
         if model.removed:  # added again while its old workers drain: they go on draining, new ones start
             model.removed = False
@@ -217,27 +234,49 @@ class Supervisor:
             return
         model.failed, model.exits, model.message = None, deque(), ""
         if model.spec.same_workers(spec):
-            self.say(f"model {name}: {model.spec.replicas} -> {spec.replicas} worker(s)")
+            before = model.wanted
             model.spec = spec
-            for worker in model.workers[spec.replicas :]:
-                self._stop(worker)
-                model.outgoing.append(worker)
-            model.workers = model.workers[: spec.replicas]
-            model.workers += [self._worker(name, i, spec) for i in range(len(model.workers), spec.replicas)]
+            self.say(f"model {name}: {before} -> {model.wanted} worker(s)")
+            self._resize(name, model, model.wanted)
             return
         current = model.workers + model.outgoing
         # workers already running this spec stay (a change reverted while its roll was unfinished)
         keep = [w for w in current if w.spec.same_workers(spec) and w.process and w.stopping_since is None]
-        keep = keep[: spec.replicas]
+        model.spec = spec
+        keep = keep[: model.wanted]
         for worker in current:
             if worker not in keep and not worker.serving:
                 self._stop(worker)  # nothing to wait for: a worker still loading or waiting for a restart goes now
         model.outgoing = [w for w in current if w not in keep]  # the serving ones drain once the new ones serve
-        model.spec = spec
         first = max([w.index for w in current], default=-1) + 1
-        starting = spec.replicas - len(keep)
+        starting = model.wanted - len(keep)
         self.say(f"model {name} changed: starting {starting} new worker(s); the old ones serve until they are up")
         model.workers = keep + [self._worker(name, first + i, spec) for i in range(starting)]
+
+    def _resize(self, name: str, model: Model, count: int) -> None:
+        """Start or drain workers of the same spec until it has ``count``."""
+        for worker in model.workers[count:]:
+            self._stop(worker)
+            model.outgoing.append(worker)
+        model.workers = model.workers[:count]
+        model.workers += [self._worker(name, i, model.spec) for i in range(len(model.workers), count)]
+
+    async def _scale(self, name: str, model: Model, now: float) -> None:
+        """A model that keeps fewer workers while idle: all of its replicas while work waits or runs, its
+        ``min_workers`` once it has had none for ``idle_seconds``."""
+        if model.removed or model.failed or model.spec.idle_workers >= model.spec.replicas:
+            return
+        status = await registry.model_status(self.redis, name)
+        if status.outstanding:
+            model.busy_at = now
+            if not model.active:
+                model.active = True
+                self.say(f"model {name}: {status.outstanding} job(s) waiting; starting {model.wanted} worker(s)")
+                self._resize(name, model, model.wanted)
+        elif model.active and now - model.busy_at > model.spec.idle_seconds:
+            model.active = False
+            self.say(f"model {name}: idle for {model.spec.idle_seconds:.0f} s; scaling to {model.wanted} worker(s)")
+            self._resize(name, model, model.wanted)
 
     def _finish_roll(self, model: Model) -> None:
         """Once every new worker serves, the old ones drain."""
@@ -372,6 +411,10 @@ class Supervisor:
 
     # --- state --------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _may_be_at_zero(model: Model) -> bool:
+        return model.spec.idle_workers == 0 and not model.removed and not model.failed
+
     def _run(self, model: Model) -> ModelRun:
         serving = sum(w.serving for w in model.workers + model.outgoing)
         state: RunState
@@ -379,6 +422,8 @@ class Supervisor:
             state, message = "draining", "removed: its workers are draining"
         elif model.failed:
             state, message = "failed", model.failed
+        elif not model.workers and not model.wanted:
+            state, message = "scaled_to_zero", "no workers: they start when a request arrives"
         elif any(w.process is None for w in model.workers):
             state, message = "restarting", model.message
         elif all(w.serving for w in model.workers):

@@ -12,7 +12,7 @@ from typing import Any
 
 import kubernetes_validate
 
-from conveyor.contract import queue_name
+from conveyor.contract import bulk_queue_name, queue_name
 from tests.deploy.conftest import OPTIONAL_MANIFESTS, kustomize
 from tests.deploy.files import (
     GATEWAY_PORT,
@@ -143,21 +143,28 @@ def test_images_match_compose(k8s: Objects, services: dict[str, Any]) -> None:
     assert redis_image == services["redis"]["image"]
 
 
-def test_keda_scales_a_worker_on_its_own_queue(k8s: Objects) -> None:
+def test_keda_scales_a_worker_from_zero_on_both_of_its_lanes(k8s: Objects) -> None:
+    """Queued plus running work of the interactive queue and of the bulk lane (ZCARD of each sorted set), active at
+    one job; at zero workers the gateway must let the model's requests wait (else they are 503s)."""
     scaled = of_kind(k8s, "ScaledObject")
     workers = k8s_workers(k8s)
     assert scaled
     redis_port = k8s[("Service", "redis")]["spec"]["ports"][0]["port"]
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    may_wait = config["data"].get("CONVEYOR_GATEWAY_SCALE_TO_ZERO", "").split(",")
     for name, obj in scaled.items():
-        target = workers[obj["spec"]["scaleTargetRef"]["name"]]
-        assert obj["spec"]["minReplicaCount"] >= 1, f"{name}: zero workers means 503s and a cold model load"
-        (trigger,) = obj["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        assert set(trigger["metadata"]) <= KEDA_REDIS_FIELDS, "a field KEDA's redis scaler does not read"
-        assert trigger["metadata"]["listName"] == queue_name(env(container(target))["CONVEYOR_WORKER_MODEL"])
-        assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
-        assert int(trigger["metadata"]["listLength"]) > 0
-        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is string-only"
+        model = env(container(workers[obj["spec"]["scaleTargetRef"]["name"]]))["CONVEYOR_WORKER_MODEL"]
+        if obj["spec"]["minReplicaCount"] == 0:
+            assert model in may_wait, f"{name}: at zero workers the gateway would answer 503 instead of queueing"
+        triggers = obj["spec"]["triggers"]
+        assert {t["metadata"]["listName"] for t in triggers} == {queue_name(model), bulk_queue_name(model)}
+        for trigger in triggers:
+            assert trigger["type"] == "redis"
+            assert set(trigger["metadata"]) <= KEDA_REDIS_FIELDS, "a field KEDA's redis scaler does not read"
+            assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
+            assert int(trigger["metadata"]["listLength"]) > 0
+            assert trigger["metadata"]["activationListLength"] == "0"  # active (0 -> 1) at one outstanding job
+            assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is strings"
 
 
 def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(

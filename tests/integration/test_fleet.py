@@ -3,6 +3,7 @@ workers restarted when they die, a crash-looping model failed alone, and the fle
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from launcher import processes, redis_server
 from launcher.models_file import load
 from launcher.redis_server import RedisServer
 from tests.conftest import alive, descendants, wait_for
+from worker.engines.fake import fake_tokens
 
 ADMIN = {"Authorization": "Bearer fleet-admin-key"}
 CHAT = "fleet-chat"
@@ -307,3 +309,62 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(start_up: Any)
     wait_for(lambda: "stopped heartbeating: killing it (hung)" in up.output, timeout=30, what="the hang noticed")
     wait_for(lambda: serving(up, CHAT, 1) and frozen not in workers_of(up, CHAT), timeout=30, what="a new worker")
     assert not alive(frozen)
+
+
+def test_a_model_at_zero_starts_a_worker_for_a_waiting_request_and_stops_it_when_idle(start_up: Any) -> None:
+    up: Up = start_up()
+    spec = {"name": "fleet-zero", "engine": "fake", "task": "generate", "min_workers": 0, "idle_seconds": 1}
+    with up.client() as admin:
+        assert admin.post("/admin/models", json=spec).status_code == 201
+    wait_for(lambda: (model_card(up, "fleet-zero") or {}).get("status") == "scaled_to_zero", timeout=10)
+    card = model_card(up, "fleet-zero")
+    assert card and card["fleet"]["state"] == "scaled_to_zero" and card["live_workers"] == 0
+    assert workers_of(up, "fleet-zero") == set()
+    assert httpx.get(f"{up.base}/ready").status_code == 200  # a model at zero takes requests: it is ready
+    body = {"model": "fleet-zero", "prompt": "wake up", "max_tokens": 3}
+    answer = httpx.post(f"{up.base}/v1/completions", json=body, timeout=60)  # waits in the queue, not a 503
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"][0]["text"].split()) == 3
+    assert "fleet-zero: 1 job(s) waiting; starting 1 worker(s)" in up.output
+    wait_for(lambda: workers_of(up, "fleet-zero") == set(), timeout=30, what="the idle model's worker stopped")
+    wait_for(lambda: (model_card(up, "fleet-zero") or {}).get("status") == "scaled_to_zero", timeout=10)
+    with httpx.stream("POST", f"{up.base}/v1/completions", json=body | {"stream": True}, timeout=60) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)  # a stream from zero too
+
+
+def test_a_roll_under_sixteen_streams_cuts_none(start_up: Any) -> None:
+    """``PATCH /admin/models`` rolls the model while 16 long streams run on its worker: the old worker drains (1 s
+    grace here) and hands its streams to the new one, which continues each where it was (request migration)."""
+    up: Up = start_up()
+    env = {"CONVEYOR_WORKER_FAKE_TOKEN_DELAY": "0.05", "CONVEYOR_WORKER_GRACE_PERIOD": "1"}
+    spec = {"name": "fleet-streams", "engine": "fake", "task": "generate", "env": env}
+    with up.client() as admin:
+        assert admin.post("/admin/models", json=spec).status_code == 201
+        wait_for(lambda: serving(up, "fleet-streams", 1), timeout=30, what="the model serving")
+        (old,) = workers_of(up, "fleet-streams")
+        results: dict[int, list[str]] = {}
+
+        def read(i: int) -> None:
+            body = {"model": "fleet-streams", "prompt": f"story {i}", "max_tokens": 200, "stream": True}
+            with httpx.stream("POST", f"{up.base}/v1/completions", json=body, timeout=90) as stream:
+                results[i] = [line for line in stream.iter_lines() if line.startswith("data:")]
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(16)]
+        for reader in readers:
+            reader.start()
+        with redis.Redis.from_url(up.redis_url) as client:  # waiting or running: arq lists both
+            wait_for(lambda: client.zcard(contract.queue_name("fleet-streams")) == 16, timeout=30, what="16 streams")
+        changed = admin.patch("/admin/models/fleet-streams", json={"env": env | {"CONVEYOR_WORKER_MAX_JOBS": "32"}})
+        assert changed.status_code == 200
+        for reader in readers:
+            reader.join(120)
+    assert old not in workers_of(up, "fleet-streams")  # the roll happened while they ran
+    assert "new workers serving; draining 1 old one(s)" in up.output
+    assert sorted(results) == list(range(16))
+    for i, events in results.items():
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "".join(
+            fake_tokens(f"story {i}", 200)
+        )

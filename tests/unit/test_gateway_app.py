@@ -121,6 +121,38 @@ async def test_not_ready_while_no_model_is_configured(fake_server: fakeredis.Fak
         assert (await http.get("/ready")).status_code == 200
 
 
+async def test_a_model_allowed_at_zero_queues_its_requests_and_is_ready(
+    fake_server: fakeredis.FakeServer, redis: Redis
+) -> None:
+    """No worker at all: a model the gateway lets scale to zero takes the request into its queue (a worker that
+    starts later answers it) and counts as ready; a model that may not answers 503 at once."""
+    settings = GatewaySettings(models=["strict"], scale_to_zero=["lazy"], request_timeout=5)
+    async with (
+        running_gateway(fake_server, settings) as application,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://gw") as http,
+    ):
+        await application.state.service.refresh_known_models()
+        cards = {c["id"]: c for c in (await http.get("/v1/models")).json()["data"]}
+        assert cards["lazy"]["status"] == "scaled_to_zero" and cards["strict"]["status"] == "unavailable"
+        assert (await http.post("/v1/chat/completions", json=CHAT | {"model": "strict"})).status_code == 503
+
+        async def worker_starting_later() -> None:
+            _, job_id, _ = await redis.bzpopmin(contract.queue_name("lazy"), timeout=5)
+            reply = contract.Reply(job_id.decode(), body=b'{"woke":true}')
+            await redis.rpush(contract.inbox_key(application.state.service.inbox.gateway_id), reply.encode())
+
+        worker = asyncio.create_task(worker_starting_later())
+        answer = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
+        await worker
+        assert answer.status_code == 200 and answer.json() == {"woke": True}
+        await register(redis, "strict", ["generate"])
+        ready = await http.get("/ready")
+        assert ready.status_code == 200 and ready.json()["models"]["lazy"]["status"] == "scaled_to_zero"
+        await redis.set(contract.scale_to_zero_key("lazy"), '["embed"]')  # what it can do, when known
+        wrong = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_model_capability"
+
+
 def test_placeholder_api_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="placeholder"):
         GatewaySettings(api_keys="changeme")  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ class Admission:
             contract.queue_name(MODEL),
             f"arq:job:{job_id}",
             contract.wake_channel(MODEL),
+            contract.scale_to_zero_key(MODEL),
             contract.api_key_key(self.key_id),
             contract.rate_window_key(self.key_id, "requests"),
             contract.rate_window_key(self.key_id, "tokens"),
