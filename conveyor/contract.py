@@ -170,7 +170,8 @@ class StreamProgress:
 
     An entry is the token ids the frame added to the completion (``12,34``; empty for a frame without tokens),
     optionally followed by ``/`` and the prompt's token ids once the engine reported them; ``!<reason>`` marks a
-    stream that cannot be continued exactly (``n > 1``, logprobs, guided decoding, ...).
+    stream that cannot be continued exactly (``n > 1``, logprobs, guided decoding, ...). A non-streamed generation
+    records its chunks too (after a newline): its answer is built from all of them at the end.
     """
 
     #: frames sent: the next frame's sequence number
@@ -179,31 +180,42 @@ class StreamProgress:
     prompt_token_ids: tuple[int, ...] | None = None
     #: why the stream cannot be continued, or None
     unresumable: str | None = None
+    #: the chunks recorded with the entries (a non-streamed generation's)
+    chunks: tuple[bytes, ...] = ()
 
     @staticmethod
-    def entry(token_ids: Sequence[int] | None, prompt_token_ids: Sequence[int] | None = None, why: str = "") -> bytes:
+    def entry(
+        token_ids: Sequence[int] | None,
+        prompt_token_ids: Sequence[int] | None = None,
+        why: str = "",
+        chunk: bytes | None = None,
+    ) -> bytes:
         if token_ids is None:
             return b"!" + (why or "the engine did not report the tokens it generated").encode()
         text = ",".join(map(str, token_ids))
         if prompt_token_ids is not None:
             text += "/" + ",".join(map(str, prompt_token_ids))
-        return text.encode()
+        return text.encode() + (b"\n" + chunk if chunk is not None else b"")
 
     @classmethod
     def decode(cls, entries: Sequence[bytes]) -> StreamProgress:
         tokens: list[int] = []
         prompt: tuple[int, ...] | None = None
         why: str | None = None
+        chunks: list[bytes] = []
         for raw in entries:
             if raw.startswith(b"!"):
                 why = why or raw[1:].decode(errors="replace")
                 continue
+            raw, newline, chunk = raw.partition(b"\n")
+            if newline:
+                chunks.append(chunk)
             ids, _, prompt_ids = raw.partition(b"/")
             if ids:
                 tokens.extend(int(i) for i in ids.split(b","))
             if prompt_ids and prompt is None:
                 prompt = tuple(int(i) for i in prompt_ids.split(b","))
-        return cls(len(entries), tuple(tokens), prompt, why)
+        return cls(len(entries), tuple(tokens), prompt, why, tuple(chunks))
 
 
 # ---- Conveyor's own Redis key names (the queue backend's own keys live in its two seam modules) ---------------

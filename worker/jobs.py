@@ -9,18 +9,22 @@ shutdown or by losing its lease is not answered here at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from conveyor import contract, logs
+from conveyor.outage import REDIS_DOWN
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame, StreamProgress
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
-from worker import key_usage, metrics
+from worker import key_usage, metrics, responses
 from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead, LeaseLost
 from worker.embed_batcher import EmbeddingBatcher
@@ -35,6 +39,8 @@ log = logging.getLogger("conveyor.worker")
 #: how loudly a job that did not succeed is logged: a cancellation is the client's choice, an error is usually the
 #: request's fault (the engine refused it), an expiry means the fleet is too slow for the deadline
 OUTCOME_LOG_LEVEL = {"cancelled": logging.INFO, "error": logging.INFO, "expired": logging.WARNING}
+#: a non-streamed generation's progress is recorded this often (a continuation regenerates what came after)
+RECORD_SECONDS = 0.5
 
 
 class JobRunner:
@@ -110,7 +116,10 @@ class JobRunner:
                 if envelope.stream:
                     outcome, tokens = await self._stream(envelope, left, fence)
                     return Done(envelope.deadline, usage=KeyUsage.of(envelope, int(outcome == "ok"), *tokens))
-                outcome, reply = await self._complete(envelope, left)
+                if self._continuable(envelope):
+                    outcome, reply = await self._generate(envelope, left, fence)
+                else:
+                    outcome, reply = await self._complete(envelope, left)
             tokens = key_usage.tokens_in_body(reply.body) if envelope.tenant and reply.body else (0, 0)
             usage = KeyUsage.of(envelope, int(outcome == "ok"), *tokens)
             return Done(envelope.deadline, _delivery(envelope.reply_to, reply), usage)
@@ -174,15 +183,53 @@ class JobRunner:
         await self._send(fence, envelope.request_id, StreamFrame(seq, "end"), envelope.deadline)
         return "ok", tokens
 
+    def _continuable(self, envelope: JobEnvelope) -> bool:
+        """A non-streamed generation that runs as a stream, so that another worker can continue it."""
+        kind, body = envelope.kind, envelope.body
+        return kind is not JobKind.EMBEDDING and self.migration.enabled and not self.engine.unresumable(kind, body)
+
+    async def _generate(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, Reply]:
+        """A non-streamed chat or completion run as a stream whose chunks (with their tokens) are recorded every
+        ``RECORD_SECONDS``: a worker that continues it after a cut regenerates at most what was not recorded, and the
+        answer is built from every chunk at the end (``worker.responses``)."""
+        rid, kind = envelope.request_id, envelope.kind
+        body = envelope.body | {"stream_options": {"include_usage": True}}
+        chunks: list[dict[str, Any]] = []
+        try:
+            cut = await self.migration.cut(rid, envelope.deadline)
+            resume = None
+            if cut is not None:
+                resume = self._resume(envelope, cut)
+                chunks = [orjson.loads(chunk) for chunk in cut.progress.chunks]
+                body = continued_body(body, len(resume.token_ids))
+            pending: list[bytes] = []
+            recorded = time.monotonic()
+            async with asyncio.timeout(left):
+                async for piece in self.engine.stream(kind, body, rid, resume):
+                    raw = contract.json_bytes(piece.chunk)
+                    chunks.append(orjson.loads(raw))
+                    pending.append(StreamProgress.entry(piece.token_ids, piece.prompt_token_ids, chunk=raw))
+                    if time.monotonic() - recorded >= RECORD_SECONDS:
+                        recorded = time.monotonic()
+                        with contextlib.suppress(*REDIS_DOWN):  # an outage: recorded later, the answer still comes
+                            await self.migration.record(fence, rid, pending, envelope.deadline)
+                            pending = []
+        except LeaseLost:
+            raise
+        except Exception as exc:  # CancelledError is not an Exception: it propagates
+            error = self._client_error(rid, exc)
+            return _outcome(error), Reply(rid, error=error.info())
+        return "ok", Reply(rid, body=contract.json_bytes(responses.from_chunks(kind, chunks)))
+
     def _resume(self, envelope: JobEnvelope, cut: Cut) -> Resume:
-        """Go on with a stream cut on another worker, or say (as its next event) why it cannot."""
+        """Go on with a generation cut on another worker, or say (as its next event, or its answer) why it cannot."""
         refusal = self.migration.refusal(cut)
         if refusal is not None:
             metrics.MIGRATIONS.labels(self.model, "refused").inc()
-            raise WorkerLost(f"The worker serving this stream was lost after {cut.progress.seq} chunks and {refusal}.")
+            raise WorkerLost(f"The worker serving this request was lost after {cut.progress.seq} chunks and {refusal}.")
         metrics.MIGRATIONS.labels(self.model, "resumed").inc()
         log.info(
-            "continuing a stream cut on another worker after %d chunks (%d tokens; migration %d)",
+            "continuing a generation cut on another worker after %d chunks (%d tokens; migration %d)",
             cut.progress.seq,
             len(cut.progress.token_ids),
             cut.migrations,

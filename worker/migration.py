@@ -25,17 +25,18 @@ from worker.consumer import LeaseLost
 from worker.job_source import Fence
 from worker.pipeliner import Pipeliner
 
-#: Publish a frame and append its progress entry, unless another worker holds the job's lease now (a lease that lapsed
-#: with nobody taking it is still this worker's, as for a renewal). KEYS: lease key ('' for no check), stream channel,
-#: progress list. ARGV: lease holder, frame, progress entry, expire-at ms. Returns 1 when sent, 0 when not.
+#: Publish a frame (none with an empty channel) and append progress entries, unless another worker holds the job's
+#: lease now (a lease that lapsed with nobody taking it is still this worker's, as for a renewal). KEYS: lease key
+#: ('' for no check), stream channel or '', progress list. ARGV: lease holder, frame, expire-at ms, entries...
+#: Returns 1 when done, 0 when not.
 PUBLISH_SCRIPT = """
 if KEYS[1] ~= '' then
   local holder = redis.call('GET', KEYS[1])
   if holder and holder ~= ARGV[1] then return 0 end
 end
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('PEXPIREAT', KEYS[3], ARGV[4])
+if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+redis.call('PEXPIREAT', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -90,8 +91,18 @@ class Migration:
     async def publish(self, fence: Fence | None, request_id: str, frame: bytes, entry: bytes, deadline: float) -> None:
         """Send one frame of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
         another worker's now (nothing is sent then)."""
-        keys = [fence.key if fence else "", contract.stream_channel(request_id), contract.progress_key(request_id)]
-        args: list[str | bytes | int] = [fence.holder if fence else "", frame, entry, _expire_at_ms(deadline)]
+        await self._send(fence, request_id, contract.stream_channel(request_id), frame, [entry], deadline)
+
+    async def record(self, fence: Fence | None, request_id: str, entries: list[bytes], deadline: float) -> None:
+        """Append progress entries of a non-streamed generation (its client is sent nothing before its end)."""
+        if entries:
+            await self._send(fence, request_id, "", b"", entries, deadline)
+
+    async def _send(
+        self, fence: Fence | None, request_id: str, channel: str, frame: bytes, entries: list[bytes], deadline: float
+    ) -> None:
+        keys = [fence.key if fence else "", channel, contract.progress_key(request_id)]
+        args: list[str | bytes | int] = [fence.holder if fence else "", frame, _expire_at_ms(deadline), *entries]
 
         def queue(pipe: Any) -> Awaitable[Any]:
             return cast(Awaitable[Any], self._publish(keys=keys, args=args, client=pipe))

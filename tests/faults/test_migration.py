@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import openai
 import pytest
+import redis
 
+from conveyor import contract
 from tests.conftest import Gateway, Processes, Worker, metric, wait_for
 from worker.engines.fake import fake_tokens
 
@@ -171,3 +173,37 @@ def test_a_stream_cut_once_more_than_its_limit_ends_with_worker_lost_where_it_wa
     wait_for(lambda: got.ended, timeout=60, what="the stream to end")
     assert "worker_lost" in got.error and "moved 2 times" in got.error
     assert got.deltas == expected(tokens=1000)[: len(got.deltas)] and got.finishes == []
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_non_streamed_generation_cut_mid_way_is_continued_not_restarted(
+    procs: Processes, how: signal.Signals
+) -> None:
+    """Its progress is recorded every 0.5 s: the next worker continues from there, and the one answer equals an
+    uninterrupted run's, with usage counting each token once."""
+    gateway = procs.gateway(models=MODEL)
+    env = QUICK | {"CONVEYOR_WORKER_GRACE_PERIOD": "1"}
+    workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.05", env=env) for _ in range(2)]
+    answers: list[openai.types.chat.ChatCompletion] = []
+
+    def ask() -> None:
+        client = gateway.client(timeout=120)
+        answers.append(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=TOKENS))  # type: ignore[arg-type]
+
+    threading.Thread(target=ask, daemon=True).start()
+    wait_for(lambda: any(running(w) for w in workers), timeout=30, what="the generation running")
+    victim = the_one_streaming(workers)
+    with redis.Redis.from_url(procs.redis_url) as client:
+
+        def recorded() -> int:
+            return sum(int(client.llen(key)) for key in client.scan_iter(contract.progress_key("*")))
+
+        wait_for(lambda: recorded() >= 20, timeout=30, what="some of its progress recorded")
+    victim.process.send_signal(how)
+    victim.process.wait(20)
+    wait_for(lambda: bool(answers), timeout=90, what="the answer")
+    (answer,) = answers
+    assert answer.choices[0].message.content == "".join(expected())
+    assert answer.usage is not None and answer.usage.completion_tokens == TOKENS
+    survivor = next(w for w in workers if w is not victim)
+    assert metric(survivor.metrics(), "conveyor_worker_migrations_total", outcome="resumed") == 1
