@@ -20,10 +20,12 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts" / "dashboard"
 
 
 def test_every_panel_returns_data_on_the_real_engine(real_stack: RealStack, tmp_path: Path) -> None:
-    with prometheus(real_stack.base_url, tmp_path) as prom:
+    with (
+        prometheus(real_stack.base_url, tmp_path) as prom,
+        OpenAI(base_url=f"{real_stack.base_url}/v1", api_key="unused", max_retries=0) as client,
+    ):
         started = time.monotonic()
         wait_for(lambda: prom.scrapes(gateways=1, workers=2), timeout=60, what="the gateway and both workers scraped")
-        client = OpenAI(base_url=f"{real_stack.base_url}/v1", api_key="unused", max_retries=0)
         for i in range(8):
             client.embeddings.create(model=EMBED, input=f"a sentence to embed, number {i}")
         for i in range(3):
