@@ -195,8 +195,10 @@ class JobRunner:
         rid, kind = envelope.request_id, envelope.kind
         body = envelope.body | {"stream_options": {"include_usage": True}}
         chunks: list[dict[str, Any]] = []
-        try:
+        cut = None
+        with contextlib.suppress(*REDIS_DOWN):  # unreadable: run it from the start (nothing was sent of it)
             cut = await self.migration.cut(rid, envelope.deadline)
+        try:
             resume = None
             if cut is not None:
                 resume = self._resume(envelope, cut)

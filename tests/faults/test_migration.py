@@ -150,27 +150,26 @@ def test_sixteen_streams_survive_their_worker_draining(procs: Processes) -> None
     assert metric(new.metrics(), "conveyor_worker_migrations_total", outcome="resumed") == 16
 
 
-def test_twenty_kills_in_a_row_and_the_stream_reads_as_if_nothing_happened(procs: Processes) -> None:
+def killed_in_a_row(procs: Processes, kills: int, max_migrations: int, token_delay: str) -> Received:
+    """A 1000-token stream whose worker is SIGKILLed ``kills`` times, a fresh worker ready to go on each time."""
     gateway = procs.gateway(models=MODEL)
-    env = QUICK | {"CONVEYOR_WORKER_MAX_MIGRATIONS": "25", "CONVEYOR_WORKER_MAX_TRIES": "50"}
-    workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.02", env=env)]
+    env = QUICK | {"CONVEYOR_WORKER_MAX_MIGRATIONS": str(max_migrations), "CONVEYOR_WORKER_MAX_TRIES": "50"}
+    workers = [procs.fake_worker(MODEL, "--fake-token-delay", token_delay, env=env)]
     got = in_background(gateway, tokens=1000)
-    for _ in range(20):
-        workers.append(procs.fake_worker(MODEL, "--fake-token-delay", "0.02", env=env))  # the next to go on
+    for _ in range(kills):
+        workers.append(procs.fake_worker(MODEL, "--fake-token-delay", token_delay, env=env))  # the next to go on
         kill_the_streaming_worker(workers, got)
     wait_for(lambda: got.ended, timeout=120, what="the stream to end")
+    return got
+
+
+def test_twenty_kills_in_a_row_and_the_stream_reads_as_if_nothing_happened(procs: Processes) -> None:
+    got = killed_in_a_row(procs, kills=20, max_migrations=25, token_delay="0.02")
     assert got.error == "" and got.deltas == expected(tokens=1000) and got.completion_tokens == 1000
 
 
 def test_a_stream_cut_once_more_than_its_limit_ends_with_worker_lost_where_it_was(procs: Processes) -> None:
-    gateway = procs.gateway(models=MODEL)
-    env = QUICK | {"CONVEYOR_WORKER_MAX_MIGRATIONS": "2", "CONVEYOR_WORKER_MAX_TRIES": "50"}
-    workers = [procs.fake_worker(MODEL, "--fake-token-delay", "0.05", env=env)]
-    got = in_background(gateway, tokens=1000)
-    for _ in range(3):
-        workers.append(procs.fake_worker(MODEL, "--fake-token-delay", "0.05", env=env))
-        kill_the_streaming_worker(workers, got)
-    wait_for(lambda: got.ended, timeout=60, what="the stream to end")
+    got = killed_in_a_row(procs, kills=3, max_migrations=2, token_delay="0.05")
     assert "worker_lost" in got.error and "moved 2 times" in got.error
     assert got.deltas == expected(tokens=1000)[: len(got.deltas)] and got.finishes == []
 
