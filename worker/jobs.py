@@ -20,11 +20,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from conveyor import contract, logs
-from conveyor.outage import REDIS_DOWN
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame, StreamProgress
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
-from worker import key_usage, metrics, responses
+from conveyor.outage import REDIS_DOWN
+from worker import key_usage, metrics
 from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead, LeaseLost
 from worker.embed_batcher import EmbeddingBatcher
@@ -191,7 +191,7 @@ class JobRunner:
     async def _generate(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, Reply]:
         """A non-streamed chat or completion run as a stream whose chunks (with their tokens) are recorded every
         ``RECORD_SECONDS``: a worker that continues it after a cut regenerates at most what was not recorded, and the
-        answer is built from every chunk at the end (``worker.responses``)."""
+        answer is built from every chunk at the end (``Engine.answer``)."""
         rid, kind = envelope.request_id, envelope.kind
         body = envelope.body | {"stream_options": {"include_usage": True}}
         chunks: list[dict[str, Any]] = []
@@ -221,7 +221,7 @@ class JobRunner:
         except Exception as exc:  # CancelledError is not an Exception: it propagates
             error = self._client_error(rid, exc)
             return _outcome(error), Reply(rid, error=error.info())
-        return "ok", Reply(rid, body=contract.json_bytes(responses.from_chunks(kind, chunks)))
+        return "ok", Reply(rid, body=contract.json_bytes(self.engine.answer(kind, chunks)))
 
     def _resume(self, envelope: JobEnvelope, cut: Cut) -> Resume:
         """Go on with a generation cut on another worker, or say (as its next event, or its answer) why it cannot."""

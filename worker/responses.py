@@ -14,9 +14,10 @@ def from_chunks(kind: JobKind, chunks: list[dict[str, Any]]) -> dict[str, Any]:
     first = next((c for c in chunks if c.get("choices")), chunks[0] if chunks else {})
     texts: list[str] = []
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": None}
-    usage = None
+    usage = fingerprint = None
     for chunk in chunks:
         usage = chunk.get("usage") or usage
+        fingerprint = chunk.get("system_fingerprint") or fingerprint
         for part in chunk.get("choices") or ():
             texts.append((part.get("delta") or {}).get("content") or part.get("text") or "")
             for field in ("finish_reason", "stop_reason"):
@@ -27,7 +28,7 @@ def from_chunks(kind: JobKind, chunks: list[dict[str, Any]]) -> dict[str, Any]:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    return {
+    built = {
         "id": first.get("id"),
         "object": "chat.completion" if kind is JobKind.CHAT else "text_completion",
         "created": first.get("created"),
@@ -35,3 +36,4 @@ def from_chunks(kind: JobKind, chunks: list[dict[str, Any]]) -> dict[str, Any]:
         "choices": [choice],
         "usage": usage,
     }
+    return built | ({"system_fingerprint": fingerprint} if fingerprint else {})

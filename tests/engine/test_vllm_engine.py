@@ -162,6 +162,22 @@ class TestGenerate:
         assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"]][-1] == "length"
         assert engine.unresumable(JobKind.CHAT, body | {"n": 2}) and engine.unresumable(kind, body | {"logprobs": 2})
 
+    @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
+    @pytest.mark.parametrize("extra", [{}, {"stop": [","]}, {"return_token_ids": True}], ids=["plain", "stop", "ids"])
+    async def test_an_answer_built_from_the_stream_equals_the_non_streamed_one(
+        self, engine: VLLMEngine, kind: JobKind, extra: dict[str, Any]
+    ) -> None:
+        """A non-streamed generation runs as a stream (so another worker can continue it); the answer built from its
+        chunks is vLLM's own non-streamed response, field for field (but its id and creation second)."""
+        body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "max_tokens": 24, **extra}
+        body |= {"messages": PARIS} if kind is JobKind.CHAT else {"prompt": "A queue is a data structure that"}
+        direct = await _run(engine, kind, body, f"direct-{kind}")
+        streamed = [p async for p in engine.stream(kind, body | {"stream_options": {"include_usage": True}}, "s")]
+        built = json.loads(engine.answer(kind, _parsed(streamed)))
+        for answer in (direct, built):
+            answer.pop("id"), answer.pop("created")
+        assert built == direct
+
     async def test_json_schema_response_format(self, engine: VLLMEngine) -> None:
         schema = {
             "type": "object",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.contract import JobKind
+from worker import responses
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,11 @@ class Engine(ABC):
     ) -> AsyncIterator[Piece]:
         """Serve one streamed request (chat or completion), or go on with one cut elsewhere (``resume``; only for a
         request ``unresumable`` has no objection to). ``body``'s ``max_tokens`` already counts what was sent."""
+
+    def answer(self, kind: JobKind, chunks: list[dict[str, Any]]) -> dict[str, Any] | bytes:
+        """The non-streamed response these chunks of one choice stream (``run``'s answer, built from ``stream``'s
+        chunks: a non-streamed generation runs as a stream so that another worker can continue it)."""
+        return responses.from_chunks(kind, chunks)
 
     def unresumable(self, kind: JobKind, body: dict[str, Any]) -> str | None:
         """Why a stream of this request could not be continued exactly on another worker, or None when it can."""

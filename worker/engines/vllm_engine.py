@@ -38,6 +38,7 @@ from conveyor.errors import (
     Unauthorized,
 )
 from conveyor.paths import data_dir
+from worker import responses
 from worker.embed_batcher import inputs_of
 from worker.engines.base import Engine, Piece, Resume
 from worker.model_prep import PACKAGED_MODELS, resolve
@@ -428,6 +429,43 @@ class VLLMEngine(Engine):
             if resume is not None:
                 chunk = _as_original(kind, chunk, request_id, resume)
             yield Piece(json.dumps(chunk, separators=(",", ":")), tuple(ids), _ids(prompt_ids))
+
+    def answer(self, kind: JobKind, chunks: list[dict[str, Any]]) -> bytes:
+        """vLLM's own response object, built from the stream's chunks and dumped as vLLM's server dumps the one its
+        non-streamed path builds (``run``): the same fields, defaults included."""
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionResponse,
+            ChatCompletionResponseChoice,
+            ChatMessage,
+        )
+        from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+        from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+        built = responses.from_chunks(kind, chunks)
+        (choice,) = built["choices"]
+        ids = [i for c in chunks for part in c.get("choices") or () for i in part.get("token_ids") or ()]
+        # a chat's prompt ids come with its first chunk, a completion's in that chunk's choice
+        places = [part for c in chunks for part in (c, *(c.get("choices") or ()))]
+        prompt = next((part["prompt_token_ids"] for part in places if part.get("prompt_token_ids")), None)
+        common = {key: built.get(key) for key in ("id", "created", "model", "system_fingerprint")}
+        usage = UsageInfo.model_validate(built["usage"] or {})
+        fields = {
+            "index": 0,
+            "finish_reason": choice["finish_reason"],
+            "stop_reason": choice.get("stop_reason"),
+            "token_ids": ids or None,
+        }
+        if kind is JobKind.CHAT:
+            message = ChatMessage(role="assistant", content=choice["message"]["content"])
+            chat = ChatCompletionResponse(
+                **common,
+                choices=[ChatCompletionResponseChoice(message=message, **fields)],
+                usage=usage,
+                prompt_token_ids=prompt,
+            )
+            return chat.model_dump_json().encode()
+        text = CompletionResponseChoice(text=choice["text"], prompt_token_ids=prompt, **fields)
+        return CompletionResponse(**common, choices=[text], usage=usage).model_dump_json().encode()
 
     async def _continue(
         self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume
