@@ -13,7 +13,6 @@ ends with a ``worker_lost`` error event where it was cut instead.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,23 +21,9 @@ from redis.asyncio import Redis
 from conveyor import contract
 from conveyor.contract import StreamProgress
 from worker.consumer import LeaseLost
+from worker.frames import Frame, FrameSender
 from worker.job_source import Fence
 from worker.pipeliner import Pipeliner
-
-#: Publish a frame (none with an empty channel) and append progress entries, unless another worker holds the job's
-#: lease now (a lease that lapsed with nobody taking it is still this worker's, as for a renewal). KEYS: lease key
-#: ('' for no check), stream channel or '', progress list. ARGV: lease holder, frame, expire-at ms, entries...
-#: Returns 1 when done, 0 when not.
-PUBLISH_SCRIPT = """
-if KEYS[1] ~= '' then
-  local holder = redis.call('GET', KEYS[1])
-  if holder and holder ~= ARGV[1] then return 0 end
-end
-if KEYS[2] ~= '' then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-redis.call('PEXPIREAT', KEYS[3], ARGV[3])
-return 1
-"""
 
 #: Read a job's progress and, when there is some, count one more migration. KEYS: progress list, migrations counter.
 #: ARGV: expire-at ms. Returns {entries, migrations so far (this one included; 0 without progress)}.
@@ -67,7 +52,7 @@ class Migration:
         self.enabled = enabled
         self.max_migrations = max_migrations
         self._pipeliner = Pipeliner(redis)
-        self._publish = redis.register_script(PUBLISH_SCRIPT)
+        self._frames = FrameSender(redis)
         self._read = redis.register_script(READ_SCRIPT)
 
     async def cut(self, request_id: str, deadline: float) -> Cut | None:
@@ -101,17 +86,16 @@ class Migration:
     async def _send(
         self, fence: Fence | None, request_id: str, channel: str, frame: bytes, entries: list[bytes], deadline: float
     ) -> None:
-        keys = [fence.key if fence else "", channel, contract.progress_key(request_id)]
-        args: list[str | bytes | int] = [fence.holder if fence else "", frame, _expire_at_ms(deadline), *entries]
-
-        def queue(pipe: Any) -> Awaitable[Any]:
-            return cast(Awaitable[Any], self._publish(keys=keys, args=args, client=pipe))
-
-        if not await self._pipeliner.send(queue):
+        lease_key, holder = (fence.key, fence.holder) if fence else ("", "")
+        progress = contract.progress_key(request_id)
+        if not await self._frames.send(
+            Frame(lease_key, holder, channel, frame, progress, entries, _expire_at_ms(deadline))
+        ):
             raise LeaseLost(request_id)
 
     async def close(self) -> None:
         await self._pipeliner.close()
+        await self._frames.close()
 
 
 def continued_body(body: dict[str, Any], sent: int) -> dict[str, Any]:

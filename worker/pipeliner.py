@@ -1,8 +1,9 @@
-"""Redis commands from many tasks, sent in pipelines: one write and one read for a group instead of a round trip each.
+"""Redis work from many tasks, sent in groups: one write and one read for a group instead of a round trip each.
 
-A command goes at once when nothing is on its way; commands that arrive while a pipeline is on its way wait and go
-together in the next one. Each caller awaits its own command's result, or the pipeline's failure as its own. A
-caller's commands leave in the order it sends them (it awaits each before sending the next).
+An item goes at once when nothing is on its way; items that arrive while a group is on its way wait and go together
+in the next one. Each caller awaits its own item's result, or the group's failure as its own. A caller's items leave
+in the order it sends them (it awaits each before sending the next). ``Pipeliner`` sends a group of commands as one
+pipeline; ``worker.frames`` sends a group of stream frames as one script call.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -19,19 +20,24 @@ from redis.asyncio.client import Pipeline
 #: queues one command on the pipeline it is given (a Lua script's call is awaited to queue it)
 Queue = Callable[[Pipeline], Awaitable[Any] | Any]
 
+T = TypeVar("T")
+R = TypeVar("R")
 
-class Pipeliner:
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._pending: list[tuple[Queue, asyncio.Future[Any]]] = []
+
+class Grouped(Generic[T, R]):
+    """Items of many tasks handed to ``flush`` in groups; ``flush`` answers one result per item, in order."""
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def send(self, queue: Queue) -> Any:
-        """The result of the command ``queue`` puts on a pipeline."""
-        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((queue, result))
+    async def send(self, item: T) -> R:
+        """The result of ``item``, once its group went."""
+        result: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, result))
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_pending(), name="redis-pipeliner")
+            self._sender = asyncio.create_task(self._send_pending(), name=f"redis-{type(self).__name__}")
         return await result
 
     async def close(self) -> None:
@@ -44,12 +50,7 @@ class Pipeliner:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for queue, _ in batch:
-                        queued = queue(pipe)
-                        if inspect.isawaitable(queued):
-                            await queued
-                    results = await pipe.execute()
+                results = await self._flush([item for item, _ in batch])
             except Exception as exc:  # a Redis outage: each caller sees it as its own, and retries on its own
                 for _, result in batch:
                     if not result.done():
@@ -58,3 +59,17 @@ class Pipeliner:
             for (_, result), value in zip(batch, results, strict=True):
                 if not result.done():  # its caller was cancelled meanwhile
                     result.set_result(value)
+
+
+class Pipeliner(Grouped[Queue, Any]):
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(self._execute)
+        self.redis = redis
+
+    async def _execute(self, queues: list[Queue]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                queued = queue(pipe)
+                if inspect.isawaitable(queued):
+                    await queued
+            return list(await pipe.execute())
