@@ -206,3 +206,16 @@ def test_a_non_streamed_generation_cut_mid_way_is_continued_not_restarted(
     assert answer.usage is not None and answer.usage.completion_tokens == TOKENS
     survivor = next(w for w in workers if w is not victim)
     assert metric(survivor.metrics(), "conveyor_worker_migrations_total", outcome="resumed") == 1
+
+
+def test_a_request_for_a_model_at_zero_waits_and_is_answered_once_a_worker_starts(procs: Processes) -> None:
+    """No worker at all (KEDA at minReplicaCount 0): the stream waits in the queue instead of a 503, and the first
+    worker that starts answers it in full."""
+    gateway = procs.gateway(models=MODEL, scale_to_zero=MODEL)
+    got = in_background(gateway, tokens=20)
+    with redis.Redis.from_url(procs.redis_url) as client:
+        wait_for(lambda: client.zcard(contract.queue_name(MODEL)) == 1, timeout=30, what="the request queued")
+    assert not got.ended  # waiting, not refused
+    procs.fake_worker(MODEL)
+    wait_for(lambda: got.ended, timeout=30, what="the answer")
+    assert got.error == "" and got.deltas == expected(tokens=20) and got.completion_tokens == 20
