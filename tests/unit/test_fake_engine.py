@@ -71,3 +71,13 @@ async def test_embeddings_float_and_base64_agree() -> None:
     assert floats["data"][1]["embedding"] == pytest.approx(decoded, abs=1e-6)
     assert floats["data"][0]["embedding"] == fake_vector("a", 8)
     assert sum(x * x for x in fake_vector("a", 8)) == pytest.approx(1.0)
+
+
+async def test_a_continuation_cut_after_its_last_token_only_ends() -> None:
+    engine = FakeEngine("m")
+    body = CHAT | {"max_tokens": 4, "stream_options": {"include_usage": True}}
+    whole = [p async for p in engine.stream(JobKind.CHAT, body, "r")]
+    sent = tuple(i for p in whole for i in p.token_ids or ())
+    rest = await _chunks(engine, body | {"max_tokens": 0}, Resume(sent))
+    assert _text(rest) == "" and [c["choices"][0]["finish_reason"] for c in rest if c["choices"]] == ["length"]
+    assert rest[-1]["usage"] == cast(dict[str, Any], whole[-1].chunk)["usage"]

@@ -12,6 +12,15 @@ from conveyor.contract import JobKind
 from worker import responses
 
 
+def token_limit(body: dict[str, Any]) -> int | None:
+    """The request's completion-token limit (``max_completion_tokens``, else ``max_tokens``), None when unset; a
+    continuation's may be 0 (cut after its last token)."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        if body.get(field) is not None:
+            return int(body[field])
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     """One chunk of a stream, and the token ids it adds to the completion (choice 0): ``None`` when the engine cannot

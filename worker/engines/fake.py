@@ -22,7 +22,7 @@ from typing import Any
 from conveyor.contract import JobKind
 from conveyor.errors import ConveyorError, InvalidRequest
 from worker.embed_batcher import inputs_of
-from worker.engines.base import Engine, Piece, Resume
+from worker.engines.base import Engine, Piece, Resume, token_limit
 
 FAULT_FIELD = "fake_fault"
 
@@ -182,11 +182,11 @@ class FakeEngine(Engine):
     def _max_tokens(self, body: dict[str, Any], resume: Resume | None = None) -> int:
         """Tokens to generate now: a continuation's ``max_tokens`` already counts what was sent; without one, the
         default is for the whole completion."""
-        explicit = body.get("max_completion_tokens") or body.get("max_tokens")
-        return int(explicit) if explicit else DEFAULT_MAX_TOKENS - len(resume.token_ids if resume else ())
+        explicit = token_limit(body)
+        return explicit if explicit is not None else DEFAULT_MAX_TOKENS - len(resume.token_ids if resume else ())
 
     def _finish_reason(self, body: dict[str, Any]) -> str:
-        return "length" if body.get("max_tokens") or body.get("max_completion_tokens") else "stop"
+        return "stop" if token_limit(body) is None else "length"
 
     def _prompt_tokens(self, kind: JobKind, body: dict[str, Any]) -> int:
         count = len(_prompt_text(kind, body).split())

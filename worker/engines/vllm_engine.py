@@ -40,7 +40,7 @@ from conveyor.errors import (
 from conveyor.paths import data_dir
 from worker import responses
 from worker.embed_batcher import inputs_of
-from worker.engines.base import Engine, Piece, Resume
+from worker.engines.base import Engine, Piece, Resume, token_limit
 from worker.model_prep import PACKAGED_MODELS, resolve
 from worker.settings import WorkerSettings
 
@@ -471,7 +471,7 @@ class VLLMEngine(Engine):
         self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume
     ) -> AsyncIterator[str]:
         assert resume.prompt_token_ids is not None
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        limit = token_limit(body)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if limit is not None and int(limit) <= 0:  # cut after its last token: only its end is left to send
             yield json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
