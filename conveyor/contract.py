@@ -170,8 +170,10 @@ class StreamProgress:
 
     An entry is the token ids the frame added to the completion (``12,34``; empty for a frame without tokens),
     optionally followed by ``/`` and the prompt's token ids once the engine reported them; ``!<reason>`` marks a
-    stream that cannot be continued exactly (``n > 1``, logprobs, guided decoding, ...). A non-streamed generation
-    records its chunks too (after a newline): its answer is built from all of them at the end.
+    stream that cannot be continued exactly (``n > 1``, logprobs, guided decoding, ...). A leading ``=`` marks the
+    frame that carried the finish reason, ``$`` the one that carried the usage: a continuation sends only what is
+    left after them. A non-streamed generation records its chunks too (after a newline): its answer is built from all
+    of them at the end.
     """
 
     #: frames sent: the next frame's sequence number
@@ -182,6 +184,9 @@ class StreamProgress:
     unresumable: str | None = None
     #: the chunks recorded with the entries (a non-streamed generation's)
     chunks: tuple[bytes, ...] = ()
+    #: the finish reason was sent; the usage was sent
+    finished: bool = False
+    usage_sent: bool = False
 
     @staticmethod
     def entry(
@@ -189,10 +194,12 @@ class StreamProgress:
         prompt_token_ids: Sequence[int] | None = None,
         why: str = "",
         chunk: bytes | None = None,
+        finished: bool = False,
+        usage: bool = False,
     ) -> bytes:
         if token_ids is None:
             return b"!" + (why or "the engine did not report the tokens it generated").encode()
-        text = ",".join(map(str, token_ids))
+        text = ("=" if finished else "") + ("$" if usage else "") + ",".join(map(str, token_ids))
         if prompt_token_ids is not None:
             text += "/" + ",".join(map(str, prompt_token_ids))
         return text.encode() + (b"\n" + chunk if chunk is not None else b"")
@@ -203,11 +210,16 @@ class StreamProgress:
         prompt: tuple[int, ...] | None = None
         why: str | None = None
         chunks: list[bytes] = []
+        finished = usage_sent = False
         for raw in entries:
             if raw.startswith(b"!"):
                 why = why or raw[1:].decode(errors="replace")
                 continue
             raw, newline, chunk = raw.partition(b"\n")
+            finished = finished or raw.startswith(b"=")
+            raw = raw.removeprefix(b"=")
+            usage_sent = usage_sent or raw.startswith(b"$")
+            raw = raw.removeprefix(b"$")
             if newline:
                 chunks.append(chunk)
             ids, _, prompt_ids = raw.partition(b"/")
@@ -215,7 +227,7 @@ class StreamProgress:
                 tokens.extend(int(i) for i in ids.split(b","))
             if prompt_ids and prompt is None:
                 prompt = tuple(int(i) for i in prompt_ids.split(b","))
-        return cls(len(entries), tuple(tokens), prompt, why, tuple(chunks))
+        return cls(len(entries), tuple(tokens), prompt, why, tuple(chunks), finished, usage_sent)
 
 
 # ---- Conveyor's own Redis key names (the queue backend's own keys live in its two seam modules) ---------------

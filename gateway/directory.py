@@ -26,13 +26,20 @@ class ModelDirectory:
         return set(self.settings.models) | set(self.settings.scale_to_zero) | {name.decode() for name in fleet}
 
     async def allow_zero(self, models: list[str]) -> None:
-        """Mark ``models`` as ones whose requests wait for a worker to start (capabilities unknown here: ``[]``)."""
-        if models:
-            with redis_errors():
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for model in models:
+        """Mark ``models`` as ones whose requests wait for a worker to start (capabilities unknown here: ``[]``),
+        except a model whose engine failed recently (``registry.FAILURE_TTL_SECONDS``): its requests get 503
+        ``model_failed`` at once instead of waiting out their deadline for a worker that keeps failing."""
+        if not models:
+            return
+        with redis_errors():
+            failures = await self.redis.mget([contract.model_failure_key(model) for model in models])
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model, failure in zip(models, failures, strict=True):
+                    if failure is None:
                         pipe.set(contract.scale_to_zero_key(model), "[]", ex=contract.SCALE_TO_ZERO_TTL_SECONDS)
-                    await pipe.execute()
+                    else:
+                        pipe.delete(contract.scale_to_zero_key(model))
+                await pipe.execute()
 
     async def names(self) -> set[str]:
         """Every model this deployment knows: configured, or served by a worker at some time (until it is removed

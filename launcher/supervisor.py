@@ -12,8 +12,8 @@ Every ``TICK_SECONDS`` it reads the desired state (``conveyor.fleet``, changed b
 - restarts a worker that exited (a crash; exit code 3 is its engine dying or hanging, ``worker.main``) after an
   exponential backoff, and stops restarting a model whose workers exited ``restart_limit`` times within
   ``CRASH_WINDOW_SECONDS``: the model is ``failed``, with its last log lines, and the rest of the fleet goes on;
-- writes each model's state (loading, serving, restarting, draining, failed) for ``/admin/models``, ``/v1/models`` and
-  ``conveyor status``, and every change of the desired state back to the models file.
+- writes each model's state (loading, serving, restarting, draining, scaled_to_zero, failed) for ``/admin/models``,
+  ``/v1/models`` and ``conveyor status``, and every change of the desired state back to the models file.
 """
 
 from __future__ import annotations
@@ -233,6 +233,8 @@ class Supervisor:
         elif model.spec == spec:
             return
         model.failed, model.exits, model.message = None, deque(), ""
+        if model.workers:  # running: a change (of min_workers, say) does not scale it down before it is idle
+            model.active, model.busy_at = True, time.monotonic()
         if model.spec.same_workers(spec):
             before = model.wanted
             model.spec = spec
@@ -254,12 +256,19 @@ class Supervisor:
         model.workers = keep + [self._worker(name, first + i, spec) for i in range(starting)]
 
     def _resize(self, name: str, model: Model, count: int) -> None:
-        """Start or drain workers of the same spec until it has ``count``."""
+        """Start or drain workers of the same spec until it has ``count``. New ones take the lowest slot numbers no
+        worker of the model holds (one still draining keeps its own, and its log file); with no worker left, the old
+        ones of an unfinished roll drain too (no new one will ever serve to end the roll)."""
         for worker in model.workers[count:]:
             self._stop(worker)
             model.outgoing.append(worker)
         model.workers = model.workers[:count]
-        model.workers += [self._worker(name, i, model.spec) for i in range(len(model.workers), count)]
+        taken = {w.index for w in model.workers + model.outgoing}
+        free = (i for i in range(count + len(taken)) if i not in taken)
+        model.workers += [self._worker(name, next(free), model.spec) for _ in range(len(model.workers), count)]
+        if not model.workers:
+            for worker in model.outgoing:
+                self._stop(worker)
 
     async def _scale(self, name: str, model: Model, now: float) -> None:
         """A model that keeps fewer workers while idle: all of its replicas while work waits or runs, its

@@ -16,9 +16,10 @@ from redis.asyncio import Redis
 from worker.pipeliner import Grouped
 
 #: For each frame, KEYS: lease key ('' for no check), stream channel ('' for none), progress list; ARGV: entry count,
-#: lease holder, frame, expire-at ms, entries. A frame whose lease another worker holds now (a lease that lapsed with
-#: nobody taking it is still this worker's, as for a renewal) is neither published nor recorded. Returns 1 (done) or
-#: 0 (not) per frame.
+#: lease holder, frame, expire-at ms, the progress list's length it follows, entries. A frame is neither published nor
+#: recorded when another worker holds its job's lease now (a lease that lapsed with nobody taking it is still this
+#: worker's, as for a renewal), or when the list is not as long as its sender thinks (another worker wrote to it: a
+#: frame can neither repeat nor skip one). Returns 1 (done) or 0 (not) per frame.
 SEND_SCRIPT = """
 local out, a = {}, 1
 for k = 1, #KEYS, 3 do
@@ -28,14 +29,15 @@ for k = 1, #KEYS, 3 do
     local holder = redis.call('GET', KEYS[k])
     if holder and holder ~= ARGV[a + 1] then ok = 0 end
   end
+  if ok == 1 and redis.call('LLEN', KEYS[k + 2]) ~= tonumber(ARGV[a + 4]) then ok = 0 end
   if ok == 1 then
     if KEYS[k + 1] ~= '' then redis.call('PUBLISH', KEYS[k + 1], ARGV[a + 2]) end
-    for i = a + 4, a + 3 + n do
+    for i = a + 5, a + 4 + n do
       if redis.call('RPUSH', KEYS[k + 2], ARGV[i]) == 1 then redis.call('PEXPIREAT', KEYS[k + 2], ARGV[a + 3]) end
     end
   end
   out[#out + 1] = ok
-  a = a + 4 + n
+  a = a + 5 + n
 end
 return out
 """
@@ -50,6 +52,8 @@ class Frame:
     progress_key: str
     entries: list[bytes]
     expire_at_ms: int
+    #: how many entries the progress list holds before these (the frame's sequence number, for a stream)
+    after: int
 
 
 class FrameSender(Grouped[Frame, int]):
@@ -64,5 +68,5 @@ class FrameSender(Grouped[Frame, int]):
         args: list[str | bytes | int] = []
         for frame in frames:
             keys += [frame.lease_key, frame.channel, frame.progress_key]
-            args += [len(frame.entries), frame.holder, frame.frame, frame.expire_at_ms, *frame.entries]
+            args += [len(frame.entries), frame.holder, frame.frame, frame.expire_at_ms, frame.after, *frame.entries]
         return [int(ok) for ok in await self._script(keys=keys, args=args)]

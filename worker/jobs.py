@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -29,7 +30,7 @@ from worker.bulk import ChunkRunner
 from worker.consumer import Done, EngineDead, LeaseLost
 from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import BUSY_INPUTS, EngineShare
-from worker.engines.base import Engine, Resume
+from worker.engines.base import Engine, Piece, Resume
 from worker.job_source import Claim, Delivery, Fence
 from worker.key_usage import KeyUsage
 from worker.migration import Cut, Migration, continued_body
@@ -150,37 +151,37 @@ class JobRunner:
         """Publish the stream's frames, each with what it adds to the completion (``worker.migration``), going on
         where an earlier worker was cut; returns the outcome and, for a job with an API key, the engine's usage (asked
         of the engine even when the client did not ask for it, and then not passed on)."""
-        body, counted = envelope.body, envelope.tenant is not None
+        rid, body, counted = envelope.request_id, envelope.body, envelope.tenant is not None
         asked = bool((body.get("stream_options") or {}).get("include_usage"))
         if counted and not asked:
             body = body | {"stream_options": (body.get("stream_options") or {}) | {"include_usage": True}}
-        cut = await self.migration.cut(envelope.request_id, envelope.deadline)
-        seq, tokens, resume = (cut.progress.seq if cut else 0), (0, 0), None
+        cut = await self.migration.cut(rid, envelope.deadline)
+        seq, tokens = (cut.progress.seq if cut else 0), (0, 0)
         try:
-            if cut is not None:
-                resume = self._resume(envelope, cut)
-                body = continued_body(body, len(resume.token_ids))
+            resume, body = self._continuation(envelope, cut, body)
             why = self.engine.unresumable(envelope.kind, body)
             async with asyncio.timeout(left):
-                async for piece in self.engine.stream(envelope.kind, body, envelope.request_id, resume):
+                pieces = self.engine.stream(envelope.kind, body, rid, resume) if resume is not DONE else _nothing()
+                async for piece in pieces:
                     found = key_usage.usage_chunk(piece.chunk) if counted else None
                     if found is not None:
                         tokens = key_usage.tokens_of(found[0])
                         if found[1] and not asked:
                             continue
-                    ids = None if why else piece.token_ids
-                    entry = StreamProgress.entry(ids, piece.prompt_token_ids, why or "")
-                    await self._send(
-                        fence, envelope.request_id, StreamFrame.chunk(seq, piece.chunk), envelope.deadline, entry
+                    entry = StreamProgress.entry(
+                        None if why else piece.token_ids, piece.prompt_token_ids, why or "", None, *piece.marks
                     )
+                    await self._send(fence, rid, StreamFrame.chunk(seq, piece.chunk), envelope.deadline, entry)
                     seq += 1
         except LeaseLost:
             raise
         except Exception as exc:
-            error = self._client_error(envelope.request_id, exc)
-            await self._send(fence, envelope.request_id, StreamFrame.failure(seq, error.info()), envelope.deadline)
+            error = self._client_error(rid, exc)
+            if isinstance(error, WorkerLost) and cut is not None:  # refused: its key pays for what was sent
+                tokens = (len(cut.progress.prompt_token_ids or ()), len(cut.progress.token_ids))
+            await self._send(fence, rid, StreamFrame.failure(seq, error.info()), envelope.deadline)
             return _outcome(error), tokens
-        await self._send(fence, envelope.request_id, StreamFrame(seq, "end"), envelope.deadline)
+        await self._send(fence, rid, StreamFrame(seq, "end"), envelope.deadline)
         return "ok", tokens
 
     def _continuable(self, envelope: JobEnvelope) -> bool:
@@ -194,34 +195,47 @@ class JobRunner:
         answer is built from every chunk at the end (``Engine.answer``)."""
         rid, kind = envelope.request_id, envelope.kind
         body = envelope.body | {"stream_options": {"include_usage": True}}
-        chunks: list[dict[str, Any]] = []
-        cut = None
-        with contextlib.suppress(*REDIS_DOWN):  # unreadable: run it from the start (nothing was sent of it)
-            cut = await self.migration.cut(rid, envelope.deadline)
         try:
-            resume = None
-            if cut is not None:
-                resume = self._resume(envelope, cut)
-                chunks = [orjson.loads(chunk) for chunk in cut.progress.chunks]
-                body = continued_body(body, len(resume.token_ids))
+            cut = await self.migration.cut(rid, envelope.deadline)
+        except REDIS_DOWN:  # unreadable: run it from the start, recording nothing (nothing was sent of it)
+            cut, recorded = None, -1
+        else:
+            recorded = cut.progress.seq if cut else 0
+        chunks = [orjson.loads(chunk) for chunk in cut.progress.chunks] if cut else []
+        try:
+            resume, body = self._continuation(envelope, cut, body)
             pending: list[bytes] = []
-            recorded = time.monotonic()
+            last = time.monotonic()
             async with asyncio.timeout(left):
-                async for piece in self.engine.stream(kind, body, rid, resume):
+                pieces = self.engine.stream(kind, body, rid, resume) if resume is not DONE else _nothing()
+                async for piece in pieces:
                     raw = contract.json_bytes(piece.chunk)
                     chunks.append(orjson.loads(raw))
-                    pending.append(StreamProgress.entry(piece.token_ids, piece.prompt_token_ids, chunk=raw))
-                    if time.monotonic() - recorded >= RECORD_SECONDS:
-                        recorded = time.monotonic()
+                    pending.append(StreamProgress.entry(piece.token_ids, piece.prompt_token_ids, "", raw, *piece.marks))
+                    if recorded >= 0 and time.monotonic() - last >= RECORD_SECONDS:
+                        last = time.monotonic()
                         with contextlib.suppress(*REDIS_DOWN):  # an outage: recorded later, the answer still comes
-                            await self.migration.record(fence, rid, pending, envelope.deadline)
-                            pending = []
+                            await self.migration.record(fence, rid, pending, recorded, envelope.deadline)
+                            recorded, pending = recorded + len(pending), []
         except LeaseLost:
             raise
         except Exception as exc:  # CancelledError is not an Exception: it propagates
             error = self._client_error(rid, exc)
             return _outcome(error), Reply(rid, error=error.info())
         return "ok", Reply(rid, body=contract.json_bytes(self.engine.answer(kind, chunks)))
+
+    def _continuation(
+        self, envelope: JobEnvelope, cut: Cut | None, body: dict[str, Any]
+    ) -> tuple[Resume | None, dict[str, Any]]:
+        """How this run goes: from the start (None), on from a cut (its ``Resume`` and the body with its token limit
+        less what was sent), or nothing left but the end (``DONE``: the finish and the usage were sent already)."""
+        if cut is None:
+            return None, body
+        resume = self._resume(envelope, cut)
+        wanted_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if cut.progress.finished and (cut.progress.usage_sent or not wanted_usage):
+            return DONE, body
+        return resume, continued_body(body, len(resume.token_ids))
 
     def _resume(self, envelope: JobEnvelope, cut: Cut) -> Resume:
         """Go on with a generation cut on another worker, or say (as its next event, or its answer) why it cannot."""
@@ -236,7 +250,7 @@ class JobRunner:
             len(cut.progress.token_ids),
             cut.migrations,
         )
-        return Resume(cut.progress.token_ids, cut.progress.prompt_token_ids)
+        return Resume(cut.progress.token_ids, cut.progress.prompt_token_ids, cut.progress.finished)
 
     def _client_error(self, request_id: str, exc: Exception) -> ConveyorError:
         """What the client is told about ``exc``; raises ``EngineDead`` when the engine died under the job."""
@@ -270,8 +284,17 @@ class JobRunner:
     async def _send(
         self, fence: Fence | None, request_id: str, frame: StreamFrame, deadline: float, entry: bytes = b""
     ) -> None:
-        await self.migration.publish(fence, request_id, frame.encode(), entry, deadline)
+        await self.migration.publish(fence, request_id, frame.seq, frame.encode(), entry, deadline)
         metrics.STREAM_MESSAGES.labels(self.model).inc()
+
+
+#: a continuation with nothing left to generate: the cut came after the finish and the usage were sent
+DONE = Resume(())
+
+
+async def _nothing() -> AsyncIterator[Piece]:
+    return
+    yield
 
 
 def _delivery(reply_to: str, reply: Reply) -> Delivery | None:

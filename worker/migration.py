@@ -73,24 +73,35 @@ class Migration:
             return f"it was already moved {self.max_migrations} times (CONVEYOR_WORKER_MAX_MIGRATIONS)"
         return None
 
-    async def publish(self, fence: Fence | None, request_id: str, frame: bytes, entry: bytes, deadline: float) -> None:
-        """Send one frame of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
+    async def publish(
+        self, fence: Fence | None, request_id: str, seq: int, frame: bytes, entry: bytes, deadline: float
+    ) -> None:
+        """Send frame ``seq`` of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
         another worker's now (nothing is sent then)."""
-        await self._send(fence, request_id, contract.stream_channel(request_id), frame, [entry], deadline)
+        await self._send(fence, request_id, contract.stream_channel(request_id), frame, [entry], seq, deadline)
 
-    async def record(self, fence: Fence | None, request_id: str, entries: list[bytes], deadline: float) -> None:
-        """Append progress entries of a non-streamed generation (its client is sent nothing before its end)."""
+    async def record(
+        self, fence: Fence | None, request_id: str, entries: list[bytes], after: int, deadline: float
+    ) -> None:
+        """Append progress entries of a non-streamed generation (its client is sent nothing before its end) to the
+        ``after`` entries its list holds."""
         if entries:
-            await self._send(fence, request_id, "", b"", entries, deadline)
+            await self._send(fence, request_id, "", b"", entries, after, deadline)
 
     async def _send(
-        self, fence: Fence | None, request_id: str, channel: str, frame: bytes, entries: list[bytes], deadline: float
+        self,
+        fence: Fence | None,
+        request_id: str,
+        channel: str,
+        frame: bytes,
+        entries: list[bytes],
+        after: int,
+        deadline: float,
     ) -> None:
         lease_key, holder = (fence.key, fence.holder) if fence else ("", "")
         progress = contract.progress_key(request_id)
-        if not await self._frames.send(
-            Frame(lease_key, holder, channel, frame, progress, entries, _expire_at_ms(deadline))
-        ):
+        sent = Frame(lease_key, holder, channel, frame, progress, entries, _expire_at_ms(deadline), after)
+        if not await self._frames.send(sent):
             raise LeaseLost(request_id)
 
     async def close(self) -> None:

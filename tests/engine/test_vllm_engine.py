@@ -163,6 +163,32 @@ class TestGenerate:
         assert engine.unresumable(JobKind.CHAT, body | {"n": 2}) and engine.unresumable(kind, body | {"logprobs": 2})
 
     @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
+    @pytest.mark.parametrize("where", ["mid-way", "after-the-finish"])
+    async def test_a_continuation_without_max_tokens_keeps_the_original_default_and_sends_one_finish(
+        self, engine: VLLMEngine, kind: JobKind, where: str
+    ) -> None:
+        """No token limit: the continuation keeps the original's default (the rest of the context for a chat, 16 in
+        all for a completion), not the default of a completion of the sent tokens. Cut after the finish chunk, only
+        the usage is left to send."""
+        body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "stream_options": {"include_usage": True}}
+        body |= {"messages": PARIS} if kind is JobKind.CHAT else {"prompt": "The three primary colours are"}
+        whole = [p async for p in engine.stream(kind, body, f"nolimit-{kind}")]
+        finish = next(i for i, p in enumerate(whole) if p.finished)
+        cut_at = 3 if where == "mid-way" else finish + 1
+        head = whole[:cut_at]
+        sent = tuple(i for piece in head for i in piece.token_ids or ())
+        prompt = next(p.prompt_token_ids for p in head if p.prompt_token_ids)
+        resume = Resume(sent, prompt, finished=where != "mid-way")
+        rest = [p async for p in engine.stream(kind, continued_body(body, len(sent)), f"nolimit-{kind}", resume)]
+        cut, uncut = _parsed(head + rest), _parsed(whole)
+        assert _joined(cut) == _joined(uncut)
+        assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"] and c["choices"][0]["finish_reason"]] == [
+            uncut[finish]["choices"][0]["finish_reason"]
+        ]
+        assert cut[-1]["usage"] == uncut[-1]["usage"]
+        assert all({"id", "object", "created", "model"} <= set(c) for c in cut)
+
+    @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
     @pytest.mark.parametrize("extra", [{}, {"stop": [","]}, {"return_token_ids": True}], ids=["plain", "stop", "ids"])
     async def test_an_answer_built_from_the_stream_equals_the_non_streamed_one(
         self, engine: VLLMEngine, kind: JobKind, extra: dict[str, Any]

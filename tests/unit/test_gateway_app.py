@@ -151,6 +151,11 @@ async def test_a_model_allowed_at_zero_queues_its_requests_and_is_ready(
         await redis.set(contract.scale_to_zero_key("lazy"), '["embed"]')  # what it can do, when known
         wrong = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
         assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_model_capability"
+        failure = registry.Failure(worker_id="w", reason="engine_dead", at=time.time())
+        await redis.set(contract.model_failure_key("lazy"), failure.model_dump_json())  # its worker just died
+        await application.state.service.refresh_known_models()
+        failed = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "model_failed"  # not a 600 s wait
 
 
 def test_placeholder_api_keys_are_refused() -> None:

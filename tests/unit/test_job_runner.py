@@ -106,3 +106,38 @@ async def test_a_dead_engine_hands_the_job_back_instead_of_answering(redis: Redi
     runner = JobRunner(redis, FakeEngine("m"), "m")
     with pytest.raises(EngineDead):
         await runner.run(envelope(body=CHAT | {"fake_fault": "die"}))
+
+
+async def _frames_of_a_run(redis: Redis, body: dict[str, Any]) -> list[StreamFrame]:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(contract.stream_channel("req"))
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True, body=body))
+    frames = []
+    while (raw := await pubsub.get_message(timeout=0.5)) is not None:
+        frames.append(StreamFrame.decode(raw["data"]))
+    await pubsub.aclose()
+    return frames
+
+
+@pytest.mark.parametrize("cut_after", [1, 3, 4, 5, 6], ids=lambda n: f"{n}-frames")
+async def test_a_stream_cut_anywhere_goes_on_with_exactly_the_frames_left(redis: Redis, cut_after: int) -> None:
+    """An uninterrupted stream (role, 3 tokens, finish, usage, end: 7 frames), then the same stream cut after
+    ``cut_after`` frames (its progress list as the first worker left it) and run again: the frames sent then are
+    exactly the uninterrupted run's from there on, even when the cut came after the finish or after the usage."""
+    body = CHAT | {"stream_options": {"include_usage": True}}
+    whole = await _frames_of_a_run(redis, body)
+    assert [f.type for f in whole] == ["chunk"] * 6 + ["end"]
+    entries = await redis.lrange(contract.progress_key("req"), 0, -1)  # left by a run nobody finished
+    assert len(entries) == 7
+    await redis.ltrim(contract.progress_key("req"), 0, cut_after - 1)
+    rest = await _frames_of_a_run(redis, body)
+    assert [f.seq for f in rest] == list(range(cut_after, 7))
+    strip = [
+        (f.type, json.loads(f.payload or b"{}").get("choices"), json.loads(f.payload or b"{}").get("usage"))
+        for f in whole[cut_after:]
+    ]
+    assert [
+        (f.type, json.loads(f.payload or b"{}").get("choices"), json.loads(f.payload or b"{}").get("usage"))
+        for f in rest
+    ] == strip

@@ -30,6 +30,14 @@ class Piece:
     chunk: dict[str, Any] | str
     token_ids: tuple[int, ...] | None = ()
     prompt_token_ids: tuple[int, ...] | None = None
+    #: the chunk carries the finish reason; it carries the usage
+    finished: bool = False
+    usage: bool = False
+
+    @property
+    def marks(self) -> tuple[bool, bool]:
+        """(finished, usage), as ``StreamProgress.entry`` takes them."""
+        return self.finished, self.usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,8 @@ class Resume:
 
     token_ids: tuple[int, ...]
     prompt_token_ids: tuple[int, ...] | None = None
+    #: the finish reason was sent already: only the usage chunk (when asked for) is left
+    finished: bool = False
 
 
 class Engine(ABC):

@@ -162,18 +162,19 @@ class FakeEngine(Engine):
             base = self._base(kind, body, request_id, chunk=True)
             n = int(body.get("n") or 1)
             ids = None if n > 1 else ()  # with several choices interleaved no one completion's tokens are known
-            if kind is JobKind.CHAT and resume is None:
+            if not (resume and resume.finished):
+                if kind is JobKind.CHAT and resume is None:
+                    for i in range(n):
+                        role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        yield Piece(base | {"choices": [role]}, ids)
+                async for index, token in self._generate(kind, body, resume):
+                    choice = self._choice(kind, index, " " + VOCAB[token], None, chunk=True)
+                    yield Piece(base | {"choices": [choice]}, None if n > 1 else (token,))
+                finish = self._finish_reason(body)
                 for i in range(n):
-                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    yield Piece(base | {"choices": [role]}, ids)
-            async for index, token in self._generate(kind, body, resume):
-                choice = self._choice(kind, index, " " + VOCAB[token], None, chunk=True)
-                yield Piece(base | {"choices": [choice]}, None if n > 1 else (token,))
-            finish = self._finish_reason(body)
-            for i in range(n):
-                yield Piece(base | {"choices": [self._choice(kind, i, "", finish, chunk=True)]}, ids)
+                    yield Piece(base | {"choices": [self._choice(kind, i, "", finish, chunk=True)]}, ids, finished=True)
             if (body.get("stream_options") or {}).get("include_usage"):
-                yield Piece(base | {"choices": [], "usage": self._usage(kind, body, resume)}, ids)
+                yield Piece(base | {"choices": [], "usage": self._usage(kind, body, resume)}, ids, usage=True)
         finally:
             self._running -= 1
 

@@ -389,6 +389,9 @@ class VLLMEngine(Engine):
         for field in UNRESUMABLE_FIELDS:
             if body.get(field):
                 return f"`{field}` is set"
+        for field in ("presence_penalty", "frequency_penalty"):  # vLLM counts them over the output tokens only
+            if body.get(field):
+                return f"`{field}` is set"
         if int(body.get("n") or 1) > 1 or int(body.get("best_of") or 1) > 1:
             return "n > 1: several choices cannot be continued"
         if (body.get("response_format") or {}).get("type", "text") != "text":
@@ -426,9 +429,11 @@ class VLLMEngine(Engine):
                 ids += (choice.get("token_ids") if keep_ids else choice.pop("token_ids", None)) or ()
                 in_choice = choice.get("prompt_token_ids") if keep_prompt else choice.pop("prompt_token_ids", None)
                 prompt_ids = prompt_ids or in_choice
+            finished = any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
             if resume is not None:
-                chunk = _as_original(kind, chunk, request_id, resume)
-            yield Piece(json.dumps(chunk, separators=(",", ":")), tuple(ids), _ids(prompt_ids))
+                chunk = _as_original(kind, chunk, request_id, self.settings.model, resume)
+            payload = json.dumps(chunk, separators=(",", ":"))
+            yield Piece(payload, tuple(ids), _ids(prompt_ids), finished, bool(chunk.get("usage")))
 
     def answer(self, kind: JobKind, chunks: list[dict[str, Any]]) -> bytes:
         """vLLM's own response object, built from the stream's chunks and dumped as vLLM's server dumps the one its
@@ -471,22 +476,30 @@ class VLLMEngine(Engine):
         self, kind: JobKind, body: dict[str, Any], request_id: str, resume: Resume
     ) -> AsyncIterator[str]:
         assert resume.prompt_token_ids is not None
+        prompt = [*resume.prompt_token_ids, *resume.token_ids]
         limit = token_limit(body)
+        if limit is None:  # the original's default: the rest of the context (chat), or vLLM's 16 in all (completion)
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+            completion = len(resume.prompt_token_ids) + int(CompletionRequest.model_fields["max_tokens"].default)
+            limit = ((self.max_model_len or 0) if kind is JobKind.CHAT else completion) - len(prompt)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if limit is not None and int(limit) <= 0:  # cut after its last token: only its end is left to send
-            yield json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+        if resume.finished or limit <= 0:  # cut after its finish (or its last token): only its end is left
+            if not resume.finished:
+                yield json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
             if usage:
-                yield json.dumps({"choices": [], "usage": _usage_of(len(resume.prompt_token_ids), 0)})
+                yield json.dumps({"choices": [], "usage": _usage_of(len(prompt), 0)})
             return
         request = {field: body[field] for field in CONTINUATION_FIELDS if field in body}
+        if body.get("min_tokens"):
+            request["min_tokens"] = max(int(body["min_tokens"]) - len(resume.token_ids), 0)
         request |= {
             "model": body.get("model") or self.settings.model,
-            "prompt": [*resume.prompt_token_ids, *resume.token_ids],
+            "prompt": prompt,
+            "max_tokens": limit,
             "stream_options": {"include_usage": usage},
             "return_token_ids": True,  # what it adds, for a later continuation
         }
-        if limit is not None:
-            request["max_tokens"] = int(limit)
         async for payload in self._stream_events(JobKind.COMPLETION, request, request_id):
             yield payload
 
@@ -515,6 +528,8 @@ class VLLMEngine(Engine):
 
 #: request fields whose effect a continuation (a completion of token ids) cannot reproduce
 UNRESUMABLE_FIELDS = (
+    # vLLM holds back the text that might start a stop string, while the tokens under it count as sent
+    "stop",
     "logprobs",
     "top_logprobs",
     "prompt_logprobs",
@@ -536,10 +551,7 @@ CONTINUATION_FIELDS = (
     "top_k",
     "min_p",
     "seed",
-    "stop",
     "stop_token_ids",
-    "presence_penalty",
-    "frequency_penalty",
     "repetition_penalty",
     "ignore_eos",
     "logit_bias",
@@ -550,6 +562,7 @@ CONTINUATION_FIELDS = (
     "include_stop_str_in_output",
     "priority",
     "user",
+    "cache_salt",
 )
 
 
@@ -561,12 +574,12 @@ def _usage_of(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _as_original(kind: JobKind, chunk: dict[str, Any], request_id: str, resume: Resume) -> dict[str, Any]:
+def _as_original(kind: JobKind, chunk: dict[str, Any], request_id: str, model: str, resume: Resume) -> dict[str, Any]:
     """A continuation's completion chunk as the original stream would have sent it: a chat chunk for a chat (its
     text the delta's content), the original id, and usage counting the prompt as first rendered and every completion
     token once."""
     assert resume.prompt_token_ids is not None
-    out = dict(chunk)
+    out = {"created": int(time.time()), "model": model} | chunk
     if kind is JobKind.CHAT:
         out |= {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk"}
         out["choices"] = [
@@ -580,7 +593,7 @@ def _as_original(kind: JobKind, chunk: dict[str, Any], request_id: str, resume: 
             for choice in chunk.get("choices") or ()
         ]
     else:
-        out["id"] = f"cmpl-{request_id}"
+        out |= {"id": f"cmpl-{request_id}", "object": "text_completion"}
     usage = chunk.get("usage")
     if usage:
         sent = len(resume.token_ids)
