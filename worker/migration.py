@@ -1,9 +1,10 @@
 """Request migration: a generation cut on one worker (killed, drained, its engine dead) goes on on the next one.
 
 Every frame of a stream is published by one script that also appends what the frame added to the completion to the
-job's progress list (``contract.StreamProgress``), and does both only while this worker holds the job's lease: the
-list never says more or less than the client was sent, and a worker that lost the job (stopped, then woken up after
-another took it over) cannot send a frame twice. The next worker that claims the job reads the list, continues from
+job's progress list (``contract.StreamProgress``), and does both only while this worker holds the job's lease and
+the list is exactly as long as the frame's sequence number (``worker.frames``): the list never says more or less than
+the client was sent, and a worker that lost the job (stopped, then woken up after another took it over) cannot send
+a frame twice or skip one. The next worker that claims the job reads the list, continues from
 the prompt plus the tokens already sent, with ``max_tokens`` reduced by them, and numbers its frames on from there:
 the gateway relays one unbroken stream.
 
