@@ -82,7 +82,8 @@ def main() -> None:
     rows = measure("fake", args.rounds)
     if args.real:
         rows += measure("minilm", args.rounds)
-    print(f"\nscale from zero through conveyor up ({platform.machine()}, {os.cpu_count()} cores; idle {IDLE_SECONDS} s)")
+    where = f"{platform.machine()}, {os.cpu_count()} cores; idle {IDLE_SECONDS} s"
+    print(f"\nscale from zero through conveyor up ({where})")
     print("| request | seconds to its answer |\n|---|---|")
     for what, seconds in rows:
         print(f"| {what} | {seconds:.2f} |")
