@@ -26,7 +26,7 @@ async def snapshot(redis: Redis) -> dict[str, Any]:
             "workers": status.live_workers,
             "loading": status.loading_workers,
             "queued": status.queue_depth,
-            "bulk_queued": int(await redis.zcard(contract.bulk_queue_name(name))),
+            "bulk_queued": status.bulk_depth,
             "fleet": run.model_dump() if run else None,
         }
     batches = []
