@@ -130,15 +130,17 @@ class TestGenerate:
         }
 
     @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
+    @pytest.mark.parametrize("asked_ids", [False, True], ids=["", "token-ids-asked"])
     async def test_a_stream_continued_from_its_tokens_equals_the_uninterrupted_one(
-        self, engine: VLLMEngine, kind: JobKind
+        self, engine: VLLMEngine, kind: JobKind, asked_ids: bool
     ) -> None:
         """Request migration on the real engine: cut after a few chunks, then continued from the prompt's token ids
         plus the tokens sent (``max_tokens`` reduced by them), greedy decoding gives the same text token for token,
-        the same chunk shape and id, and usage counting each token once."""
+        the same chunk shape and id, and usage counting each token once; token ids the client asked for come on every
+        chunk of text, continued or not."""
         body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "max_tokens": 40, "ignore_eos": True}
         body |= {"messages": PARIS} if kind is JobKind.CHAT else {"prompt": "The three primary colours are"}
-        body |= {"stream_options": {"include_usage": True}}
+        body |= {"stream_options": {"include_usage": True}} | ({"return_token_ids": True} if asked_ids else {})
         assert engine.unresumable(kind, body) is None
         whole = [p async for p in engine.stream(kind, body, f"whole-{kind}")]
         head: list[Any] = []
@@ -161,6 +163,8 @@ class TestGenerate:
         assert {c["id"] for c in cut} == {uncut[0]["id"].replace("whole-", "cut-")}
         assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"]][-1] == "length"
         assert engine.unresumable(JobKind.CHAT, body | {"n": 2}) and engine.unresumable(kind, body | {"logprobs": 2})
+        texts = [c["choices"][0] for c in cut if c["choices"] and _joined([c])]
+        assert all(bool(choice.get("token_ids")) == asked_ids for choice in texts)
 
     @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
     @pytest.mark.parametrize("where", ["mid-way", "after-the-finish"])

@@ -589,6 +589,7 @@ def _as_original(kind: JobKind, chunk: dict[str, Any], request_id: str, model: s
                 "logprobs": None,
                 "finish_reason": choice.get("finish_reason"),
                 **({"stop_reason": choice["stop_reason"]} if choice.get("stop_reason") is not None else {}),
+                **({"token_ids": choice["token_ids"]} if choice.get("token_ids") else {}),  # the client asked
             }
             for choice in chunk.get("choices") or ()
         ]
