@@ -87,9 +87,10 @@ def start_up(own_redis: RedisServer, tmp_path: Path) -> Iterator[Any]:
         )
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         up = Up(process, f"http://127.0.0.1:{port}", own_redis.url)
-        threading.Thread(
+        up.reader = threading.Thread(  # joined by stop() before it closes the pipe the thread reads
             target=lambda: up.lines.extend(line.decode() for line in process.stdout or ()), daemon=True
-        ).start()
+        )
+        up.reader.start()
         started.append(up)
         wait_for(lambda: "Conveyor is up" in up.output, timeout=60, what="conveyor up's banner")
         return up

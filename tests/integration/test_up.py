@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from launcher import processes, redis_server
+from launcher.supervisor import DRAIN_SECONDS
 from tests.conftest import alive, descendants, wait_for
 
 MODELS = """
@@ -108,6 +109,10 @@ def test_the_embedded_redis_keeps_keys_and_usage_across_a_restart(tmp_path: Path
                 assert "survivor" in keys(redis_url, "list")
         finally:
             up.send_signal(signal.SIGINT)
-            up.wait(60)
+            try:  # its workers drain, and are killed after DRAIN_SECONDS at the latest: that bound, and some
+                up.wait(DRAIN_SECONDS + 30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                raise AssertionError(f"conveyor up did not stop after Ctrl-C:\n{''.join(lines)[-3000:]}") from None
             if up.stdout:
                 up.stdout.close()
