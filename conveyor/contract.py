@@ -316,6 +316,44 @@ def bulk_queue_name(model: str) -> str:
     return f"{KEY_PREFIX}:bulk:{model}"
 
 
+# ---- the Redis Streams queue backend (``CONVEYOR_QUEUE_BACKEND=streams``) --------------------------------------
+# Every key of one model's lanes and jobs carries the model as its hash tag (``{model}``), so on Redis Cluster one
+# model's queue scripts touch one slot. arq's backend keeps arq's own names (``arq:job:<id>`` ...).
+
+
+class QueueBackend(StrEnum):
+    """Which layout jobs wait in: arq's (a sorted set per lane) or Redis Streams (a stream per lane, one consumer
+    group of the model's workers)."""
+
+    ARQ = "arq"
+    STREAMS = "streams"
+
+
+#: the consumer group of a model's workers on each of its lanes
+STREAM_GROUP = "workers"
+
+
+def _tagged(model: str) -> str:
+    return f"{KEY_PREFIX}:{{{model}}}"
+
+
+def stream_lane_key(model: str, bulk: bool = False) -> str:
+    """A model's interactive lane (or its bulk lane): a stream of ``id`` entries, one per waiting or running job."""
+    return f"{_tagged(model)}:{'bulk' if bulk else 'queue'}"
+
+
+def stream_job_prefix(model: str) -> str:
+    """Prefix of a job's record: a hash (``data``: the envelope; ``lane`` and ``entry``: where it waits; ``tries``)
+    that expires at the job's deadline."""
+    return f"{_tagged(model)}:job:"
+
+
+def stream_lease_prefix(model: str) -> str:
+    """Prefix of a job's lease: the holding worker's id, expiring unless renewed (the fence, as arq's in-progress
+    key is for arq)."""
+    return f"{_tagged(model)}:lease:"
+
+
 # ---- the fleet of one host (``conveyor.fleet``) ------------------------------------------------------------------
 
 FLEET_MODELS = f"{KEY_PREFIX}:fleet:models"  # hash: model name -> its ModelSpec (JSON): what ``conveyor up`` runs

@@ -128,12 +128,14 @@ async def model_status(redis: Redis, model: str) -> ModelStatus:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(contract.model_workers_key(model), now, "+inf")
         pipe.get(contract.model_card_key(model))
-        pipe.zcard(contract.queue_name(model))
         pipe.zcount(contract.model_loading_key(model), now, "+inf")
         pipe.get(contract.model_failure_key(model))
         pipe.exists(contract.scale_to_zero_key(model))
-        pipe.zcard(contract.bulk_queue_name(model))
-        live, card, depth, loading, failure, zero, bulk = await pipe.execute()
+        for bulk_lane in (False, True):  # each lane on both backends' layouts: one of each pair is empty
+            pipe.zcard(contract.bulk_queue_name(model) if bulk_lane else contract.queue_name(model))
+            pipe.xlen(contract.stream_lane_key(model, bulk_lane))
+        live, card, loading, failure, zero, *lanes = await pipe.execute()
+    depth, bulk = lanes[0] + lanes[1], lanes[2] + lanes[3]
     return ModelStatus(
         live_workers=int(live),
         info=ModelInfo.model_validate_json(card) if card and live else None,

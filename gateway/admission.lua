@@ -1,16 +1,17 @@
 -- Admit and enqueue one job atomically: one round trip, so every bound (the model's queue depth, an API key's limits)
--- is exact however many gateways admit at once. conveyor/rate_window.lua is prepended.
--- KEYS: 1 live-workers zset, 2 model card, 3 arq queue zset, 4 arq job key, 5 the model's wake-up channel, 6 the
+-- is exact however many gateways admit at once. conveyor/rate_window.lua is prepended, and the queue backend's lane
+-- functions (depth_of, enqueue, wake: gateway.arq_queue, gateway.streams_queue), so this runs unchanged on both.
+-- KEYS: 1 live-workers zset, 2 model card, 3 the backend's lane, 4 its job key, 5 the model's wake-up channel, 6 the
 --       model's scale-to-zero marker (a model with no worker that has it waits for one: contract.scale_to_zero_key);
 --       with an API key: 7 its record, 8 its requests window, 9 its tokens window, 10 its unfinished jobs
--- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 serialised arq job, 5 expiry ms, 6 score (enqueue ms),
+-- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 the backend's job data, 5 expiry ms, 6 score (enqueue ms),
 --       7 job id; with an API key: 8 model, 9 tokens charged, 10 bucket second, 11 deadline (unix s)
 -- Returns {code, queue depth, then with a key: for requests and for tokens each limit, used, retry ms, reset ms (all
 -- -1 when the key sets no such limit)}, used before this job. Codes: 1 enqueued, 0 no live worker, 2 queue full,
 -- 3 capability missing, 4 duplicate job id, 5 key revoked, 6 model not allowed for the key, 7 over the requests per
 -- minute, 8 over the tokens per minute, 9 larger than the tokens per minute, 10 over the key's queued jobs.
 local now = tonumber(ARGV[1])
-local depth = redis.call('ZCARD', KEYS[3])
+local depth = depth_of(KEYS[3])
 local keyed = #KEYS > 6
 local none = {-1, -1, -1, -1}
 local requests, tokens = none, none
@@ -68,9 +69,8 @@ end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {4, depth}
 end
-redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
-redis.call('PUBLISH', KEYS[5], 'job')  -- contract.WAKE_JOB
+enqueue(KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+wake(KEYS[5])
 if keyed then
   if requests ~= none then charge(KEYS[8], ARGV[10], 1) end
   if tokens ~= none then charge(KEYS[9], ARGV[10], ARGV[9]) end

@@ -18,7 +18,6 @@ from conveyor.netaddr import address_towards, host_port
 from conveyor.outage import Outage
 from gateway import errors
 from gateway.admin_routes import admin
-from gateway.arq_queue import ArqJobQueue
 from gateway.batch_driver import BatchDriver
 from gateway.batch_store import BatchStore
 from gateway.batches import BatchService
@@ -30,6 +29,7 @@ from gateway.inbox import ReplyInbox
 from gateway.key_cache import KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.pubsub import PubSubMultiplexer
+from gateway.queue_backends import open_queue
 from gateway.routes import router
 from gateway.scrape_targets import advertise, advertise_forever, targets
 from gateway.service import ServingService
@@ -49,7 +49,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         directory = ModelDirectory(redis, settings)
         inbox = ReplyInbox(redis, outage)
         mux = PubSubMultiplexer(redis)
-        queue = ArqJobQueue(redis, settings, directory)
+        queue = open_queue(redis, settings, directory)
         service = ServingService(queue, directory, inbox, mux, settings, metrics)
         app.state.service = service
         app.state.keys = KeyStore(redis)

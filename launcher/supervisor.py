@@ -32,13 +32,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
-from conveyor.contract import JobEnvelope, Reply, StreamFrame
+from conveyor.contract import JobEnvelope, QueueBackend, Reply, StreamFrame
 from conveyor.errors import ModelNotFound
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
 from launcher import models_file, processes
-from worker.arq_source import ArqJobSource
 from worker.job_source import Delivery
 from worker.key_usage import KeyUsage
+from worker.queue_backends import open_source
 
 TICK_SECONDS = 0.5
 #: a worker's exits within this long count towards its model's crash-loop limit
@@ -72,6 +72,8 @@ class UpSettings(BaseSettings):
     restart_limit: int = Field(default=5, ge=1)
     #: a serving worker whose process runs but whose heartbeat has been missing this long is killed and restarted
     hung_seconds: float = Field(default=30.0, gt=0)
+    #: the queue backend of the fleet (its workers and gateway read the same variable)
+    queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")
 
 
 def tail(log: Path, lines: int = LOG_LINES) -> list[str]:
@@ -299,7 +301,9 @@ class Supervisor:
         """Answer the requests still queued for a removed model (its workers are gone): 404, instead of leaving their
         clients waiting for their deadline. Batch chunks stay on the bulk lane (their batch expires, or the model
         comes back)."""
-        source = ArqJobSource(self.redis, model, f"conveyor-up-{os.getpid()}", DRAIN_SECONDS)
+        source = open_source(
+            self.settings.queue_backend, self.redis, model, f"conveyor-up-{os.getpid()}", DRAIN_SECONDS
+        )
         refusal = ModelNotFound(f"The model `{model}` was removed before this request ran.", param="model").info()
         for claim in await source.claim(limit=WAITING_LIMIT):
             fields = claim.envelope

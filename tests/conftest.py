@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -14,16 +15,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from conveyor import contract
+from conveyor.contract import QueueBackend
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
 from launcher.redis_server import RedisServer
 
+BACKEND_VARIABLE = "CONVEYOR_QUEUE_BACKEND"
+
+
+@pytest.fixture(scope="session", params=list(QueueBackend))
+def queue_backend(request: pytest.FixtureRequest) -> Iterator[QueueBackend]:
+    """Every tier of real processes runs once per queue backend: each process started here (gateways, workers,
+    ``conveyor up``) inherits ``CONVEYOR_QUEUE_BACKEND``."""
+    backend: QueueBackend = request.param
+    before = os.environ.get(BACKEND_VARIABLE)
+    os.environ[BACKEND_VARIABLE] = backend.value
+    yield backend
+    if before is None:
+        os.environ.pop(BACKEND_VARIABLE, None)
+    else:
+        os.environ[BACKEND_VARIABLE] = before
+
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url(queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = redis_server.free_port()
     server = redis_server.start(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
@@ -32,7 +52,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+def own_redis(queue_backend: QueueBackend, tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own: it may be stopped and restarted, and what it holds reaches no other test."""
     server = RedisServer(redis_server.free_port(), tmp_path / "redis")
     server.start()
@@ -155,6 +175,12 @@ def spawn(redis_url: str) -> Iterator[Processes]:
     procs = Processes(redis_url)
     yield procs
     procs.stop_all()
+
+
+def queue_depth(redis_url: str, model: str) -> int:
+    """Jobs waiting or running on a model's interactive lane, on either backend's layout (as the registry counts)."""
+    with redis.Redis.from_url(redis_url) as client:
+        return int(client.zcard(contract.queue_name(model))) + int(client.xlen(contract.stream_lane_key(model)))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -17,7 +17,6 @@ Every step is one Lua script (one round trip, atomic).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +26,8 @@ from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
 from conveyor import contract
-from conveyor.keys import USAGE_RETENTION_SECONDS
+from worker import wakeups
+from worker.finish_tail import finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
 from worker.pipeliner import Pipeliner
@@ -93,35 +93,18 @@ end
 return {lost, aborted}
 """
 
-#: Finish a job: unless another worker holds its lease now, remove it (with its stream progress), push its answer and
-#: account its API key's usage (``worker.key_usage``). KEYS: lease, job, retry, abort marker, progress, migrations,
-#: queue, bulk queue[, inbox][, the key's unfinished jobs, its tokens window, its usage of the day]. ARGV: worker id,
-#: job id, 1 with an answer, answer, inbox ttl ms, 1 with usage, the bucket second admission charged, the tokens to
-#: add to it, usage ttl s, then usage field/increment pairs. Returns 1 when finished here, 0 when another worker holds
-#: it.
-FINISH_SCRIPT = (
-    contract.RATE_WINDOW_LUA
-    + """
+#: Finish a job: unless another worker holds its lease now, remove it (with its stream progress), then deliver and
+#: account (``worker.finish_tail``). KEYS: lease, job, retry, abort marker, progress, migrations, queue, bulk queue,
+#: then the tail's. ARGV: worker id, job id, then the tail's. Returns 1 when finished here, 0 when another worker
+#: holds it.
+FINISH_HEAD = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('ZREM', KEYS[7], ARGV[2])
 redis.call('ZREM', KEYS[8], ARGV[2])
-local k = 9
-if ARGV[3] == '1' then
-  redis.call('RPUSH', KEYS[9], ARGV[4])
-  redis.call('PEXPIRE', KEYS[9], ARGV[5])
-  k = 10
-end
-if ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[k], ARGV[2])
-  recharge(KEYS[k + 1], ARGV[7], ARGV[8])
-  for i = 10, #ARGV, 2 do redis.call('HINCRBY', KEYS[k + 2], ARGV[i], ARGV[i + 1]) end
-  if #ARGV >= 10 then redis.call('EXPIRE', KEYS[k + 2], ARGV[9]) end
-end
-return 1
+local k, a, job_id = 9, 3, ARGV[2]
 """
-)
 
 #: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, wake the other workers.
 #: KEYS: wake channel. ARGV: lease prefix, retry prefix, worker id, 1 to keep the try counted, job ids...
@@ -137,11 +120,12 @@ return 0
 """
 
 ABORT_PREFIX = contract.abort_key("")
-#: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
-LISTEN_READ_SECONDS = 1.0
 
 
 class ArqJobSource:
+    #: a claim answers at once; the consumer claims again on a wake-up or its poll timer
+    blocks = False
+
     def __init__(self, redis: Redis, model: str, worker_id: str, lease_seconds: float) -> None:
         self.redis = redis
         self.model = model
@@ -151,7 +135,7 @@ class ArqJobSource:
         self.bulk_queue = contract.bulk_queue_name(model)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
-        self._finish = redis.register_script(FINISH_SCRIPT)
+        self._finish = redis.register_script(finish_script(FINISH_HEAD))
         self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
         self._pipeliner = Pipeliner(redis)
 
@@ -185,6 +169,7 @@ class ArqJobSource:
     async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
         """Finish a job. Jobs finishing together go to Redis together, in one pipeline (``worker.pipeliner``), each
         with its own fenced result."""
+        tail_keys, tail_args = tail_arguments(delivery, usage)
         keys = [
             in_progress_key_prefix + job_id,
             job_key_prefix + job_id,
@@ -194,18 +179,9 @@ class ArqJobSource:
             contract.migrations_key(job_id),
             self.queue,
             self.bulk_queue,
+            *tail_keys,
         ]
-        args: list[str | bytes | int] = [self.worker_id, job_id]
-        if delivery is not None:
-            keys.append(delivery.inbox)
-            args += [1, delivery.payload, int(delivery.ttl_seconds * 1000)]
-        else:
-            args += [0, b"", 0]
-        if usage is not None:
-            key_id = usage.tenant.key_id
-            keys += [contract.key_jobs_key(key_id), contract.rate_window_key(key_id, "tokens"), usage.day_key]
-            args += [1, usage.tenant.second, usage.token_delta, USAGE_RETENTION_SECONDS]
-            args += [item for pair in usage.counters().items() for item in pair]
+        args = [self.worker_id, job_id, *tail_args]
         return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
@@ -214,22 +190,7 @@ class ArqJobSource:
             await self._hand_back(keys=[contract.wake_channel(self.model)], args=args)
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.subscribe(contract.wake_channel(self.model))
-            on_job()  # wake-ups published while not subscribed are lost: look once now
-            while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_READ_SECONDS)
-                if message is None:
-                    continue
-                data: bytes = message["data"]
-                if data.startswith(contract.WAKE_ABORT):
-                    on_abort(data[len(contract.WAKE_ABORT) :].decode())
-                else:
-                    on_job()
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await wakeups.listen(self.redis, self.model, on_job, on_abort)
 
 
 def _envelope(raw: bytes) -> dict[str, Any]:

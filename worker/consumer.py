@@ -47,6 +47,8 @@ class LeaseLost(Exception):
 
 
 Handler = Callable[[Claim], Awaitable[Done]]
+#: a drain waits this long for a claim on its way to come back (a blocking claim waits at most a second in Redis)
+CLAIM_RETURN_SECONDS = 5.0
 
 
 class _Stop(Enum):
@@ -81,6 +83,7 @@ class Consumer:
         self._wake = asyncio.Event()
         self._claiming = True
         self._finished = asyncio.Event()
+        self._polling: asyncio.Task[None] | None = None
         self.engine_dead = False
 
     @property
@@ -97,8 +100,9 @@ class Consumer:
 
     async def run(self) -> None:
         """Serve until ``drain`` or ``fail`` has finished."""
+        self._polling = asyncio.create_task(self._poll_forever(), name="poll")
         loops = [
-            asyncio.create_task(self._poll_forever(), name="poll"),
+            self._polling,
             asyncio.create_task(self._renew_forever(), name="renew"),
             asyncio.create_task(self._listen_forever(), name="wake-ups"),
         ]
@@ -111,9 +115,10 @@ class Consumer:
 
     async def _poll_forever(self) -> None:
         while self._claiming:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_delay):
-                    await self._wake.wait()
+            if not (self.source.blocks and len(self.tasks) < self.max_jobs):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_delay):
+                        await self._wake.wait()
             self._wake.clear()  # before claiming: a wake-up during the claim triggers another one
             free = self.max_jobs - len(self.tasks)
             if free <= 0 or not self._claiming:
@@ -125,6 +130,9 @@ class Consumer:
                 self._wake.set()
                 continue
             self.outage.ok()
+            if not self._claiming and claims:  # a drain began while the claim waited: these go straight back
+                await self._give_back([c.job_id for c in claims], count_try=False)
+                return
             for claim in claims:
                 self._start(claim)
             if len(claims) == free:
@@ -219,6 +227,8 @@ class Consumer:
         """Stop claiming, let running jobs finish for ``grace`` seconds, then hand the rest back."""
         self._claiming = False
         self._wake.set()
+        if self._polling is not None:  # a claim on its way (one that waits inside Redis) comes back, or goes back
+            await asyncio.wait([self._polling], timeout=CLAIM_RETURN_SECONDS)
         if self.tasks:
             log.info("draining: %d running jobs get %.0f s to finish", len(self.tasks), grace)
             await asyncio.wait(list(self.tasks.values()), timeout=grace)
@@ -238,9 +248,12 @@ class Consumer:
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()))
         if held:  # jobs that finished meanwhile or were taken over hold no lease of ours: handing them back is a no-op
-            try:
-                await self.source.hand_back(held, count_try=self.engine_dead)
-                log.info("handed %d jobs back to the queue", len(held))
-            except REDIS_DOWN:  # their leases lapse on their own and another worker takes them
-                log.warning("could not hand %d jobs back (Redis unreachable); their leases will lapse", len(held))
+            await self._give_back(held, count_try=self.engine_dead)
         self._finished.set()
+
+    async def _give_back(self, job_ids: list[str], count_try: bool) -> None:
+        try:
+            await self.source.hand_back(job_ids, count_try=count_try)
+            log.info("handed %d jobs back to the queue", len(job_ids))
+        except REDIS_DOWN:  # their leases lapse on their own and another worker takes them
+            log.warning("could not hand %d jobs back (Redis unreachable); their leases will lapse", len(job_ids))

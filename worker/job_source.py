@@ -1,7 +1,8 @@
 """What a worker needs from a queue backend: claim, renew, finish, hand back, and wake-ups.
 
 The worker's consumer loop (``worker.consumer``) talks only to this protocol; ``worker.arq_source`` implements it on
-arq's Redis layout. A claim is a lease: it lapses unless the worker renews it, and a lapsed job is claimed again by
+arq's Redis layout, ``worker.streams_source`` on Redis Streams (``worker.queue_backends`` picks one). A claim is a
+lease: it lapses unless the worker renews it, and a lapsed job is claimed again by
 another worker (at-least-once execution). ``finish`` delivers the answer only while the lease is still this
 worker's, so the client gets exactly one answer.
 """
@@ -60,6 +61,9 @@ class Delivery:
 class JobSource(Protocol):
     #: how long a claim lives without renewal, seconds
     lease_seconds: float
+    #: ``claim`` itself waits (briefly, inside Redis) for work: the consumer calls it again at once instead of
+    #: waiting for a wake-up
+    blocks: bool
 
     async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
         """Lease up to ``limit`` due jobs that nobody holds; of those, up to ``bulk_limit`` from the bulk lane, taken

@@ -25,13 +25,13 @@ from conveyor.filestore import open_store
 from conveyor.netaddr import address_towards
 from conveyor.outage import REDIS_DOWN, Outage
 from worker import http_endpoints, metrics
-from worker.arq_source import ArqJobSource
 from worker.consumer import Consumer
 from worker.embed_batcher import EmbeddingBatcher
 from worker.engine_share import EngineShare
 from worker.engines.base import Engine
 from worker.jobs import JobRunner
 from worker.migration import Migration
+from worker.queue_backends import open_source
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("conveyor.worker")
@@ -178,7 +178,7 @@ async def _serve_engine(
         batcher=EmbeddingBatcher(engine, settings.model, settings.embed_batch_wait, settings.embed_batch_max_inputs),
         migration=Migration(redis, settings.migrate, settings.max_migrations),
     )
-    source = ArqJobSource(redis, settings.model, info.worker_id, settings.lease_seconds)
+    source = open_source(settings.queue_backend, redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(
         source,
         runner.job,

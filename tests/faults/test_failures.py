@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from bench import faults
+from conveyor.contract import QueueBackend
 from tests.conftest import Processes, metric, wait_for
 
 MODEL = "faulty"
@@ -21,7 +22,7 @@ FAST_FAILURE = {"CONVEYOR_WORKER_ENGINE_CHECK_INTERVAL": "0.2", "CONVEYOR_WORKER
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["no-persistence", "aof"])
-def test_workers_ride_out_a_redis_outage_and_lose_no_job(persist: bool) -> None:
+def test_workers_ride_out_a_redis_outage_and_lose_no_job(queue_backend: QueueBackend, persist: bool) -> None:
     result = faults.outage_on_a_fresh_stack(5, persist)
     print(f"serving again {result.serving_again_after:.2f} s after Redis returned")
     assert result.worker_exits == 0

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from conveyor import contract
-from tests.conftest import Gateway, Processes, Worker, metric, wait_for
+from tests.conftest import Gateway, Processes, Worker, metric, queue_depth, wait_for
 from worker.engines.fake import fake_tokens
 
 MODEL = "migrating"
@@ -213,8 +213,7 @@ def test_a_request_for_a_model_at_zero_waits_and_is_answered_once_a_worker_start
     worker that starts answers it in full."""
     gateway = procs.gateway(models=MODEL, scale_to_zero=MODEL)
     got = in_background(gateway, tokens=20)
-    with redis.Redis.from_url(procs.redis_url) as client:
-        wait_for(lambda: client.zcard(contract.queue_name(MODEL)) == 1, timeout=30, what="the request queued")
+    wait_for(lambda: queue_depth(procs.redis_url, MODEL) == 1, timeout=30, what="the request queued")
     assert not got.ended  # waiting, not refused
     procs.fake_worker(MODEL)
     wait_for(lambda: got.ended, timeout=30, what="the answer")

@@ -15,13 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from conveyor import contract
 from launcher import processes, redis_server
 from launcher.models_file import load
 from launcher.redis_server import RedisServer
-from tests.conftest import alive, descendants, wait_for
+from tests.conftest import alive, descendants, queue_depth, wait_for
 from worker.engines.fake import fake_tokens
 
 ADMIN = {"Authorization": "Bearer fleet-admin-key"}
@@ -292,8 +290,7 @@ def test_requests_still_queued_for_a_removed_model_are_answered_404(start_up: An
         askers = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
         for asker in askers:
             asker.start()
-        with redis.Redis.from_url(up.redis_url) as store:
-            wait_for(lambda: store.zcard(contract.queue_name("fleet-slow")) == 3, timeout=10, what="three queued")
+        wait_for(lambda: queue_depth(up.redis_url, "fleet-slow") == 3, timeout=10, what="three queued")
         assert admin.delete("/admin/models/fleet-slow").status_code == 200
         for asker in askers:
             asker.join(60)
@@ -354,8 +351,7 @@ def test_a_roll_under_sixteen_streams_cuts_none(start_up: Any) -> None:
         readers = [threading.Thread(target=read, args=(i,)) for i in range(16)]
         for reader in readers:
             reader.start()
-        with redis.Redis.from_url(up.redis_url) as client:  # waiting or running: arq lists both
-            wait_for(lambda: client.zcard(contract.queue_name("fleet-streams")) == 16, timeout=30, what="16 streams")
+        wait_for(lambda: queue_depth(up.redis_url, "fleet-streams") == 16, timeout=30, what="16 streams")  # or running
         changed = admin.patch("/admin/models/fleet-streams", json={"env": env | {"CONVEYOR_WORKER_MAX_JOBS": "32"}})
         assert changed.status_code == 200
         for reader in readers:

@@ -8,11 +8,9 @@ import signal
 import httpx
 import openai
 import pytest
-import redis
 
-from conveyor import contract
 from launcher import redis_server
-from tests.conftest import Processes, Worker, metric, wait_for
+from tests.conftest import Processes, Worker, metric, queue_depth, wait_for
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 SLOW = ("--fake-token-delay", "0.05")  # 20 tokens/s: 400 tokens take 20 s
@@ -20,11 +18,6 @@ SLOW = ("--fake-token-delay", "0.05")  # 20 tokens/s: 400 tokens take 20 s
 
 def live_models(base_url: str) -> list[str]:
     return [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"] if m["status"] == "serving"]
-
-
-def queue_depth(redis_url: str, model: str) -> int:
-    with redis.Redis.from_url(redis_url) as client:
-        return int(client.zcard(contract.queue_name(model)))
 
 
 def engine_idle(worker: Worker) -> bool:

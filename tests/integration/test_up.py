@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from conveyor.contract import QueueBackend
 from launcher import processes, redis_server
 from launcher.supervisor import DRAIN_SECONDS
 from tests.conftest import alive, descendants, wait_for
@@ -28,7 +29,7 @@ task = "embed"
 """
 
 
-def test_up_serves_every_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+def test_up_serves_every_model_and_ctrl_c_stops_everything(queue_backend: QueueBackend, tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
     models.write_text(MODELS)
     port = redis_server.free_port()
@@ -80,7 +81,7 @@ def _ready(base: str) -> bool:
         return False
 
 
-def test_the_embedded_redis_keeps_keys_and_usage_across_a_restart(tmp_path: Path) -> None:
+def test_the_embedded_redis_keeps_keys_and_usage_across_a_restart(queue_backend: QueueBackend, tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
     models.write_text(MODELS)
     env = {**os.environ, "CONVEYOR_DATA_DIR": str(tmp_path / "data")}

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conveyor.contract import QueueBackend
 from launcher import redis_server
 from launcher.redis_server import RedisServer
 from tests.conftest import Gateway, Processes, Worker
@@ -51,7 +52,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def tenancy_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def tenancy_redis(queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(redis_server.free_port(), tmp_path_factory.mktemp("tenancy-redis"))
     server.start()
     yield server

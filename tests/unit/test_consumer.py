@@ -20,6 +20,7 @@ class ScriptedSource:
     """A job source holding a list of jobs; ``failures`` calls of each kind raise a lost connection first."""
 
     lease_seconds = 1.0
+    blocks = False
 
     def __init__(self, jobs: list[str], failures: int = 0) -> None:
         self.waiting = list(jobs)
@@ -122,3 +123,37 @@ async def test_drain_lets_short_jobs_finish_and_hands_long_ones_back() -> None:
     await running
     assert source.finished == ["short"]
     assert "long" in source.handed_back
+
+
+class BlockingSource(ScriptedSource):
+    """A source whose claim waits for work (as Redis Streams' ``XREADGROUP BLOCK`` does) until ``arrive`` is set."""
+
+    blocks = True
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.arrive = asyncio.Event()
+        self.claims = 0
+
+    async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
+        self.claims += 1
+        await self.arrive.wait()
+        self.arrive.clear()
+        return await super().claim(limit, bulk_limit)
+
+
+async def test_a_blocking_source_is_claimed_from_again_at_once_and_a_claim_ending_in_a_drain_goes_back() -> None:
+    source = BlockingSource()
+    worker = consumer(source, lambda claim: asyncio.sleep(0, Done(time.time() + 5)))
+    worker.poll_delay = 3600.0  # a wake-up timer would never fire within this test: the claims cannot wait on it
+    run = asyncio.create_task(worker.run())
+    source.waiting = ["a"]
+    source.arrive.set()
+    await until(lambda: source.finished == ["a"] and source.claims == 2)
+    drained = asyncio.create_task(worker.drain(grace=1))
+    await until(lambda: not worker._claiming)
+    source.waiting = ["late"]  # claimed while the drain began: nobody may run it here
+    source.arrive.set()
+    await drained
+    await run
+    assert source.handed_back == ["late"] and source.finished == ["a"]

@@ -1,0 +1,93 @@
+"""The gateway's side of the Redis Streams backend: ``JobQueue`` on one stream per lane (``contract.stream_lane_key``).
+
+A job is a record (a hash: the envelope as JSON, its lane and entry, its tries; expiring at the request's deadline)
+plus an entry on its lane;
+the model's workers read the lane as one consumer group, so each entry reaches one worker (``worker.streams_source``)
+and enqueueing wakes nobody else: no wake-up is published. Admission and enqueue are ``gateway.redis_queue``'s.
+Every key of a model carries its hash tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from conveyor import contract
+from conveyor.contract import JobEnvelope
+from conveyor.outage import REDIS_DOWN
+from gateway.queue import JobState, redis_errors
+from gateway.redis_queue import RedisJobQueue, unencodable
+
+#: the lane is a stream of entries naming a job (``id``); an entry stays until its job is finished or cancelled, so
+#: its length counts waiting and running jobs, as arq's sorted set does
+LANE_LUA = """
+local function depth_of(lane) return redis.call('XLEN', lane) end
+local function enqueue(lane, job, data, expiry_ms, score, id)
+  local entry = redis.call('XADD', lane, '*', 'id', id)
+  redis.call('HSET', job, 'data', data, 'entry', entry, 'lane', lane, 'tries', 0)
+  redis.call('PEXPIRE', job, expiry_ms)
+end
+local function wake(channel) end
+"""
+#: Cancel one job. Not running (no lease): remove its entry and record, so no worker ever starts it. Running: leave a
+#: marker that expires with the job and wake the model's workers naming it, so the one holding it stops it now. Either
+#: way it no longer counts against its API key's queued jobs. KEYS: 1 lane, 2 record, 3 lease, 4 abort marker, 5 the
+#: model's wake-up channel[, 6 the key's jobs]. ARGV: 1 job id, 2 marker expiry ms, 3 group. Returns 0 removed (or
+#: gone), 1 running: asked to stop.
+CANCEL_LUA = """
+if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[1]) end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  local entry = redis.call('HGET', KEYS[2], 'entry')
+  if entry then
+    redis.pcall('XACK', KEYS[1], ARGV[3], entry)  -- delivered but not yet taken up (no group yet: nothing to ack)
+    redis.call('XDEL', KEYS[1], entry)
+  end
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+redis.call('PSETEX', KEYS[4], ARGV[2], '1')
+redis.call('PUBLISH', KEYS[5], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
+return 1
+"""
+
+
+class StreamsJobQueue(RedisJobQueue):
+    LANE_LUA = LANE_LUA
+    CANCEL_LUA = CANCEL_LUA
+
+    def lane(self, model: str, bulk: bool = False) -> str:
+        return contract.stream_lane_key(model, bulk)
+
+    def job_prefix(self, model: str) -> str:
+        return contract.stream_job_prefix(model)
+
+    def job_data(self, envelope: JobEnvelope, enqueued_ms: int) -> bytes:
+        try:
+            return contract.dumps(envelope.model_dump(mode="json"))
+        except UnicodeEncodeError as exc:
+            raise unencodable(exc) from None
+
+    async def cancel(self, envelope: JobEnvelope) -> None:
+        model, job_id = envelope.model, envelope.request_id
+        keys = [
+            self.lane_of(envelope),
+            contract.stream_job_prefix(model) + job_id,
+            contract.stream_lease_prefix(model) + job_id,
+            contract.abort_key(job_id),
+            contract.wake_channel(model),
+        ]
+        if envelope.tenant is not None:
+            keys.append(contract.key_jobs_key(envelope.tenant.key_id))
+        marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
+        with contextlib.suppress(*REDIS_DOWN):  # the record expires at the job's deadline; nobody waits for it then
+            await self._cancel(keys=keys, args=[job_id, marker_ms, contract.STREAM_GROUP])
+
+    async def state(self, envelope: JobEnvelope) -> JobState:
+        model, job_id = envelope.model, envelope.request_id
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(contract.stream_lease_prefix(model) + job_id)
+                pipe.exists(contract.stream_job_prefix(model) + job_id)
+                running, queued = await pipe.execute()
+        if running:
+            return JobState.RUNNING
+        return JobState.QUEUED if queued else JobState.GONE

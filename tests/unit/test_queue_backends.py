@@ -1,0 +1,236 @@
+"""Both queue backends' Lua scripts, on both sides, held to one contract: claims are leases, renewals, fenced
+finishes, hand-backs, cancels. Each test runs on arq's layout and on Redis Streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from redis.asyncio import Redis
+
+from conveyor import contract, registry
+from conveyor.contract import JobEnvelope, JobKind, QueueBackend
+from gateway.directory import ModelDirectory
+from gateway.queue import JobState
+from gateway.queue_backends import BACKENDS
+from gateway.redis_queue import RedisJobQueue
+from gateway.settings import GatewaySettings
+from worker.job_source import Delivery, JobSource
+from worker.queue_backends import open_source
+from worker.streams_source import HANDED_BACK_IDLE_MS
+
+MODEL = "m"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a backend keeps a job's lease, data and try count, and what time does to a dead worker's lease."""
+
+    backend: QueueBackend
+    redis: Redis
+
+    def lease(self, job_id: str) -> str:
+        if self.backend is QueueBackend.ARQ:
+            return in_progress_key_prefix + job_id
+        return contract.stream_lease_prefix(MODEL) + job_id
+
+    def data(self, job_id: str) -> str:
+        return (
+            job_key_prefix + job_id if self.backend is QueueBackend.ARQ else contract.stream_job_prefix(MODEL) + job_id
+        )
+
+    def tries(self, job_id: str) -> str:
+        return retry_key_prefix + job_id if self.backend is QueueBackend.ARQ else self.data(job_id)
+
+    async def depth(self) -> int:
+        return (await registry.model_status(self.redis, MODEL)).queue_depth
+
+    async def lapse(self, job_id: str, holder: str) -> None:
+        """What the lease's expiry does when its holder dies: the lease key is gone, and on Streams the entry has
+        been idle longer than a lease."""
+        await self.redis.delete(self.lease(job_id))
+        if self.backend is QueueBackend.STREAMS:
+            lane = contract.stream_lane_key(MODEL)
+            entry = await self.redis.hget(self.data(job_id), "entry")
+            await self.redis.xclaim(
+                lane, contract.STREAM_GROUP, holder, 0, [entry], idle=HANDED_BACK_IDLE_MS, justid=True
+            )
+
+
+@pytest.fixture(params=list(QueueBackend))
+def layout(request: pytest.FixtureRequest, redis: Redis) -> Layout:
+    return Layout(request.param, redis)
+
+
+def envelope(request_id: str, deadline_in: float = 30.0) -> JobEnvelope:
+    return JobEnvelope(
+        request_id=request_id,
+        reply_to="gw",
+        model=MODEL,
+        kind=JobKind.CHAT,
+        body={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        deadline=time.time() + deadline_in,
+    )
+
+
+@pytest.fixture
+async def queue(redis: Redis, layout: Layout) -> RedisJobQueue:
+    settings = GatewaySettings(models=[MODEL], max_queue_depth=100)
+    info = registry.WorkerInfo(
+        worker_id="w", model=MODEL, capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
+    )
+    await registry.heartbeat(redis, info, ttl=60)
+    return BACKENDS[layout.backend](redis, settings, ModelDirectory(redis, settings))
+
+
+def source(layout: Layout, worker: str, lease: float = 5.0) -> JobSource:
+    return open_source(layout.backend, layout.redis, MODEL, worker, lease)
+
+
+async def three_held_by_a(layout: Layout, queue: RedisJobQueue) -> JobSource:
+    """Jobs j0, j1, j2 queued and claimed by worker A; A's source."""
+    for i in range(3):
+        await queue.submit(envelope(f"j{i}"))
+    a = source(layout, "A")
+    assert len(await a.claim(3)) == 3
+    return a
+
+
+async def test_claims_are_leases_held_by_one_worker(layout: Layout, queue: RedisJobQueue) -> None:
+    for i in range(3):
+        await queue.submit(envelope(f"j{i}"))
+    a, b = source(layout, "A"), source(layout, "B")
+    first = await a.claim(2)
+    assert [c.job_id for c in first] == ["j0", "j1"]
+    assert first[0].envelope["request_id"] == "j0" and first[0].tries == 1
+    assert await layout.redis.get(layout.lease("j0")) == b"A"
+    assert first[0].fence is not None and first[0].fence.key == layout.lease("j0")
+    # running jobs still count in the lane's depth; B gets the one left
+    assert [c.job_id for c in await b.claim(5)] == ["j2"]
+    assert await a.claim(5) == []
+    assert await queue.state(envelope("j0")) is JobState.RUNNING
+    assert await layout.depth() == 3
+
+
+async def test_a_lapsed_lease_is_claimed_again_with_its_try_counted(layout: Layout, queue: RedisJobQueue) -> None:
+    await queue.submit(envelope("j"))
+    (claimed,) = await source(layout, "A").claim(1)
+    await layout.lapse("j", "A")
+    assert await queue.state(envelope("j")) is JobState.QUEUED
+    (again,) = await source(layout, "B").claim(1)
+    assert again.job_id == "j" and again.tries == claimed.tries + 1
+    assert await layout.redis.pttl(layout.tries("j")) > 0  # the try count expires with the job
+
+
+async def test_a_live_lease_is_not_taken_over(layout: Layout, queue: RedisJobQueue) -> None:
+    await queue.submit(envelope("j"))
+    assert len(await source(layout, "A").claim(1)) == 1
+    assert await source(layout, "B").claim(1) == []  # B's first claim sweeps too: A's lease is fresh
+
+
+async def test_a_job_whose_data_expired_is_dropped_not_run(layout: Layout, queue: RedisJobQueue) -> None:
+    await queue.submit(envelope("old"))
+    await layout.redis.delete(layout.data("old"))  # what its deadline does
+    a = source(layout, "A")
+    assert await a.claim(5) == []
+    assert await a.claim(5) == []
+    assert await layout.depth() == 0
+
+
+async def test_renewal_reports_lost_and_aborted_jobs_and_retakes_a_lapsed_lease(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    redis = layout.redis
+    a = await three_held_by_a(layout, queue)
+    await redis.set(layout.lease("j0"), "B")  # taken over by B after A's lease lapsed
+    await redis.delete(layout.lease("j1"))  # lapsed (an outage), nobody took it
+    await queue.cancel(envelope("j2"))  # running: the client's cancel leaves a marker
+    renewal = await a.renew(["j0", "j1", "j2"])
+    assert renewal.lost == ["j0"] and renewal.aborted == ["j2"]
+    assert await redis.get(layout.lease("j1")) == b"A"
+    assert 0 < await redis.pttl(layout.lease("j1")) <= 5000
+
+
+async def test_finish_delivers_once_and_only_while_the_lease_is_ours(layout: Layout, queue: RedisJobQueue) -> None:
+    redis = layout.redis
+    await queue.submit(envelope("j"))
+    a, b = source(layout, "A"), source(layout, "B")
+    await a.claim(1)
+    await redis.set(layout.lease("j"), "B")
+    inbox = contract.inbox_key("gw")
+    assert not await a.finish("j", Delivery(inbox, b"from A"))
+    assert await redis.llen(inbox) == 0
+    assert await b.finish("j", Delivery(inbox, b"from B"))
+    assert await redis.lrange(inbox, 0, -1) == [b"from B"]
+    assert 0 < await redis.pttl(inbox) <= 60_000
+    keys = {k.decode() for k in await redis.keys("*")} - {inbox}
+    assert not {k for k in keys if k.endswith(":j")}, keys  # lease, data, tries and queue entry are gone
+    assert await layout.depth() == 0
+
+
+async def test_jobs_finishing_together_go_to_redis_in_one_pipeline_each_with_its_own_result(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    redis = layout.redis
+    a = await three_held_by_a(layout, queue)
+    await redis.set(layout.lease("j1"), "B")  # j1 was taken over: its finish must say so
+    pipelines = 0
+    make_pipeline = redis.pipeline
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+
+    redis.pipeline = counting  # type: ignore[method-assign]
+    inbox = contract.inbox_key("gw")
+    results = await asyncio.gather(*(a.finish(f"j{i}", Delivery(inbox, f"answer {i}".encode())) for i in range(3)))
+    assert results == [True, False, True] and pipelines == 1
+    assert sorted(await redis.lrange(inbox, 0, -1)) == [b"answer 0", b"answer 2"]
+
+
+async def test_hand_back_frees_the_job_for_others_counting_the_try_only_after_a_failure(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    await queue.submit(envelope("j"))
+    await queue.submit(envelope("later"))
+    a, b = source(layout, "A"), source(layout, "B")
+    assert [c.job_id for c in await a.claim(1)] == ["j"]
+    await a.hand_back(["j"], count_try=False)  # a drain: not the job's fault
+    (again,) = await b.claim(1)  # before the job enqueued after it
+    assert (again.job_id, again.tries) == ("j", 1)
+    await b.hand_back(["j"], count_try=True)  # an engine died under it: it may be what killed the engine
+    c = source(layout, "C")
+    (third,) = await c.claim(1)
+    assert (third.job_id, third.tries) == ("j", 2)
+
+
+async def test_bulk_work_is_taken_only_when_no_interactive_job_waits(layout: Layout, queue: RedisJobQueue) -> None:
+    chunk = contract.ChunkRef(
+        batch_id="b1", index=0, input_file="f", start=0, end=1, first_line=0, lines=1, expires_at=time.time() + 60
+    )
+    await queue.release("b1", [envelope("chunk").model_copy(update={"chunk": chunk})], 1.0, time.time())
+    await queue.submit(envelope("chat"))
+    a = source(layout, "A")
+    assert [(c.job_id, c.bulk) for c in await a.claim(1, bulk_limit=1)] == [("chat", False)]
+    assert await a.claim(1, bulk_limit=0) == []
+    assert [(c.job_id, c.bulk) for c in await a.claim(2, bulk_limit=1)] == [("chunk", True)]
+    assert (await registry.model_status(layout.redis, MODEL)).bulk_depth == 1
+
+
+async def test_cancel_removes_a_waiting_job_and_marks_a_running_one(layout: Layout, queue: RedisJobQueue) -> None:
+    redis = layout.redis
+    await queue.submit(envelope("waiting"))
+    await queue.cancel(envelope("waiting"))
+    assert await queue.state(envelope("waiting")) is JobState.GONE
+    assert await redis.exists(layout.data("waiting")) == 0
+    assert await layout.depth() == 0
+    await queue.submit(envelope("running", deadline_in=20))
+    await source(layout, "A").claim(1)
+    await queue.cancel(envelope("running", deadline_in=20))
+    assert 0 < await redis.pttl(contract.abort_key("running")) <= 20_000  # bounded by the job's deadline
+    await queue.cancel(envelope("never-enqueued"))
+    assert await redis.exists(contract.abort_key("never-enqueued")) == 0  # nothing left behind

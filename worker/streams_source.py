@@ -1,0 +1,310 @@
+"""The worker's side of the Redis Streams backend: ``JobSource`` on a stream per lane, read by the model's workers as
+one consumer group (``contract.STREAM_GROUP``). The only worker module that knows this layout.
+
+- A claim is ``XREADGROUP ... BLOCK``: each entry reaches one worker, and a worker with nothing to do waits inside
+  Redis for the next one, so an enqueue wakes one worker, not all of them, and nobody polls the queue.
+- Taking an entry up (one script) sets the job's lease (its id under ``contract.stream_lease_prefix``, expiring
+  unless renewed: the fence frames and finishes check) and counts the try in the job's record.
+- A worker that dies leaves its entries in the group's pending entries list: every third of a lease each worker
+  sweeps it with ``XAUTOCLAIM`` for entries idle longer than a lease, and takes those up first.
+- A renewal extends the lease and resets the entry's idle time (``XCLAIM ... JUSTID``); a hand-back drops the lease,
+  marks the entry idle for ever and publishes a wake-up, so the model's workers sweep at once (within a claim's
+  wait) and one of them runs it before new work.
+- A finish acknowledges and deletes the entry (so a lane's length counts waiting and running jobs), then delivers and
+  accounts as ``worker.finish_tail`` does on both backends.
+
+Every key of a model carries its hash tag, so each script touches one slot of a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from conveyor import contract
+from worker import wakeups
+from worker.finish_tail import finish_script, tail_arguments
+from worker.job_source import Claim, Delivery, Fence, Renewal
+from worker.key_usage import KeyUsage
+from worker.pipeliner import Pipeliner
+
+#: a claim waits in Redis at most this long for an entry (below ``redis_client.READ_TIMEOUT_SECONDS``), so a drain
+#: or a lost connection is noticed within it
+BLOCK_SECONDS = 1.0
+#: the idle time a handed-back entry is given: longer than any lease, so the next sweep takes it
+HANDED_BACK_IDLE_MS = 2**40
+#: consumers (one per worker process ever started) with nothing pending that were idle this long leave the group
+CONSUMER_IDLE_SECONDS = 600.0
+
+#: Take up entries read for this worker: lane entries named by their job id (read by XREADGROUP), and, when sweeping,
+#: entries idle longer than a lease (XAUTOCLAIM, from each lane's cursor). An entry whose record is gone (deadline,
+#: cancel) or names another entry (handed back or put back) is dropped; one whose lease another worker holds is left
+#: to it; one beyond this claim's room goes back to its lane's end. KEYS: lane, bulk lane. ARGV: 1 group, 2 worker id,
+#: 3 record prefix, 4 lease prefix, 5 lease ms, 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep), 9 and 10 the
+#: lanes' sweep cursors, then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, then id, data,
+#: tries, bulk (0/1) per job taken up}.
+TAKE_SCRIPT = """
+local group, me = ARGV[1], ARGV[2]
+local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
+local out = {ARGV[9], ARGV[10]}
+local function drop(lane, entry)
+  redis.call('XACK', lane, group, entry)
+  redis.call('XDEL', lane, entry)
+end
+local function take(l, entry, id)
+  local lane = KEYS[l]
+  local record = ARGV[3] .. id
+  local job = redis.call('HMGET', record, 'data', 'entry')
+  if not job[1] or job[2] ~= entry then return drop(lane, entry) end
+  local holder = redis.call('GET', ARGV[4] .. id)
+  if holder and holder ~= me then return end
+  if room <= 0 or (l == 2 and bulk_room <= 0) then
+    drop(lane, entry)
+    redis.call('HSET', record, 'entry', redis.call('XADD', lane, '*', 'id', id))
+    return
+  end
+  room = room - 1
+  if l == 2 then bulk_room = bulk_room - 1 end
+  redis.call('PSETEX', ARGV[4] .. id, ARGV[5], me)
+  out[#out + 1] = id
+  out[#out + 1] = job[1]
+  out[#out + 1] = redis.call('HINCRBY', record, 'tries', 1)
+  out[#out + 1] = l - 1
+end
+if tonumber(ARGV[8]) > 0 then
+  for l = 1, 2 do
+    local count = l == 1 and room or math.min(room, bulk_room)
+    if count > 0 then
+      local swept = redis.call('XAUTOCLAIM', KEYS[l], group, me, ARGV[8], ARGV[8 + l], 'COUNT', count, 'JUSTID')
+      out[l] = swept[1]
+      for _, entry in ipairs(swept[2]) do
+        local found = redis.call('XRANGE', KEYS[l], entry, entry)
+        if #found == 0 then redis.call('XACK', KEYS[l], group, entry) else take(l, entry, found[1][2][2]) end
+      end
+    end
+  end
+end
+for i = 11, #ARGV, 3 do take(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
+return out
+"""
+
+#: Renew held leases and reset their entries' idle time; a lease that lapsed with nobody taking it is taken back.
+#: KEYS: lane, bulk lane. ARGV: group, worker id, record prefix, lease prefix, abort prefix, lease ms, job ids...
+#: Returns {lost, aborted}.
+RENEW_SCRIPT = """
+local lost, aborted = {}, {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local holder = redis.call('GET', ARGV[4] .. id)
+  if holder == ARGV[2] or not holder then
+    redis.call('PSETEX', ARGV[4] .. id, ARGV[6], ARGV[2])
+    local job = redis.call('HMGET', ARGV[3] .. id, 'entry', 'lane')
+    if job[1] then
+      redis.call('XCLAIM', job[2] == KEYS[2] and KEYS[2] or KEYS[1], ARGV[1], ARGV[2], 0, job[1], 'JUSTID')
+    end
+    if redis.call('EXISTS', ARGV[5] .. id) == 1 then aborted[#aborted + 1] = id end
+  else
+    lost[#lost + 1] = id
+  end
+end
+return {lost, aborted}
+"""
+
+#: The streams backend's finish head (``worker.finish_tail``). KEYS: lease, record, abort marker, progress,
+#: migrations, lane, bulk lane, then the tail's. ARGV: worker id, job id, group, then the tail's.
+FINISH_HEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+local job = redis.call('HMGET', KEYS[2], 'entry', 'lane')
+if job[1] then
+  local lane = job[2] == KEYS[7] and KEYS[7] or KEYS[6]
+  redis.call('XACK', lane, ARGV[3], job[1])
+  redis.call('XDEL', lane, job[1])
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local k, a, job_id = 8, 4, ARGV[2]
+"""
+
+#: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, mark the entry idle for
+#: ever and wake the model's workers to sweep. KEYS: lane, bulk lane, wake channel. ARGV: group, worker id, record
+#: prefix, lease prefix, 1 to keep the try counted, idle ms, job ids...
+HAND_BACK_SCRIPT = """
+local handed = 0
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  if redis.call('GET', ARGV[4] .. id) == ARGV[2] then
+    redis.call('DEL', ARGV[4] .. id)
+    local job = redis.call('HMGET', ARGV[3] .. id, 'entry', 'lane')
+    if job[1] then
+      if ARGV[5] == '0' then redis.call('HINCRBY', ARGV[3] .. id, 'tries', -1) end
+      local lane = job[2] == KEYS[2] and KEYS[2] or KEYS[1]
+      redis.call('XCLAIM', lane, ARGV[1], ARGV[2], 0, job[1], 'IDLE', ARGV[6], 'JUSTID')
+      handed = handed + 1
+    end
+  end
+end
+if handed > 0 then redis.call('PUBLISH', KEYS[3], 'job') end  -- contract.WAKE_JOB
+return handed
+"""
+
+ABORT_PREFIX = contract.abort_key("")
+
+
+class StreamsJobSource:
+    #: a claim waits inside Redis for work (``BLOCK_SECONDS``): the consumer claims again at once
+    blocks = True
+
+    def __init__(self, redis: Redis, model: str, worker_id: str, lease_seconds: float) -> None:
+        self.redis = redis
+        self.model = model
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.lanes = (contract.stream_lane_key(model), contract.stream_lane_key(model, bulk=True))
+        self.records = contract.stream_job_prefix(model)
+        self.leases = contract.stream_lease_prefix(model)
+        self._take = redis.register_script(TAKE_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._finish = redis.register_script(finish_script(FINISH_HEAD))
+        self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
+        self._pipeliner = Pipeliner(redis)
+        self._cursors = ["0-0", "0-0"]
+        self._next_sweep = 0.0
+        self._next_tidy = 0.0
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    async def claim(self, limit: int, bulk_limit: int = 0) -> list[Claim]:
+        if limit <= 0:
+            return []
+        try:
+            return await self._claim(limit, bulk_limit)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._create_groups()  # a new model, or a Redis that came back empty
+            return await self._claim(limit, bulk_limit)
+
+    async def _claim(self, limit: int, bulk_limit: int) -> list[Claim]:
+        now = time.monotonic()
+        if now >= self._next_sweep:  # lapsed and handed-back jobs go before new ones
+            self._next_sweep = now + self.lease_seconds / 3
+            if now >= self._next_tidy:
+                self._next_tidy = now + CONSUMER_IDLE_SECONDS / 10
+                await self._tidy_consumers()
+            swept = await self._take_up(limit, bulk_limit, [], sweep=True)
+            if swept:
+                return swept
+        read = await self._read(limit, bulk_limit)
+        return await self._take_up(limit, bulk_limit, read, sweep=False) if read else []
+
+    async def _take_up(
+        self, limit: int, bulk_limit: int, read: list[tuple[int, bytes, bytes]], sweep: bool
+    ) -> list[Claim]:
+        args: list[str | int | bytes] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases]
+        args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors]
+        for lane, entry, job_id in read:
+            args += [lane, entry, job_id]
+        first, second, *flat = await self._take(keys=list(self.lanes), args=args)
+        self._cursors = [_text(first), _text(second)]
+        claims = []
+        for i in range(0, len(flat), 4):
+            job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
+            claims.append(Claim(job_id, _envelope(raw), tries, bulk, Fence(self.leases + job_id, self.worker_id)))
+        return claims
+
+    async def _read(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:
+        """New entries for this worker: interactive ones first; bulk ones only while no interactive one waits; with
+        none waiting, the first to arrive (waiting up to ``BLOCK_SECONDS``)."""
+        lane, bulk = self.lanes
+        if not bulk_limit:
+            return await self._xread({lane: limit}, block=True)
+        found = await self._xread({lane: limit}, block=False)
+        if len(found) < limit:
+            found += await self._xread({bulk: min(limit - len(found), bulk_limit)}, block=False)
+        return found or await self._xread({lane: 1, bulk: 1}, block=True)
+
+    async def _xread(self, counts: dict[str, int], block: bool) -> list[tuple[int, bytes, bytes]]:
+        response = await self.redis.xreadgroup(
+            contract.STREAM_GROUP,
+            self.worker_id,
+            {name: ">" for name in counts},
+            count=max(counts.values()),
+            block=int(BLOCK_SECONDS * 1000) if block else None,
+        )
+        found = []
+        for name, entries in response or []:
+            lane = 1 + self.lanes.index(_text(name))
+            for entry, fields in entries:
+                found.append((lane, entry, fields.get(b"id", b"")))
+        return found
+
+    async def _create_groups(self) -> None:
+        for lane in self.lanes:
+            try:
+                await self.redis.xgroup_create(lane, contract.STREAM_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _tidy_consumers(self) -> None:
+        """Consumers of workers long gone (nothing pending, idle long) leave the group; a live one that was only
+        idle comes back with its next read."""
+        for lane in self.lanes:
+            for consumer in await self.redis.xinfo_consumers(lane, contract.STREAM_GROUP):
+                if consumer["pending"] == 0 and consumer["idle"] > CONSUMER_IDLE_SECONDS * 1000:
+                    await self.redis.xgroup_delconsumer(lane, contract.STREAM_GROUP, consumer["name"])
+
+    async def renew(self, job_ids: Sequence[str]) -> Renewal:
+        if not job_ids:
+            return Renewal()
+        args: list[str | int] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases, ABORT_PREFIX]
+        lost, aborted = await self._renew(keys=list(self.lanes), args=[*args, self._lease_ms, *job_ids])
+        return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
+
+    async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
+        """Finish a job; jobs finishing together go to Redis in one pipeline (``worker.pipeliner``)."""
+        tail_keys, tail_args = tail_arguments(delivery, usage)
+        keys = [
+            self.leases + job_id,
+            self.records + job_id,
+            contract.abort_key(job_id),
+            contract.progress_key(job_id),
+            contract.migrations_key(job_id),
+            *self.lanes,
+            *tail_keys,
+        ]
+        args = [self.worker_id, job_id, contract.STREAM_GROUP, *tail_args]
+        return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
+
+    async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
+        if job_ids:
+            args: list[str | int] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases]
+            args += [int(count_try), HANDED_BACK_IDLE_MS]
+            args += job_ids
+            await self._hand_back(keys=[*self.lanes, contract.wake_channel(self.model)], args=args)
+
+    async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
+        def handed_back() -> None:  # the next claim sweeps: handed-back jobs go before new ones
+            self._next_sweep = 0.0
+            on_job()
+
+        await wakeups.listen(self.redis, self.model, handed_back, on_abort)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    """The envelope in a job's record; empty if it cannot be read."""
+    try:
+        envelope = contract.loads(raw)
+    except ValueError:
+        return {}
+    return envelope if isinstance(envelope, dict) else {}

@@ -1,0 +1,35 @@
+"""A model's wake-up channel, read by its workers on either queue backend: ``WAKE_ABORT`` + a job id (a client
+cancelled a running job) and, on arq, ``WAKE_JOB`` (work was enqueued or handed back)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from conveyor import contract
+
+#: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
+LISTEN_READ_SECONDS = 1.0
+
+
+async def listen(redis: Redis, model: str, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
+    """Call ``on_job`` on a wake-up (and once when subscribed) and ``on_abort(job_id)`` on a cancel; runs until
+    cancelled, raising on a lost connection."""
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.subscribe(contract.wake_channel(model))
+        on_job()  # wake-ups published while not subscribed are lost: look once now
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_READ_SECONDS)
+            if message is None:
+                continue
+            data: bytes = message["data"]
+            if data.startswith(contract.WAKE_ABORT):
+                on_abort(data[len(contract.WAKE_ABORT) :].decode())
+            else:
+                on_job()
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
