@@ -230,7 +230,7 @@ class StreamProgress:
         return cls(len(entries), tuple(tokens), prompt, why, tuple(chunks), finished, usage_sent)
 
 
-# ---- Conveyor's own Redis key names (the queue backend's own keys live in its two seam modules) ---------------
+# ---- Conveyor's own Redis key names (arq's own keys come from arq, in its two seam modules) -------------------
 
 
 def queue_name(model: str) -> str:

@@ -1,7 +1,9 @@
 """What the gateway needs from a queue backend: submit (admit + enqueue), cancel, and a job's state.
 
-The serving code talks only to this protocol; ``gateway.arq_queue`` implements it on arq's Redis layout. Answers come
-back outside the backend: non-streamed ones through this gateway's inbox (``gateway.inbox``), streams over pub/sub.
+The serving code talks only to this protocol; ``gateway.arq_queue`` implements it on arq's Redis layout and
+``gateway.streams_queue`` on Redis Streams, both on ``gateway.redis_queue`` (``gateway.queue_backends`` picks one).
+Answers come back outside the backend: non-streamed ones through this gateway's inbox (``gateway.inbox``), streams
+over pub/sub.
 Every Redis error that reaches a client passes through ``redis_errors`` and becomes a 503.
 """
 
