@@ -14,6 +14,13 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
 
+@pytest.fixture(autouse=True)
+def _default_queue_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests build settings in-process: the process tiers' backend (``CONVEYOR_QUEUE_BACKEND``, set for the
+    session) must not reach them; a test that wants a backend says so."""
+    monkeypatch.delenv("CONVEYOR_QUEUE_BACKEND", raising=False)
+
+
 @pytest.fixture
 def fake_server() -> fakeredis.FakeServer:
     return fakeredis.FakeServer()
