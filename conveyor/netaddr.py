@@ -5,16 +5,17 @@ the interface it reaches Redis through, which is the pod's IP in Kubernetes, the
 from __future__ import annotations
 
 import socket
-from urllib.parse import urlsplit
+
+from conveyor.redis_client import first_address
 
 
 def address_towards(redis_url: str) -> str:
-    """The local IP this host uses to reach the Redis of ``redis_url`` (no packet is sent)."""
-    parts = urlsplit(redis_url)
-    if parts.scheme == "unix" or not parts.hostname:
+    """The local IP this host uses to reach the Redis of ``redis_url`` (or its first sentinel; no packet is sent)."""
+    address = first_address(redis_url)
+    if address is None:
         return "127.0.0.1"
     try:
-        family = socket.getaddrinfo(parts.hostname, parts.port or 6379, proto=socket.IPPROTO_UDP)[0]
+        family = socket.getaddrinfo(*address, proto=socket.IPPROTO_UDP)[0]
         with socket.socket(family[0], socket.SOCK_DGRAM) as probe:
             probe.connect(family[4])
             return str(probe.getsockname()[0])

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.contract import QueueBackend
-from conveyor.redis_client import DEFAULT_REDIS_URL
+from conveyor.redis_client import DEFAULT_REDIS_URL, RedisUrl
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
 
@@ -16,7 +16,7 @@ PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_GATEWAY_", extra="forbid")
 
-    redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
+    redis_url: RedisUrl = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
     #: where jobs wait: ``arq`` (arq's layout) or ``streams`` (Redis Streams: one delivery per job, Redis Cluster);
     #: every gateway and worker of a deployment must use the same one
     queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")

@@ -175,7 +175,12 @@ def settings_error(command: str, exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "settings"
         message = str(error["msg"]).removeprefix("Value error, ")
-        variable = UNPREFIXED.get(field, f"CONVEYOR_{command.upper()}_{field.upper()}")
+        # a field read through its variable's full name (``validation_alias``) is reported by that name
+        variable = (
+            field
+            if field.startswith("CONVEYOR_")
+            else UNPREFIXED.get(field, f"CONVEYOR_{command.upper()}_{field.upper()}")
+        )
         lines.append(f"conveyor {command}: {field}: {message} (set {variable}, or its flag where there is one)")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import importlib.util
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +33,25 @@ def free_port() -> int:
 
 
 def start(
-    port: int, workdir: Path, timeout: float = 10.0, persist: bool = False, fsync: str = "always"
+    port: int,
+    workdir: Path,
+    timeout: float = 10.0,
+    persist: bool = False,
+    fsync: str = "always",
+    config: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections. ``persist`` keeps an
     append-only file in ``workdir``, so a restart comes back with the same data: fsync after every write
-    (``always``), or once a second (``everysec``: Redis's default, a crash loses at most that second)."""
+    (``always``), or once a second (``everysec``: Redis's default, a crash loses at most that second). ``config``
+    is a config file's path and mode flag (``["sentinel.conf", "--sentinel"]``), ``extra`` more options
+    (``["--replicaof", "127.0.0.1", "6379"]``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis-server.log"
     process = spawn(
         [
             redis_server_binary(),
+            *config,
             "--port",
             str(port),
             "--bind",
@@ -60,6 +70,7 @@ def start(
             "warning",
             "--logfile",
             str(log),
+            *extra,
         ],
         output=subprocess.DEVNULL,
     )

@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.contract import QueueBackend
-from conveyor.redis_client import DEFAULT_REDIS_URL
+from conveyor.redis_client import DEFAULT_REDIS_URL, RedisUrl
 from worker.embed_batcher import MAX_INPUTS
 from worker.engine_share import BUSY_INPUTS
 
@@ -16,7 +16,7 @@ from worker.engine_share import BUSY_INPUTS
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_WORKER_", extra="forbid")
 
-    redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
+    redis_url: RedisUrl = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
     #: where jobs wait: ``arq`` (arq's layout) or ``streams`` (Redis Streams: one delivery per job, Redis Cluster);
     #: every gateway and worker of a deployment must use the same one
     queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")
