@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -37,17 +38,31 @@ def kustomize(directory: Path = K8S) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
 
+def write_fleet(tmp_path: Path, models: str) -> Path:
+    """``python deploy/k8s/fleet.py models.toml OUT`` for ``models``: returns OUT, a kustomization directory."""
+    spec = importlib.util.spec_from_file_location("fleet", K8S / "fleet.py")
+    assert spec is not None and spec.loader is not None
+    fleet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fleet)
+    (tmp_path / "models.toml").write_text(models)
+    fleet.generate(tmp_path / "models.toml", tmp_path / "out")
+    return tmp_path / "out"
+
+
 @pytest.fixture(scope="session")
 def rendered() -> list[dict[str, Any]]:
     return kustomize()
 
 
+def by_name(docs: list[dict[str, Any]]) -> Objects:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+
+
 @pytest.fixture(scope="session")
 def k8s(rendered: list[dict[str, Any]]) -> Objects:
-    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in rendered}
+    objects = by_name(rendered)
     for name in OPTIONAL_MANIFESTS:
-        for doc in yaml.safe_load_all((K8S / name).read_text()):
-            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+        objects |= by_name(list(yaml.safe_load_all((K8S / name).read_text())))
     return objects
 
 

@@ -14,6 +14,7 @@ K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "conveyor.json"
 GATEWAY_PORT = 8000
 WORKER_METRICS_PORT = 9100
+KUBERNETES_VERSION = "1.31"  # the Kubernetes API the manifests are validated against (kubernetes-validate)
 GRACE_MARGIN_S = 5  # at least this much time for engine shutdown after the worker's own grace period
 
 
@@ -67,6 +68,11 @@ Objects = dict[tuple[str, str], dict[str, Any]]
 
 def of_kind(k8s: Objects, kind: str) -> dict[str, dict[str, Any]]:
     return {name: obj for (k, name), obj in k8s.items() if k == kind}
+
+
+def workloads(k8s: Objects) -> dict[str, dict[str, Any]]:
+    """Deployments and StatefulSets by name (Redis is a StatefulSet)."""
+    return of_kind(k8s, "Deployment") | of_kind(k8s, "StatefulSet")
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """The Kubernetes manifests as ``kubectl kustomize`` renders them: valid against the Kubernetes API schema
 (kubernetes-validate), wired together (selectors, ports, config, secrets), probes that match what each process
 promises, grace periods that cover the drain and the longest stream, disruption budgets, and a KEDA trigger whose
-fields are the ones KEDA's redis scaler reads."""
+fields are the ones KEDA's redis scaler reads. Redis itself: test_k8s_redis.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,12 @@ from typing import Any
 import kubernetes_validate
 
 from conveyor.contract import bulk_queue_name, queue_name
-from tests.deploy.conftest import OPTIONAL_MANIFESTS, kustomize
+from tests.deploy.conftest import OPTIONAL_MANIFESTS, kustomize, write_fleet
 from tests.deploy.files import (
     GATEWAY_PORT,
     GRACE_MARGIN_S,
     K8S,
+    KUBERNETES_VERSION,
     WORKER_METRICS_PORT,
     Objects,
     compose_workers,
@@ -27,10 +27,8 @@ from tests.deploy.files import (
     load_yaml,
     of_kind,
     resolve,
+    workloads,
 )
-
-#: the Kubernetes version the manifests are validated against
-KUBERNETES_VERSION = "1.31"
 
 #: trigger metadata KEDA's redis scaler reads (kedacore/keda pkg/scalers/redis_scaler.go, v2.8.0 onward: the
 #: `activationListLength` field came with kedacore/keda#3415; reading a sorted set with ZCARD with #1013, v2.0.0)
@@ -55,7 +53,7 @@ def test_kustomization_lists_the_manifests() -> None:
 
 
 def test_deployments_and_services_wire_up(k8s: Objects) -> None:
-    deployments = of_kind(k8s, "Deployment")
+    deployments = workloads(k8s)
     configmaps = of_kind(k8s, "ConfigMap")
     assert {"redis", "conveyor-gateway"} <= deployments.keys()
     for name, deployment in deployments.items():
@@ -102,8 +100,6 @@ def test_a_stopping_gateway_lets_the_longest_stream_finish(k8s: Objects) -> None
 def test_every_deployment_has_a_disruption_budget(k8s: Objects) -> None:
     budgets = of_kind(k8s, "PodDisruptionBudget").values()
     for name, deployment in of_kind(k8s, "Deployment").items():
-        if name == "redis":
-            continue
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert any(b["spec"]["selector"]["matchLabels"].items() <= labels.items() for b in budgets), name
 
@@ -139,7 +135,7 @@ def test_images_match_compose(k8s: Objects, services: dict[str, Any]) -> None:
     assert container(k8s[("Deployment", "conveyor-gateway")])["image"] == services["gateway"]["image"]
     worker_images = {w["image"] for w in compose_workers(services).values()}
     assert {container(d)["image"] for d in k8s_workers(k8s).values()} == worker_images
-    redis_image = container(k8s[("Deployment", "redis")])["image"]
+    redis_image = container(k8s[("StatefulSet", "redis")])["image"]
     assert redis_image == services["redis"]["image"]
 
 
@@ -175,8 +171,6 @@ def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(
     (claim,) = of_kind(k8s, "PersistentVolumeClaim").values()
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod of every Deployment writes to it
     for name, deployment in of_kind(k8s, "Deployment").items():
-        if name == "redis":
-            continue
         pod = deployment["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -200,18 +194,8 @@ env = { HF_HUB_OFFLINE = "0" }
 """
 
 
-def _fleet(tmp_path: Path, models: str) -> list[dict[str, Any]]:
-    spec = importlib.util.spec_from_file_location("fleet", K8S / "fleet.py")
-    assert spec is not None and spec.loader is not None
-    fleet = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fleet)
-    (tmp_path / "models.toml").write_text(models)
-    fleet.generate(tmp_path / "models.toml", tmp_path / "out")
-    return kustomize(tmp_path / "out")
-
-
 def test_a_fleet_is_generated_from_one_models_file(tmp_path: Path) -> None:
-    rendered = _fleet(tmp_path, FLEET)
+    rendered = kustomize(write_fleet(tmp_path, FLEET))
     for doc in rendered:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in rendered}
@@ -231,4 +215,5 @@ def test_a_fleet_is_generated_from_one_models_file(tmp_path: Path) -> None:
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         budget = objects[("PodDisruptionBudget", name)]
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert {"conveyor-gateway", "redis"} <= of_kind(objects, "Deployment").keys()
+    assert "conveyor-gateway" in of_kind(objects, "Deployment")
+    assert "redis" in of_kind(objects, "StatefulSet")  # the shared redis.yaml, on its claim
