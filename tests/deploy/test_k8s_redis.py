@@ -13,8 +13,9 @@ def _flags(args: list[str]) -> dict[str, str]:
 
 
 def _size(quantity: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-    return int(quantity[:-2]) * units[quantity[-2:]]
+    """Bytes of a Kubernetes quantity (``8Gi``) or a redis-server memory size (``1536mb``: binary, too)."""
+    units = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:].lower()]
 
 
 def test_redis_is_a_statefulset_on_a_claim_with_the_append_only_file(k8s: Objects) -> None:
@@ -24,9 +25,14 @@ def test_redis_is_a_statefulset_on_a_claim_with_the_append_only_file(k8s: Object
     assert spec["replicas"] == 1  # one primary; more replicas would be independent Redises, not copies
     (template,) = spec["volumeClaimTemplates"]
     assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert _size(template["spec"]["resources"]["requests"]["storage"]) >= 2 * _size(
-        container(redis)["resources"]["limits"]["memory"]
-    ), "room for an AOF of a full Redis and its rewrite"
+    flags = _flags(container(redis)["args"])
+    limit = _size(container(redis)["resources"]["limits"]["memory"])
+    # noeviction refuses writes only past maxmemory: without it, or with it at the limit, Redis is OOM-killed
+    assert _size(flags["maxmemory"]) <= limit * 3 // 4, "room for client buffers and an AOF rewrite's fork"
+    assert flags["maxmemory-policy"] == "noeviction"  # never drop a queued job or batch state to make room
+    assert _size(template["spec"]["resources"]["requests"]["storage"]) >= 3 * _size(flags["maxmemory"]), (
+        "room for the AOF of a full Redis, grown to twice its size, and its rewrite"
+    )
     mounts = {m["mountPath"]: m["name"] for m in container(redis)["volumeMounts"]}
     assert mounts["/data"] == template["metadata"]["name"]  # /data: redis-server's working directory in its image
     pod = spec["template"]["spec"]
@@ -34,9 +40,7 @@ def test_redis_is_a_statefulset_on_a_claim_with_the_append_only_file(k8s: Object
     assert not [v for v in pod.get("volumes", []) if "emptyDir" in v], "no emptyDir holds Redis state"
     # `kubectl delete -k` (or deleting the StatefulSet) keeps the data
     assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
-    flags = _flags(container(redis)["args"])
     assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec"
-    assert flags["maxmemory-policy"] == "noeviction"  # never drop a queued job or batch state to make room
     assert "dir" not in flags or flags["dir"] == "/data"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], "the claim is Redis's to write"
