@@ -1,9 +1,29 @@
 """Redis on Kubernetes: a StatefulSet whose data lives on a claim with the append-only file on (no emptyDir), reached
-through the `redis` Service that CONVEYOR_REDIS_URL names."""
+through the `redis` Service that CONVEYOR_REDIS_URL names; and the external-redis Component, which removes it and
+points the URL elsewhere (rendered by ``kubectl kustomize`` in an overlay of its own, on the default manifests and
+on a fleet)."""
 
 from __future__ import annotations
 
-from tests.deploy.files import Objects, container, of_kind
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import by_name, kustomize, write_fleet
+from tests.deploy.files import K8S, KUBERNETES_VERSION, Objects, container, load_yaml, of_kind, workloads
+
+COMPONENT = K8S / "components" / "external-redis"
+FLEET = """
+[[models]]
+name = "bge-m3"
+task = "embed"
+replicas = 2
+"""
 
 
 def _flags(args: list[str]) -> dict[str, str]:
@@ -58,3 +78,55 @@ def test_redis_services_the_url_and_the_statefulset_name(k8s: Objects) -> None:
     assert governing["clusterIP"] == "None"  # a StatefulSet's governing Service is headless
     for service in (client, governing):
         assert service["selector"].items() <= labels.items()
+
+
+def _overlay(tmp_path: Path, base: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of an overlay of ``base`` that uses the external-redis Component (paths relative, as
+    kustomize wants them)."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(base, overlay)],
+        "components": [os.path.relpath(COMPONENT, overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(overlay)
+
+
+def _component_url() -> str:
+    """The CONVEYOR_REDIS_URL the Component's ConfigMap patch sets."""
+    component = load_yaml(COMPONENT / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    (url,) = [
+        doc["data"]["CONVEYOR_REDIS_URL"]
+        for patch in component["patches"]
+        for doc in [yaml.safe_load(patch["patch"])]
+        if isinstance(doc, dict) and doc.get("kind") == "ConfigMap"
+    ]
+    return str(url)
+
+
+@pytest.mark.parametrize("base", ["default", "fleet"])
+def test_the_external_redis_component_removes_redis_and_sets_the_url(tmp_path: Path, base: str) -> None:
+    rendered = _overlay(tmp_path, write_fleet(tmp_path, FLEET) if base == "fleet" else K8S)
+    for doc in rendered:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    objects = by_name(rendered)
+    assert not of_kind(objects, "StatefulSet"), "the in-cluster Redis is gone"
+    assert "redis" not in workloads(objects)
+    names = {doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") for doc in rendered}
+    assert "redis" not in names, "nothing of redis.yaml is left"
+    (config,) = of_kind(objects, "ConfigMap").values()
+    url = config["data"]["CONVEYOR_REDIS_URL"]
+    assert url == _component_url()
+    assert url != "redis://redis:6379/0"
+    assert str(urlsplit(url).hostname).endswith(".invalid"), "a placeholder that cannot resolve"
+    deployments = of_kind(objects, "Deployment")
+    assert "conveyor-gateway" in deployments and len(deployments) >= 2  # the gateway and a worker, at least
+    for name, deployment in deployments.items():
+        (variable,) = [e for e in container(deployment)["env"] if e["name"] == "CONVEYOR_REDIS_URL"]
+        ref = variable["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "conveyor-secrets", "key": "redis-url", "optional": True}, name
+        assert {"configMapRef": {"name": "conveyor-config"}} in container(deployment)["envFrom"], name
