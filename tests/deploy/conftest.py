@@ -17,6 +17,8 @@ from tests.deploy.files import DASHBOARD, K8S, ROOT, Objects, load_yaml
 
 #: manifests for CRDs that may not be installed (KEDA, the Prometheus Operator): not in the kustomization
 OPTIONAL_MANIFESTS = ("keda-scaledobject.yaml", "monitoring.yaml")
+#: applied instead of an optional manifest, with the same object names: not in the kustomization, and read apart
+ALTERNATIVE_MANIFESTS = ("keda-scaledobject-streams.yaml",)
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,12 @@ def k8s(rendered: list[dict[str, Any]]) -> Objects:
     for name in OPTIONAL_MANIFESTS:
         objects |= by_name(list(yaml.safe_load_all((K8S / name).read_text())))
     return objects
+
+
+@pytest.fixture(scope="session")
+def keda_streams() -> Objects:
+    """keda-scaledobject-streams.yaml: the ScaledObject for CONVEYOR_QUEUE_BACKEND=streams."""
+    return by_name(list(yaml.safe_load_all((K8S / "keda-scaledobject-streams.yaml").read_text())))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The Kubernetes manifests as ``kubectl kustomize`` renders them: valid against the Kubernetes API schema
 (kubernetes-validate), wired together (selectors, ports, config, secrets), probes that match what each process
-promises, grace periods that cover the drain and the longest stream, disruption budgets, and a KEDA trigger whose
-fields are the ones KEDA's redis scaler reads. Redis itself: test_k8s_redis.py."""
+promises, grace periods that cover the drain and the longest stream, disruption budgets, and KEDA triggers (one
+file per queue backend) whose fields are the ones KEDA's redis and redis-streams scalers read. Redis itself:
+test_k8s_redis.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import kubernetes_validate
 
-from conveyor.contract import bulk_queue_name, queue_name
-from tests.deploy.conftest import OPTIONAL_MANIFESTS, kustomize, write_fleet
+from conveyor.contract import bulk_queue_name, queue_name, stream_lane_key
+from tests.deploy.conftest import ALTERNATIVE_MANIFESTS, OPTIONAL_MANIFESTS, kustomize, write_fleet
 from tests.deploy.files import (
     GATEWAY_PORT,
     GRACE_MARGIN_S,
@@ -38,6 +39,15 @@ KEDA_REDIS_FIELDS = {
     "passwordFromEnv", "enableTLS", "unsafeSsl",
 }  # fmt: skip
 
+#: trigger metadata KEDA's redis-streams scaler reads (pkg/scalers/redis_streams_scaler.go, redisStreamsMetadata and
+#: redisConnectionInfo in redis_scaler.go; `streamLength` (XLEN) from v2.11.0, kedacore/keda#4390). `consumerGroup`,
+#: `pendingEntriesCount` and `lagCount` are readable too but switch XLEN off (Validate): not allowed here.
+KEDA_REDIS_STREAMS_FIELDS = {
+    "address", "addresses", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "stream",
+    "streamLength", "activationLagCount", "databaseIndex", "username", "usernameFromEnv", "password",
+    "passwordFromEnv", "enableTLS", "unsafeSsl",
+}  # fmt: skip
+
 
 def test_every_rendered_object_is_valid_for_the_kubernetes_api(rendered: list[dict[str, Any]]) -> None:
     assert rendered
@@ -48,7 +58,7 @@ def test_every_rendered_object_is_valid_for_the_kubernetes_api(rendered: list[di
 
 def test_kustomization_lists_the_manifests() -> None:
     resources = set(load_yaml(K8S / "kustomization.yaml")["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", *OPTIONAL_MANIFESTS}
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", *OPTIONAL_MANIFESTS, *ALTERNATIVE_MANIFESTS}
     assert resources == on_disk
 
 
@@ -139,28 +149,60 @@ def test_images_match_compose(k8s: Objects, services: dict[str, Any]) -> None:
     assert redis_image == services["redis"]["image"]
 
 
-def test_keda_scales_a_worker_from_zero_on_both_of_its_lanes(k8s: Objects) -> None:
-    """Queued plus running work of the interactive queue and of the bulk lane (ZCARD of each sorted set), active at
-    one job; at zero workers the gateway must let the model's requests wait (else they are 503s)."""
-    scaled = of_kind(k8s, "ScaledObject")
-    workers = k8s_workers(k8s)
+def _scaled_from_zero_on_both_lanes(
+    scaled: dict[str, dict[str, Any]], k8s: Objects, trigger_type: str, fields: set[str], key: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """Each ScaledObject's model (of its target worker) and triggers, after the checks both queue backends share:
+    at zero workers the gateway lets the model's requests wait (else they are 503s); every trigger has the type,
+    reads only fields its scaler reads, reaches the redis Service's port, is active at one outstanding job and has
+    string metadata. Returns (model, trigger) pairs for the layout's own checks."""
     assert scaled
+    workers = k8s_workers(k8s)
     redis_port = k8s[("Service", "redis")]["spec"]["ports"][0]["port"]
     (config,) = of_kind(k8s, "ConfigMap").values()
     may_wait = config["data"].get("CONVEYOR_GATEWAY_SCALE_TO_ZERO", "").split(",")
+    pairs = []
     for name, obj in scaled.items():
         model = env(container(workers[obj["spec"]["scaleTargetRef"]["name"]]))["CONVEYOR_WORKER_MODEL"]
         if obj["spec"]["minReplicaCount"] == 0:
             assert model in may_wait, f"{name}: at zero workers the gateway would answer 503 instead of queueing"
-        triggers = obj["spec"]["triggers"]
-        assert {t["metadata"]["listName"] for t in triggers} == {queue_name(model), bulk_queue_name(model)}
-        for trigger in triggers:
-            assert trigger["type"] == "redis"
-            assert set(trigger["metadata"]) <= KEDA_REDIS_FIELDS, "a field KEDA's redis scaler does not read"
-            assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
-            assert int(trigger["metadata"]["listLength"]) > 0
-            assert trigger["metadata"]["activationListLength"] == "0"  # active (0 -> 1) at one outstanding job
+        for trigger in obj["spec"]["triggers"]:
+            assert trigger["type"] == trigger_type, name
             assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata is strings"
+            assert set(trigger["metadata"]) <= fields, f"{name}: a field KEDA's {trigger_type} scaler does not read"
+            assert int(trigger["metadata"]["address"].rsplit(":", 1)[1]) == redis_port
+            assert int(trigger["metadata"][key]) > 0
+            pairs.append((model, trigger))
+    return pairs
+
+
+def test_keda_scales_a_worker_from_zero_on_both_of_its_lanes(k8s: Objects) -> None:
+    """arq: queued plus running work of the interactive queue and of the bulk lane (ZCARD of each sorted set),
+    active at one job."""
+    scaled = of_kind(k8s, "ScaledObject")
+    pairs = _scaled_from_zero_on_both_lanes(scaled, k8s, "redis", KEDA_REDIS_FIELDS, "listLength")
+    for model in {model for model, _ in pairs}:
+        lanes = {t["metadata"]["listName"] for m, t in pairs if m == model}
+        assert lanes == {queue_name(model), bulk_queue_name(model)}
+    for _, trigger in pairs:
+        assert trigger["metadata"]["activationListLength"] == "0"  # active (0 -> 1) at one outstanding job
+
+
+def test_keda_on_the_streams_backend_scales_on_the_length_of_both_streams(k8s: Objects, keda_streams: Objects) -> None:
+    """CONVEYOR_QUEUE_BACKEND=streams: XLEN of each lane's stream (waiting plus running), active at one job; the same
+    object (name, target, scaling) as the arq file's, so one replaces the other."""
+    scaled = of_kind(keda_streams, "ScaledObject")
+    assert scaled.keys() == of_kind(k8s, "ScaledObject").keys(), "apply one file or the other, never both"
+    for name, obj in scaled.items():
+        arq_spec = {k: v for k, v in k8s[("ScaledObject", name)]["spec"].items() if k != "triggers"}
+        assert {k: v for k, v in obj["spec"].items() if k != "triggers"} == arq_spec
+    pairs = _scaled_from_zero_on_both_lanes(scaled, k8s, "redis-streams", KEDA_REDIS_STREAMS_FIELDS, "streamLength")
+    for model in {model for model, _ in pairs}:
+        lanes = {t["metadata"]["stream"] for m, t in pairs if m == model}
+        assert lanes == {stream_lane_key(model), stream_lane_key(model, bulk=True)}
+    for _, trigger in pairs:
+        assert "consumerGroup" not in trigger["metadata"], "with a consumer group KEDA counts XPENDING or lag, not XLEN"
+        assert trigger["metadata"]["activationLagCount"] == "0"  # active (0 -> 1) at one outstanding job
 
 
 def test_k8s_gateway_and_workers_mount_the_files_claim_where_the_config_points(
