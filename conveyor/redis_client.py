@@ -126,7 +126,7 @@ def connect(url: str) -> Redis:
     target = parse_sentinel(url)
     if target is None:
         return Redis(connection_pool=ConnectionPool.from_url(url, health_check_interval=30, **timeouts))
-    sentinels = Sentinel(
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
         sentinel_kwargs={"username": target.sentinel_username, "password": target.sentinel_password, **timeouts},
     )

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from conveyor import contract
+from conveyor.contract import QueueBackend
 
 #: how long a model's last engine failure is reported after it happened
 FAILURE_TTL_SECONDS = 600
@@ -38,12 +39,16 @@ class WorkerInfo(BaseModel):
     pid: int
     metrics_port: int | None = None
     started: float
+    #: where it takes its jobs from (a card of a worker older than this field: arq, the only backend then)
+    queue_backend: QueueBackend = QueueBackend.ARQ
 
 
 class ModelInfo(BaseModel):
     model: str
     capabilities: list[str]
     max_model_len: int | None = None
+    #: the queue backend its serving workers take jobs from: admission refuses a gateway on another one
+    queue_backend: QueueBackend = QueueBackend.ARQ
 
 
 class Failure(BaseModel):
@@ -105,7 +110,12 @@ async def heartbeat(redis: Redis, worker: WorkerInfo, ttl: float) -> None:
         pipe.zremrangebyscore(into, "-inf", now)
         pipe.set(contract.worker_info_key(worker.worker_id), worker.model_dump_json(), px=px)
         if worker.state == "serving":
-            card = ModelInfo(model=worker.model, capabilities=worker.capabilities, max_model_len=worker.max_model_len)
+            card = ModelInfo(
+                model=worker.model,
+                capabilities=worker.capabilities,
+                max_model_len=worker.max_model_len,
+                queue_backend=worker.queue_backend,
+            )
             pipe.set(contract.model_card_key(worker.model), card.model_dump_json(), px=px)
         pipe.sadd(contract.MODELS_KEY, worker.model)
         await pipe.execute()

@@ -9,7 +9,8 @@
 -- Returns {code, queue depth, then with a key: for requests and for tokens each limit, used, retry ms, reset ms (all
 -- -1 when the key sets no such limit)}, used before this job. Codes: 1 enqueued, 0 no live worker, 2 queue full,
 -- 3 capability missing, 4 duplicate job id, 5 key revoked, 6 model not allowed for the key, 7 over the requests per
--- minute, 8 over the tokens per minute, 9 larger than the tokens per minute, 10 over the key's queued jobs.
+-- minute, 8 over the tokens per minute, 9 larger than the tokens per minute, 10 over the key's queued jobs, 11 the
+-- model's workers take jobs from another queue backend than BACKEND (this script's, set by its lane functions).
 local now = tonumber(ARGV[1])
 local depth = depth_of(KEYS[3])
 local keyed = #KEYS > 6
@@ -37,7 +38,9 @@ local live = redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')
 local card = redis.call('GET', KEYS[2])
 local capabilities
 if live > 0 and card then
-  capabilities = cjson.decode(card)['capabilities']
+  local info = cjson.decode(card)
+  if (info['queue_backend'] or 'arq') ~= BACKEND then return {11, depth} end
+  capabilities = info['capabilities']
 else
   local zero = redis.call('GET', KEYS[6])  -- no worker now: it waits for one if the model may be at zero
   if not zero then return {0, depth} end

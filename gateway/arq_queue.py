@@ -15,7 +15,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import SerializationError, serialize_job
 
 from conveyor import contract
-from conveyor.contract import JobEnvelope
+from conveyor.contract import JobEnvelope, QueueBackend
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
 from gateway.redis_queue import RedisJobQueue, unencodable
@@ -32,6 +32,7 @@ local function wake(channel) redis.call('PUBLISH', channel, 'job') end  -- contr
 
 
 class ArqJobQueue(RedisJobQueue):
+    BACKEND = QueueBackend.ARQ
     LANE_LUA = LANE_LUA
     CANCEL_LUA = (Path(__file__).parent / "cancel.lua").read_text()
 

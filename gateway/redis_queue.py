@@ -15,8 +15,8 @@ from typing import ClassVar
 from redis.asyncio import Redis
 
 from conveyor import contract
-from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope
-from conveyor.errors import InvalidRequest, Overloaded
+from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
+from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
 from gateway import rate_limits
 from gateway.directory import ModelDirectory
 from gateway.queue import JobState, redis_errors
@@ -71,6 +71,7 @@ class Admission(IntEnum):
     INCAPABLE = 3
     DUPLICATE = 4
     #: codes 5 to 10 concern the job's API key (``gateway.rate_limits.refusal``)
+    OTHER_BACKEND = 11
 
 
 def _windows(limits: list[int]) -> dict[str, rate_limits.Window]:
@@ -92,12 +93,13 @@ def unencodable(exc: BaseException | None) -> InvalidRequest:
     return InvalidRequest("The request could not be encoded.", code="invalid_request")
 
 
-def admission_script(lane_lua: str) -> str:
+def admission_script(backend: QueueBackend, lane_lua: str) -> str:
     """``admission.lua`` on a backend's lane functions."""
-    return contract.RATE_WINDOW_LUA + lane_lua + ADMISSION_LUA
+    return f"local BACKEND = '{backend.value}'\n" + contract.RATE_WINDOW_LUA + lane_lua + ADMISSION_LUA
 
 
 class RedisJobQueue(ABC):
+    BACKEND: ClassVar[QueueBackend]
     #: Lua functions the shared scripts call: ``depth_of(lane)`` (jobs waiting or running), ``enqueue(lane, job key,
     #: data, expiry ms, score, id)`` and ``wake(channel)``
     LANE_LUA: ClassVar[str]
@@ -108,7 +110,7 @@ class RedisJobQueue(ABC):
         self.redis = redis
         self.settings = settings
         self.directory = directory
-        self._admit_and_enqueue = redis.register_script(admission_script(self.LANE_LUA))
+        self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, self.LANE_LUA))
         self._release = redis.register_script(contract.RATE_WINDOW_LUA + self.LANE_LUA + RELEASE_LUA)
         self._cancel = redis.register_script(self.CANCEL_LUA)
 
@@ -171,6 +173,13 @@ class RedisJobQueue(ABC):
             args += [model, tenant.reserved, tenant.second, repr(envelope.deadline)]
         with redis_errors():
             code, depth, *limits = await self._admit_and_enqueue(keys=keys, args=args)
+        if code == Admission.OTHER_BACKEND:
+            raise NoLiveWorker(
+                f"The workers of `{model}` take jobs from another queue backend than this gateway's "
+                f"({self.BACKEND.value}): set CONVEYOR_QUEUE_BACKEND to the same value on every gateway and worker.",
+                param="model",
+                code="queue_backend_mismatch",
+            )
         windows = _windows(limits)
         cost = {"requests": 1, "tokens": tenant.reserved if tenant else 0}
         if tenant is not None and code > Admission.DUPLICATE:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from conveyor import contract
-from conveyor.contract import JobEnvelope
+from conveyor.contract import JobEnvelope, QueueBackend
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
 from gateway.redis_queue import RedisJobQueue, unencodable
@@ -51,6 +51,7 @@ return 1
 
 
 class StreamsJobQueue(RedisJobQueue):
+    BACKEND = QueueBackend.STREAMS
     LANE_LUA = LANE_LUA
     CANCEL_LUA = CANCEL_LUA
 

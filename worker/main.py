@@ -123,6 +123,7 @@ async def serve(settings: WorkerSettings) -> int:
         address=settings.advertise_host or address_towards(settings.redis_url),
         pid=os.getpid(),
         started=time.time(),
+        queue_backend=settings.queue_backend,
     )
     failed = threading.Event()
     server = http_endpoints.serve(

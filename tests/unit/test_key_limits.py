@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
-from conveyor.contract import JobKind, TenantRef
+from conveyor.contract import JobKind, QueueBackend, TenantRef
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
 from gateway.arq_queue import LANE_LUA
 from gateway.rate_limits import duration
@@ -28,7 +28,7 @@ class Admission:
     def __init__(self, redis: Redis, key_id: str) -> None:
         self.redis = redis
         self.key_id = key_id
-        self.script = redis.register_script(admission_script(LANE_LUA))
+        self.script = redis.register_script(admission_script(QueueBackend.ARQ, LANE_LUA))
         self.count = 0
 
     async def __call__(self, now: float, tokens: int = 1, model: str = MODEL, deadline: float = 1e12) -> list[int]:

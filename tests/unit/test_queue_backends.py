@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from conveyor import contract, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend
+from conveyor.errors import NoLiveWorker
 from gateway.directory import ModelDirectory
 from gateway.queue import JobState
 from gateway.queue_backends import BACKENDS
@@ -80,7 +81,14 @@ def envelope(request_id: str, deadline_in: float = 30.0) -> JobEnvelope:
 async def queue(redis: Redis, layout: Layout) -> RedisJobQueue:
     settings = GatewaySettings(models=[MODEL], max_queue_depth=100)
     info = registry.WorkerInfo(
-        worker_id="w", model=MODEL, capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
+        worker_id="w",
+        model=MODEL,
+        capabilities=["generate"],
+        max_jobs=8,
+        host="h",
+        pid=1,
+        started=time.time(),
+        queue_backend=layout.backend,
     )
     await registry.heartbeat(redis, info, ttl=60)
     return BACKENDS[layout.backend](redis, settings, ModelDirectory(redis, settings))
@@ -234,3 +242,17 @@ async def test_cancel_removes_a_waiting_job_and_marks_a_running_one(layout: Layo
     assert 0 < await redis.pttl(contract.abort_key("running")) <= 20_000  # bounded by the job's deadline
     await queue.cancel(envelope("never-enqueued"))
     assert await redis.exists(contract.abort_key("never-enqueued")) == 0  # nothing left behind
+
+
+async def test_a_gateway_on_another_backend_than_the_models_workers_is_refused_not_left_waiting(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    other = next(b for b in QueueBackend if b is not layout.backend)
+    settings = GatewaySettings(models=[MODEL])
+    mismatched = BACKENDS[other](layout.redis, settings, ModelDirectory(layout.redis, settings))
+    with pytest.raises(NoLiveWorker) as refused:
+        await mismatched.submit(envelope("lost"))
+    assert refused.value.code == "queue_backend_mismatch" and "CONVEYOR_QUEUE_BACKEND" in refused.value.message
+    assert await layout.depth() == 0 and await mismatched.state(envelope("lost")) is JobState.GONE
+    await queue.submit(envelope("served"))  # the workers' own backend is admitted as ever
+    assert await layout.depth() == 1
