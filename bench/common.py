@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis
 
+from conveyor.contract import QueueBackend
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
 
@@ -27,32 +29,43 @@ class Stack:
     base_url: str
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis_pid: int = 0
+    #: the environment every process of the stack shares (the queue backend)
+    env: dict[str, str] = field(default_factory=dict)
 
     def worker(self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> WorkerInfo:
         process, info = processes.start_worker(
-            self.redis_url, model, args, env=env, output=subprocess.DEVNULL, timeout=timeout
+            self.redis_url, model, args, env=self.env | (env or {}), output=subprocess.DEVNULL, timeout=timeout
         )
         self.children.append(process)
         return info
 
+    def redis_commands(self) -> int:
+        """Commands Redis has run so far (``INFO commandstats``; a script's own commands count apart from EVALSHA)."""
+        with redis.Redis.from_url(self.redis_url) as client:
+            return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+
 
 @contextlib.contextmanager
-def stack(models: Sequence[str] = (), gateway_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def stack(
+    models: Sequence[str] = (), gateway_env: dict[str, str] | None = None, backend: QueueBackend | None = None
+) -> Iterator[Stack]:
+    """Redis, and a gateway for ``models``, on ``backend`` (default: the gateway's default, or the environment's)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = redis_server.free_port()
-        redis = redis_server.start(port, Path(tmp))
+        redis_process = redis_server.start(port, Path(tmp))
         url = f"redis://127.0.0.1:{port}/0"
         gateway_port = redis_server.free_port()
-        env = {"CONVEYOR_GATEWAY_MODELS": ",".join(models), **(gateway_env or {})}
+        shared = {"CONVEYOR_QUEUE_BACKEND": backend.value} if backend else {}
+        env = {"CONVEYOR_GATEWAY_MODELS": ",".join(models), **shared, **(gateway_env or {})}
         gateway = processes.start_gateway(url, gateway_port, env, output=subprocess.DEVNULL)
-        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway], redis.pid)
+        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway], redis_process.pid, shared)
         try:
             yield result
         finally:
             for child in reversed(result.children):
                 processes.stop(child, grace=10)
-            redis.terminate()
-            redis.wait(10)
+            redis_process.terminate()
+            redis_process.wait(10)
 
 
 @dataclass
@@ -96,6 +109,13 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Bind every thread of a process (and so what it starts later) to ``cores``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cores)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,6 +1,6 @@
 """What the queue path adds: the same fake engine called in-process versus through gateway -> Redis -> worker.
 
-    uv run --frozen --extra cpu python -m bench.queue_overhead [--requests 400]
+    uv run --frozen --extra cpu python -m bench.queue_overhead [--requests 400] [--backend arq|streams]
 
 Prints p50/p95/p99 per concurrency for chat (sync), chat (stream: time to first token) and embeddings, the added
 p50/p95 (Conveyor minus in-process, same concurrency), and the request rate reached.
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from bench.common import machine, ms, percentile, stack, table
-from conveyor.contract import JobKind
+from conveyor.contract import JobKind, QueueBackend
 from worker.engines.fake import FakeEngine
 
 CHAT = {"model": "bench-chat", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
@@ -120,14 +120,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="requests per cell")
     parser.add_argument("--poll-delay", default="0.5", help="workers' fallback poll delay (jobs start on wake-ups)")
+    parser.add_argument("--backend", choices=[b.value for b in QueueBackend], default=QueueBackend.ARQ.value)
     args = parser.parse_args()
-    with stack(["bench-chat", "bench-embed"]) as conveyor:
+    with stack(["bench-chat", "bench-embed"], backend=QueueBackend(args.backend)) as conveyor:
         conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay)
         conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay)
         rows = asyncio.run(run(args.requests, conveyor.base_url))
     print(
-        f"Queue-path overhead, fake engine, {args.requests} requests per row, workers woken on enqueue (fallback "
-        f"poll {args.poll_delay} s); {machine()}; client, gateway, worker and Redis share the cores.\n"
+        f"Queue-path overhead, fake engine, {args.requests} requests per row, {args.backend} backend (arq: workers "
+        f"woken on enqueue, fallback poll {args.poll_delay} s); {machine()}; client, gateway, worker and Redis share "
+        "the cores.\n"
     )
     print(
         table(

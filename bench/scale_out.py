@@ -1,31 +1,38 @@
-"""Scale-out: 1, 2 and 4 workers on one model's queue, and where the queue itself becomes the ceiling.
+"""Scale-out: 1, 2, 4 and 8 workers on one model's queue, on each queue backend, and what Redis does per request.
 
-    uv run --frozen --extra cpu python -m bench.scale_out [--seconds 10] [--concurrency 64] [--real]
+    uv run --frozen --extra cpu python -m bench.scale_out [--seconds 10] [--concurrency 64] [--workers 1 2 4 8]
+        [--backend arq streams] [--cpu-per-input 0.004] [--real] [--pin] [--rounds 3]
 
 Each row is a fresh stack (Redis, one gateway, N workers of one model) under ``--concurrency`` closed-loop clients
-sending single-text embeddings. Rows:
+sending single-text embeddings. Rows, for each backend:
 
-- a compute-bound fake engine (``CONVEYOR_WORKER_FAKE_CPU_PER_INPUT``: each input burns that much CPU in the worker,
-  as an engine's step would), 1/2/4 workers: how throughput grows with workers, on this machine's two cores;
-- a fake engine that costs nothing, 1/2/4 workers: the queue path's own ceiling (gateway, Redis, claims), since
-  more workers cannot add anything there;
+- a fake engine that costs nothing (a free engine): the queue path's own ceiling (gateway, Redis, claims). More
+  workers cannot add anything here; the question is whether they take anything away (on arq every enqueue wakes
+  every worker of the model and each runs a claim; on Redis Streams one blocked ``XREADGROUP`` gets each entry);
+- with ``--cpu-per-input`` above 0, a compute-bound fake engine (each input burns that much CPU in the worker, as
+  an engine's step would): how throughput grows with workers on this machine's two cores;
 - with ``--real``: all-MiniLM-L6-v2 on vLLM, one worker on both cores against two workers on one core each.
 
-"workers CPU" is the worker processes' own (claims, vLLM's front end); a real engine's compute runs in vLLM's
-engine processes and is not in it.
+With ``--pin`` (free and compute-bound fakes only) the gateway, Redis and this load generator are bound to core 0 and
+every worker to core 1, as workers on hosts of their own would be: then the workers' own CPU does not come out of
+the gateway's, and a loss with more workers is the queue's, not the cores'.
 
-Per row: requests/s, speed-up over one worker, latency, and the CPU each part used (share of one core), which says
-what the ceiling is.
+"workers CPU" is the worker processes' own (claims, vLLM's front end); a real engine's compute runs in vLLM's
+engine processes and is not in it. "Redis commands" counts every command Redis ran (``INFO commandstats``: a
+script's own commands count beside its EVALSHA) per answered request, and "Redis CPU" is the redis-server process's
+CPU per request; one Redis core then serves at most ``1 / Redis CPU`` requests a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
-from bench.common import closed_loop, cpu_seconds, machine, ms, percentile, stack, table
+from bench.common import closed_loop, cpu_seconds, machine, ms, percentile, pin, stack, table
+from conveyor.contract import QueueBackend
 from worker.model_prep import MINILM
 
 FAKE = "scale-embed"
@@ -34,12 +41,15 @@ TEXT = "a sentence to embed for the scale-out benchmark, thirty-two tokens long 
 
 @dataclass
 class Row:
+    backend: QueueBackend
     engine: str
     workers: int
+    requests: int
     rate: float
     p50: float
     p95: float
     cpu: dict[str, float]  # part -> cores used on average
+    redis_commands: int
 
 
 async def load(base_url: str, model: str, seconds: float, concurrency: int) -> list[float]:
@@ -48,36 +58,75 @@ async def load(base_url: str, model: str, seconds: float, concurrency: int) -> l
 
 
 def measure(
-    label: str, model: str, worker_args: list[list[str]], envs: list[dict[str, str]], seconds: float, concurrency: int
+    backend: QueueBackend,
+    label: str,
+    model: str,
+    worker_args: list[list[str]],
+    envs: list[dict[str, str]],
+    seconds: float,
+    concurrency: int,
+    pinned: bool = False,
 ) -> Row:
-    with stack([model]) as running:
+    with stack([model], backend=backend) as running:
         workers = [
             running.worker(model, *args, env=env, timeout=900) for args, env in zip(worker_args, envs, strict=True)
         ]
+        if pinned:
+            for pid in (os.getpid(), running.children[0].pid, running.redis_pid):
+                pin(pid, {0})
+            for worker in workers:
+                pin(worker.pid, {1})
         asyncio.run(load(running.base_url, model, 2, concurrency))  # warm-up
         pids = {"gateway": [running.children[0].pid], "Redis": [running.redis_pid], "workers": [w.pid for w in workers]}
         before = {part: sum(cpu_seconds(p) for p in group) for part, group in pids.items()}
+        commands = running.redis_commands()
         started = time.monotonic()
         latencies = asyncio.run(load(running.base_url, model, seconds, concurrency))
         elapsed = time.monotonic() - started
         used = {part: (sum(cpu_seconds(p) for p in group) - before[part]) / elapsed for part, group in pids.items()}
+        commands = running.redis_commands() - commands
     return Row(
-        label, len(workers), len(latencies) / elapsed, percentile(latencies, 50), percentile(latencies, 95), used
+        backend,
+        label,
+        len(workers),
+        len(latencies),
+        len(latencies) / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 95),
+        used,
+        commands,
     )
 
 
-def fake_rows(cpu_per_input: float, seconds: float, concurrency: int) -> list[Row]:
-    label = f"fake, {cpu_per_input * 1000:g} ms CPU per input" if cpu_per_input else "fake, no engine cost"
+def fake_rows(
+    backends: list[QueueBackend],
+    cpu_per_input: float,
+    counts: list[int],
+    seconds: float,
+    concurrency: int,
+    pinned: bool,
+    rounds: int,
+) -> list[Row]:
+    """Per backend and worker count, the round with the median rate. The backends take turns at each count, round
+    after round, so a machine whose speed drifts (shared hosts do) favours neither."""
+    label = f"fake, {cpu_per_input * 1000:g} ms CPU per input" if cpu_per_input else "fake, free engine"
+    label += ", workers on core 1, the rest on core 0" if pinned else ""
     args = ["--engine", "fake", "--task", "embed"]
     env = {"CONVEYOR_WORKER_FAKE_CPU_PER_INPUT": str(cpu_per_input)}
-    return [measure(label, FAKE, [args] * n, [env] * n, seconds, concurrency) for n in (1, 2, 4)]
+    runs: dict[tuple[QueueBackend, int], list[Row]] = {}
+    for _ in range(rounds):
+        for n in counts:
+            for backend in backends:
+                row = measure(backend, label, FAKE, [args] * n, [env] * n, seconds, concurrency, pinned)
+                runs.setdefault((backend, n), []).append(row)
+    return [sorted(runs[b, n], key=lambda r: r.rate)[rounds // 2] for b in backends for n in counts]
 
 
-def real_rows(seconds: float, concurrency: int) -> list[Row]:
+def real_rows(backend: QueueBackend, seconds: float, concurrency: int) -> list[Row]:
     """One worker whose engine binds both cores, then two whose engines bind one core each."""
     args, label = ["--task", "embed"], "vLLM MiniLM, the 2 cores split among the workers"
-    one = measure(label, MINILM, [args], [_bind("0-1")], seconds, concurrency)
-    two = measure(label, MINILM, [args, args], [_bind("0"), _bind("1")], seconds, concurrency)
+    one = measure(backend, label, MINILM, [args], [_bind("0-1")], seconds, concurrency)
+    two = measure(backend, label, MINILM, [args, args], [_bind("0"), _bind("1")], seconds, concurrency)
     return [one, two]
 
 
@@ -86,21 +135,29 @@ def _bind(cores: str) -> dict[str, str]:
 
 
 def report(rows: list[Row], concurrency: int) -> str:
-    base = {row.engine: row.rate for row in rows if row.workers == 1}
-    cells = [
-        [
-            row.engine,
-            row.workers,
-            f"{row.rate:.0f}",
-            f"{row.rate / base[row.engine]:.2f}x" if row.engine in base else "-",
-            ms(row.p50),
-            ms(row.p95),
-            *(f"{100 * row.cpu[part]:.0f}%" for part in ("gateway", "Redis", "workers")),
-        ]
-        for row in rows
-    ]
-    headers = ["engine", "workers", "requests/s", "vs 1 worker", "p50 ms", "p95 ms", "gateway CPU", "Redis CPU"]
-    headers.append("workers CPU")
+    base = {(row.backend, row.engine): row.rate for row in rows if row.workers == 1}
+    cells = []
+    for row in rows:
+        one = base.get((row.backend, row.engine))
+        redis_cpu = row.cpu["Redis"] / row.rate  # seconds of Redis CPU per request
+        cells.append(
+            [
+                row.backend.value,
+                row.engine,
+                row.workers,
+                f"{row.rate:.0f}",
+                f"{row.rate / one:.2f}x" if one else "-",
+                ms(row.p50),
+                ms(row.p95),
+                *(f"{100 * row.cpu[part]:.0f}%" for part in ("gateway", "Redis", "workers")),
+                f"{row.redis_commands / row.requests:.1f}",
+                f"{redis_cpu * 1e6:.0f}",
+                f"{1 / redis_cpu:,.0f}",
+            ]
+        )
+    headers = ["backend", "engine", "workers", "requests/s", "vs 1 worker", "p50 ms", "p95 ms", "gateway CPU"]
+    headers += ["Redis CPU", "workers CPU", "Redis commands/request", "Redis CPU us/request"]
+    headers.append("requests/s per Redis core")
     title = f"Scale-out, {concurrency} clients, single-text embeddings; {machine()}; CPU in % of one core"
     return f"{title}\n\n{table(headers, cells)}"
 
@@ -109,13 +166,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--cpu-per-input", type=float, default=0.004, help="the compute-bound fake's CPU s per input")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="worker counts, one row each")
+    parser.add_argument("--backend", nargs="+", choices=[b.value for b in QueueBackend], default=list(QueueBackend))
+    parser.add_argument("--cpu-per-input", type=float, default=0.0, help="also a compute-bound fake: CPU s per input")
     parser.add_argument("--real", action="store_true", help="also the real engine: 1 worker on 2 cores vs 2 on 1 each")
+    parser.add_argument("--pin", action="store_true", help="fakes: workers on core 1, everything else on core 0")
+    parser.add_argument("--rounds", type=int, default=1, help="fakes: rounds per row, the median rate's is shown")
     args = parser.parse_args()
-    rows = fake_rows(args.cpu_per_input, args.seconds, args.concurrency)
-    rows += fake_rows(0.0, args.seconds, args.concurrency)
-    if args.real:
-        rows += real_rows(args.seconds, args.concurrency)
+    backends = [QueueBackend(b) for b in args.backend]
+    shape = (args.workers, args.seconds, args.concurrency, args.pin, args.rounds)
+    rows = fake_rows(backends, 0.0, *shape)
+    if args.cpu_per_input:
+        rows += fake_rows(backends, args.cpu_per_input, *shape)
+    for backend in backends if args.real else []:
+        rows += real_rows(backend, args.seconds, args.concurrency)
     print(report(rows, args.concurrency))
 
 

@@ -1,9 +1,10 @@
 """Stream relay throughput: many concurrent streams of many tokens, relayed worker -> Redis pub/sub -> gateway -> SSE.
 
-    uv run --frozen --extra cpu python -m bench.stream_relay [--streams 50] [--tokens 1000]
+    uv run --frozen --extra cpu python -m bench.stream_relay [--streams 50] [--tokens 1000] [--backend arq|streams]
 
 The fake engine produces tokens as fast as it can, so the relay path (publisher, Redis, gateway, SSE) is the limit.
-Every stream is checked: all tokens, in order, ending with [DONE].
+Every stream is checked: all tokens, in order, ending with [DONE]. Also printed: what Redis spent per relayed token
+(its CPU, and the commands it ran: ``INFO commandstats``, a script's own commands counted beside its EVALSHA).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 
 import aiohttp
 
-from bench.common import machine, stack, table
+from bench.common import cpu_seconds, machine, stack, table
+from conveyor.contract import QueueBackend
 from worker.engines.fake import fake_tokens
 
 MODEL = "bench-stream"
@@ -57,17 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--backend", choices=[b.value for b in QueueBackend], default=QueueBackend.ARQ.value)
     args = parser.parse_args()
-    with stack([MODEL]) as conveyor:
+    with stack([MODEL], backend=QueueBackend(args.backend)) as conveyor:
         conveyor.worker(MODEL, "--engine", "fake", "--max-jobs", str(args.streams))
+        redis_cpu, commands = cpu_seconds(conveyor.redis_pid), conveyor.redis_commands()
         total, elapsed = asyncio.run(run(args.streams, args.tokens, conveyor.base_url))
-    print(f"Stream relay, fake engine, {machine()}; client, gateway, worker and Redis share the cores.\n")
+        redis_cpu, commands = cpu_seconds(conveyor.redis_pid) - redis_cpu, conveyor.redis_commands() - commands
     print(
-        table(
-            ["streams", "tokens each", "tokens relayed", "seconds", "tokens/s", "lost or reordered"],
-            [[args.streams, args.tokens, total, f"{elapsed:.2f}", f"{total / elapsed:,.0f}", 0]],
-        )
+        f"Stream relay, fake engine, {args.backend} backend, {machine()}; client, gateway, worker and Redis share the "
+        "cores.\n"
     )
+    headers = ["streams", "tokens each", "tokens relayed", "seconds", "tokens/s", "lost or reordered"]
+    headers += ["Redis CPU us/token", "Redis commands/token"]
+    row = [args.streams, args.tokens, total, f"{elapsed:.2f}", f"{total / elapsed:,.0f}", 0]
+    row += [f"{redis_cpu / total * 1e6:.1f}", f"{commands / total:.2f}"]
+    print(table(headers, [row]))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The worker's side of the Redis Streams backend: ``JobSource`` on a stream per lane, read by the model's workers as
 one consumer group (``contract.STREAM_GROUP``). The only worker module that knows this layout.
 
-- A claim is ``XREADGROUP ... BLOCK``: each entry reaches one worker, and a worker with nothing to do waits inside
-  Redis for the next one, so an enqueue wakes one worker, not all of them, and nobody polls the queue.
-- Taking an entry up (one script) sets the job's lease (its id under ``contract.stream_lease_prefix``, expiring
+- A claim is one script that reads new entries (``XREADGROUP`` without blocking) and takes them up: one round trip
+  while work waits. Only when it finds nothing does the worker wait with ``XREADGROUP ... BLOCK``: each entry reaches
+  one worker, and a worker with nothing to do waits inside Redis for the next one, so an enqueue wakes one worker,
+  not all of them, and nobody polls the queue; what that wait brings is taken up by the same script.
+- Taking an entry up sets the job's lease (its id under ``contract.stream_lease_prefix``, expiring
   unless renewed: the fence frames and finishes check) and counts the try in the job's record.
 - A worker that dies leaves its entries in the group's pending entries list: every third of a lease each worker
   sweeps it with ``XAUTOCLAIM`` for entries idle longer than a lease, and takes those up first.
@@ -40,13 +42,14 @@ HANDED_BACK_IDLE_MS = 2**40
 #: consumers (one per worker process ever started) with nothing pending that were idle this long leave the group
 CONSUMER_IDLE_SECONDS = 600.0
 
-#: Take up entries read for this worker: lane entries named by their job id (read by XREADGROUP), and, when sweeping,
-#: entries idle longer than a lease (XAUTOCLAIM, from each lane's cursor). An entry whose record is gone (deadline,
-#: cancel) or names another entry (handed back or put back) is dropped; one whose lease another worker holds is left
-#: to it; one beyond this claim's room goes back to its lane's end. KEYS: lane, bulk lane. ARGV: 1 group, 2 worker id,
-#: 3 record prefix, 4 lease prefix, 5 lease ms, 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep), 9 and 10 the
-#: lanes' sweep cursors, then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, then id, data,
-#: tries, bulk (0/1) per job taken up}.
+#: Take up entries for this worker: when sweeping, entries idle longer than a lease (XAUTOCLAIM, from each lane's
+#: cursor); lane entries a blocking read brought (named with their job id); and, when reading, new entries (XREADGROUP
+#: without blocking: interactive ones, then bulk ones only if no interactive one is left). An entry whose record is
+#: gone (deadline, cancel) or names another entry (handed back or put back) is dropped; one whose lease another worker
+#: holds is left to it; one beyond this claim's room goes back to its lane's end. KEYS: lane, bulk lane. ARGV: 1 group,
+#: 2 worker id, 3 record prefix, 4 lease prefix, 5 lease ms, 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep),
+#: 9 and 10 the lanes' sweep cursors, 11 read new entries (1/0), then (lane 1|2, entry, job id) per entry read.
+#: Returns {the two next cursors, then id, data, tries, bulk (0/1) per job taken up}.
 TAKE_SCRIPT = """
 local group, me = ARGV[1], ARGV[2]
 local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -88,7 +91,18 @@ if tonumber(ARGV[8]) > 0 then
     end
   end
 end
-for i = 11, #ARGV, 3 do take(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
+for i = 12, #ARGV, 3 do take(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
+local function read(l, count)  -- how many new entries there were
+  if count <= 0 then return 0 end
+  local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', KEYS[l], '>')
+  if not got then return 0 end
+  for _, item in ipairs(got[1][2]) do take(l, item[1], item[2][2]) end
+  return #got[1][2]
+end
+if ARGV[11] == '1' then
+  local wanted = room
+  if read(1, wanted) < wanted then read(2, math.min(room, bulk_room)) end
+end
 return out
 """
 
@@ -192,22 +206,23 @@ class StreamsJobSource:
 
     async def _claim(self, limit: int, bulk_limit: int) -> list[Claim]:
         now = time.monotonic()
-        if now >= self._next_sweep:  # lapsed and handed-back jobs go before new ones
+        sweep = now >= self._next_sweep  # lapsed and handed-back jobs go before new ones
+        if sweep:
             self._next_sweep = now + self.lease_seconds / 3
             if now >= self._next_tidy:
                 self._next_tidy = now + CONSUMER_IDLE_SECONDS / 10
                 await self._tidy_consumers()
-            swept = await self._take_up(limit, bulk_limit, [], sweep=True)
-            if swept:
-                return swept
-        read = await self._read(limit, bulk_limit)
-        return await self._take_up(limit, bulk_limit, read, sweep=False) if read else []
+        taken = await self._take_up(limit, bulk_limit, [], sweep=sweep, read_new=True)
+        if taken:
+            return taken
+        read = await self._wait_for_entries(limit, bulk_limit)
+        return await self._take_up(limit, bulk_limit, read, sweep=False, read_new=False) if read else []
 
     async def _take_up(
-        self, limit: int, bulk_limit: int, read: list[tuple[int, bytes, bytes]], sweep: bool
+        self, limit: int, bulk_limit: int, read: list[tuple[int, bytes, bytes]], sweep: bool, read_new: bool
     ) -> list[Claim]:
         args: list[str | int | bytes] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases]
-        args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors]
+        args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors, int(read_new)]
         for lane, entry, job_id in read:
             args += [lane, entry, job_id]
         first, second, *flat = await self._take(keys=list(self.lanes), args=args)
@@ -218,24 +233,17 @@ class StreamsJobSource:
             claims.append(Claim(job_id, _envelope(raw), tries, bulk, Fence(self.leases + job_id, self.worker_id)))
         return claims
 
-    async def _read(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:
-        """New entries for this worker: interactive ones first; bulk ones only while no interactive one waits; with
-        none waiting, the first to arrive (waiting up to ``BLOCK_SECONDS``)."""
+    async def _wait_for_entries(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:
+        """With nothing waiting: the first new entries to arrive (up to ``BLOCK_SECONDS``), interactive ones up to
+        ``limit`` or, when this claim has room for bulk work, one of either lane."""
         lane, bulk = self.lanes
-        if not bulk_limit:
-            return await self._xread({lane: limit}, block=True)
-        found = await self._xread({lane: limit}, block=False)
-        if len(found) < limit:
-            found += await self._xread({bulk: min(limit - len(found), bulk_limit)}, block=False)
-        return found or await self._xread({lane: 1, bulk: 1}, block=True)
-
-    async def _xread(self, counts: dict[str, int], block: bool) -> list[tuple[int, bytes, bytes]]:
+        counts = {lane: 1, bulk: 1} if bulk_limit else {lane: limit}
         response = await self.redis.xreadgroup(
             contract.STREAM_GROUP,
             self.worker_id,
             {name: ">" for name in counts},
             count=max(counts.values()),
-            block=int(BLOCK_SECONDS * 1000) if block else None,
+            block=int(BLOCK_SECONDS * 1000),
         )
         found = []
         for name, entries in response or []:
