@@ -49,9 +49,10 @@ class ModelSpec(BaseModel):
     @field_validator("gpus")
     @classmethod
     def _distinct_gpus(cls, gpus: list[str]) -> list[str]:
-        if len(set(gpus)) != len(gpus) or any(not g.strip() for g in gpus):
-            raise ValueError("list each GPU once, by its index or UUID")
-        return gpus
+        devices = [gpu_set(g) for g in gpus]
+        if any(not d or "" in d for d in devices) or sum(map(len, devices)) != len(set().union(*devices)):
+            raise ValueError('list each GPU once, by its index or UUID (one worker\'s GPUs comma-separated: "0,1")')
+        return [",".join(part.strip() for part in g.split(",")) for g in gpus]
 
     @model_validator(mode="after")
     def _gpus_or_replicas(self) -> ModelSpec:
@@ -92,15 +93,22 @@ class ModelSpec(BaseModel):
         return self.model_dump(exclude=scaling) == other.model_dump(exclude=scaling)
 
 
+def gpu_set(entry: str) -> set[str]:
+    """The devices of one ``gpus`` entry: one worker's GPUs, comma-separated as ``CUDA_VISIBLE_DEVICES`` takes them
+    (``"0,1"`` for a worker with two)."""
+    return {part.strip() for part in entry.split(",")}
+
+
 def check_fleet(specs: Iterable[ModelSpec]) -> None:
-    """Names unique, and no GPU given to two models unless both share it. Raises ``InvalidRequest`` saying which."""
+    """Names unique, and no GPU given to two models unless both share it (entries compared as sets of devices: "0,1"
+    overlaps "1"). Raises ``InvalidRequest`` saying which."""
     seen: dict[str, ModelSpec] = {}
     owners: dict[str, ModelSpec] = {}
     for spec in specs:
         if spec.name in seen:
             raise InvalidRequest(f"Model {spec.name!r} is listed twice; names must be unique.", param="name")
         seen[spec.name] = spec
-        for gpu in spec.gpus:
+        for gpu in sorted(set().union(*map(gpu_set, spec.gpus))):
             other = owners.get(gpu)
             if other is not None and not (other.share_gpus and spec.share_gpus):
                 raise InvalidRequest(

@@ -5,7 +5,8 @@
 OUT_DIR gets the shared manifests of this directory (config, file store, Redis, gateway), with
 ``CONVEYOR_GATEWAY_MODELS`` set to the file's models, and per model a worker Deployment and PodDisruptionBudget shaped
 like ``worker-chat.yaml``: its served name, weights (``path``), task, engine arguments and environment, and as many
-pods as it has ``gpus`` (or ``replicas``), one GPU each. ``cpu_threads_bind`` is for one host and is not used here.
+pods as it has ``gpus`` entries (or ``replicas``), each with the GPUs of its entry ("0,1": two; one without
+``gpus``). ``cpu_threads_bind`` is for one host and is not used here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from conveyor.fleet import ModelSpec
+from conveyor.fleet import ModelSpec, gpu_set
 from launcher.models_file import load
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +45,8 @@ def worker_objects(spec: ModelSpec, template: list[dict[str, Any]]) -> list[dict
     budget["metadata"]["labels"] = {"app.kubernetes.io/part-of": "conveyor"}
     deployment["spec"]["replicas"] = len(spec.gpus) or spec.replicas
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    # one pod per `gpus` entry, with as many GPUs as the largest entry lists ("0,1": a worker on two)
+    container["resources"]["limits"]["nvidia.com/gpu"] = max(map(len, map(gpu_set, spec.gpus)), default=1)
     settings = {
         "CONVEYOR_WORKER_MODEL": spec.name,
         "CONVEYOR_WORKER_TASK": spec.task,

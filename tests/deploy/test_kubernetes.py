@@ -259,3 +259,10 @@ def test_a_fleet_is_generated_from_one_models_file(tmp_path: Path) -> None:
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert "conveyor-gateway" in of_kind(objects, "Deployment")
     assert "redis" in of_kind(objects, "StatefulSet")  # the shared redis.yaml, on its claim
+
+
+def test_a_worker_of_several_gpus_gets_as_many_in_its_pod(tmp_path: Path) -> None:
+    fleet = '[[models]]\nname = "big"\ntask = "generate"\ngpus = ["0,1", "2,3"]\n'
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in kustomize(write_fleet(tmp_path, fleet))}
+    (big,) = k8s_workers(objects).values()
+    assert big["spec"]["replicas"] == 2 and container(big)["resources"]["limits"]["nvidia.com/gpu"] == 2

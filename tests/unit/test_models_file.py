@@ -72,3 +72,15 @@ def test_writing_the_fleet_back_keeps_comments_and_unchanged_models(repo_root: P
     assert models_file.load(path).models == changed
     models_file.save(path, changed[1:])
     assert [m.name for m in models_file.load(path).models] == ["smollm2-135m-instruct", "new"]
+
+
+def test_gpus_are_compared_as_sets_of_devices() -> None:
+    with pytest.raises(ValidationError, match=r"GPU 1 is already assigned to model 'a'"):
+        ModelsFile(models=[ModelSpec(name="a", gpus=["0,1"]), ModelSpec(name="b", gpus=["1"])])
+    with pytest.raises(ValidationError, match="each GPU once"):
+        ModelSpec(name="a", gpus=["0,1", "1"])
+    with pytest.raises(ValidationError, match="each GPU once"):
+        ModelSpec(name="a", gpus=["0,"])
+    spec = ModelSpec(name="a", gpus=["0, 1", "2,3"])
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in spec.workers()] == ["0,1", "2,3"]
+    assert len(ModelsFile(models=[spec, ModelSpec(name="b", gpus=["4"])]).models) == 2
