@@ -236,8 +236,8 @@ class StreamsJobSource:
     async def _wait_for_entries(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:
         """With nothing waiting: the first new entries to arrive (up to ``BLOCK_SECONDS``), interactive ones up to
         ``limit`` or, when this claim has room for bulk work, one of either lane."""
-        lane, bulk = self.lanes
-        counts = {lane: 1, bulk: 1} if bulk_limit else {lane: limit}
+        interactive, bulk = self.lanes
+        counts = {interactive: 1, bulk: 1} if bulk_limit else {interactive: limit}
         response = await self.redis.xreadgroup(
             contract.STREAM_GROUP,
             self.worker_id,
@@ -245,7 +245,7 @@ class StreamsJobSource:
             count=max(counts.values()),
             block=int(BLOCK_SECONDS * 1000),
         )
-        found = []
+        found: list[tuple[int, bytes, bytes]] = []
         for name, entries in response or []:
             lane = 1 + self.lanes.index(_text(name))
             for entry, fields in entries:
