@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from conveyor import redis_client
+from conveyor import VERSION, redis_client
 from conveyor.filestore import open_store
 from conveyor.keys import KeyStore
 from conveyor.netaddr import address_towards, host_port
 from conveyor.outage import Outage
-from gateway import errors
+from gateway import errors, rate_limits
 from gateway.admin_routes import admin
 from gateway.batch_driver import BatchDriver
 from gateway.batch_store import BatchStore
@@ -83,12 +84,21 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
 
     # the API docs describe every route: with keys set they are not served to whoever asks
     docs = {} if not settings.api_keys else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="Conveyor", version="0.1.0", lifespan=lifespan, **docs)  # type: ignore[arg-type]
+    app = FastAPI(title="Conveyor", version=VERSION, lifespan=lifespan, **docs)  # type: ignore[arg-type]
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(router)
     app.include_router(bulk)
     app.include_router(targets)
-    app.include_router(admin)
+    app.include_router(admin, include_in_schema=settings.admin_key is not None)  # /docs: only where it exists
     app.add_middleware(RequestGuard, settings=settings)
+    if settings.cors_origins:  # outermost: preflights and refusals (a 401, a 429) carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id", *rate_limits.HEADERS],
+            max_age=600,
+        )
     return app

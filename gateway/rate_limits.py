@@ -30,6 +30,14 @@ class Window:
         return None if limit < 0 else cls(unit, limit, used, retry_ms, reset_ms)
 
 
+#: every header these answers may carry, for a browser to read them (CORS ``Access-Control-Expose-Headers``)
+HEADERS = (
+    *(f"x-ratelimit-{part}-{unit}" for unit in ("requests", "tokens") for part in ("limit", "remaining", "reset")),
+    "Retry-After",
+    "retry-after-ms",
+)
+
+
 def duration(ms: int) -> str:
     """A wait as OpenAI writes it in ``x-ratelimit-reset-*``: ``250ms``, ``1.5s``, ``6m0s``."""
     if ms < 1000:

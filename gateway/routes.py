@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel
@@ -104,6 +105,18 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     if not guard.may_use(request, model_id):
         raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.", param="model")
     return await service_of(request).model_card(model_id)
+
+
+@router.get("/")
+async def root(request: Request) -> dict[str, Any]:
+    """The service, its version and its endpoints (those its OpenAPI schema lists: the admin API where it is on)."""
+    endpoints = [
+        {"method": method, "path": route.path_format}
+        for route in request.app.routes
+        if isinstance(route, APIRoute) and route.include_in_schema
+        for method in sorted(route.methods)
+    ]
+    return {"name": "conveyor", "version": request.app.version, "endpoints": endpoints}
 
 
 @router.get("/health")

@@ -66,8 +66,11 @@ class GatewaySettings(BaseSettings):
     batch_window_seconds: float = Field(default=86_400, gt=0)
     #: one log line per request (uvicorn's access log); off by default, it costs ~6% of the gateway's CPU
     access_log: bool = False
+    #: browser origins allowed to call the API (comma-separated, e.g. ``https://app.example.com``; ``*`` for any);
+    #: empty: no CORS headers at all, so browsers on other origins are refused by their own rules
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("models", "api_keys", "scale_to_zero", mode="before")
+    @field_validator("models", "api_keys", "scale_to_zero", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
