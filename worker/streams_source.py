@@ -10,8 +10,9 @@ one consumer group (``contract.STREAM_GROUP``). The only worker module that know
 - A worker that dies leaves its entries in the group's pending entries list: every third of a lease each worker
   sweeps it with ``XAUTOCLAIM`` for entries idle longer than a lease, and takes those up first.
 - A renewal extends the lease and resets the entry's idle time (``XCLAIM ... JUSTID``); a hand-back drops the lease,
-  marks the entry idle for ever and publishes a wake-up, so the model's workers sweep at once (within a claim's
-  wait) and one of them runs it before new work.
+  marks the entry idle for ever, adds a nudge (an entry naming no job) and publishes a wake-up: the worker the nudge
+  reaches (a blocked reader at once) and every worker the wake-up reaches sweep now, and one of them runs the job
+  before new work.
 - A finish acknowledges and deletes the entry (so a lane's length counts waiting and running jobs), then delivers and
   accounts as ``worker.finish_tail`` does on both backends.
 
@@ -46,20 +47,25 @@ CONSUMER_IDLE_SECONDS = 600.0
 #: cursor); lane entries a blocking read brought (named with their job id); and, when reading, new entries (XREADGROUP
 #: without blocking: interactive ones, then bulk ones only if no interactive one is left). An entry whose record is
 #: gone (deadline, cancel) or names another entry (handed back or put back) is dropped; one whose lease another worker
-#: holds is left to it; one beyond this claim's room goes back to its lane's end. KEYS: lane, bulk lane. ARGV: 1 group,
-#: 2 worker id, 3 record prefix, 4 lease prefix, 5 lease ms, 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep),
-#: 9 and 10 the lanes' sweep cursors, 11 read new entries (1/0), then (lane 1|2, entry, job id) per entry read.
-#: Returns {the two next cursors, then id, data, tries, bulk (0/1) per job taken up}.
+#: holds is left to it; one beyond this claim's room goes back to its lane's end; a nudge (no job id: a hand-back's) is
+#: dropped and reported. KEYS: lane, bulk lane. ARGV: 1 group, 2 worker id, 3 record prefix, 4 lease prefix, 5 lease ms,
+#: 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep), 9 and 10 the lanes' sweep cursors, 11 read new entries
+#: (1/0), then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, 1 if a nudge was read (else 0),
+#: then id, data, tries, bulk (0/1) per job taken up}.
 TAKE_SCRIPT = """
 local group, me = ARGV[1], ARGV[2]
 local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
-local out = {ARGV[9], ARGV[10]}
+local out = {ARGV[9], ARGV[10], 0}
 local function drop(lane, entry)
   redis.call('XACK', lane, group, entry)
   redis.call('XDEL', lane, entry)
 end
 local function take(l, entry, id)
   local lane = KEYS[l]
+  if id == '' then
+    out[3] = 1
+    return drop(lane, entry)
+  end
   local record = ARGV[3] .. id
   local job = redis.call('HMGET', record, 'data', 'entry')
   if not job[1] or job[2] ~= entry then return drop(lane, entry) end
@@ -144,8 +150,9 @@ local k, a, job_id = 8, 4, ARGV[2]
 """
 
 #: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, mark the entry idle for
-#: ever and wake the model's workers to sweep. KEYS: lane, bulk lane, wake channel. ARGV: group, worker id, record
-#: prefix, lease prefix, 1 to keep the try counted, idle ms, job ids...
+#: ever and wake the model's workers to sweep (a nudge on the lane for blocked readers, a wake-up for the others).
+#: KEYS: lane, bulk lane, wake channel. ARGV: group, worker id, record prefix, lease prefix, 1 to keep the try counted,
+#: idle ms, job ids...
 HAND_BACK_SCRIPT = """
 local handed = 0
 for i = 7, #ARGV do
@@ -161,7 +168,10 @@ for i = 7, #ARGV do
     end
   end
 end
-if handed > 0 then redis.call('PUBLISH', KEYS[3], 'job') end  -- contract.WAKE_JOB
+if handed > 0 then
+  redis.call('XADD', KEYS[1], '*', 'id', '')  -- the nudge: a reader blocked on the lane wakes and sweeps
+  redis.call('PUBLISH', KEYS[3], 'job')  -- contract.WAKE_JOB
+end
 return handed
 """
 
@@ -213,7 +223,7 @@ class StreamsJobSource:
                 self._next_tidy = now + CONSUMER_IDLE_SECONDS / 10
                 await self._tidy_consumers()
         taken = await self._take_up(limit, bulk_limit, [], sweep=sweep, read_new=True)
-        if taken:
+        if taken or time.monotonic() >= self._next_sweep:  # a nudge read: sweep at the next claim, at once
             return taken
         read = await self._wait_for_entries(limit, bulk_limit)
         return await self._take_up(limit, bulk_limit, read, sweep=False, read_new=False) if read else []
@@ -225,8 +235,10 @@ class StreamsJobSource:
         args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors, int(read_new)]
         for lane, entry, job_id in read:
             args += [lane, entry, job_id]
-        first, second, *flat = await self._take(keys=list(self.lanes), args=args)
+        first, second, nudged, *flat = await self._take(keys=list(self.lanes), args=args)
         self._cursors = [_text(first), _text(second)]
+        if nudged:  # a job was handed back: take it up before new work
+            self._next_sweep = 0.0
         claims = []
         for i in range(0, len(flat), 4):
             job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])

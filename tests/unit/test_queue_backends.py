@@ -216,6 +216,23 @@ async def test_hand_back_frees_the_job_for_others_counting_the_try_only_after_a_
     assert (third.job_id, third.tries) == ("j", 2)
 
 
+async def test_a_handed_back_job_reaches_a_worker_between_its_sweeps_at_once(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    await queue.submit(envelope("first"))
+    b = source(layout, "B")
+    assert [c.job_id for c in await b.claim(1)] == ["first"]  # on Streams B swept: its next sweep is 1/3 lease away
+    await queue.submit(envelope("j"))
+    a = source(layout, "A")
+    assert [c.job_id for c in await a.claim(1)] == ["j"]
+    await a.hand_back(["j"], count_try=False)
+    taken = await b.claim(1) or await b.claim(
+        1
+    )  # Streams: the first claim reads the hand-back's nudge, the next sweeps
+    assert [c.job_id for c in taken] == ["j"]
+    assert await layout.depth() == 2  # the nudge was read and dropped: only the two jobs are on the lane
+
+
 async def test_bulk_work_is_taken_only_when_no_interactive_job_waits(layout: Layout, queue: RedisJobQueue) -> None:
     chunk = contract.ChunkRef(
         batch_id="b1", index=0, input_file="f", start=0, end=1, first_line=0, lines=1, expires_at=time.time() + 60
