@@ -19,6 +19,10 @@ from pydantic import BaseModel, Field
 ENVELOPE_VERSION = 3
 JOB_FUNCTION = "conveyor_run"
 KEY_PREFIX = "conveyor"
+#: Prefix of every key of the control plane (API keys and their windows and usage, files, batches, the fleet, the
+#: registry's indexes): one hash tag, so the scripts that join them touch one slot of a Redis Cluster. A model's keys
+#: carry the model as their tag instead (``model_prefix``).
+CONTROL = f"{KEY_PREFIX}:{{{KEY_PREFIX}}}"
 
 
 class JobKind(StrEnum):
@@ -243,28 +247,32 @@ def inbox_key(gateway_id: str) -> str:
     return f"{KEY_PREFIX}:inbox:{gateway_id}"
 
 
-def abort_key(request_id: str) -> str:
+# A job's own keys and channel carry its model's tag: the worker's scripts that join them with the model's lanes and
+# leases touch one slot.
+
+
+def abort_key(model: str, request_id: str) -> str:
     """Set (with an expiry) when a client cancels a running job; the worker holding it stops it."""
-    return f"{KEY_PREFIX}:abort:{request_id}"
+    return f"{model_prefix(model)}:abort:{request_id}"
 
 
-def stream_channel(request_id: str) -> str:
-    return f"{KEY_PREFIX}:stream:{request_id}"
+def stream_channel(model: str, request_id: str) -> str:
+    return f"{model_prefix(model)}:stream:{request_id}"
 
 
-def progress_key(request_id: str) -> str:
+def progress_key(model: str, request_id: str) -> str:
     """List: one ``StreamProgress`` entry per frame a generation sent; expires after its deadline, removed with it."""
-    return f"{KEY_PREFIX}:progress:{request_id}"
+    return f"{model_prefix(model)}:progress:{request_id}"
 
 
-def migrations_key(request_id: str) -> str:
+def migrations_key(model: str, request_id: str) -> str:
     """How many times a generation was continued on another worker (the per-request migration limit)."""
-    return f"{KEY_PREFIX}:migrations:{request_id}"
+    return f"{model_prefix(model)}:migrations:{request_id}"
 
 
 def model_workers_key(model: str) -> str:
     """Sorted set: worker id -> unix time until which its last heartbeat keeps it alive."""
-    return f"{KEY_PREFIX}:workers:{model}"
+    return f"{model_prefix(model)}:workers"
 
 
 def worker_info_key(worker_id: str) -> str:
@@ -273,19 +281,19 @@ def worker_info_key(worker_id: str) -> str:
 
 def model_loading_key(model: str) -> str:
     """Sorted set: worker id -> heartbeat expiry, for workers whose engine is still loading."""
-    return f"{KEY_PREFIX}:loading:{model}"
+    return f"{model_prefix(model)}:loading"
 
 
 def model_failure_key(model: str) -> str:
     """The last engine failure of a model's workers (JSON, expires): why it is not serving."""
-    return f"{KEY_PREFIX}:failed:{model}"
+    return f"{model_prefix(model)}:failed"
 
 
 def scale_to_zero_key(model: str) -> str:
     """Set (expiring, refreshed) while a model may have no worker at all: a request for it then waits in its queue
     for a worker to start instead of a 503 (``min_workers = 0``, or ``CONVEYOR_GATEWAY_SCALE_TO_ZERO``). Its value
     is the model's capabilities as a JSON list (``[]``: not known, the check is left to the worker)."""
-    return f"{KEY_PREFIX}:zero:{model}"
+    return f"{model_prefix(model)}:zero"
 
 
 #: how long a ``scale_to_zero_key`` lives unless refreshed (by ``conveyor up`` or the gateways that allow it)
@@ -294,21 +302,21 @@ SCALE_TO_ZERO_TTL_SECONDS = 30
 
 def model_card_key(model: str) -> str:
     """What the workers of a model advertise (capabilities, context length); refreshed with every heartbeat."""
-    return f"{KEY_PREFIX}:model:{model}"
+    return f"{model_prefix(model)}:model"
 
 
 def wake_channel(model: str) -> str:
     """Pub/sub channel the gateway publishes to when a model's queue changes: ``WAKE_JOB``, or ``WAKE_ABORT``
     followed by the id of the job to stop."""
-    return f"{KEY_PREFIX}:wake:{model}"
+    return f"{model_prefix(model)}:wake"
 
 
 WAKE_JOB = b"job"
 WAKE_ABORT = b"abort:"
 
 
-MODELS_KEY = f"{KEY_PREFIX}:models"  # set of every model name a worker has ever served
-GATEWAYS_KEY = f"{KEY_PREFIX}:gateways"  # sorted set: each live gateway's scrape address -> heartbeat expiry
+MODELS_KEY = f"{CONTROL}:models"  # set of every model name a worker has ever served
+GATEWAYS_KEY = f"{CONTROL}:gateways"  # sorted set: each live gateway's scrape address -> heartbeat expiry
 
 
 def bulk_queue_name(model: str) -> str:
@@ -333,66 +341,67 @@ class QueueBackend(StrEnum):
 STREAM_GROUP = "workers"
 
 
-def _tagged(model: str) -> str:
+def model_prefix(model: str) -> str:
+    """Prefix of every key of one model: the model is its hash tag (``conveyor:{<model>}``)."""
     return f"{KEY_PREFIX}:{{{model}}}"
 
 
 def stream_lane_key(model: str, bulk: bool = False) -> str:
     """A model's interactive lane (or its bulk lane): a stream of ``id`` entries, one per waiting or running job."""
-    return f"{_tagged(model)}:{'bulk' if bulk else 'queue'}"
+    return f"{model_prefix(model)}:{'bulk' if bulk else 'queue'}"
 
 
 def stream_job_prefix(model: str) -> str:
     """Prefix of a job's record: a hash (``data``: the envelope; ``lane`` and ``entry``: where it waits; ``tries``)
     that expires at the job's deadline."""
-    return f"{_tagged(model)}:job:"
+    return f"{model_prefix(model)}:job:"
 
 
 def stream_lease_prefix(model: str) -> str:
     """Prefix of a job's lease: the holding worker's id, expiring unless renewed (the fence, as arq's in-progress
     key is for arq)."""
-    return f"{_tagged(model)}:lease:"
+    return f"{model_prefix(model)}:lease:"
 
 
 # ---- the fleet of one host (``conveyor.fleet``) ------------------------------------------------------------------
 
-FLEET_MODELS = f"{KEY_PREFIX}:fleet:models"  # hash: model name -> its ModelSpec (JSON): what ``conveyor up`` runs
-FLEET_STATUS = f"{KEY_PREFIX}:fleet:status"  # hash: model name -> its ModelRun (JSON), written by ``conveyor up``
-FLEET_SUPERVISOR = f"{KEY_PREFIX}:fleet:supervisor"  # set (expiring) while a ``conveyor up`` manages the fleet
-FLEET_SAVED = f"{KEY_PREFIX}:fleet:saved"  # set with the desired state: its absence means Redis lost it
+FLEET_MODELS = f"{CONTROL}:fleet:models"  # hash: model name -> its ModelSpec (JSON): what ``conveyor up`` runs
+FLEET_STATUS = f"{CONTROL}:fleet:status"  # hash: model name -> its ModelRun (JSON), written by ``conveyor up``
+FLEET_SUPERVISOR = f"{CONTROL}:fleet:supervisor"  # set (expiring) while a ``conveyor up`` manages the fleet
+FLEET_SAVED = f"{CONTROL}:fleet:saved"  # set with the desired state: its absence means Redis lost it
 
 
 # ---- files and batches ----------------------------------------------------------------------------------------
 
-FILES_INDEX = f"{KEY_PREFIX}:files"  # sorted set: file id -> created_at
-BATCHES_INDEX = f"{KEY_PREFIX}:batches"  # sorted set: batch id -> created_at
-ACTIVE_BATCHES = f"{KEY_PREFIX}:batches:active"  # set of batches not yet in a final state
+FILES_INDEX = f"{CONTROL}:files"  # sorted set: file id -> created_at
+BATCHES_INDEX = f"{CONTROL}:batches"  # sorted set: batch id -> created_at
+ACTIVE_BATCHES = f"{CONTROL}:batches:active"  # set of batches not yet in a final state
 
 
 def file_key(file_id: str) -> str:
     """A file's record (JSON): OpenAI's file object plus where it is stored and what its lines ask for."""
-    return f"{KEY_PREFIX}:file:{file_id}"
+    return f"{CONTROL}:file:{file_id}"
 
 
 def batch_key(batch_id: str) -> str:
     """A batch's hash: ``record`` (OpenAI's batch object, JSON), ``plan`` (its chunks), ``completed``/``failed``
     (line counts, moved only through ``batch_chunks_key``)."""
-    return f"{KEY_PREFIX}:batch:{batch_id}"
+    return f"{CONTROL}:batch:{batch_id}"
 
 
 def batch_chunks_key(batch_id: str) -> str:
     """Hash: chunk index -> ``<ok> <failed>`` once that chunk's results are stored; set once per chunk."""
-    return f"{KEY_PREFIX}:batch:{batch_id}:chunks"
+    return f"{CONTROL}:batch:{batch_id}:chunks"
 
 
 def batch_done_key(batch_id: str) -> str:
     """List where workers report finished chunks (``<index> <ok> <failed>``); the batch driver folds it."""
-    return f"{KEY_PREFIX}:batch:{batch_id}:done"
+    return f"{CONTROL}:batch:{batch_id}:done"
 
 
 def batch_driver_key(batch_id: str) -> str:
     """The lease of the one gateway driving this batch's lifecycle at a time."""
-    return f"{KEY_PREFIX}:batch:{batch_id}:driver"
+    return f"{CONTROL}:batch:{batch_id}:driver"
 
 
 def chunk_job_id(batch_id: str, index: int) -> str:
@@ -401,25 +410,25 @@ def chunk_job_id(batch_id: str, index: int) -> str:
 
 def batch_released_key(batch_id: str) -> str:
     """Hash: chunk index -> 1 once the chunk was put on its bulk lane (its tokens charged to its key); set once."""
-    return f"{KEY_PREFIX}:batch:{batch_id}:released"
+    return f"{CONTROL}:batch:{batch_id}:released"
 
 
 # ---- managed API keys (``conveyor.keys``) and their limits ----------------------------------------------------
 
-API_KEYS_INDEX = f"{KEY_PREFIX}:apikeys"  # sorted set: key id -> created_at, revoked ones included
-API_KEY_HASHES = f"{KEY_PREFIX}:apikeys:hashes"  # hash: SHA-256 of an active key's secret -> key id
-API_KEY_NAMES = f"{KEY_PREFIX}:apikeys:names"  # hash: name of an active key -> key id
+API_KEYS_INDEX = f"{CONTROL}:apikeys"  # sorted set: key id -> created_at, revoked ones included
+API_KEY_HASHES = f"{CONTROL}:apikeys:hashes"  # hash: SHA-256 of an active key's secret -> key id
+API_KEY_NAMES = f"{CONTROL}:apikeys:names"  # hash: name of an active key -> key id
 
 
 def api_key_key(key_id: str) -> str:
     """A key's record (hash): name, limits, allowed models, created and revoked times; never its secret."""
-    return f"{KEY_PREFIX}:apikey:{key_id}"
+    return f"{CONTROL}:apikey:{key_id}"
 
 
 def rate_window_key(key_id: str, unit: Literal["requests", "tokens"]) -> str:
     """Hash: unix second -> requests admitted (or tokens charged) in it; the last 60 seconds are the window. Read and
     changed only by the Lua of ``RATE_WINDOW_LUA``."""
-    return f"{KEY_PREFIX}:rate:{key_id}:{unit}"
+    return f"{CONTROL}:rate:{key_id}:{unit}"
 
 
 #: the functions that read and change a rate window, prepended to every script that does (both sides)
@@ -428,12 +437,12 @@ RATE_WINDOW_LUA = (Path(__file__).parent / "rate_window.lua").read_text()
 
 def key_jobs_key(key_id: str) -> str:
     """Sorted set: id of each of a key's interactive jobs not finished yet -> its deadline (the per-key queue bound)."""
-    return f"{KEY_PREFIX}:apikey:{key_id}:jobs"
+    return f"{CONTROL}:apikey:{key_id}:jobs"
 
 
 def usage_key(key_id: str, day: str) -> str:
     """Hash of one key's usage on one UTC day (``YYYY-MM-DD``): ``<model>|<counter>`` -> count."""
-    return f"{KEY_PREFIX}:usage:{key_id}:{day}"
+    return f"{CONTROL}:usage:{key_id}:{day}"
 
 
 # ---- names inside the file store ------------------------------------------------------------------------------

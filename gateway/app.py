@@ -4,6 +4,7 @@ in here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,9 +15,10 @@ from redis.asyncio import Redis
 
 from conveyor import VERSION, redis_client
 from conveyor.filestore import open_store
+from conveyor.key_renames import rename_old_keys
 from conveyor.keys import KeyStore
 from conveyor.netaddr import address_towards, host_port
-from conveyor.outage import Outage
+from conveyor.outage import REDIS_DOWN, Outage
 from gateway import errors, rate_limits
 from gateway.admin_routes import admin
 from gateway.batch_driver import BatchDriver
@@ -46,6 +48,8 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
+        with contextlib.suppress(*REDIS_DOWN):  # Redis down now: nothing it holds can be read before it is back
+            await rename_old_keys(redis)
         outage = Outage(log, "gateway")
         directory = ModelDirectory(redis, settings)
         inbox = ReplyInbox(redis, outage)

@@ -62,7 +62,7 @@ class ArqJobQueue(RedisJobQueue):
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
             in_progress_key_prefix + job_id,
-            contract.abort_key(job_id),
+            contract.abort_key(envelope.model, job_id),
             contract.wake_channel(envelope.model),
         ]
         if envelope.tenant is not None:

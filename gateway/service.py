@@ -101,7 +101,7 @@ class ServingService:
         """Subscribe, admit + enqueue, and wait for the first frame, so that anything that fails before the first
         token is an ordinary HTTP error. Returns the relay of the rest; the key's rate-limit headers are added to
         ``headers``."""
-        channel = contract.stream_channel(envelope.request_id)
+        channel = contract.stream_channel(envelope.model, envelope.request_id)
         with redis_errors():
             messages = await self.mux.subscribe(channel)
         enqueued = False

@@ -73,7 +73,7 @@ class StreamsJobQueue(RedisJobQueue):
             self.lane_of(envelope),
             contract.stream_job_prefix(model) + job_id,
             contract.stream_lease_prefix(model) + job_id,
-            contract.abort_key(job_id),
+            contract.abort_key(model, job_id),
             contract.wake_channel(model),
         ]
         if envelope.tenant is not None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from conveyor import redis_client
 from conveyor.errors import ConveyorError
+from conveyor.key_renames import rename_old_keys
 from conveyor.keys import LIMIT_FIELDS, USAGE_COUNTERS, ApiKey, KeyCreate, KeyStore, KeyUpdate
 from conveyor.outage import REDIS_DOWN
 from conveyor.status import table
@@ -164,6 +165,7 @@ def run(redis_url: str, args: argparse.Namespace) -> int:
     async def main() -> None:
         redis = redis_client.connect(redis_url)
         try:
+            await rename_old_keys(redis)
             await handler(KeyStore(redis), args)
         finally:
             await redis_client.close(redis)

@@ -309,9 +309,9 @@ class Supervisor:
             fields = claim.envelope
             delivery = None
             if fields.get("stream"):  # numbered on from what a worker sent of it before it was cut
-                sent = await self.redis.llen(contract.progress_key(claim.job_id))  # type: ignore[misc]
+                sent = await self.redis.llen(contract.progress_key(model, claim.job_id))  # type: ignore[misc]
                 await self.redis.publish(
-                    contract.stream_channel(claim.job_id), StreamFrame.failure(int(sent), refusal).encode()
+                    contract.stream_channel(model, claim.job_id), StreamFrame.failure(int(sent), refusal).encode()
                 )
             elif fields.get("reply_to"):
                 reply = Reply(claim.job_id, error=refusal).encode()

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from conveyor import paths, redis_client
+from conveyor.key_renames import rename_old_keys
 from conveyor.outage import REDIS_DOWN
 from launcher import models_file, processes, redis_server
 from launcher.supervisor import TICK_SECONDS, Supervisor, UpSettings
@@ -133,6 +134,7 @@ async def _supervise(
 ) -> None:
     """Run the fleet (``launcher.supervisor``) and keep the gateway and the embedded Redis up, until a signal."""
     redis = redis_client.connect(redis_url)
+    await rename_old_keys(redis)
     supervisor = Supervisor(redis, redis_url, logs, models_path, say, settings)
     try:
         await supervisor.start(config.models)

@@ -119,8 +119,6 @@ redis.call('PUBLISH', KEYS[1], 'job')
 return 0
 """
 
-ABORT_PREFIX = contract.abort_key("")
-
 
 class ArqJobSource:
     #: a claim answers at once; the consumer claims again on a wake-up or its poll timer
@@ -162,7 +160,13 @@ class ArqJobSource:
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         if not job_ids:
             return Renewal()
-        args: list[str | int] = [in_progress_key_prefix, ABORT_PREFIX, self._lease_ms, self.worker_id, *job_ids]
+        args: list[str | int] = [
+            in_progress_key_prefix,
+            contract.abort_key(self.model, ""),
+            self._lease_ms,
+            self.worker_id,
+            *job_ids,
+        ]
         lost, aborted = await self._renew(args=args)
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
@@ -174,9 +178,9 @@ class ArqJobSource:
             in_progress_key_prefix + job_id,
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
-            contract.abort_key(job_id),
-            contract.progress_key(job_id),
-            contract.migrations_key(job_id),
+            contract.abort_key(self.model, job_id),
+            contract.progress_key(self.model, job_id),
+            contract.migrations_key(self.model, job_id),
             self.queue,
             self.bulk_queue,
             *tail_keys,

@@ -59,7 +59,7 @@ class JobRunner:
         self.engine = engine
         self.model = model
         self.max_tries = max_tries
-        self.migration = migration or Migration(redis)
+        self.migration = migration or Migration(redis, model)
         self.share = share or EngineShare(BUSY_INPUTS)
         self.batcher = batcher or EmbeddingBatcher(engine, model)
         self.bulk = ChunkRunner(engine, store or open_store(None), self._client_error, model, self.share)

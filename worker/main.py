@@ -177,7 +177,7 @@ async def _serve_engine(
         store=open_store(settings.files_url),
         share=EngineShare(settings.bulk_busy_inputs),
         batcher=EmbeddingBatcher(engine, settings.model, settings.embed_batch_wait, settings.embed_batch_max_inputs),
-        migration=Migration(redis, settings.migrate, settings.max_migrations),
+        migration=Migration(redis, settings.model, settings.migrate, settings.max_migrations),
     )
     source = open_source(settings.queue_backend, redis, settings.model, info.worker_id, settings.lease_seconds)
     consumer = Consumer(

@@ -49,7 +49,8 @@ class Cut:
 
 
 class Migration:
-    def __init__(self, redis: Redis, enabled: bool = True, max_migrations: int = 3) -> None:
+    def __init__(self, redis: Redis, model: str, enabled: bool = True, max_migrations: int = 3) -> None:
+        self.model = model
         self.enabled = enabled
         self.max_migrations = max_migrations
         self._pipeliner = Pipeliner(redis)
@@ -58,7 +59,7 @@ class Migration:
 
     async def cut(self, request_id: str, deadline: float) -> Cut | None:
         """What an earlier worker sent of this job, or None when this is its first start (nothing sent)."""
-        keys = [contract.progress_key(request_id), contract.migrations_key(request_id)]
+        keys = [contract.progress_key(self.model, request_id), contract.migrations_key(self.model, request_id)]
         args = [_expire_at_ms(deadline)]
         reply = await self._pipeliner.send(lambda pipe: self._read(keys=keys, args=args, client=pipe))
         entries, migrations = cast(tuple[list[bytes], int], reply)
@@ -79,7 +80,9 @@ class Migration:
     ) -> None:
         """Send frame ``seq`` of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
         another worker's now (nothing is sent then)."""
-        await self._send(fence, request_id, contract.stream_channel(request_id), frame, [entry], seq, deadline)
+        await self._send(
+            fence, request_id, contract.stream_channel(self.model, request_id), frame, [entry], seq, deadline
+        )
 
     async def record(
         self, fence: Fence | None, request_id: str, entries: list[bytes], after: int, deadline: float
@@ -100,7 +103,7 @@ class Migration:
         deadline: float,
     ) -> None:
         lease_key, holder = (fence.key, fence.holder) if fence else ("", "")
-        progress = contract.progress_key(request_id)
+        progress = contract.progress_key(self.model, request_id)
         sent = Frame(lease_key, holder, channel, frame, progress, entries, _expire_at_ms(deadline), after)
         if not await self._frames.send(sent):
             raise LeaseLost(request_id)

@@ -175,8 +175,6 @@ end
 return handed
 """
 
-ABORT_PREFIX = contract.abort_key("")
-
 
 class StreamsJobSource:
     #: a claim waits inside Redis for work (``BLOCK_SECONDS``): the consumer claims again at once
@@ -283,7 +281,13 @@ class StreamsJobSource:
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         if not job_ids:
             return Renewal()
-        args: list[str | int] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases, ABORT_PREFIX]
+        args: list[str | int] = [
+            contract.STREAM_GROUP,
+            self.worker_id,
+            self.records,
+            self.leases,
+            contract.abort_key(self.model, ""),
+        ]
         lost, aborted = await self._renew(keys=list(self.lanes), args=[*args, self._lease_ms, *job_ids])
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
@@ -293,9 +297,9 @@ class StreamsJobSource:
         keys = [
             self.leases + job_id,
             self.records + job_id,
-            contract.abort_key(job_id),
-            contract.progress_key(job_id),
-            contract.migrations_key(job_id),
+            contract.abort_key(self.model, job_id),
+            contract.progress_key(self.model, job_id),
+            contract.migrations_key(self.model, job_id),
             *self.lanes,
             *tail_keys,
         ]

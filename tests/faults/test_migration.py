@@ -195,7 +195,7 @@ def test_a_non_streamed_generation_cut_mid_way_is_continued_not_restarted(
     with redis.Redis.from_url(procs.redis_url) as client:
 
         def recorded() -> int:
-            return sum(int(client.llen(key)) for key in client.scan_iter(contract.progress_key("*")))
+            return sum(int(client.llen(key)) for key in client.scan_iter(contract.progress_key("*", "*")))
 
         wait_for(lambda: recorded() >= 20, timeout=30, what="some of its progress recorded")
     victim.process.send_signal(how)

@@ -81,7 +81,7 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
 
     async def fake_worker() -> None:
         _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
-        channel = contract.stream_channel(job_id.decode())
+        channel = contract.stream_channel("chat", job_id.decode())
         for seq in (0, 2):  # chunk 1 is lost
             await redis.publish(channel, StreamFrame.chunk(seq, {"n": seq}).encode())
 

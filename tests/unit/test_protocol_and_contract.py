@@ -4,6 +4,7 @@ import time
 
 import pytest
 from pydantic import ValidationError
+from redis.crc import key_slot
 
 from conveyor import contract
 from conveyor.contract import ErrorInfo, JobEnvelope, JobKind, StreamFrame
@@ -57,21 +58,76 @@ def test_envelope_round_trips_through_json() -> None:
     assert 4 < again.seconds_left() <= 5
 
 
+def model_keys(model: str, request_id: str) -> list[str]:
+    return [
+        contract.abort_key(model, request_id),
+        contract.stream_channel(model, request_id),
+        contract.progress_key(model, request_id),
+        contract.migrations_key(model, request_id),
+        contract.model_workers_key(model),
+        contract.model_loading_key(model),
+        contract.model_failure_key(model),
+        contract.scale_to_zero_key(model),
+        contract.model_card_key(model),
+        contract.wake_channel(model),
+        contract.stream_lane_key(model),
+        contract.stream_lane_key(model, bulk=True),
+        contract.stream_job_prefix(model) + request_id,
+        contract.stream_lease_prefix(model) + request_id,
+    ]
+
+
+def control_keys() -> list[str]:
+    return [
+        contract.MODELS_KEY,
+        contract.GATEWAYS_KEY,
+        contract.FLEET_MODELS,
+        contract.FLEET_STATUS,
+        contract.FLEET_SUPERVISOR,
+        contract.FLEET_SAVED,
+        contract.FILES_INDEX,
+        contract.BATCHES_INDEX,
+        contract.ACTIVE_BATCHES,
+        contract.file_key("f"),
+        contract.batch_key("b"),
+        contract.batch_chunks_key("b"),
+        contract.batch_done_key("b"),
+        contract.batch_driver_key("b"),
+        contract.batch_released_key("b"),
+        contract.API_KEYS_INDEX,
+        contract.API_KEY_HASHES,
+        contract.API_KEY_NAMES,
+        contract.api_key_key("k"),
+        contract.rate_window_key("k", "requests"),
+        contract.rate_window_key("k", "tokens"),
+        contract.key_jobs_key("k"),
+        contract.usage_key("k", "2026-12-03"),
+    ]
+
+
 def test_key_names_are_distinct_per_request_and_model() -> None:
-    names = {
+    names = [
+        *model_keys("a", "r"),
+        contract.abort_key("a", "s"),
+        contract.progress_key("a", "s"),
+        *model_keys("b", "r"),
+        *control_keys(),
         contract.inbox_key("a"),
         contract.inbox_key("b"),
-        contract.abort_key("a"),
-        contract.stream_channel("a"),
         contract.queue_name("a"),
-        contract.model_workers_key("a"),
-        contract.model_loading_key("a"),
-        contract.model_failure_key("a"),
-        contract.model_card_key("a"),
         contract.worker_info_key("a"),
-    }
-    assert len(names) == 10
+    ]
+    assert len(set(names)) == len(names)
     assert all(name.startswith(contract.KEY_PREFIX + ":") for name in names)
+
+
+def test_a_models_keys_share_one_slot_and_the_control_plane_another() -> None:
+    """What lets one script join them on a Redis Cluster: a model's keys (and its jobs') carry the model as their
+    hash tag, every key of the control plane one tag of its own."""
+    for model in ("a", "org/model-7B", "conveyor"):
+        assert len({key_slot(key.encode()) for key in model_keys(model, "r")}) == 1, model
+    assert len({key_slot(key.encode()) for key in control_keys()}) == 1
+    assert key_slot(contract.model_card_key("a").encode()) != key_slot(contract.MODELS_KEY.encode())
 
 
 def test_stream_frames_round_trip_and_keep_chunk_text_untouched() -> None:

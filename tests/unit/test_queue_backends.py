@@ -256,9 +256,9 @@ async def test_cancel_removes_a_waiting_job_and_marks_a_running_one(layout: Layo
     await queue.submit(envelope("running", deadline_in=20))
     await source(layout, "A").claim(1)
     await queue.cancel(envelope("running", deadline_in=20))
-    assert 0 < await redis.pttl(contract.abort_key("running")) <= 20_000  # bounded by the job's deadline
+    assert 0 < await redis.pttl(contract.abort_key(MODEL, "running")) <= 20_000  # bounded by the job's deadline
     await queue.cancel(envelope("never-enqueued"))
-    assert await redis.exists(contract.abort_key("never-enqueued")) == 0  # nothing left behind
+    assert await redis.exists(contract.abort_key(MODEL, "never-enqueued")) == 0  # nothing left behind
 
 
 async def test_a_gateway_on_another_backend_than_the_models_workers_is_refused_not_left_waiting(
