@@ -169,7 +169,14 @@ async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
 async def _infos(redis: Redis, ids: Iterable[bytes | str]) -> list[WorkerInfo]:
     """The registry entries of these worker ids (an entry that lapsed meanwhile is left out)."""
     keys = sorted({contract.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids})
-    raw = await redis.mget(keys) if keys else []
+    if not keys:
+        return []
+    # One GET each, not MGET: each worker's info key is a slot of its own on a Redis Cluster, where an MGET across
+    # slots is refused; a pipeline without a transaction sends each GET to its node, in one round trip on one Redis.
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.get(key)
+        raw = await pipe.execute()
     return [WorkerInfo.model_validate_json(r) for r in raw if r]
 
 
@@ -204,14 +211,21 @@ async def live_gateways(redis: Redis) -> list[str]:
 
 
 async def forget_model(redis: Redis, model: str) -> None:
-    """A model removed from the fleet: nobody knows it any more (404), and nothing of its registry is left."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.srem(contract.MODELS_KEY, model)
-        pipe.delete(
-            contract.model_card_key(model),
-            contract.model_failure_key(model),
-            contract.scale_to_zero_key(model),
-            contract.model_workers_key(model),
-            contract.model_loading_key(model),
-        )
-        await pipe.execute()
+    """A model removed from the fleet: nobody knows it any more (404), and nothing of its registry is left.
+
+    Two steps, because the model's keys (its hash tag) and the index of known models (the control plane's) are in
+    different slots of a Redis Cluster, where no transaction spans them. The model's keys go first, in one DEL (they
+    share a slot, so it is atomic); then its name leaves the index. A crash between the two leaves a known name with
+    nothing behind it, what a model whose workers all stopped looks like: 503 instead of 404, and listed, until it is
+    forgotten again (``conveyor up`` retries in its next round after an error here, and a new ``conveyor up`` forgets
+    every known model outside its models file that has no live worker). The other order would leave the workers'
+    sets behind, without an expiry, under a name nobody lists. A worker still beating re-adds both either way, as it
+    did after the transaction."""
+    await redis.delete(
+        contract.model_card_key(model),
+        contract.model_failure_key(model),
+        contract.scale_to_zero_key(model),
+        contract.model_workers_key(model),
+        contract.model_loading_key(model),
+    )
+    await cast(Awaitable[int], redis.srem(contract.MODELS_KEY, model))

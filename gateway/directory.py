@@ -32,7 +32,12 @@ class ModelDirectory:
         if not models:
             return
         with redis_errors():
-            failures = await self.redis.mget([contract.model_failure_key(model) for model in models])
+            # One GET per model, not MGET: each model's failure key is in its model's slot, and a Redis Cluster
+            # refuses an MGET across slots; a pipeline without a transaction sends each GET to its node.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.get(contract.model_failure_key(model))
+                failures = await pipe.execute()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for model, failure in zip(models, failures, strict=True):
                     if failure is None:
