@@ -15,12 +15,33 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from conveyor import contract
 from conveyor.errors import InvalidRequest
 
 RunState = Literal["loading", "serving", "restarting", "draining", "scaled_to_zero", "failed"]
+
+# Scripts, not MULTI/EXEC or WATCH: a Redis Cluster client refuses transactions. Their keys are the control plane's
+# (one slot), so each runs whole on one node.
+
+#: The whole desired state at once. KEYS: fleet hash, saved marker. ARGV: name/spec pairs.
+REPLACE_SCRIPT = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[2], 1)
+return 1
+"""
+#: Set (or remove) one model's spec if the fleet is still as it was read (compare-and-set on the whole hash, which
+#: is small). KEYS: fleet hash. ARGV: name, new spec ('' removes it), then the name/spec pairs read.
+#: Returns 1, or 0 when the fleet changed meanwhile.
+CHANGE_SCRIPT = """
+if redis.call('HLEN', KEYS[1]) ~= (#ARGV - 2) / 2 then return 0 end
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end
+end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
 
 
 class ModelSpec(BaseModel):
@@ -141,6 +162,8 @@ class FleetStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._replace = redis.register_script(REPLACE_SCRIPT)
+        self._change = redis.register_script(CHANGE_SCRIPT)
 
     async def specs(self) -> dict[str, ModelSpec]:
         raw = await cast(Any, self.redis.hgetall(contract.FLEET_MODELS))
@@ -153,12 +176,8 @@ class FleetStore:
     async def replace(self, specs: list[ModelSpec]) -> None:
         """The whole desired state at once (``conveyor up`` starting from its models file)."""
         check_fleet(specs)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(contract.FLEET_MODELS)
-            if specs:
-                pipe.hset(contract.FLEET_MODELS, mapping={s.name: s.model_dump_json() for s in specs})
-            pipe.set(contract.FLEET_SAVED, 1)
-            await pipe.execute()
+        pairs = [item for s in specs for item in (s.name, s.model_dump_json())]
+        await self._replace(keys=[contract.FLEET_MODELS, contract.FLEET_SAVED], args=pairs)
 
     async def saved(self) -> bool:
         """Whether Redis holds a desired state (an empty fleet included): False after it restarted empty."""
@@ -167,25 +186,17 @@ class FleetStore:
     async def change(self, name: str, build: Callable[[ModelSpec | None], ModelSpec | None]) -> ModelSpec | None:
         """Change one model atomically: ``build`` gets its spec now (None: not in the fleet) and returns the new one
         (None: remove it) or raises; the result is checked against the rest of the fleet. A change that another one
-        overtook is tried again on the fresh state (optimistic: WATCH/MULTI)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(contract.FLEET_MODELS)
-                    raw = await cast(Any, pipe.hgetall(contract.FLEET_MODELS))
-                    specs = {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
-                    new = build(specs.get(name))
-                    if new is not None:
-                        check_fleet([*(s for n, s in specs.items() if n != name), new])
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    if new is None:
-                        pipe.hdel(contract.FLEET_MODELS, name)
-                    else:
-                        pipe.hset(contract.FLEET_MODELS, name, new.model_dump_json())
-                    await pipe.execute()
-                    return new
-                except WatchError:
-                    continue
+        overtook is tried again on the fresh state (optimistic: a compare-and-set script, ``CHANGE_SCRIPT``)."""
+        while True:
+            raw = await cast(Any, self.redis.hgetall(contract.FLEET_MODELS))
+            specs = {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
+            new = build(specs.get(name))
+            if new is not None:
+                check_fleet([*(s for n, s in specs.items() if n != name), new])
+            read = [item for pair in raw.items() for item in pair]
+            args = [name, "" if new is None else new.model_dump_json(), *read]
+            if await self._change(keys=[contract.FLEET_MODELS], args=args):
+                return new
 
     async def runs(self) -> dict[str, ModelRun]:
         raw = await cast(Any, self.redis.hgetall(contract.FLEET_STATUS))
@@ -201,11 +212,15 @@ class FleetStore:
             await pipe.execute()
 
     async def set_runs(self, runs: dict[str, ModelRun], gone: Iterable[str] = ()) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        """Write these run states and drop those of ``gone``: at most two commands on one hash, each atomic, in one
+        round trip, not one transaction (a Redis Cluster client refuses those). Nothing needs both at once: callers
+        write runs or drop gone ones, and a reader between the two would only see a removed model's last state."""
+        names = list(gone)
+        async with self.redis.pipeline(transaction=False) as pipe:
             if runs:
                 pipe.hset(contract.FLEET_STATUS, mapping={n: r.model_dump_json() for n, r in runs.items()})
-            for name in gone:
-                pipe.hdel(contract.FLEET_STATUS, name)
+            if names:
+                pipe.hdel(contract.FLEET_STATUS, *names)
             await pipe.execute()
 
 
