@@ -65,6 +65,16 @@ if redis.call('HGET', KEYS[3], record[2]) == ARGV[1] then redis.call('HDEL', KEY
 return 1
 """
 
+#: Change a key's limits in one step, so admission sees the old ones or the new ones, never half of each (a script,
+#: not MULTI/EXEC, which a Redis Cluster client refuses). KEYS: record. ARGV: how many field/value pairs follow, the
+#: pairs to set, then the fields to delete.
+UPDATE_SCRIPT = """
+local count = tonumber(ARGV[1])
+for i = 2, 2 * count, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2 * count + 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+return 1
+"""
+
 
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -171,6 +181,7 @@ class KeyStore:
         self._create = redis.register_script(CREATE_SCRIPT)
         self._rename = redis.register_script(RENAME_SCRIPT)
         self._revoke = redis.register_script(REVOKE_SCRIPT)
+        self._update = redis.register_script(UPDATE_SCRIPT)
 
     async def create(self, request: KeyCreate) -> CreatedKey:
         key_id = f"{ID_PREFIX}{uuid.uuid4().hex[:16]}"
@@ -234,12 +245,9 @@ class KeyStore:
             if not await self._rename(keys=names, args=[key.id, key.name, changes.name]):
                 raise _name_taken(changes.name)
         to_set, to_delete = _record_fields(changes, given)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if to_set:
-                pipe.hset(contract.api_key_key(key.id), mapping=cast(Any, to_set))
-            if to_delete:
-                pipe.hdel(contract.api_key_key(key.id), *to_delete)
-            await pipe.execute()
+        if to_set or to_delete:
+            pairs = [item for pair in to_set.items() for item in pair]
+            await self._update(keys=[contract.api_key_key(key.id)], args=[len(to_set), *pairs, *to_delete])
         return await self.get(key.id)
 
     async def revoke(self, ref: str) -> ApiKey:
