@@ -72,6 +72,39 @@ end
 return 0
 """
 
+# Records and their indexes change together in scripts, not MULTI/EXEC (a Redis Cluster client refuses transactions):
+# their keys are all the control plane's, one slot, so each script runs whole on one node.
+
+#: A file's record and its place in the index. KEYS: record, files index. ARGV: id, record, index score.
+SAVE_FILE_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+#: KEYS: record, files index. ARGV: id.
+FORGET_FILE_SCRIPT = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+#: A new batch: its hash, its place in the index, and the set the drivers take batches from (a batch left out of it
+#: would never be driven). KEYS: batch hash, batches index, active batches. ARGV: id, index score, then field/value
+#: pairs of the hash.
+CREATE_BATCH_SCRIPT = """
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+#: A batch in a final state leaves the active set, and its chunk bookkeeping goes with it. KEYS: active batches,
+#: chunk hash, done list, released hash, batch hash. ARGV: id.
+RETIRE_SCRIPT = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('HDEL', KEYS[5], 'plan')
+return 1
+"""
+
 
 class BatchOwner(BaseModel):
     """The managed API key that created a batch."""
@@ -89,15 +122,19 @@ class BatchStore:
         self._transition = redis.register_script(TRANSITION_SCRIPT)
         self._fold = redis.register_script(FOLD_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
+        self._save_file = redis.register_script(SAVE_FILE_SCRIPT)
+        self._forget_file = redis.register_script(FORGET_FILE_SCRIPT)
+        self._create_batch = redis.register_script(CREATE_BATCH_SCRIPT)
+        self._retire = redis.register_script(RETIRE_SCRIPT)
 
     # --- files --------------------------------------------------------------------------------------------------
 
     async def save_file(self, stored: StoredFile) -> None:
+        keys = [contract.file_key(stored.file.id), contract.FILES_INDEX]
+        # scored by time.time(), finer than created_at: keeps the order of files created in one second
+        args: list[str | float] = [stored.file.id, stored.model_dump_json(), time.time()]
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(contract.file_key(stored.file.id), stored.model_dump_json())
-                pipe.zadd(contract.FILES_INDEX, {stored.file.id: time.time()})  # finer than created_at: keeps order
-                await pipe.execute()
+            await self._save_file(keys=keys, args=args)
 
     async def file(self, file_id: str, viewer: str | None = None) -> StoredFile:
         """A file's record; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it."""
@@ -110,10 +147,7 @@ class BatchStore:
 
     async def forget_file(self, file_id: str) -> None:
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(contract.file_key(file_id))
-                pipe.zrem(contract.FILES_INDEX, file_id)
-                await pipe.execute()
+            await self._forget_file(keys=[contract.file_key(file_id), contract.FILES_INDEX], args=[file_id])
 
     async def page(
         self, index: str, after: str | None, limit: int, newest_first: bool = True
@@ -143,12 +177,10 @@ class BatchStore:
         }
         if owner is not None:
             fields["owner"] = owner.model_dump_json()
+        keys = [contract.batch_key(batch.id), contract.BATCHES_INDEX, contract.ACTIVE_BATCHES]
+        pairs = [item for pair in fields.items() for item in pair]
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(contract.batch_key(batch.id), mapping=cast(Any, fields))
-                pipe.zadd(contract.BATCHES_INDEX, {batch.id: time.time()})
-                pipe.sadd(contract.ACTIVE_BATCHES, batch.id)
-                await pipe.execute()
+            await self._create_batch(keys=keys, args=[batch.id, time.time(), *pairs])
 
     async def batch(self, batch_id: str, viewer: str | None = None) -> BatchObject:
         """A batch; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it: a managed key
@@ -243,16 +275,15 @@ class BatchStore:
 
     async def retire(self, batch_id: str) -> None:
         """A batch in a final state: nothing drives it any more; its chunk bookkeeping goes."""
+        keys = [
+            contract.ACTIVE_BATCHES,
+            contract.batch_chunks_key(batch_id),
+            contract.batch_done_key(batch_id),
+            contract.batch_released_key(batch_id),
+            contract.batch_key(batch_id),
+        ]
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.srem(contract.ACTIVE_BATCHES, batch_id)
-                pipe.delete(
-                    contract.batch_chunks_key(batch_id),
-                    contract.batch_done_key(batch_id),
-                    contract.batch_released_key(batch_id),
-                )
-                pipe.hdel(contract.batch_key(batch_id), "plan")
-                await pipe.execute()
+            await self._retire(keys=keys, args=[batch_id])
 
     async def take_lease(self, batch_id: str, holder: str, seconds: float) -> bool:
         """Hold (or keep holding) the right to drive ``batch_id`` for ``seconds``."""
