@@ -5,21 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from conveyor.contract import QueueBackend
-from conveyor.redis_client import DEFAULT_REDIS_URL, RedisUrl
+from conveyor.redis_settings import RedisSettings
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(RedisSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_GATEWAY_", extra="forbid")
 
-    redis_url: RedisUrl = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
-    #: where jobs wait: ``arq`` (arq's layout) or ``streams`` (Redis Streams: one delivery per job, Redis Cluster);
-    #: every gateway and worker of a deployment must use the same one
-    queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")
+    # redis_url and queue_backend come from RedisSettings
     host: str = "0.0.0.0"
     port: int = 8000
     #: the address Prometheus scrapes this gateway at (advertised in the registry, with ``port``); default: the

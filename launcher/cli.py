@@ -166,7 +166,12 @@ def _status(args: argparse.Namespace) -> None:
 
 
 #: settings read from a variable without the command's prefix
-UNPREFIXED = {"redis_url": "CONVEYOR_REDIS_URL", "admin_key": "CONVEYOR_ADMIN_KEY", "files_url": "CONVEYOR_FILES_URL"}
+UNPREFIXED = {
+    "redis_url": "CONVEYOR_REDIS_URL",
+    "queue_backend": "CONVEYOR_QUEUE_BACKEND",
+    "admin_key": "CONVEYOR_ADMIN_KEY",
+    "files_url": "CONVEYOR_FILES_URL",
+}
 
 
 def settings_error(command: str, exc: ValidationError) -> str:

@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
-from conveyor.contract import JobEnvelope, QueueBackend, Reply, StreamFrame
+from conveyor import contract, redis_client, registry
+from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ModelNotFound
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
+from conveyor.redis_client import RedisUrl
+from conveyor.redis_settings import RedisSettings
 from launcher import models_file, processes
 from worker.job_source import Delivery
 from worker.key_usage import KeyUsage
@@ -61,10 +63,13 @@ EXIT_REASONS = {3: "its engine died or hung", -int(signal.SIGKILL): "it was kill
 Say = Callable[[str], None]
 
 
-class UpSettings(BaseSettings):
+class UpSettings(RedisSettings):
     """How ``conveyor up`` restarts what exits (env prefix ``CONVEYOR_UP_``)."""
 
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_UP_", extra="ignore")
+
+    #: ``CONVEYOR_REDIS_URL`` (``launcher.up`` reads it); unset, ``conveyor up`` starts its embedded Redis
+    redis_url: RedisUrl | None = Field(default=None, validation_alias="CONVEYOR_REDIS_URL")  # type: ignore[assignment]
 
     #: the first wait before restarting a worker that exited; it doubles with each exit (at most 60 s)
     restart_backoff: float = Field(default=1.0, gt=0)
@@ -72,8 +77,7 @@ class UpSettings(BaseSettings):
     restart_limit: int = Field(default=5, ge=1)
     #: a serving worker whose process runs but whose heartbeat has been missing this long is killed and restarted
     hung_seconds: float = Field(default=30.0, gt=0)
-    #: the queue backend of the fleet (its workers and gateway read the same variable)
-    queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")
+    # queue_backend (the fleet's; its workers and gateway read the same variable) comes from RedisSettings
 
 
 def tail(log: Path, lines: int = LOG_LINES) -> list[str]:
@@ -310,9 +314,8 @@ class Supervisor:
             delivery = None
             if fields.get("stream"):  # numbered on from what a worker sent of it before it was cut
                 sent = await self.redis.llen(contract.progress_key(model, claim.job_id))  # type: ignore[misc]
-                await self.redis.publish(
-                    contract.stream_channel(model, claim.job_id), StreamFrame.failure(int(sent), refusal).encode()
-                )
+                channel = contract.stream_channel(model, claim.job_id)
+                await redis_client.publish(self.redis, channel, StreamFrame.failure(int(sent), refusal).encode())
             elif fields.get("reply_to"):
                 reply = Reply(claim.job_id, error=refusal).encode()
                 delivery = Delivery(contract.inbox_key(str(fields["reply_to"])), reply)

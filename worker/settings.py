@@ -5,21 +5,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from conveyor.contract import QueueBackend
-from conveyor.redis_client import DEFAULT_REDIS_URL, RedisUrl
+from conveyor.redis_settings import RedisSettings
 from worker.embed_batcher import MAX_INPUTS
 from worker.engine_share import BUSY_INPUTS
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(RedisSettings):
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_WORKER_", extra="forbid")
 
-    redis_url: RedisUrl = Field(default=DEFAULT_REDIS_URL, validation_alias="CONVEYOR_REDIS_URL")
-    #: where jobs wait: ``arq`` (arq's layout) or ``streams`` (Redis Streams: one delivery per job, Redis Cluster);
-    #: every gateway and worker of a deployment must use the same one
-    queue_backend: QueueBackend = Field(default=QueueBackend.ARQ, validation_alias="CONVEYOR_QUEUE_BACKEND")
+    # redis_url and queue_backend come from RedisSettings
     #: the served model name clients ask for (and the name of the queue this worker drains)
     model: str
     #: where the weights are: a local folder or a Hugging Face id; defaults to ``model``

@@ -1,14 +1,26 @@
-"""``CONVEYOR_REDIS_URL``: plain Redis URLs and Sentinel URLs, read into the client every process builds."""
+"""``CONVEYOR_REDIS_URL``: plain Redis URLs, Sentinel URLs and Redis Cluster URLs, read into the client every process
+builds."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import cast
+
 import pytest
+from pydantic import ValidationError
+from redis.asyncio import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from conveyor import redis_client
+from conveyor.contract import QueueBackend
 from conveyor.netaddr import address_towards
-from conveyor.redis_client import SentinelTarget, first_address, parse_sentinel
+from conveyor.redis_client import ClusterTarget, SentinelTarget, first_address, parse_cluster, parse_sentinel
+from conveyor.redis_settings import RedisSettings
+from gateway.settings import GatewaySettings
 from launcher import cli
+from launcher.supervisor import UpSettings
+from worker.settings import WorkerSettings
 
 
 def test_a_sentinel_url_names_its_sentinels_service_database_and_credentials() -> None:
@@ -71,5 +83,123 @@ async def test_a_sentinel_url_builds_a_client_that_asks_the_sentinels_for_the_ma
         sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
         assert [(s["host"], s["port"]) for s in sentinels] == [("127.0.0.1", 1), ("127.0.0.1", 2)]
         assert all(s["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS for s in sentinels)
+    finally:
+        await redis_client.close(client)
+
+
+def test_a_cluster_url_names_its_nodes_credentials_and_tls_options() -> None:
+    url = "redis+cluster://:s3cret@10.0.0.1:7000,node-b,[::1]:7002"
+    assert parse_cluster(url) == ClusterTarget(
+        nodes=(("10.0.0.1", 7000), ("node-b", 6379), ("::1", 7002)), password="s3cret"
+    )
+    tls = parse_cluster("rediss+cluster://user:p%40w@h/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem")
+    assert tls == ClusterTarget(
+        nodes=(("h", 6379),),
+        username="user",
+        password="p@w",
+        tls=True,
+        options=(("ssl_cert_reqs", "none"), ("ssl_ca_certs", "/ca.pem")),
+    )
+    assert parse_cluster("redis+cluster://h1:1,h2:2/") == ClusterTarget(nodes=(("h1", 1), ("h2", 2)))
+    assert parse_cluster("redis+cluster://h1?") == ClusterTarget(nodes=(("h1", 6379),))
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "unix:///tmp/redis.sock", "redis+sentinel://h/conveyor", "cluster://h"]
+)
+def test_other_urls_are_not_cluster_urls(url: str) -> None:
+    assert parse_cluster(url) is None
+    assert not redis_client.is_cluster_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://", "has the form"),  # no node
+        ("redis+cluster://:pw@/0", "has the form"),
+        ("redis+cluster://h1:notaport", "lists nodes as host[:port]"),
+        ("redis+cluster://h1,:7000", "lists nodes as host[:port]"),
+        ("redis+cluster://h1/1", "only database 0"),
+        ("redis+cluster://h1/0/x", "only database 0"),
+        ("redis+cluster://h1?read_from_replicas=yes", "takes only ssl_ca_certs, ssl_cert_reqs"),
+        ("rediss+cluster://h1?ssl_cert_reqs=maybe", "one of none, optional, required"),
+        ("redis+cluster://h1?ssl_cert_reqs=none", "goes with TLS"),
+    ],
+)
+def test_a_malformed_cluster_url_is_refused(url: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_cluster(url)
+
+
+def test_a_malformed_cluster_url_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", "redis+cluster://:hunter2@h1:7000/2")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["gateway"])
+    message = str(exited.value.code)
+    assert "\n" not in message and "(set CONVEYOR_REDIS_URL," in message and "database 0" in message
+    assert "hunter2" not in message
+
+
+CLUSTER = "redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1:7001"
+
+
+@pytest.mark.parametrize("command", ["gateway", "worker"])
+def test_arq_on_a_cluster_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", CLUSTER)  # arq by default
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--model", "m"] if command == "worker" else [command])
+    message = str(exited.value.code)
+    assert "\n" not in message and "Redis Cluster needs CONVEYOR_QUEUE_BACKEND=streams" in message
+    assert "(set CONVEYOR_QUEUE_BACKEND," in message and "hunter2" not in message
+
+
+def test_every_process_refuses_arq_on_a_cluster_and_takes_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", CLUSTER)
+    builders: list[Callable[[], RedisSettings]] = [GatewaySettings, lambda: WorkerSettings(model="m"), UpSettings]
+    for build in builders:
+        monkeypatch.setenv("CONVEYOR_QUEUE_BACKEND", "arq")
+        with pytest.raises(ValidationError, match="Redis Cluster needs CONVEYOR_QUEUE_BACKEND=streams"):
+            build()
+        monkeypatch.setenv("CONVEYOR_QUEUE_BACKEND", "streams")
+        assert build().queue_backend is QueueBackend.STREAMS
+    monkeypatch.delenv("CONVEYOR_REDIS_URL")  # conveyor up's embedded Redis, and a single Redis, take either
+    monkeypatch.setenv("CONVEYOR_QUEUE_BACKEND", "arq")
+    assert UpSettings().redis_url is None and UpSettings().queue_backend is QueueBackend.ARQ
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", "redis://h:1/0")
+    assert GatewaySettings().queue_backend is QueueBackend.ARQ
+
+
+def test_the_first_listed_node_is_where_the_advertised_address_is_found() -> None:
+    assert first_address("redis+cluster://127.0.0.2:7001,10.9.9.9") == ("127.0.0.2", 7001)
+    assert first_address("rediss+cluster://u:p@node-a") == ("node-a", 6379)
+    assert address_towards("redis+cluster://127.0.0.1:7000") == "127.0.0.1"
+
+
+async def test_a_cluster_url_builds_a_cluster_client_and_a_plain_subscriber_with_the_same_timeouts() -> None:
+    client = redis_client.connect("redis+cluster://u:pw@127.0.0.1:1,127.0.0.1:2")
+    try:
+        assert redis_client.is_cluster(client)
+        cluster = cast(RedisCluster, client)
+        startup = cluster.nodes_manager.startup_nodes
+        assert sorted(startup) == ["127.0.0.1:1", "127.0.0.1:2"]
+        for node in startup.values():
+            kwargs = node.connection_kwargs
+            assert (kwargs["username"], kwargs["password"]) == ("u", "pw")
+            assert kwargs["socket_timeout"] == redis_client.READ_TIMEOUT_SECONDS
+            assert kwargs["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS
+        plain = redis_client.subscriber(client)
+        assert not redis_client.is_cluster(plain) and plain is redis_client.subscriber(client)
+        kwargs = plain.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == redis_client.READ_TIMEOUT_SECONDS
+        assert kwargs["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS
+        assert kwargs["nodes"]() == [("127.0.0.1", 1), ("127.0.0.1", 2)]  # no primaries known before discovery
+    finally:
+        await redis_client.close(client)
+
+
+async def test_a_single_redis_subscribes_through_itself() -> None:
+    client = redis_client.connect("redis://127.0.0.1:1/0")
+    try:
+        assert not redis_client.is_cluster(client) and redis_client.subscriber(client) is client
     finally:
         await redis_client.close(client)
