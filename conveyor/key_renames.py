@@ -13,6 +13,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from conveyor.contract import CONTROL, KEY_PREFIX
+from conveyor.redis_client import is_cluster
 
 #: what followed ``conveyor:`` in the control plane's old names: these whole, or starting with one of ``OLD_FAMILIES``
 OLD_NAMES = ("models", "gateways", "files", "batches", "apikeys")
@@ -31,7 +32,10 @@ def new_name(old: str) -> str | None:
 
 
 async def rename_old_keys(redis: Redis) -> int:
-    """Rename every control-plane key under an old name; returns how many moved."""
+    """Rename every control-plane key under an old name; returns how many moved. A Redis Cluster never held the old
+    layout (it could not run it)."""
+    if is_cluster(redis):
+        return 0
     moved = 0
     async for raw in redis.scan_iter(match=f"{KEY_PREFIX}:*", count=1000):
         old = raw.decode() if isinstance(raw, bytes) else raw

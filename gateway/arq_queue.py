@@ -55,7 +55,7 @@ class ArqJobQueue(RedisJobQueue):
         except SerializationError as exc:
             raise unencodable(exc.__cause__) from None
 
-    async def cancel(self, envelope: JobEnvelope) -> None:
+    async def cancel_job(self, envelope: JobEnvelope) -> None:
         job_id = envelope.request_id
         keys = [
             self.lane_of(envelope),
@@ -65,8 +65,6 @@ class ArqJobQueue(RedisJobQueue):
             contract.abort_key(envelope.model, job_id),
             contract.wake_channel(envelope.model),
         ]
-        if envelope.tenant is not None:
-            keys.append(contract.key_jobs_key(envelope.tenant.key_id))
         marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
         # on a Redis error: the job's data expires at its deadline; a worker answering it finds nobody waiting
         with contextlib.suppress(*REDIS_DOWN):

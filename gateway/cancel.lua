@@ -1,9 +1,7 @@
 -- Cancel one job atomically. Not running (no lease): remove it, so no worker ever starts it. Running: leave a marker
 -- that expires with the job, and wake the model's workers naming the job, so the one holding it stops it now.
--- Either way it no longer counts against its API key's queued jobs.
--- KEYS: 1 queue, 2 job data, 3 try count, 4 lease, 5 abort marker, 6 the model's wake-up channel[, 7 the key's jobs]
+-- KEYS: 1 queue, 2 job data, 3 try count, 4 lease, 5 abort marker, 6 the model's wake-up channel
 -- ARGV: 1 job id, 2 marker expiry ms. Returns 0 removed (or already gone), 1 running: asked to stop.
-if KEYS[7] then redis.call('ZREM', KEYS[7], ARGV[1]) end
 if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2], KEYS[3])

@@ -6,6 +6,7 @@ key names and job data, ``cancel`` and ``state``. Per-key limits and accounting 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from enum import IntEnum
@@ -17,45 +18,54 @@ from redis.asyncio import Redis
 from conveyor import contract
 from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
+from conveyor.outage import REDIS_DOWN
 from gateway import rate_limits
 from gateway.directory import ModelDirectory
+from gateway.key_admission import KeyAdmission, KeyLimits
 from gateway.queue import JobState, redis_errors
 from gateway.settings import GatewaySettings
 
 ADMISSION_LUA = (Path(__file__).parent / "admission.lua").read_text()
-#: Put a batch's chunks on its model's bulk lane, in order, each once (``released`` remembers which), charging each
-#: chunk's estimated tokens to the batch's API key within ``share`` of the key's tokens per minute (the rest stays for
-#: its interactive requests). Stops at the first chunk that does not fit; the driver offers it again next round. A
-#: chunk larger than the share goes once nothing else is counted. KEYS: bulk lane, wake channel, released hash[, key
-#: record, tokens window]. ARGV: job prefix, now, bucket second, share, released ttl ms, then per chunk: index, job
-#: id, job data, expiry ms, score, tokens. Returns how many chunks this call put on the lane; -1 when the key is
-#: revoked.
-RELEASE_LUA = """
-local now = tonumber(ARGV[2])
+#: A batch's chunks go onto its model's bulk lane in three steps, as their keys live in two slots: ``CHARGE_LUA`` on
+#: the control plane's picks the next chunks not released yet, in order, charging each chunk's estimated tokens to the
+#: batch's API key within ``share`` of the key's tokens per minute (the rest stays for its interactive requests), and
+#: stops at the first that does not fit (the driver offers it again next round; a chunk larger than the share goes
+#: once nothing else is counted); ``ENQUEUE_LUA`` on the model's puts those on the lane unless their job is there;
+#: then each is marked released. A gateway that dies between the steps leaves a charge that leaves the window within a
+#: minute, and chunks that are offered again (a chunk already on the lane is not added twice; one that finished
+#: meanwhile runs again, and its results, written whole, replace the same ones).
+#: CHARGE_LUA KEYS: released hash[, key record, tokens window]. ARGV: now, bucket second, share, then per chunk: index,
+#: tokens. Returns the indexes to release, or -1 when the key is revoked.
+CHARGE_LUA = """
+local now = tonumber(ARGV[1])
 local limit
-if #KEYS > 3 then
-  local record = redis.call('HMGET', KEYS[4], 'name', 'revoked_at', 'tpm')
+if #KEYS > 1 then
+  local record = redis.call('HMGET', KEYS[2], 'name', 'revoked_at', 'tpm')
   if not record[1] or record[2] then return -1 end
-  if record[3] then limit = math.max(math.floor(tonumber(record[3]) * tonumber(ARGV[4])), 1) end
+  if record[3] then limit = math.max(math.floor(tonumber(record[3]) * tonumber(ARGV[3])), 1) end
 end
-local released = 0
-for i = 6, #ARGV, 6 do
-  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
-    local cost = tonumber(ARGV[i + 5])
+local picked = {}
+for i = 4, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    local cost = tonumber(ARGV[i + 1])
     if limit then
-      local w = window(KEYS[5], limit, cost, now)
+      local w = window(KEYS[3], limit, cost, now)
       if w[3] ~= 0 and w[2] > 0 then break end
-      charge(KEYS[5], ARGV[3], cost)
+      charge(KEYS[3], ARGV[2], cost)
     end
-    local job = ARGV[1] .. ARGV[i + 1]
-    if redis.call('EXISTS', job) == 0 then enqueue(KEYS[1], job, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 1]) end
-    redis.call('HSET', KEYS[3], ARGV[i], 1)
-    redis.call('PEXPIRE', KEYS[3], ARGV[5])
-    released = released + 1
+    picked[#picked + 1] = ARGV[i]
   end
 end
-if released > 0 then wake(KEYS[2]) end
-return released
+return picked
+"""
+#: KEYS: bulk lane, wake channel. ARGV: job prefix, then per chunk: job id, job data, expiry ms, score.
+ENQUEUE_LUA = """
+for i = 2, #ARGV, 4 do
+  local job = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', job) == 0 then enqueue(KEYS[1], job, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i]) end
+end
+wake(KEYS[2])
+return 1
 """
 #: a batch's record of released chunks outlives its last chunk's deadline by this long (it is deleted when the batch
 #: ends, long before)
@@ -70,18 +80,7 @@ class Admission(IntEnum):
     QUEUE_FULL = 2
     INCAPABLE = 3
     DUPLICATE = 4
-    #: codes 5 to 10 concern the job's API key (``gateway.rate_limits.refusal``)
     OTHER_BACKEND = 11
-
-
-def _windows(limits: list[int]) -> dict[str, rate_limits.Window]:
-    """The key's windows admission reported (none when the job has no key or its key sets no limit)."""
-    found = {}
-    for index, unit in enumerate(("requests", "tokens")):
-        window = rate_limits.Window.parse(unit, limits[index * 4 : index * 4 + 4]) if limits else None
-        if window is not None:
-            found[unit] = window
-    return found
 
 
 def unencodable(exc: BaseException | None) -> InvalidRequest:
@@ -95,7 +94,7 @@ def unencodable(exc: BaseException | None) -> InvalidRequest:
 
 def admission_script(backend: QueueBackend, lane_lua: str) -> str:
     """``admission.lua`` on a backend's lane functions."""
-    return f"local BACKEND = '{backend.value}'\n" + contract.RATE_WINDOW_LUA + lane_lua + ADMISSION_LUA
+    return f"local BACKEND = '{backend.value}'\n" + lane_lua + ADMISSION_LUA
 
 
 class RedisJobQueue(ABC):
@@ -110,8 +109,10 @@ class RedisJobQueue(ABC):
         self.redis = redis
         self.settings = settings
         self.directory = directory
+        self.key_limits = KeyLimits(redis)
         self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, self.LANE_LUA))
-        self._release = redis.register_script(contract.RATE_WINDOW_LUA + self.LANE_LUA + RELEASE_LUA)
+        self._charge = redis.register_script(contract.RATE_WINDOW_LUA + CHARGE_LUA)
+        self._enqueue_chunks = redis.register_script(self.LANE_LUA + ENQUEUE_LUA)
         self._cancel = redis.register_script(self.CANCEL_LUA)
 
     # --- the backend's layout -----------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ class RedisJobQueue(ABC):
         """The job as the backend stores it; raises ``InvalidRequest`` for a body that cannot be encoded."""
 
     @abstractmethod
-    async def cancel(self, envelope: JobEnvelope) -> None: ...
+    async def cancel_job(self, envelope: JobEnvelope) -> None:
+        """Withdraw a waiting job, or ask the worker running it to stop (on a Redis error: nothing; the job expires at
+        its deadline, and a worker answering it then finds nobody waiting)."""
 
     @abstractmethod
     async def state(self, envelope: JobEnvelope) -> JobState: ...
@@ -138,13 +141,19 @@ class RedisJobQueue(ABC):
         """The lane a job waits on: a batch chunk on its model's bulk lane, anything else on the model's queue."""
         return self.lane(envelope.model, bulk=envelope.chunk is not None)
 
-    # --- shared: admission, release ------------------------------------------------------------------------------
+    # --- shared: admission, cancel, release -------------------------------------------------------------------------
 
     async def submit(self, envelope: JobEnvelope) -> dict[str, str]:
-        model = envelope.model
+        model, tenant = envelope.model, envelope.tenant
         enqueued_ms = int(envelope.created * 1000)
         job = self.job_data(envelope, enqueued_ms)
         now = time.time()
+        windows: dict[str, rate_limits.Window] = {}
+        cost = {"requests": 1, "tokens": tenant.reserved if tenant else 0}
+        if tenant is not None:
+            reserved, windows = await self.key_limits.reserve(tenant, envelope, now)
+            if reserved != KeyAdmission.RESERVED:
+                raise rate_limits.refusal(reserved, tenant, model, windows, cost, self.settings.retry_after_seconds)
         keys = [
             contract.model_workers_key(model),
             contract.model_card_key(model),
@@ -162,17 +171,12 @@ class RedisJobQueue(ABC):
             enqueued_ms,
             envelope.request_id,
         ]
-        tenant = envelope.tenant
-        if tenant is not None:
-            keys += [
-                contract.api_key_key(tenant.key_id),
-                contract.rate_window_key(tenant.key_id, "requests"),
-                contract.rate_window_key(tenant.key_id, "tokens"),
-                contract.key_jobs_key(tenant.key_id),
-            ]
-            args += [model, tenant.reserved, tenant.second, repr(envelope.deadline)]
-        with redis_errors():
-            code, depth, *limits = await self._admit_and_enqueue(keys=keys, args=args)
+        with redis_errors():  # a failed call may have enqueued the job: its key keeps the charge
+            code, depth = await self._admit_and_enqueue(keys=keys, args=args)
+        if code != Admission.ENQUEUED and tenant is not None:
+            await self.key_limits.refund(tenant, windows, envelope.request_id)
+        admitted = code == Admission.ENQUEUED
+        rate_headers = rate_limits.headers(list(windows.values()), cost, admitted, now, tenant.second) if tenant else {}
         if code == Admission.OTHER_BACKEND:
             raise NoLiveWorker(
                 f"The workers of `{model}` take jobs from another queue backend than this gateway's "
@@ -180,12 +184,6 @@ class RedisJobQueue(ABC):
                 param="model",
                 code="queue_backend_mismatch",
             )
-        windows = _windows(limits)
-        cost = {"requests": 1, "tokens": tenant.reserved if tenant else 0}
-        if tenant is not None and code > Admission.DUPLICATE:
-            raise rate_limits.refusal(code, tenant, model, windows, cost, self.settings.retry_after_seconds)
-        admitted = code == Admission.ENQUEUED
-        rate_headers = rate_limits.headers(list(windows.values()), cost, admitted, now, tenant.second) if tenant else {}
         if code == Admission.NO_WORKER:
             raise await self.directory.unavailable(model)
         if code == Admission.INCAPABLE:
@@ -203,22 +201,46 @@ class RedisJobQueue(ABC):
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
         return rate_headers
 
+    async def cancel(self, envelope: JobEnvelope) -> None:
+        """Cancel a job; it no longer counts against its API key's queued jobs (on the key's slot, apart)."""
+        if envelope.tenant is not None:
+            with contextlib.suppress(*REDIS_DOWN):  # else the entry leaves at the job's deadline
+                await self.redis.zrem(contract.key_jobs_key(envelope.tenant.key_id), envelope.request_id)
+        await self.cancel_job(envelope)
+
     async def release(self, batch_id: str, envelopes: list[JobEnvelope], token_share: float, now: float) -> int:
+        """Put the next of these chunks on their model's bulk lane (``CHARGE_LUA``); returns how many went, or -1 when
+        the batch's API key is revoked."""
         if not envelopes:
             return 0
         first = envelopes[0]
         model, tenant = first.model, first.tenant
-        keys = [self.lane(model, bulk=True), contract.wake_channel(model), contract.batch_released_key(batch_id)]
+        released_key = contract.batch_released_key(batch_id)
+        keys = [released_key]
         if tenant is not None:
             keys += [contract.api_key_key(tenant.key_id), contract.rate_window_key(tenant.key_id, "tokens")]
-        last_deadline = max(e.deadline for e in envelopes)
-        released_ttl = int((last_deadline - now + RELEASED_GRACE_SECONDS) * 1000)
-        args: list[str | int | float | bytes] = [self.job_prefix(model), repr(now), int(now), token_share, released_ttl]
+        args: list[str | int | float | bytes] = [repr(now), int(now), token_share]
+        by_index = {}
         for envelope in envelopes:
             assert envelope.chunk is not None
-            score = int(envelope.created * 1000)
-            ttl = max(int(envelope.seconds_left(now) * 1000), 1)
-            args += [envelope.chunk.index, envelope.request_id, self.job_data(envelope, score), ttl, score]
-            args.append(envelope.chunk.tokens)
+            by_index[envelope.chunk.index] = envelope
+            args += [envelope.chunk.index, envelope.chunk.tokens]
         with redis_errors():
-            return int(await self._release(keys=keys, args=args))
+            picked = await self._charge(keys=keys, args=args)
+            if picked == -1:
+                return -1
+            chosen = [by_index[int(index)] for index in picked]
+            if not chosen:
+                return 0
+            enqueued: list[str | int | bytes] = [self.job_prefix(model)]
+            for envelope in chosen:
+                score = int(envelope.created * 1000)
+                ttl = max(int(envelope.seconds_left(now) * 1000), 1)
+                enqueued += [envelope.request_id, self.job_data(envelope, score), ttl, score]
+            await self._enqueue_chunks(keys=[self.lane(model, bulk=True), contract.wake_channel(model)], args=enqueued)
+            last_deadline = max(e.deadline for e in envelopes)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(released_key, mapping={str(e.chunk.index): 1 for e in chosen if e.chunk is not None})
+                pipe.pexpire(released_key, int((last_deadline - now + RELEASED_GRACE_SECONDS) * 1000))
+                await pipe.execute()
+        return len(chosen)

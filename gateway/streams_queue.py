@@ -29,12 +29,10 @@ end
 local function wake(channel) end
 """
 #: Cancel one job. Not running (no lease): remove its entry and record, so no worker ever starts it. Running: leave a
-#: marker that expires with the job and wake the model's workers naming it, so the one holding it stops it now. Either
-#: way it no longer counts against its API key's queued jobs. KEYS: 1 lane, 2 record, 3 lease, 4 abort marker, 5 the
-#: model's wake-up channel[, 6 the key's jobs]. ARGV: 1 job id, 2 marker expiry ms, 3 group. Returns 0 removed (or
-#: gone), 1 running: asked to stop.
+#: marker that expires with the job and wake the model's workers naming it, so the one holding it stops it now.
+#: KEYS: 1 lane, 2 record, 3 lease, 4 abort marker, 5 the model's wake-up channel. ARGV: 1 job id, 2 marker expiry ms,
+#: 3 group. Returns 0 removed (or gone), 1 running: asked to stop.
 CANCEL_LUA = """
-if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[1]) end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local entry = redis.call('HGET', KEYS[2], 'entry')
   if entry then
@@ -67,7 +65,7 @@ class StreamsJobQueue(RedisJobQueue):
         except UnicodeEncodeError as exc:
             raise unencodable(exc) from None
 
-    async def cancel(self, envelope: JobEnvelope) -> None:
+    async def cancel_job(self, envelope: JobEnvelope) -> None:
         model, job_id = envelope.model, envelope.request_id
         keys = [
             self.lane_of(envelope),
@@ -76,8 +74,6 @@ class StreamsJobQueue(RedisJobQueue):
             contract.abort_key(model, job_id),
             contract.wake_channel(model),
         ]
-        if envelope.tenant is not None:
-            keys.append(contract.key_jobs_key(envelope.tenant.key_id))
         marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
         with contextlib.suppress(*REDIS_DOWN):  # the record expires at the job's deadline; nobody waits for it then
             await self._cancel(keys=keys, args=[job_id, marker_ms, contract.STREAM_GROUP])

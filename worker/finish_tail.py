@@ -7,6 +7,8 @@ fenced removal, the answer and the accounting are one atomic step on both.
 
 from __future__ import annotations
 
+from redis.asyncio import Redis
+
 from conveyor import contract
 from conveyor.keys import USAGE_RETENTION_SECONDS
 from worker.job_source import Delivery
@@ -31,8 +33,21 @@ return 1
 """
 
 
+#: The tail's accounting on its own, for a Redis Cluster, where the job's keys (its model's slot), the inbox and the
+#: API key's usage (the control plane's) cannot be joined in one script. ARGV: job id, then the tail's (no answer).
+ACCOUNT_LUA = contract.RATE_WINDOW_LUA + "local k, a, job_id = 1, 2, ARGV[1]\n" + FINISH_TAIL_LUA
+
+
 def finish_script(head: str) -> str:
     return contract.RATE_WINDOW_LUA + head + FINISH_TAIL_LUA
+
+
+async def deliver(redis: Redis, delivery: Delivery) -> None:
+    """Push an answer on its own (what the tail does first), in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(delivery.inbox, delivery.payload)
+        pipe.pexpire(delivery.inbox, int(delivery.ttl_seconds * 1000))
+        await pipe.execute()
 
 
 def tail_arguments(delivery: Delivery | None, usage: KeyUsage | None) -> tuple[list[str], list[str | bytes | int]]:

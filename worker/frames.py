@@ -15,29 +15,31 @@ from redis.asyncio import Redis
 
 from worker.pipeliner import Grouped
 
-#: For each frame, KEYS: lease key ('' for no check), stream channel ('' for none), progress list; ARGV: entry count,
-#: lease holder, frame, expire-at ms, the progress list's length it follows, entries. A frame is neither published nor
+#: For each frame, KEYS: progress list; ARGV: entry count, lease key ('' for no check), lease holder, stream channel
+#: ('' for none), frame, expire-at ms, the progress list's length it follows, entries. Every key and the channel carry
+#: the job's model's tag (one slot of a Redis Cluster); only the progress lists are declared, as a key named '' would
+#: hash to another slot. A frame is neither published nor
 #: recorded when another worker holds its job's lease now (a lease that lapsed with nobody taking it is still this
 #: worker's, as for a renewal), or when the list is not as long as its sender thinks (another worker wrote to it: a
 #: frame can neither repeat nor skip one). Returns 1 (done) or 0 (not) per frame.
 SEND_SCRIPT = """
 local out, a = {}, 1
-for k = 1, #KEYS, 3 do
+for k = 1, #KEYS do
   local n = tonumber(ARGV[a])
   local ok = 1
-  if KEYS[k] ~= '' then
-    local holder = redis.call('GET', KEYS[k])
-    if holder and holder ~= ARGV[a + 1] then ok = 0 end
+  if ARGV[a + 1] ~= '' then
+    local holder = redis.call('GET', ARGV[a + 1])
+    if holder and holder ~= ARGV[a + 2] then ok = 0 end
   end
-  if ok == 1 and redis.call('LLEN', KEYS[k + 2]) ~= tonumber(ARGV[a + 4]) then ok = 0 end
+  if ok == 1 and redis.call('LLEN', KEYS[k]) ~= tonumber(ARGV[a + 6]) then ok = 0 end
   if ok == 1 then
-    if KEYS[k + 1] ~= '' then redis.call('PUBLISH', KEYS[k + 1], ARGV[a + 2]) end
-    for i = a + 5, a + 4 + n do
-      if redis.call('RPUSH', KEYS[k + 2], ARGV[i]) == 1 then redis.call('PEXPIREAT', KEYS[k + 2], ARGV[a + 3]) end
+    if ARGV[a + 3] ~= '' then redis.call('PUBLISH', ARGV[a + 3], ARGV[a + 4]) end
+    for i = a + 7, a + 6 + n do
+      if redis.call('RPUSH', KEYS[k], ARGV[i]) == 1 then redis.call('PEXPIREAT', KEYS[k], ARGV[a + 5]) end
     end
   end
   out[#out + 1] = ok
-  a = a + 5 + n
+  a = a + 7 + n
 end
 return out
 """
@@ -67,6 +69,7 @@ class FrameSender(Grouped[Frame, int]):
         keys: list[str] = []
         args: list[str | bytes | int] = []
         for frame in frames:
-            keys += [frame.lease_key, frame.channel, frame.progress_key]
-            args += [len(frame.entries), frame.holder, frame.frame, frame.expire_at_ms, frame.after, *frame.entries]
+            keys.append(frame.progress_key)
+            args += [len(frame.entries), frame.lease_key, frame.holder, frame.channel, frame.frame]
+            args += [frame.expire_at_ms, frame.after, *frame.entries]
         return [int(ok) for ok in await self._script(keys=keys, args=args)]

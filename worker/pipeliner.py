@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+
+from conveyor.redis_client import is_cluster
 
 #: queues one command on the pipeline it is given (a Lua script's call is awaited to queue it)
 Queue = Callable[[Pipeline], Awaitable[Any] | Any]
@@ -65,8 +67,11 @@ class Pipeliner(Grouped[Queue, Any]):
     def __init__(self, redis: Redis) -> None:
         super().__init__(self._execute)
         self.redis = redis
+        self.cluster = is_cluster(redis)
 
     async def _execute(self, queues: list[Queue]) -> list[Any]:
+        if self.cluster:  # a cluster pipeline cannot carry scripts: the group's calls go at once, each to its node
+            return list(await asyncio.gather(*(queue(cast(Pipeline, self.redis)) for queue in queues)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for queue in queues:
                 queued = queue(pipe)

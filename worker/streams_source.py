@@ -29,8 +29,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from conveyor import contract
+from conveyor.redis_client import is_cluster
 from worker import wakeups
-from worker.finish_tail import finish_script, tail_arguments
+from worker.finish_tail import ACCOUNT_LUA, deliver, finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
 from worker.pipeliner import Pipeliner
@@ -192,7 +193,9 @@ class StreamsJobSource:
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
         self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
+        self._account = redis.register_script(ACCOUNT_LUA)
         self._pipeliner = Pipeliner(redis)
+        self.cluster = is_cluster(redis)
         self._cursors = ["0-0", "0-0"]
         self._next_sweep = 0.0
         self._next_tidy = 0.0
@@ -293,6 +296,25 @@ class StreamsJobSource:
 
     async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
         """Finish a job; jobs finishing together go to Redis in one pipeline (``worker.pipeliner``)."""
+        if self.cluster:
+            return await self._finish_apart(job_id, delivery, usage)
+        return await self._finish_at_once(job_id, delivery, usage)
+
+    async def _finish_apart(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None) -> bool:
+        """On a Redis Cluster: the answer first (its gateway drops one it already has, so a stalled worker's repeat
+        is harmless), then the fenced removal, then, only if this worker's removal finished the job, its API key's
+        accounting. A worker that dies between the steps leaves a job that runs again (answered twice, one answer
+        used) or, after the removal, a usage not counted: nothing a client waits for is lost."""
+        if delivery is not None:
+            await deliver(self.redis, delivery)
+        if not await self._finish_at_once(job_id, None, None):
+            return False
+        if usage is not None:
+            keys, args = tail_arguments(None, usage)
+            await self._pipeliner.send(lambda pipe: self._account(keys=keys, args=[job_id, *args], client=pipe))
+        return True
+
+    async def _finish_at_once(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None) -> bool:
         tail_keys, tail_args = tail_arguments(delivery, usage)
         keys = [
             self.leases + job_id,

@@ -11,9 +11,10 @@ import pytest
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
-from conveyor.contract import JobKind, QueueBackend, TenantRef
+from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
 from gateway.arq_queue import LANE_LUA
+from gateway.key_admission import KeyAdmission, KeyLimits
 from gateway.rate_limits import duration
 from gateway.redis_queue import admission_script
 from worker.arq_source import ArqJobSource
@@ -23,17 +24,31 @@ MODEL = "m"
 
 
 class Admission:
-    """Calls admission.lua as ``ArqJobQueue.submit`` does, with the clock given."""
+    """Admits as ``RedisJobQueue.submit`` does, with the clock given: the key's reservation, the model's admission
+    script, and the refund when the model refuses. Returns {code, depth (-1 when the key refused), then the key's
+    windows as the reservation found them}."""
 
     def __init__(self, redis: Redis, key_id: str) -> None:
         self.redis = redis
         self.key_id = key_id
+        self.limits = KeyLimits(redis)
         self.script = redis.register_script(admission_script(QueueBackend.ARQ, LANE_LUA))
         self.count = 0
 
     async def __call__(self, now: float, tokens: int = 1, model: str = MODEL, deadline: float = 1e12) -> list[int]:
         self.count += 1
         job_id = f"job{self.count}"
+        tenant = TenantRef(key_id=self.key_id, name="k", second=int(now), reserved=tokens)
+        envelope = JobEnvelope(
+            request_id=job_id, model=model, kind=JobKind.CHAT, body={}, deadline=deadline, tenant=tenant
+        )
+        code, windows = await self.limits.reserve(tenant, envelope, now)
+        limits = []
+        for unit in ("requests", "tokens"):
+            window = windows.get(unit)
+            limits += [window.limit, window.used, window.retry_ms, window.reset_ms] if window else [-1, -1, -1, -1]
+        if code != KeyAdmission.RESERVED:
+            return [code, -1, *limits]
         keys = [
             contract.model_workers_key(MODEL),
             contract.model_card_key(MODEL),
@@ -41,14 +56,12 @@ class Admission:
             f"arq:job:{job_id}",
             contract.wake_channel(MODEL),
             contract.scale_to_zero_key(MODEL),
-            contract.api_key_key(self.key_id),
-            contract.rate_window_key(self.key_id, "requests"),
-            contract.rate_window_key(self.key_id, "tokens"),
-            contract.key_jobs_key(self.key_id),
         ]
         args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, int(now * 1000), job_id]
-        args += [model, tokens, int(now), repr(deadline)]
-        return [int(v) for v in await self.script(keys=keys, args=args)]
+        code, depth = await self.script(keys=keys, args=args)
+        if code != 1:
+            await self.limits.refund(tenant, windows, job_id)
+        return [int(code), int(depth), *limits]
 
 
 @pytest.fixture
@@ -70,7 +83,7 @@ async def test_requests_per_minute_slide_and_retry_after_comes_from_the_window(k
     assert [(await admit(t))[0] for t in (1000.2, 1000.7, 1010.5)] == [1, 1, 1]
     refused = await admit(1020.0)
     # {code, depth, requests: limit, used, retry ms, reset ms, tokens: -1 ...}
-    assert refused[:2] == [7, 3] and refused[2:6] == [3, 3, 40_000, 50_000]
+    assert refused[:2] == [7, -1] and refused[2:6] == [3, 3, 40_000, 50_000]
     assert refused[6:] == [-1, -1, -1, -1]
     assert (await admit(1059.9))[0] == 7  # second 1000 still counts until 1060
     assert (await admit(1060.0))[0] == 1  # ... and its two requests leave together
@@ -101,6 +114,17 @@ async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, r
         b"o": b"1000",
         b"n": b"1000",
     }
+
+
+async def test_a_job_the_model_refuses_gives_its_key_the_charge_back(keys: KeyStore, redis: Redis) -> None:
+    admit, key_id = await admission_for(keys, rpm=5, tpm=100, max_queued=5)
+    assert (await admit(1000.0, tokens=40))[0] == 1
+    await redis.delete(contract.model_workers_key(MODEL))  # the model's last worker left
+    assert (await admit(1001.0, tokens=20))[:2] == [0, 1]  # reserved on the key, then refused by the model
+    tokens = await redis.hmget(contract.rate_window_key(key_id, "tokens"), ["1000", "1001", "t"])
+    assert tokens == [b"40", b"0", b"40"]
+    assert await redis.hmget(contract.rate_window_key(key_id, "requests"), ["1000", "1001", "t"]) == [b"1", b"0", b"1"]
+    assert await redis.zrange(contract.key_jobs_key(key_id), 0, -1) == [b"job1"]
 
 
 async def test_revoked_keys_and_barred_models_are_refused_before_anything_else(keys: KeyStore) -> None:

@@ -12,16 +12,18 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from redis.asyncio import Redis
 
 from conveyor import contract, registry
-from conveyor.contract import JobEnvelope, JobKind, QueueBackend
+from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.errors import NoLiveWorker
+from conveyor.keys import KeyCreate, KeyStore
 from gateway.directory import ModelDirectory
 from gateway.queue import JobState
 from gateway.queue_backends import BACKENDS
 from gateway.redis_queue import RedisJobQueue
 from gateway.settings import GatewaySettings
 from worker.job_source import Delivery, JobSource
+from worker.key_usage import KeyUsage
 from worker.queue_backends import open_source
-from worker.streams_source import HANDED_BACK_IDLE_MS
+from worker.streams_source import HANDED_BACK_IDLE_MS, StreamsJobSource
 
 MODEL = "m"
 
@@ -273,3 +275,39 @@ async def test_a_gateway_on_another_backend_than_the_models_workers_is_refused_n
     assert await layout.depth() == 0 and await mismatched.state(envelope("lost")) is JobState.GONE
     await queue.submit(envelope("served"))  # the workers' own backend is admitted as ever
     assert await layout.depth() == 1
+
+
+async def test_on_a_cluster_a_finish_answers_then_removes_then_accounts_apart(redis: Redis) -> None:
+    """A Redis Cluster cannot join the job's keys, the inbox and the key's usage in one script: the answer goes
+    first (a repeat is dropped by its gateway), the removal is fenced, and only the finish that removed the job
+    counts its usage."""
+    layout = Layout(QueueBackend.STREAMS, redis)
+    settings = GatewaySettings(models=[MODEL], max_queue_depth=100)
+    keys = KeyStore(redis)
+    key = await keys.create(KeyCreate(name="k", tpm=1000, max_queued=5))
+    info = registry.WorkerInfo(
+        worker_id="w", model=MODEL, capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
+    )
+    await registry.heartbeat(redis, info.model_copy(update={"queue_backend": QueueBackend.STREAMS}), ttl=60)
+    queue = BACKENDS[QueueBackend.STREAMS](redis, settings, ModelDirectory(redis, settings))
+    now = time.time()
+    tenant = TenantRef(key_id=key.id, name="k", second=int(now), reserved=300)
+    await queue.submit(envelope("j").model_copy(update={"tenant": tenant}))
+    a, b = source(layout, "A"), source(layout, "B")
+    for worker in (a, b):
+        assert isinstance(worker, StreamsJobSource)
+        worker.cluster = True
+    await a.claim(1)
+    await redis.set(layout.lease("j"), "B")
+    inbox = contract.inbox_key("gw")
+    usage = KeyUsage(tenant, MODEL, JobKind.CHAT, 1, prompt_tokens=12, completion_tokens=20, at=now)
+    assert not await a.finish("j", Delivery(inbox, b"from A"), usage)
+    assert await redis.exists(layout.data("j")) == 1  # not A's to remove, nor to count
+    assert await redis.zcard(contract.key_jobs_key(key.id)) == 1
+    assert await b.finish("j", Delivery(inbox, b"from B"), usage)
+    assert await redis.lrange(inbox, 0, -1) == [b"from A", b"from B"]
+    assert await redis.exists(layout.data("j"), layout.lease("j")) == 0
+    assert await redis.hget(contract.rate_window_key(key.id, "tokens"), "t") == b"32"  # reconciled once
+    assert await redis.zcard(contract.key_jobs_key(key.id)) == 0
+    rows = await keys.usage(key.id, days=1)
+    assert [(r.model, r.requests, r.prompt_tokens) for r in rows] == [(MODEL, 1, 12)]
