@@ -36,6 +36,7 @@ class PubSubMultiplexer:
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
         # a channel of our own keeps the connection subscribed while no stream is open
         self._home = f"{contract.KEY_PREFIX}:gateway:{uuid.uuid4().hex}"
 
@@ -72,11 +73,14 @@ class PubSubMultiplexer:
                 await self._pubsub.unsubscribe(channel)
 
     async def _connection(self) -> PubSub:
-        if self._pubsub is None:
-            pubsub = self._redis.pubsub()
-            await pubsub.subscribe(self._home)
-            self._pubsub = pubsub
-        return self._pubsub
+        # one at a time: a subscribe racing the reader's (re)connection would otherwise open a second connection,
+        # and the confirmations arriving on the one the reader does not read would never come
+        async with self._connecting:
+            if self._pubsub is None:
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(self._home)
+                self._pubsub = pubsub
+            return self._pubsub
 
     async def _drop_connection(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
