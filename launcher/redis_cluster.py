@@ -42,6 +42,12 @@ class RedisClusterServer:
                     return int(master[1])
         raise LookupError(f"no master serves slot {slot} of {key!r}")
 
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (as a crash would); the others mark it failed after ``NODE_TIMEOUT_MS``."""
+        process = self.processes[self.ports.index(port)]
+        process.kill()
+        process.wait(10)
+
     def stop(self) -> None:
         """SIGTERM every node (no persistence: a stopped cluster is gone)."""
         for process in self.processes:

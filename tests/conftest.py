@@ -1,4 +1,5 @@
-"""Fixtures shared by every tier: a real redis-server per session and factories for real gateway/worker processes."""
+"""Fixtures shared by every tier: a real redis-server (or Redis Cluster) per session and factories for real
+gateway/worker processes."""
 
 from __future__ import annotations
 
@@ -13,26 +14,70 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from redis.cluster import ClusterNode
 
 from conveyor import contract
 from conveyor.contract import QueueBackend
+from conveyor.redis_client import parse_cluster
 from conveyor.registry import WorkerInfo
-from launcher import processes, redis_server
+from launcher import processes, redis_cluster, redis_server
+from launcher.redis_cluster import RedisClusterServer
 from launcher.redis_server import RedisServer
 
 BACKEND_VARIABLE = "CONVEYOR_QUEUE_BACKEND"
 
 
-@pytest.fixture(scope="session", params=list(QueueBackend))
-def queue_backend(request: pytest.FixtureRequest) -> Iterator[QueueBackend]:
-    """Every tier of real processes runs once per queue backend: each process started here (gateways, workers,
-    ``conveyor up``) inherits ``CONVEYOR_QUEUE_BACKEND``."""
-    backend: QueueBackend = request.param
+@dataclass(frozen=True)
+class RedisSetup:
+    """What the process tiers run on: a queue backend, on one redis-server or on a Redis Cluster."""
+
+    name: str
+    backend: QueueBackend
+    cluster: bool = False
+
+
+SETUPS = [
+    RedisSetup("arq", QueueBackend.ARQ),
+    RedisSetup("streams", QueueBackend.STREAMS),
+    RedisSetup("cluster", QueueBackend.STREAMS, cluster=True),
+]
+
+
+#: the tiers whose tests on the session's Redis also run on the cluster (the engine tier's vLLM starts are too slow
+#: to pay a third time)
+CLUSTER_TIERS = {"integration"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that (through its fixtures) takes ``redis_setup`` runs once per setup: ``arq``, ``streams`` and,
+    in ``CLUSTER_TIERS`` and on the session's shared Redis (``redis_url``), ``cluster``. A test with a Redis of its
+    own (``own_redis``, its own server, Sentinel group or ``conveyor up``'s embedded Redis) runs on one redis-server
+    only, with arq and with streams."""
+    if "redis_setup" not in metafunc.fixturenames:
+        return
+    cluster = "redis_url" in metafunc.fixturenames and metafunc.definition.path.parent.name in CLUSTER_TIERS
+    setups = [s for s in SETUPS if cluster or not s.cluster]
+    metafunc.parametrize("redis_setup", setups, ids=[s.name for s in setups], indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def redis_setup(request: pytest.FixtureRequest) -> RedisSetup:
+    """The session's setup, one of ``SETUPS`` (see ``pytest_generate_tests``): ``-k cluster`` picks the cluster's."""
+    setup: RedisSetup = request.param
+    return setup
+
+
+@pytest.fixture(scope="session")
+def queue_backend(redis_setup: RedisSetup) -> Iterator[QueueBackend]:
+    """Every tier of real processes runs once per queue backend (and the streams backend once more on a Redis
+    Cluster): each process started here (gateways, workers, ``conveyor up``) inherits ``CONVEYOR_QUEUE_BACKEND``."""
+    backend = redis_setup.backend
     before = os.environ.get(BACKEND_VARIABLE)
     os.environ[BACKEND_VARIABLE] = backend.value
     yield backend
@@ -43,7 +88,27 @@ def queue_backend(request: pytest.FixtureRequest) -> Iterator[QueueBackend]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def session_cluster(
+    redis_setup: RedisSetup, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisClusterServer | None]:
+    """The 3-master Redis Cluster of the ``cluster`` setup (None on the others): a test that checks which master
+    holds a key asks it (``node_of``)."""
+    if not redis_setup.cluster:
+        yield None
+        return
+    cluster = redis_cluster.start(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(
+    queue_backend: QueueBackend, session_cluster: RedisClusterServer | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The session's Redis: one redis-server, or the cluster's ``redis+cluster://`` URL."""
+    if session_cluster is not None:
+        yield session_cluster.url
+        return
     port = redis_server.free_port()
     server = redis_server.start(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
@@ -52,12 +117,25 @@ def redis_url(queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
-def own_redis(queue_backend: QueueBackend, tmp_path: Path) -> Iterator[RedisServer]:
+def own_redis(redis_setup: RedisSetup, queue_backend: QueueBackend, tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own: it may be stopped and restarted, and what it holds reaches no other test."""
+    if redis_setup.cluster:
+        pytest.skip("own_redis is one redis-server to stop and restart; the cluster setup has none")
     server = RedisServer(redis_server.free_port(), tmp_path / "redis")
     server.start()
     yield server
     server.stop()
+
+
+def sync_redis(url: str) -> redis.Redis:
+    """A blocking client of the session's Redis for a test's own look: ``redis.RedisCluster`` on a cluster URL (it
+    answers the key commands a test asks; typed as Redis as ``redis_client.connect`` does)."""
+    target = parse_cluster(url)
+    if target is None:
+        return redis.Redis.from_url(url)
+    nodes = [ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
+    cluster = redis.RedisCluster(startup_nodes=nodes, username=target.username, password=target.password)
+    return cast(redis.Redis, cluster)
 
 
 @dataclass
@@ -179,7 +257,7 @@ def spawn(redis_url: str) -> Iterator[Processes]:
 
 def queue_depth(redis_url: str, model: str) -> int:
     """Jobs waiting or running on a model's interactive lane, on either backend's layout (as the registry counts)."""
-    with redis.Redis.from_url(redis_url) as client:
+    with sync_redis(redis_url) as client:
         return int(client.zcard(contract.queue_name(model))) + int(client.xlen(contract.stream_lane_key(model)))
 
 
