@@ -20,7 +20,7 @@ import redis
 
 from conveyor.contract import QueueBackend
 from conveyor.registry import WorkerInfo
-from launcher import processes, redis_server
+from launcher import processes, redis_cluster, redis_server
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Stack:
     redis_pid: int = 0
     #: the environment every process of the stack shares (the queue backend)
     env: dict[str, str] = field(default_factory=dict)
+    #: every redis-server of the stack: one, or a cluster's masters (``redis_pid`` is the first)
+    redis_ports: list[int] = field(default_factory=list)
+    redis_pids: list[int] = field(default_factory=list)
 
     def worker(self, model: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> WorkerInfo:
         process, info = processes.start_worker(
@@ -40,32 +43,48 @@ class Stack:
         return info
 
     def redis_commands(self) -> int:
-        """Commands Redis has run so far (``INFO commandstats``; a script's own commands count apart from EVALSHA)."""
-        with redis.Redis.from_url(self.redis_url) as client:
-            return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+        """Commands Redis has run so far, on every node (``INFO commandstats``; a script's own commands count apart
+        from EVALSHA)."""
+        return sum(self.node_commands())
+
+    def node_commands(self) -> list[int]:
+        counts = []
+        for port in self.redis_ports:
+            with redis.Redis(port=port) as client:
+                counts.append(sum(int(stats["calls"]) for stats in client.info("commandstats").values()))
+        return counts
 
 
 @contextlib.contextmanager
 def stack(
-    models: Sequence[str] = (), gateway_env: dict[str, str] | None = None, backend: QueueBackend | None = None
+    models: Sequence[str] = (),
+    gateway_env: dict[str, str] | None = None,
+    backend: QueueBackend | None = None,
+    shards: int = 0,
 ) -> Iterator[Stack]:
-    """Redis, and a gateway for ``models``, on ``backend`` (default: the gateway's default, or the environment's)."""
+    """Redis (or a Redis Cluster of ``shards`` masters), and a gateway for ``models``, on ``backend`` (default: the
+    gateway's default, or the environment's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        port = redis_server.free_port()
-        redis_process = redis_server.start(port, Path(tmp))
-        url = f"redis://127.0.0.1:{port}/0"
+        if shards:
+            cluster = redis_cluster.start(Path(tmp), masters=shards)
+            url, ports, servers = cluster.url, cluster.ports, list(cluster.processes)
+        else:
+            port = redis_server.free_port()
+            url, ports, servers = f"redis://127.0.0.1:{port}/0", [port], [redis_server.start(port, Path(tmp))]
         gateway_port = redis_server.free_port()
         shared = {"CONVEYOR_QUEUE_BACKEND": backend.value} if backend else {}
         env = {"CONVEYOR_GATEWAY_MODELS": ",".join(models), **shared, **(gateway_env or {})}
         gateway = processes.start_gateway(url, gateway_port, env, output=subprocess.DEVNULL)
-        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway], redis_process.pid, shared)
+        pids = [server.pid for server in servers]
+        result = Stack(url, f"http://127.0.0.1:{gateway_port}", [gateway], pids[0], shared, ports, pids)
         try:
             yield result
         finally:
             for child in reversed(result.children):
                 processes.stop(child, grace=10)
-            redis_process.terminate()
-            redis_process.wait(10)
+            for server in servers:
+                server.terminate()
+                server.wait(10)
 
 
 @dataclass
