@@ -49,9 +49,11 @@ SETUPS = [
 ]
 
 
-#: the tiers whose tests on the session's Redis also run on the cluster (the engine tier's vLLM starts are too slow
-#: to pay a third time)
-CLUSTER_TIERS = {"integration"}
+#: the tiers whose tests on the session's Redis (or, for the tenancy tier, the Redis it starts for its module) also
+#: run on a cluster (the engine tier's vLLM starts are too slow to pay a third time)
+CLUSTER_TIERS = {"integration", "tenancy"}
+#: the fixtures of a Redis a cluster can stand in for (a test that stops its Redis has another)
+CLUSTER_FIXTURES = {"redis_url", "tenancy_redis"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -61,7 +63,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     only, with arq and with streams."""
     if "redis_setup" not in metafunc.fixturenames:
         return
-    cluster = "redis_url" in metafunc.fixturenames and metafunc.definition.path.parent.name in CLUSTER_TIERS
+    on_cluster = bool(CLUSTER_FIXTURES & set(metafunc.fixturenames))
+    cluster = on_cluster and metafunc.definition.path.parent.name in CLUSTER_TIERS
     setups = [s for s in SETUPS if cluster or not s.cluster]
     metafunc.parametrize("redis_setup", setups, ids=[s.name for s in setups], indirect=True, scope="session")
 

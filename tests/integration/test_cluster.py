@@ -13,10 +13,11 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from conveyor import redis_client
+from conveyor import contract, redis_client
 from gateway.pubsub import CONNECTION_LOST, PubSubMultiplexer
 from launcher import processes, redis_cluster
 from launcher.redis_cluster import RedisClusterServer
+from tests.conftest import Processes
 
 #: enough keys that each of the three masters owns some
 KEYS = [f"conveyor:test:{i}" for i in range(30)]
@@ -121,3 +122,37 @@ def test_arq_on_a_cluster_url_refuses_to_start_in_one_line(cluster: RedisCluster
     assert done.returncode == 1
     assert lines[-1].startswith(f"conveyor {command[0]}: ")
     assert "Redis Cluster needs CONVEYOR_QUEUE_BACKEND=streams" in lines[-1]
+
+
+def test_models_on_every_shard_serve_through_one_gateway(
+    session_cluster: RedisClusterServer | None, spawn: Processes
+) -> None:
+    """Each model's lanes, jobs and registry keys live on the master of its own hash tag: with one model on each of
+    the three masters (and the control plane on one of them), one gateway serves chat, streamed chat and embeddings,
+    and each model's work went through its own master."""
+    if session_cluster is None:
+        pytest.skip("the cluster setup's test")
+    by_node: dict[int, str] = {}
+    for i in range(200):
+        name = f"spread-{i}"
+        by_node.setdefault(session_cluster.node_of(contract.model_card_key(name)), name)
+    assert len(by_node) == 3
+    chat, streamed, embed = by_node.values()
+    gateway = spawn.gateway(models=f"{chat},{streamed},{embed}")
+    spawn.fake_worker(chat)
+    spawn.fake_worker(streamed)
+    spawn.fake_worker(embed, "--task", "embed", embed=True)
+    client = gateway.client()
+    answer = client.chat.completions.create(model=chat, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert answer.choices[0].message.content and answer.usage and answer.usage.completion_tokens == 3
+    stream = client.chat.completions.create(
+        model=streamed, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) == 4
+    vectors = client.embeddings.create(model=embed, input=["a", "b"])
+    assert len(vectors.data) == 2 and vectors.data[0].embedding
+    for node, model in by_node.items():  # asked of that master alone: another would answer MOVED
+        with redis.Redis(port=node, socket_timeout=5) as own:
+            groups = own.xinfo_groups(contract.stream_lane_key(model))
+            assert [g["name"] for g in groups] == [contract.STREAM_GROUP.encode()]
+            assert own.exists(contract.model_card_key(model), contract.model_workers_key(model)) == 2

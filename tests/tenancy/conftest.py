@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from conveyor.contract import QueueBackend
-from launcher import redis_server
+from launcher import redis_cluster, redis_server
+from launcher.redis_cluster import RedisClusterServer
 from launcher.redis_server import RedisServer
-from tests.conftest import Gateway, Processes, Worker
+from tests.conftest import Gateway, Processes, RedisSetup, Worker
 
 ADMIN_KEY = "admin-key-for-tests"
 STATIC_KEY = "static-key-for-tests"
@@ -52,15 +53,22 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def tenancy_redis(queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(redis_server.free_port(), tmp_path_factory.mktemp("tenancy-redis"))
-    server.start()
+def tenancy_redis(
+    redis_setup: RedisSetup, queue_backend: QueueBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer | RedisClusterServer]:
+    """The tier's own Redis: a redis-server, or on the ``cluster`` setup a 3-master Redis Cluster of its own."""
+    server: RedisServer | RedisClusterServer
+    if redis_setup.cluster:
+        server = redis_cluster.start(tmp_path_factory.mktemp("tenancy-cluster"))
+    else:
+        server = RedisServer(redis_server.free_port(), tmp_path_factory.mktemp("tenancy-redis"))
+        server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def fleet(tenancy_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tenancy_redis: RedisServer | RedisClusterServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     files: Path = tmp_path_factory.mktemp("tenancy-files")
     procs = Processes(tenancy_redis.url, files_dir=files, env={"CONVEYOR_ADMIN_KEY": ADMIN_KEY})
     settings = {"models": f"{CHAT},{EMBED},{SLOW}", "api_keys": STATIC_KEY, "batch_chunk_lines": "4"}
