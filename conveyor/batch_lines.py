@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from conveyor.contract import JobKind
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -120,6 +120,22 @@ class FileCheck:
 
 # ---- OpenAI's objects --------------------------------------------------------------------------------------------
 
+#: OpenAI's bounds of a file's ``expires_after`` and a batch's ``output_expires_after``: 1 hour to 30 days
+MIN_EXPIRY_SECONDS = 3600
+MAX_EXPIRY_SECONDS = 30 * 86_400
+#: how long a batch input file lives when its upload asks nothing (OpenAI's default for purpose ``batch``; files of
+#: other purposes live until they are deleted)
+BATCH_INPUT_EXPIRY_SECONDS = 30 * 86_400
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy of a file: it expires ``seconds`` after its ``anchor`` (only ``created_at``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int
+
 
 class FileObject(BaseModel):
     id: str
@@ -143,6 +159,9 @@ class StoredFile(BaseModel):
     models: dict[str, int] = {}
     #: the id of the managed API key that uploaded it (or whose batch wrote it): only that key sees it
     owner: str | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.file.expires_at is not None and now >= self.file.expires_at
 
     def visible_to(self, key_id: str | None) -> bool:
         """Requests with a managed key see their own files; a static key (or none) sees every file."""

@@ -376,6 +376,7 @@ FLEET_SAVED = f"{CONTROL}:fleet:saved"  # set with the desired state: its absenc
 FILES_INDEX = f"{CONTROL}:files"  # sorted set: file id -> created_at
 BATCHES_INDEX = f"{CONTROL}:batches"  # sorted set: batch id -> created_at
 ACTIVE_BATCHES = f"{CONTROL}:batches:active"  # set of batches not yet in a final state
+FILES_EXPIRING = f"{CONTROL}:files:expiring"  # sorted set: id of a file that expires -> its expires_at
 
 
 def file_key(file_id: str) -> str:
@@ -385,7 +386,8 @@ def file_key(file_id: str) -> str:
 
 def batch_key(batch_id: str) -> str:
     """A batch's hash: ``record`` (OpenAI's batch object, JSON), ``plan`` (its chunks), ``completed``/``failed``
-    (line counts, moved only through ``batch_chunks_key``)."""
+    (line counts, moved only through ``batch_chunks_key``), ``output_expiry`` (seconds its output and error files
+    live, when the batch asked)."""
     return f"{CONTROL}:batch:{batch_id}"
 
 

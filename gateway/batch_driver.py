@@ -312,11 +312,12 @@ class BatchDriver:
         stem = batch.id.removeprefix("batch_")
         owner = await self.batches.owner(batch.id)
         key_id = owner.key_id if owner else None
+        lifetime = await self.batches.output_expiry(batch.id)
         output = await self.files.add_output(
-            f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out"), key_id
+            f"file-{stem}-output", f"{batch.id}_output.jsonl", self._parts(plan, done, "out"), key_id, lifetime
         )  # (the order of a file's lines is its chunks' order)
         errors = await self.files.add_output(
-            f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final), key_id
+            f"file-{stem}-errors", f"{batch.id}_errors.jsonl", self._error_lines(plan, done, final), key_id, lifetime
         )
         ids = {"output_file_id": output.id if output else "", "error_file_id": errors.id if errors else ""}
         fields = {k: v for k, v in ids.items() if v}

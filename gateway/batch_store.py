@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from pydantic import BaseModel
@@ -75,16 +75,23 @@ return 0
 # Records and their indexes change together in scripts, not MULTI/EXEC (a Redis Cluster client refuses transactions):
 # their keys are all the control plane's, one slot, so each script runs whole on one node.
 
-#: A file's record and its place in the index. KEYS: record, files index. ARGV: id, record, index score.
+#: A file's record, its place in the index and, when it expires, in the expiring files. KEYS: record, files index,
+#: expiring files. ARGV: id, record, index score, expires_at ('' for never).
 SAVE_FILE_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if ARGV[4] == '' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+end
 return 1
 """
-#: KEYS: record, files index. ARGV: id.
+#: KEYS: record, files index, expiring files. ARGV: id.
 FORGET_FILE_SCRIPT = """
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 #: A new batch: its hash, its place in the index, and the set the drivers take batches from (a batch left out of it
@@ -117,8 +124,11 @@ FIXED_FIELDS = ("id", "endpoint", "input_file_id", "completion_window", "created
 
 
 class BatchStore:
-    def __init__(self, redis: Redis) -> None:
+    """``clock`` is the time that decides whether a file has expired (tests pass their own)."""
+
+    def __init__(self, redis: Redis, clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
+        self.clock = clock
         self._transition = redis.register_script(TRANSITION_SCRIPT)
         self._fold = redis.register_script(FOLD_SCRIPT)
         self._lease = redis.register_script(LEASE_SCRIPT)
@@ -130,24 +140,36 @@ class BatchStore:
     # --- files --------------------------------------------------------------------------------------------------
 
     async def save_file(self, stored: StoredFile) -> None:
-        keys = [contract.file_key(stored.file.id), contract.FILES_INDEX]
-        # scored by time.time(), finer than created_at: keeps the order of files created in one second
-        args: list[str | float] = [stored.file.id, stored.model_dump_json(), time.time()]
+        keys = [contract.file_key(stored.file.id), contract.FILES_INDEX, contract.FILES_EXPIRING]
+        expires_at = stored.file.expires_at
+        # scored by the clock, finer than created_at: keeps the order of files created in one second
+        args: list[str | float] = [
+            stored.file.id,
+            stored.model_dump_json(),
+            self.clock(),
+            "" if expires_at is None else expires_at,
+        ]
         with redis_errors():
             await self._save_file(keys=keys, args=args)
 
-    async def file(self, file_id: str, viewer: str | None = None) -> StoredFile:
-        """A file's record; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it."""
+    async def stored(self, file_id: str) -> StoredFile | None:
+        """A file's record as it is, expired or not (None: there is none)."""
         with redis_errors():
             raw = await self.redis.get(contract.file_key(file_id))
-        stored = StoredFile.model_validate_json(raw) if raw is not None else None
-        if stored is None or not stored.visible_to(viewer):
+        return StoredFile.model_validate_json(raw) if raw is not None else None
+
+    async def file(self, file_id: str, viewer: str | None = None) -> StoredFile:
+        """A file's record; 404 when there is none, when it has expired (at once, whether or not the sweeper has
+        removed it yet), or when ``viewer`` (a managed API key's id) may not see it."""
+        stored = await self.stored(file_id)
+        if stored is None or stored.expired(self.clock()) or not stored.visible_to(viewer):
             raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
         return stored
 
     async def forget_file(self, file_id: str) -> None:
+        keys = [contract.file_key(file_id), contract.FILES_INDEX, contract.FILES_EXPIRING]
         with redis_errors():
-            await self._forget_file(keys=[contract.file_key(file_id), contract.FILES_INDEX], args=[file_id])
+            await self._forget_file(keys=keys, args=[file_id])
 
     async def page(
         self, index: str, after: str | None, limit: int, newest_first: bool = True
@@ -166,8 +188,11 @@ class BatchStore:
 
     # --- batches ------------------------------------------------------------------------------------------------
 
-    async def create_batch(self, batch: BatchObject, owner: BatchOwner | None = None) -> None:
-        """A new batch; ``owner`` is the managed API key that created it (its lines count against that key)."""
+    async def create_batch(
+        self, batch: BatchObject, owner: BatchOwner | None = None, output_expiry: int | None = None
+    ) -> None:
+        """A new batch; ``owner`` is the managed API key that created it (its lines count against that key);
+        ``output_expiry``: seconds its output and error files live after they are written (None: until deleted)."""
         fixed = batch.model_dump(mode="json", include=set(FIXED_FIELDS))
         fields: dict[str, str | int] = {
             "record": json.dumps(fixed),
@@ -177,6 +202,8 @@ class BatchStore:
         }
         if owner is not None:
             fields["owner"] = owner.model_dump_json()
+        if output_expiry is not None:
+            fields["output_expiry"] = output_expiry
         keys = [contract.batch_key(batch.id), contract.BATCHES_INDEX, contract.ACTIVE_BATCHES]
         pairs = [item for pair in fields.items() for item in pair]
         with redis_errors():
@@ -202,6 +229,7 @@ class BatchStore:
         )
         errors = values.pop("errors", None)
         values.pop("plan", None)
+        values.pop("output_expiry", None)
         for name, value in values.items():
             data[name] = int(value) if name.endswith("_at") else value
         return BatchObject.model_validate(
@@ -212,7 +240,7 @@ class BatchStore:
 
     async def move(self, batch_id: str, allowed: tuple[str, ...], status: str, **fields: str | int) -> bool:
         """Compare-and-set the status (stamping ``<status>_at``), with ``fields`` set in the same step."""
-        args: list[str | int] = [" ".join(allowed), status, f"{status}_at", int(time.time())]
+        args: list[str | int] = [" ".join(allowed), status, f"{status}_at", int(self.clock())]
         for name, value in fields.items():
             args += [name, value]
         with redis_errors():
@@ -229,6 +257,12 @@ class BatchStore:
         with redis_errors():
             raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "plan"))
         return [ChunkRef.model_validate(c) for c in json.loads(raw)] if raw else []
+
+    async def output_expiry(self, batch_id: str) -> int | None:
+        """Seconds the batch's output and error files live (its ``output_expires_after``), or None."""
+        with redis_errors():
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "output_expiry"))
+        return int(raw) if raw else None
 
     async def owner(self, batch_id: str) -> BatchOwner | None:
         with redis_errors():

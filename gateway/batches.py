@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field, field_validator
 
 from conveyor import contract
-from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject
+from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject, ExpiresAfter
 from conveyor.errors import InvalidRequest, ModelNotFound, NotFound
 from conveyor.keys import ApiKey
+from gateway import expiry
 from gateway.batch_store import BatchOwner, BatchStore
 from gateway.settings import GatewaySettings
 
@@ -24,6 +25,8 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    #: how long the batch's output and error files live after they are written (OpenAI's ``output_expires_after``)
+    output_expires_after: ExpiresAfter | None = None
 
     @field_validator("endpoint")
     @classmethod
@@ -62,6 +65,10 @@ class BatchService:
 
     async def create(self, request: BatchCreate, key: ApiKey | None = None) -> BatchObject:
         """A new batch; made with a managed API key, it runs as that key (its models, its token budget, its usage)."""
+        output_expiry = None
+        if request.output_expires_after is not None:
+            minimum = self.settings.min_expiry_seconds
+            output_expiry = expiry.checked_seconds(request.output_expires_after, "output_expires_after", minimum)
         stored = await self.batches.file(request.input_file_id, key.id if key else None)
         barred = sorted(set(stored.models) - set(key.models)) if key is not None and key.models is not None else []
         if barred:
@@ -87,7 +94,8 @@ class BatchService:
             metadata=request.metadata,
             model=next(iter(stored.models), None),
         )
-        await self.batches.create_batch(batch, BatchOwner(key_id=key.id, name=key.name) if key else None)
+        owner = BatchOwner(key_id=key.id, name=key.name) if key else None
+        await self.batches.create_batch(batch, owner, output_expiry)
         self.wake()
         return batch
 

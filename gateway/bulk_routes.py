@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 from conveyor.batch_lines import BatchObject, FileObject, list_page
-from gateway import guard
+from gateway import expiry, guard
 from gateway.batches import BatchCreate, BatchService
 from gateway.files import FileService
 
@@ -34,9 +34,15 @@ def batches_of(request: Request) -> BatchService:
 
 @bulk.post("/files")
 async def upload_file(
-    request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    request: Request,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+    anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
+    expires_after: Annotated[str | None, Form()] = None,
 ) -> FileObject:
-    return await files_of(request).upload(file, purpose, viewer(request))
+    policy = expiry.from_form(anchor, seconds, expires_after)  # as the SDK sends it, or one JSON field
+    return await files_of(request).upload(file, purpose, viewer(request), policy)
 
 
 @bulk.get("/files")

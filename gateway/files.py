@@ -3,7 +3,6 @@ and the output files batches produce."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Literal
@@ -11,9 +10,18 @@ from typing import Literal
 from fastapi import UploadFile
 
 from conveyor import contract
-from conveyor.batch_lines import MAX_FILE_BYTES, FileCheck, FileObject, LineError, StoredFile
+from conveyor.batch_lines import (
+    BATCH_INPUT_EXPIRY_SECONDS,
+    MAX_FILE_BYTES,
+    ExpiresAfter,
+    FileCheck,
+    FileObject,
+    LineError,
+    StoredFile,
+)
 from conveyor.errors import InvalidRequest, NotFound, PayloadTooLarge
 from conveyor.filestore import BLOCK_BYTES, FileStore
+from gateway import expiry
 from gateway.batch_store import BatchStore
 from gateway.directory import ModelDirectory
 
@@ -25,18 +33,31 @@ def new_file_id() -> str:
 
 
 class FileService:
-    def __init__(self, store: FileStore, batches: BatchStore, directory: ModelDirectory) -> None:
+    def __init__(self, store: FileStore, batches: BatchStore, directory: ModelDirectory, min_expiry: int) -> None:
         self.store = store
         self.batches = batches
         self.directory = directory
+        #: the shortest expiry a request may ask for (``GatewaySettings.min_expiry_seconds``)
+        self.min_expiry = min_expiry
 
-    async def upload(self, upload: UploadFile, purpose: str, owner: str | None = None) -> FileObject:
+    async def upload(
+        self,
+        upload: UploadFile,
+        purpose: str,
+        owner: str | None = None,
+        expires_after: ExpiresAfter | None = None,
+    ) -> FileObject:
+        """Check and store an upload. It expires as ``expires_after`` says; without it, a batch input file expires
+        after 30 days (OpenAI's default)."""
         if purpose not in UPLOAD_PURPOSES:
             raise InvalidRequest(
                 f"purpose {purpose!r} is not supported here; upload batch input files with purpose 'batch'.",
                 param="purpose",
                 code="invalid_purpose",
             )
+        lifetime = BATCH_INPUT_EXPIRY_SECONDS
+        if expires_after is not None:
+            lifetime = expiry.checked_seconds(expires_after, "expires_after", self.min_expiry)
         file_id = new_file_id()
         check = FileCheck()
         name = contract.stored_file_name(file_id)
@@ -49,13 +70,15 @@ class FileService:
         except BaseException:
             await self.store.delete(name)
             raise
+        created_at = int(self.batches.clock())
         stored = StoredFile(
             file=FileObject(
                 id=file_id,
                 bytes=size,
-                created_at=int(time.time()),
+                created_at=created_at,
                 filename=upload.filename or "upload.jsonl",
                 purpose="batch",
+                expires_at=created_at + lifetime,
             ),
             store_name=name,
             lines=check.lines,
@@ -74,17 +97,25 @@ class FileService:
                 )
 
     async def add_output(
-        self, file_id: str, filename: str, blocks: AsyncIterable[bytes], owner: str | None = None
+        self,
+        file_id: str,
+        filename: str,
+        blocks: AsyncIterable[bytes],
+        owner: str | None = None,
+        lifetime: int | None = None,
     ) -> FileObject | None:
         """Store a batch's output or error file under ``file_id`` (written again whole on a retry), owned by the
-        batch's API key; None when it would be empty."""
+        batch's API key, expiring ``lifetime`` seconds after it is written (None: never); None when it would be
+        empty."""
         name = contract.stored_file_name(file_id)
         size = await self.store.write(name, blocks)
         if size == 0:
             await self.store.delete(name)
             return None
+        now = int(self.batches.clock())
+        expires_at = None if lifetime is None else now + lifetime
         created = FileObject(
-            id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose="batch_output"
+            id=file_id, bytes=size, created_at=now, filename=filename, purpose="batch_output", expires_at=expires_at
         )
         await self.batches.save_file(StoredFile(file=created, store_name=name, owner=owner))
         return created

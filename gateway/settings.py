@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from conveyor.batch_lines import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS
 from conveyor.redis_settings import RedisSettings
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "sk-xxx", "your-api-key"}
@@ -60,6 +61,9 @@ class GatewaySettings(RedisSettings):
     batch_chunk_lines: int = Field(default=64, ge=1, le=10_000)
     #: how long a batch may run before it expires (OpenAI's window is 24h; shorten it for tests)
     batch_window_seconds: float = Field(default=86_400, gt=0)
+    #: the shortest ``expires_after`` / ``output_expires_after`` accepted. OpenAI's rule, and the default, is 3600
+    #: (one hour); lower it only in tests, to see files expire without waiting an hour
+    min_expiry_seconds: int = Field(default=MIN_EXPIRY_SECONDS, ge=1, le=MAX_EXPIRY_SECONDS)
     #: one log line per request (uvicorn's access log); off by default, it costs ~6% of the gateway's CPU
     access_log: bool = False
     #: browser origins allowed to call the API (comma-separated, e.g. ``https://app.example.com``; ``*`` for any);
