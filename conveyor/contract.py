@@ -377,6 +377,9 @@ FILES_INDEX = f"{CONTROL}:files"  # sorted set: file id -> created_at
 BATCHES_INDEX = f"{CONTROL}:batches"  # sorted set: batch id -> created_at
 ACTIVE_BATCHES = f"{CONTROL}:batches:active"  # set of batches not yet in a final state
 FILES_EXPIRING = f"{CONTROL}:files:expiring"  # sorted set: id of a file that expires -> its expires_at
+FINISHED_BATCHES = f"{CONTROL}:batches:finished"  # sorted set: batch id -> when it reached a final status
+#: the lease of the one gateway at a time that removes expired files and the records of old finished batches
+SWEEPER_LEASE = f"{CONTROL}:sweeper"
 
 
 def file_key(file_id: str) -> str:

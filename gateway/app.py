@@ -37,6 +37,7 @@ from gateway.routes import router
 from gateway.scrape_targets import advertise, advertise_forever, targets
 from gateway.service import ServingService
 from gateway.settings import GatewaySettings
+from gateway.sweeper import Sweeper
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -65,6 +66,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
         app.state.batches = BatchService(batch_store, settings)
         driver = BatchDriver(batch_store, app.state.files, store, queue, directory, settings, outage)
         app.state.batches.wake = driver.wake
+        sweeper = Sweeper(batch_store, store, settings, outage)
         inbox.start()
         await mux.start()
         app.state.redis = redis
@@ -74,6 +76,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
             asyncio.create_task(service.refresh_known_models_forever(), name="known-models"),
             asyncio.create_task(advertise_forever(redis, address), name="advertise"),
             asyncio.create_task(driver.run_forever(), name="batch-driver"),
+            asyncio.create_task(sweeper.run_forever(), name="sweeper"),
         ]
         try:
             yield

@@ -103,12 +103,23 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
-#: A batch in a final state leaves the active set, and its chunk bookkeeping goes with it. KEYS: active batches,
-#: chunk hash, done list, released hash, batch hash. ARGV: id.
+#: A batch in a final state leaves the active set, and its chunk bookkeeping goes with it; it joins the finished
+#: batches (once: retiring it again keeps the first time), whose records the sweeper purges after the retention.
+#: KEYS: active batches, chunk hash, done list, released hash, batch hash, finished batches. ARGV: id, now.
 RETIRE_SCRIPT = """
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('HDEL', KEYS[5], 'plan')
+redis.call('ZADD', KEYS[6], 'NX', ARGV[2], ARGV[1])
+return 1
+"""
+#: Everything Redis holds of a batch (its files are not touched: they follow their own expiry). KEYS: batch hash,
+#: chunk hash, done list, released hash, driver lease, batches index, finished batches, active batches. ARGV: id.
+PURGE_BATCH_SCRIPT = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[8], ARGV[1])
 return 1
 """
 
@@ -136,6 +147,7 @@ class BatchStore:
         self._forget_file = redis.register_script(FORGET_FILE_SCRIPT)
         self._create_batch = redis.register_script(CREATE_BATCH_SCRIPT)
         self._retire = redis.register_script(RETIRE_SCRIPT)
+        self._purge_batch = redis.register_script(PURGE_BATCH_SCRIPT)
 
     # --- files --------------------------------------------------------------------------------------------------
 
@@ -170,6 +182,12 @@ class BatchStore:
         keys = [contract.file_key(file_id), contract.FILES_INDEX, contract.FILES_EXPIRING]
         with redis_errors():
             await self._forget_file(keys=keys, args=[file_id])
+
+    async def expired_files(self, now: float, skip: int, count: int) -> list[str]:
+        """Ids of files expired by ``now``, soonest expired first, leaving out the first ``skip``."""
+        with redis_errors():
+            found = await self.redis.zrangebyscore(contract.FILES_EXPIRING, "-inf", now, start=skip, num=count)
+        return [i.decode() for i in found]
 
     async def page(
         self, index: str, after: str | None, limit: int, newest_first: bool = True
@@ -315,16 +333,46 @@ class BatchStore:
             contract.batch_done_key(batch_id),
             contract.batch_released_key(batch_id),
             contract.batch_key(batch_id),
+            contract.FINISHED_BATCHES,
         ]
         with redis_errors():
-            await self._retire(keys=keys, args=[batch_id])
+            await self._retire(keys=keys, args=[batch_id, self.clock()])
+
+    async def finished_before(self, cutoff: float, count: int) -> list[str]:
+        """Ids of batches that reached a final status before ``cutoff``, oldest first."""
+        with redis_errors():
+            found = await self.redis.zrangebyscore(contract.FINISHED_BATCHES, "-inf", cutoff, start=0, num=count)
+        return [i.decode() for i in found]
+
+    async def purge_batch(self, batch_id: str) -> None:
+        """Forget a batch: its record, its bookkeeping and its index entries (not its files)."""
+        keys = [
+            contract.batch_key(batch_id),
+            contract.batch_chunks_key(batch_id),
+            contract.batch_done_key(batch_id),
+            contract.batch_released_key(batch_id),
+            contract.batch_driver_key(batch_id),
+            contract.BATCHES_INDEX,
+            contract.FINISHED_BATCHES,
+            contract.ACTIVE_BATCHES,
+        ]
+        with redis_errors():
+            await self._purge_batch(keys=keys, args=[batch_id])
 
     async def take_lease(self, batch_id: str, holder: str, seconds: float) -> bool:
         """Hold (or keep holding) the right to drive ``batch_id`` for ``seconds``."""
-        with redis_errors():
-            args: list[str | int] = [holder, int(seconds * 1000), 1]
-            return bool(await self._lease(keys=[contract.batch_driver_key(batch_id)], args=args))
+        return await self.hold(contract.batch_driver_key(batch_id), holder, seconds)
 
     async def drop_lease(self, batch_id: str, holder: str) -> None:
+        await self.release(contract.batch_driver_key(batch_id), holder)
+
+    async def hold(self, lease: str, holder: str, seconds: float) -> bool:
+        """Take or keep the lease ``lease`` (a key) for ``seconds``; False while another holder has it."""
         with redis_errors():
-            await self._lease(keys=[contract.batch_driver_key(batch_id)], args=[holder, 0, 0])
+            args: list[str | int] = [holder, int(seconds * 1000), 1]
+            return bool(await self._lease(keys=[lease], args=args))
+
+    async def release(self, lease: str, holder: str) -> None:
+        """Drop the lease ``lease`` if ``holder`` has it."""
+        with redis_errors():
+            await self._lease(keys=[lease], args=[holder, 0, 0])

@@ -61,6 +61,9 @@ class GatewaySettings(RedisSettings):
     batch_chunk_lines: int = Field(default=64, ge=1, le=10_000)
     #: how long a batch may run before it expires (OpenAI's window is 24h; shorten it for tests)
     batch_window_seconds: float = Field(default=86_400, gt=0)
+    #: how long the record of a finished batch (completed, failed, expired, cancelled) is kept before the sweeper
+    #: purges it; its files live on until they expire or are deleted
+    batch_retention_seconds: float = Field(default=30 * 86_400, gt=0)
     #: the shortest ``expires_after`` / ``output_expires_after`` accepted. OpenAI's rule, and the default, is 3600
     #: (one hour); lower it only in tests, to see files expire without waiting an hour
     min_expiry_seconds: int = Field(default=MIN_EXPIRY_SECONDS, ge=1, le=MAX_EXPIRY_SECONDS)

@@ -1,12 +1,15 @@
 """Expiry with OpenAI's contract, through the official SDK against real gateway and worker processes: ``expires_after``
-on uploads (batch inputs expire after 30 days unless they ask), ``output_expires_after`` on batches, and refusals
-naming the field."""
+on uploads (batch inputs expire after 30 days unless they ask), ``output_expires_after`` on batches, an expired file
+gone from every route, the list, the file store and Redis, refusals naming the field, and finished batches purged
+after the retention. Files here expire after a second: the gateways under test accept that (a setting OpenAI's one
+hour minimum is the default of)."""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,10 +18,14 @@ import pytest
 from openai import OpenAI
 from openai.types import FileObject
 
-from tests.integration.conftest import Stack
+from conveyor import contract
+from launcher.redis_server import RedisServer
+from tests.conftest import Processes, sync_redis, wait_for
+from tests.integration.conftest import CHAT, Stack
 from tests.integration.test_batches import CHATS, EMBEDDINGS, chat_lines, embedding_lines, finished, wait_batch
 
 DAYS_30 = 30 * 86_400
+SHORT = "expiry-embed"  # configured on the short-lived gateways of this module; uploads only need it known
 
 
 def jsonl_bytes(lines: list[dict[str, Any]]) -> bytes:
@@ -106,3 +113,68 @@ def test_a_bad_expiry_policy_is_a_400_naming_the_field(stack: Stack) -> None:
     whole = {"expires_after": json.dumps({"anchor": "created_at", "seconds": 7200})}  # one JSON field works too
     made = httpx.post(url, data={"purpose": "batch", **whole}, files=form_file, timeout=10).json()
     assert made["expires_at"] == made["created_at"] + 7200
+
+
+def test_an_expired_file_is_gone_from_every_route_the_store_and_redis(spawn: Processes) -> None:
+    gateway = spawn.gateway(models=SHORT, min_expiry_seconds="1")
+    client = gateway.client()
+    kept = create(client, embedding_lines(1, SHORT))
+    expiring = create(client, embedding_lines(1, SHORT), expires_after={"anchor": "created_at", "seconds": 1})
+    assert expiring.expires_at == expiring.created_at + 1
+    path = spawn.files_dir / contract.stored_file_name(expiring.id)
+    assert path.exists() and client.files.content(expiring.id).text
+
+    def expired() -> bool:
+        try:
+            client.files.retrieve(expiring.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_for(expired, 10, "the file to expire")  # a second of the gateway's clock
+    for call in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(expiring.id)
+    listed = [f.id for f in client.files.list()]
+    assert expiring.id not in listed and kept.id in listed
+    with sync_redis(spawn.redis_url) as redis:
+        wait_for(lambda: not path.exists() and not redis.exists(contract.file_key(expiring.id)), 15, "the sweep")
+        assert redis.zscore(contract.FILES_INDEX, expiring.id) is None
+        assert redis.zscore(contract.FILES_EXPIRING, expiring.id) is None
+    assert client.files.retrieve(kept.id).id == kept.id
+
+
+@pytest.fixture
+def own_procs(own_redis: RedisServer, tmp_path: Path) -> Iterator[Processes]:
+    """Processes on a Redis of this test's own: its gateway is surely the one that sweeps (the sweeper's retention is
+    the sweeping gateway's setting)."""
+    procs = Processes(own_redis.url, files_dir=tmp_path / "files")
+    yield procs
+    procs.stop_all()
+
+
+def test_a_finished_batch_is_purged_after_the_retention_and_its_files_stay(own_procs: Processes) -> None:
+    gateway = own_procs.gateway(models=CHAT, batch_retention_seconds="1")
+    own_procs.fake_worker(CHAT)
+    client = gateway.client()
+    batch = client.batches.create(
+        input_file_id=create(client, chat_lines(3)).id, endpoint=CHATS, completion_window="24h"
+    )
+    done = wait_batch(client, batch.id, finished)
+    assert done.status == "completed" and done.output_file_id
+
+    def purged() -> bool:
+        try:
+            client.batches.retrieve(batch.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_for(purged, 15, "the batch to be purged")
+    assert batch.id not in [b.id for b in client.batches.list()]
+    with sync_redis(own_procs.redis_url) as redis:
+        assert not redis.keys(f"{contract.batch_key(batch.id)}*")  # its record and bookkeeping
+        assert redis.zscore(contract.BATCHES_INDEX, batch.id) is None
+        assert redis.zscore(contract.FINISHED_BATCHES, batch.id) is None
+    assert client.files.retrieve(done.output_file_id).id == done.output_file_id  # files follow their own expiry
+    assert client.files.content(done.output_file_id).text.count("\n") == 3

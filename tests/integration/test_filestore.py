@@ -1,19 +1,29 @@
 """The file store, local and S3 (against moto's standalone S3-protocol server, a real process on loopback): the
-same contract for both, and a batch run end to end with its files in S3."""
+same contract for both, the sweeper removing an expired file's bytes from either, and a batch run end to end with its
+files in S3."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from fakeredis.aioredis import FakeRedis
 
+from conveyor import contract
+from conveyor.batch_lines import FileObject, StoredFile
 from conveyor.filestore import BLOCK_BYTES, FileStore, LocalFileStore, S3FileStore, lines, open_store
+from conveyor.outage import Outage
+from gateway.batch_store import BatchStore
+from gateway.settings import GatewaySettings
+from gateway.sweeper import Sweeper, Swept
 from launcher import redis_server
 from tests.conftest import Processes, wait_for
 from tests.integration.test_batches import EMBEDDINGS, embedding_lines, finished, jsonl, upload, wait_batch
@@ -100,6 +110,28 @@ async def test_a_write_that_fails_leaves_nothing(store: FileStore) -> None:
         await store.write("half", broken())
     with pytest.raises(FileNotFoundError):
         await read_all(store, "half")
+
+
+async def test_the_sweeper_removes_an_expired_files_bytes_from_the_store(store: FileStore) -> None:
+    redis = FakeRedis()  # the store is the subject here: Redis only holds the record
+    try:
+        batches = BatchStore(redis)
+        name = contract.stored_file_name("file-expiring")
+        await store.write(name, blocks(b'{"custom_id": "a"}\n'))
+        now = int(time.time())
+        file = FileObject(
+            id="file-expiring", bytes=19, created_at=now, filename="in.jsonl", purpose="batch", expires_at=now + 3600
+        )
+        await batches.save_file(StoredFile(file=file, store_name=name))
+        sweeper = Sweeper(batches, store, GatewaySettings(), Outage(logging.getLogger("test"), "test"))
+        assert await sweeper.sweep(now + 3599) == Swept()
+        assert await read_all(store, name)
+        assert await sweeper.sweep(now + 3600) == Swept(files=1)
+        with pytest.raises(FileNotFoundError):
+            await read_all(store, name)
+        assert await batches.stored("file-expiring") is None
+    finally:
+        await redis.aclose()
 
 
 def test_a_batch_runs_with_its_files_in_s3(s3_endpoint: str, redis_url: str, tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ register must be called here, so a new one cannot skip the check."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,11 +18,16 @@ from redis.crc import key_slot
 
 from conveyor import contract, registry
 from conveyor.batch_lines import BatchObject, FileObject, StoredFile
+from conveyor.filestore import LocalFileStore
 from conveyor.fleet import FleetStore, ModelSpec
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
+from conveyor.outage import Outage
 from gateway.batch_store import BatchStore
 from gateway.directory import ModelDirectory
 from gateway.settings import GatewaySettings
+from gateway.sweeper import Sweeper, Swept
+
+log = logging.getLogger("test")
 
 
 class ClusterRefuses(AssertionError):
@@ -115,10 +122,26 @@ async def test_every_control_plane_script_takes_keys_of_one_slot(cluster_rules: 
     await batches.take_lease("batch_1", "me", 10)
     await batches.drop_lease("batch_1", "me")
     await batches.retire("batch_1")
+    await batches.purge_batch("batch_1")
 
     called = {script for script, _ in cluster_rules}
     missing = scripts_of(keys, fleet, batches) - called
     assert not missing, f"scripts this test does not call (add a call): {[s.script[:60] for s in missing]}"
+
+
+async def test_the_sweeper_keeps_to_the_rules(cluster_rules: Calls, redis: Redis, tmp_path: Path) -> None:
+    batches = BatchStore(redis)
+    now = time.time()
+    file = FileObject(
+        id="file-9", bytes=1, created_at=int(now), filename="in.jsonl", purpose="batch", expires_at=int(now) + 1
+    )
+    await batches.save_file(StoredFile(file=file, store_name="files/file-9.jsonl"))
+    await batches.create_batch(batch("batch_1"))
+    await batches.retire("batch_1")
+    await batches.create_batch(batch("batch_2"))  # active: its input is looked up before a file is removed
+    sweeper = Sweeper(batches, LocalFileStore(tmp_path), GatewaySettings(batch_retention_seconds=1), Outage(log, "t"))
+    assert await sweeper.round() > 0
+    assert await sweeper.sweep(now + 60) == Swept(files=1, batches=1)
 
 
 async def test_the_registry_and_directory_keep_to_the_rules(cluster_rules: Calls, redis: Redis) -> None:

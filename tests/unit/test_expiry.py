@@ -1,8 +1,10 @@
-"""Files that expire, on fakeredis and a local file store, with a clock the test moves: a file is 404 from the second
-it expires (before any sweep), output files expire as their batch asked, and the policies requests give."""
+"""Files that expire and batches whose records are purged, on fakeredis and a local file store, with a clock the test
+moves: a file is 404 from the second it expires (before any sweep), the sweeper removes its bytes and record, keeps
+the input of a running batch, purges a finished batch after the retention, and only one sweeper sweeps at a time."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,11 +15,13 @@ from conveyor import contract
 from conveyor.batch_lines import BatchObject, ExpiresAfter, FileObject, StoredFile
 from conveyor.errors import InvalidRequest, NotFound
 from conveyor.filestore import LocalFileStore
+from conveyor.outage import Outage
 from gateway import expiry
 from gateway.batch_store import BatchStore
 from gateway.directory import ModelDirectory
 from gateway.files import FileService
 from gateway.settings import GatewaySettings
+from gateway.sweeper import Sweeper, Swept
 
 T0 = 1_800_000_000  # the test's clock starts here
 HOUR = 3600
@@ -44,6 +48,11 @@ def store(redis: Redis, clock: Clock) -> BatchStore:
 @pytest.fixture
 def files(tmp_path: Path) -> LocalFileStore:
     return LocalFileStore(tmp_path / "files")
+
+
+def sweeper(store: BatchStore, files: LocalFileStore, retention: float = 30 * 86_400) -> Sweeper:
+    settings = GatewaySettings(batch_retention_seconds=retention)
+    return Sweeper(store, files, settings, Outage(logging.getLogger("test"), "test"))
 
 
 async def blocks(data: bytes) -> AsyncIterator[bytes]:
@@ -96,6 +105,102 @@ async def test_an_expired_file_is_404_at_once_on_every_route_before_any_sweep(
             await read("file-1")
         assert refused.value.code == "file_not_found"
     assert (await service.list(None, None, 10, "desc"))[0] == []
+
+
+async def test_the_sweep_removes_an_expired_files_bytes_record_and_index_entries(
+    redis: Redis, store: BatchStore, files: LocalFileStore
+) -> None:
+    expiring = await add_file(store, files, "file-1", expires_at=T0 + HOUR)
+    later = await add_file(store, files, "file-2", expires_at=T0 + 2 * HOUR)
+    never = await add_file(store, files, "file-3", expires_at=None, purpose="batch_output")
+    assert await in_index(redis, contract.FILES_EXPIRING, "file-1")
+    assert not await in_index(redis, contract.FILES_EXPIRING, "file-3")  # expires never: not in the expiring index
+    sweep = sweeper(store, files)
+    assert await sweep.sweep(T0 + HOUR - 1) == Swept()
+    assert expiring.exists()
+    assert await sweep.sweep(T0 + HOUR) == Swept(files=1)
+    assert not expiring.exists() and later.exists() and never.exists()
+    assert not await redis.exists(contract.file_key("file-1"))
+    assert not await in_index(redis, contract.FILES_INDEX, "file-1")
+    assert not await in_index(redis, contract.FILES_EXPIRING, "file-1")
+    assert await sweep.sweep(T0 + 100 * 86_400) == Swept(files=1)  # file-2; file-3 stays until deleted
+    assert never.exists() and await store.stored("file-3") is not None
+
+
+async def test_a_crash_after_the_bytes_went_leaves_a_record_the_next_sweep_removes(
+    redis: Redis, store: BatchStore, files: LocalFileStore
+) -> None:
+    path = await add_file(store, files, "file-1", expires_at=T0 + HOUR)
+    path.unlink()  # a sweeper died between removing the bytes and the record
+    assert await sweeper(store, files).sweep(T0 + HOUR) == Swept(files=1)
+    assert not await redis.exists(contract.file_key("file-1"))
+
+
+async def test_the_input_of_a_running_batch_is_kept_until_the_batch_finished(
+    store: BatchStore, files: LocalFileStore, clock: Clock
+) -> None:
+    path = await add_file(store, files, "file-in", expires_at=T0 + HOUR)
+    await store.create_batch(batch("batch_1", "file-in"))
+    clock.now = T0 + HOUR
+    sweep = sweeper(store, files)
+    assert await sweep.sweep() == Swept()  # its chunks still read their lines from it
+    assert path.exists()
+    with pytest.raises(NotFound):  # the API answers 404 all the same
+        await store.file("file-in")
+    await store.move("batch_1", ("validating",), "cancelled")
+    await store.retire("batch_1")
+    assert await sweep.sweep() == Swept(files=1)
+    assert not path.exists()
+
+
+async def test_a_finished_batch_is_purged_after_the_retention_and_its_files_are_not(
+    redis: Redis, store: BatchStore, files: LocalFileStore, clock: Clock
+) -> None:
+    output = await add_file(store, files, "file-out", expires_at=None, purpose="batch_output")
+    await store.create_batch(batch("batch_1"))
+    await store.create_batch(batch("batch_2"))  # still running: never purged
+    await store.set_plan("batch_1", [], total=1)
+    await store.take_lease("batch_1", "driver", 15)
+    clock.now = T0 + 10
+    await store.move("batch_1", ("validating",), "completed", output_file_id="file-out")
+    await store.retire("batch_1")
+    await redis.rpush(contract.batch_done_key("batch_1"), b"0 1 0")  # a late report of a chunk run twice
+    clock.now = T0 + 20
+    await store.retire("batch_1")  # retired again (a driver repeating the step): still finished at T0 + 10
+    sweep = sweeper(store, files, retention=HOUR)
+    assert await sweep.sweep(T0 + 10 + HOUR - 1) == Swept()
+    assert (await store.batch("batch_1")).status == "completed"
+    assert await sweep.sweep(T0 + 10 + HOUR) == Swept(batches=1)
+    with pytest.raises(NotFound):
+        await store.batch("batch_1")
+    leftovers = [
+        contract.batch_key("batch_1"),
+        contract.batch_chunks_key("batch_1"),
+        contract.batch_done_key("batch_1"),
+        contract.batch_released_key("batch_1"),
+        contract.batch_driver_key("batch_1"),
+    ]
+    assert not await redis.exists(*leftovers)
+    assert not await in_index(redis, contract.BATCHES_INDEX, "batch_1")
+    assert not await in_index(redis, contract.FINISHED_BATCHES, "batch_1")
+    assert await store.page(contract.BATCHES_INDEX, None, 10) == (["batch_2"], False)
+    assert output.exists() and (await store.file("file-out")).file.id == "file-out"
+    assert await sweep.sweep(T0 + 100 * 86_400) == Swept()  # batch_2 runs on
+
+
+async def test_one_gateway_sweeps_at_a_time(
+    redis: Redis, store: BatchStore, files: LocalFileStore, clock: Clock
+) -> None:
+    first, second = sweeper(store, files), sweeper(store, files)
+    assert await first.round() > 0  # takes the lease (nothing to sweep yet)
+    clock.now = T0 + HOUR
+    path = await add_file(store, files, "file-1", expires_at=T0 + HOUR)
+    await second.round()
+    assert path.exists()  # the lease is the first's
+    await first.round()
+    assert not path.exists()
+    await store.release(contract.SWEEPER_LEASE, first.holder)  # the first stopped
+    assert await store.hold(contract.SWEEPER_LEASE, second.holder, 60)
 
 
 async def test_an_output_file_expires_its_lifetime_after_it_was_written(
@@ -163,3 +268,4 @@ def test_seconds_outside_openais_range_are_refused(seconds: int) -> None:
 def test_openais_minimum_is_the_default_and_a_shorter_one_is_a_setting() -> None:
     assert GatewaySettings().min_expiry_seconds == HOUR
     assert GatewaySettings(min_expiry_seconds=1).min_expiry_seconds == 1
+    assert GatewaySettings().batch_retention_seconds == 30 * 86_400
