@@ -64,6 +64,7 @@ UNFINISHED = {
     "cancelled": ("batch_cancelled", "This request was not executed: the batch was cancelled."),
 }
 UNREADABLE = ("file_store_unreachable", "The worker could not read this request from the file store.")
+PART_KINDS: tuple[Literal["out", "err"], ...] = ("out", "err")
 
 
 class BatchDriver:
@@ -134,7 +135,7 @@ class BatchDriver:
 
     async def step(self, batch: BatchObject) -> None:
         if batch.status in FINAL_STATUSES:
-            await self.batches.retire(batch.id)
+            await self._retire(batch.id)
         elif batch.status == "validating":
             await self._validate(batch)
         elif batch.status == "in_progress":
@@ -323,7 +324,16 @@ class BatchDriver:
         fields = {k: v for k, v in ids.items() if v}
         if await self.batches.move(batch.id, (batch.status,), final, **fields):
             log.info("batch %s %s", batch.id, final)
-        await self.batches.retire(batch.id)
+        await self._retire(batch.id)
+
+    async def _retire(self, batch_id: str) -> None:
+        """A batch in its final status: its output and error files hold what its chunks' parts held, so the parts
+        leave the file store (while the plan still names them; a driver that dies here does it again), then its
+        bookkeeping goes."""
+        for chunk in await self.batches.plan(batch_id):
+            for kind in PART_KINDS:
+                await self.store.delete(contract.chunk_part_name(batch_id, chunk.index, kind))
+        await self.batches.retire(batch_id)
 
     async def _parts(self, plan: list[ChunkRef], done: set[int], kind: Literal["out", "err"]) -> AsyncIterator[bytes]:
         for chunk in plan:

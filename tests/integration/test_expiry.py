@@ -162,6 +162,8 @@ def test_a_finished_batch_is_purged_after_the_retention_and_its_files_stay(own_p
     )
     done = wait_batch(client, batch.id, finished)
     assert done.status == "completed" and done.output_file_id
+    parts = own_procs.files_dir / "batches" / batch.id  # its chunks' results, now in its output file
+    wait_for(lambda: not any(parts.rglob("*.jsonl")), 10, "the chunks' parts to leave the store")
 
     def purged() -> bool:
         try:
