@@ -34,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pubsub import PubSubMultiplexer
 from gateway.queue_backends import open_queue
 from gateway.routes import router
-from gateway.scrape_targets import advertise, advertise_forever, targets
+from gateway.scrape_targets import advertise, advertise_forever, leave, targets
 from gateway.service import ServingService
 from gateway.settings import GatewaySettings
 from gateway.sweeper import Sweeper
@@ -84,6 +84,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await leave(redis, address)
             await service.drain()
             await mux.stop()
             await inbox.stop()

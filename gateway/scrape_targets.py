@@ -47,11 +47,14 @@ async def advertise(redis: Redis, address: str) -> None:
 
 
 async def advertise_forever(redis: Redis, address: str) -> None:
-    """Keep this gateway's scrape address in the registry while it runs; remove it when it stops."""
-    try:
-        while True:
-            await asyncio.sleep(PRESENCE_SECONDS)
-            await advertise(redis, address)
-    finally:
-        with contextlib.suppress(*REDIS_DOWN):
-            await asyncio.shield(registry.gateway_leave(redis, address))
+    """Keep this gateway's scrape address in the registry while it runs (``leave`` removes it)."""
+    while True:
+        await asyncio.sleep(PRESENCE_SECONDS)
+        await advertise(redis, address)
+
+
+async def leave(redis: Redis, address: str) -> None:
+    """Remove this gateway's scrape address as it stops (called by the lifespan itself: a task cancelled before it
+    first ran would never reach a ``finally`` of its own)."""
+    with contextlib.suppress(*REDIS_DOWN):
+        await registry.gateway_leave(redis, address)
