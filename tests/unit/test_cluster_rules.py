@@ -17,7 +17,7 @@ from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from conveyor import contract, registry
-from conveyor.batch_lines import BatchObject, FileObject, StoredFile
+from conveyor.batch_lines import FileObject, StoredFile
 from conveyor.filestore import LocalFileStore
 from conveyor.fleet import FleetStore, ModelSpec
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
@@ -26,6 +26,7 @@ from gateway.batch_store import BatchStore
 from gateway.directory import ModelDirectory
 from gateway.settings import GatewaySettings
 from gateway.sweeper import Sweeper, Swept
+from tests.unit.test_batch_bookkeeping import batch
 
 log = logging.getLogger("test")
 
@@ -85,20 +86,6 @@ async def test_the_rules_refuse_what_a_cluster_refuses(cluster_rules: Calls, red
 
 def scripts_of(*stores: object) -> set[AsyncScript]:
     return {v for store in stores for v in vars(store).values() if isinstance(v, AsyncScript)}
-
-
-def batch(batch_id: str) -> BatchObject:
-    now = int(time.time())
-    return BatchObject(
-        id=batch_id,
-        endpoint="/v1/embeddings",
-        input_file_id="file-1",
-        completion_window="24h",
-        status="validating",
-        created_at=now,
-        expires_at=now + 60,
-        model="m",
-    )
 
 
 async def test_every_control_plane_script_takes_keys_of_one_slot(cluster_rules: Calls, redis: Redis) -> None:
