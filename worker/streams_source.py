@@ -4,7 +4,8 @@ one consumer group (``contract.STREAM_GROUP``). The only worker module that know
 - A claim is one script that reads new entries (``XREADGROUP`` without blocking) and takes them up: one round trip
   while work waits. Only when it finds nothing does the worker wait with ``XREADGROUP ... BLOCK``: each entry reaches
   one worker, and a worker with nothing to do waits inside Redis for the next one, so an enqueue wakes one worker,
-  not all of them, and nobody polls the queue; what that wait brings is taken up by the same script.
+  not all of them, and nobody polls the queue; what that wait brings is taken up by the same script, with whatever
+  else arrived meanwhile.
 - Taking an entry up sets the job's lease (its id under ``contract.stream_lease_prefix``, expiring
   unless renewed: the fence frames and finishes check) and counts the try in the job's record.
 - A worker that dies leaves its entries in the group's pending entries list: every third of a lease each worker
@@ -227,7 +228,9 @@ class StreamsJobSource:
         if taken or time.monotonic() >= self._next_sweep:  # a nudge read: sweep at the next claim, at once
             return taken
         read = await self._wait_for_entries(limit, bulk_limit)
-        return await self._take_up(limit, bulk_limit, read, sweep=False, read_new=False) if read else []
+        # what the wait brought, and what else arrived meanwhile (up to the claim's room): with many workers on one
+        # lane, fewer claims per job (bench.scale_out: Redis CPU per request at 8 workers 265 -> 244 us)
+        return await self._take_up(limit, bulk_limit, read, sweep=False, read_new=True) if read else []
 
     async def _take_up(
         self, limit: int, bulk_limit: int, read: list[tuple[int, bytes, bytes]], sweep: bool, read_new: bool
