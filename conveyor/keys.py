@@ -6,7 +6,7 @@ created; Redis keeps only its SHA-256 (the secret is 32 random bytes, so a plain
 form for lists, its limits and allowed models. A revoked key keeps its record (its usage still names it) but leaves the
 index of hashes, so it no longer authenticates. Names are unique among active keys: they label metrics and usage.
 
-Limits are enforced in the gateway's admission script (``gateway/admission.lua``), which reads the record's fields
+Limits are enforced by the gateway's reservation script (``gateway/key_admission.py``), which reads the record's fields
 ``revoked_at``, ``rpm``, ``tpm``, ``max_queued`` and ``models`` directly.
 """
 

@@ -1,5 +1,6 @@
 -- An API key's sliding windows (requests admitted, tokens charged), prepended to the scripts that read or change
--- them: admission.lua and the batch release (gateway), the finish script (worker, for the reconciliation).
+-- them: the key's reservation and refund and the batch release's charge (gateway), the finish and accounting scripts
+-- (worker, for the reconciliation).
 -- A window is a hash: unix second -> amount, plus 't' (the total of those seconds), 'o' and 'n' (the oldest and newest
 -- second held). The last SPAN seconds count: a second leaves the window SPAN seconds after it began. Reading it drops
 -- the seconds that left, walking from the oldest (amortised: about one second per second of traffic), so admission

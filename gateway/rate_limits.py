@@ -1,5 +1,5 @@
-"""An API key's limits as the client sees them: OpenAI's ``x-ratelimit-*`` headers and the 429s, from what
-``admission.lua`` read of the key's windows (``conveyor/rate_window.lua``) in the round trip that admitted the job."""
+"""An API key's limits as the client sees them: OpenAI's ``x-ratelimit-*`` headers and the 429s, from what the key's
+reservation (``gateway.key_admission``) read of its windows (``conveyor/rate_window.lua``) as it admitted the job."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ UNIT_TITLE = {"requests": "requests per min (RPM)", "tokens": "tokens per min (T
 def refusal(
     code: int, tenant: TenantRef, model: str, windows: dict[str, Window], cost: dict[str, int], queue_retry: int
 ) -> ConveyorError:
-    """The error of an admission code that concerns the key (5 to 10 in admission.lua)."""
+    """The error of a refused reservation (``gateway.key_admission.KeyAdmission``: 5 to 10)."""
     if code == 5:
         return Unauthorized("This API key has been revoked.", code="invalid_api_key")
     if code == 6:

@@ -1,7 +1,8 @@
-"""What both queue backends share on the gateway's side: admission and enqueue in one script (``admission.lua``), and
-a batch's chunks released onto its model's bulk lane. A backend (``gateway.arq_queue``, ``gateway.streams_queue``)
-supplies its lane's layout: the Lua functions ``depth_of``, ``enqueue`` and ``wake`` (prepended to both scripts), its
-key names and job data, ``cancel`` and ``state``. Per-key limits and accounting stay here, above the seam.
+"""What both queue backends share on the gateway's side: admission and enqueue in one script on the model's slot
+(``admission.lua``) after an API key's reservation on its own (``gateway.key_admission``), cancels, and a batch's
+chunks released onto its model's bulk lane. A backend (``gateway.arq_queue``, ``gateway.streams_queue``) supplies its
+lane's layout: the Lua functions ``depth_of``, ``enqueue`` and ``wake`` (prepended to the scripts that enqueue), its
+key names and job data, ``cancel_job`` and ``state``. Per-key limits and accounting stay above the seam.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A backend's finish script is ``RATE_WINDOW_LUA`` + its own head (the lease check and the job's removal, ending with
 ``local k, a, job_id`` = the first key and argument of this tail and the job's id) + ``FINISH_TAIL_LUA``, so the
-fenced removal, the answer and the accounting are one atomic step on both.
+fenced removal, the answer and the accounting are one atomic step on both. On a Redis Cluster their keys live in
+three slots: ``deliver`` and ``ACCOUNT_LUA`` then run apart (``worker.streams_source``).
 """
 
 from __future__ import annotations
