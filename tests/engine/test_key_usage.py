@@ -49,8 +49,9 @@ def keyed_gateway(real_stack: RealStack) -> Iterator[KeyedGateway]:
         processes.stop(gateway)
         with redis.Redis.from_url(real_stack.redis_url) as client:
             for pattern in ("apikey*", "rate:*", "usage:*"):
-                if found := list(client.scan_iter(f"{contract.KEY_PREFIX}:{pattern}")):
+                if found := list(client.scan_iter(f"{contract.CONTROL}:{pattern}")):
                     client.delete(*found)
+            assert not client.exists(contract.API_KEYS_INDEX), "a managed key is left: every gateway would demand one"
 
 
 def test_usage_of_a_key_is_what_vllm_reported(real_stack: RealStack, keyed_gateway: KeyedGateway) -> None:
