@@ -12,17 +12,32 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from conveyor.contract import JobKind
-from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from conveyor.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 
+#: a batch's ``endpoint`` and its lines' ``url``: the gateway's paths of each kind (rerank and score as vLLM serves
+#: them, with and without ``/v1``)
 KIND_FOR_URL: dict[str, JobKind] = {
     "/v1/chat/completions": JobKind.CHAT,
     "/v1/completions": JobKind.COMPLETION,
     "/v1/embeddings": JobKind.EMBEDDING,
+    "/v1/rerank": JobKind.RERANK,
+    "/v2/rerank": JobKind.RERANK,
+    "/rerank": JobKind.RERANK,
+    "/v1/score": JobKind.SCORE,
+    "/score": JobKind.SCORE,
 }
 REQUEST_MODEL: dict[JobKind, type[BaseModel]] = {
     JobKind.CHAT: ChatCompletionRequest,
     JobKind.COMPLETION: CompletionRequest,
     JobKind.EMBEDDING: EmbeddingRequest,
+    JobKind.RERANK: RerankRequest,
+    JobKind.SCORE: ScoreRequest,
 }
 #: OpenAI's limits on a batch input file
 MAX_LINES = 50_000

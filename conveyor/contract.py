@@ -29,6 +29,15 @@ class JobKind(StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    #: ``/v1/score``: a score per pair of texts (vLLM's ScoreRequest)
+    SCORE = "score"
+    #: ``/v1/rerank``, ``/v2/rerank``: a query's documents ranked (vLLM's RerankRequest, Jina's and Cohere's shape)
+    RERANK = "rerank"
+
+    @property
+    def generates(self) -> bool:
+        """Chat and completions: streamed (or run as a stream), token by token; the other kinds answer in one piece."""
+        return self in (JobKind.CHAT, JobKind.COMPLETION)
 
 
 # Capability a worker must advertise for a kind of job.
@@ -36,6 +45,8 @@ CAPABILITY_FOR_KIND: dict[JobKind, str] = {
     JobKind.CHAT: "generate",
     JobKind.COMPLETION: "generate",
     JobKind.EMBEDDING: "embed",
+    JobKind.SCORE: "score",
+    JobKind.RERANK: "score",
 }
 
 

@@ -91,8 +91,9 @@ class ModelSpec(BaseModel):
         return self.replicas if self.min_workers is None else self.min_workers
 
     def capabilities(self) -> list[str]:
-        """What its workers will be able to do, as far as the spec says (``auto``: not known before they start)."""
-        return {"embed": ["embed"], "generate": ["generate"]}.get(self.task, [])
+        """What its workers will be able to do, as far as the spec says (``auto``: not known before they start); vLLM
+        scores and reranks with every embedding model (cosine similarity of the embeddings)."""
+        return {"embed": ["embed", "score"], "generate": ["generate"]}.get(self.task, [])
 
     def workers(self) -> list[tuple[list[str], dict[str, str]]]:
         """The command-line arguments and environment of each of this model's workers."""

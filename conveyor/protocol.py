@@ -7,9 +7,10 @@ passes through to the worker's engine untouched.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class OpenAIBaseModel(BaseModel):
@@ -71,6 +72,99 @@ class EmbeddingRequest(OpenAIBaseModel):
             raise ValueError("input must not be empty")
         if self.input == "":
             raise ValueError("input must not be empty")
+        return self
+
+
+def _score_input(value: Any, where: str = "") -> None:
+    """One text to score: a non-empty string, or vLLM's multimodal ``{"content": [parts]}``."""
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, dict) and isinstance(value.get("content"), list) and value["content"]:
+        return
+    raise PydanticCustomError(
+        "score_input", f"{where} must be a non-empty string (or an object with a non-empty `content` list)".lstrip()
+    )
+
+
+def _score_inputs(value: Any) -> Any:
+    """One text or a non-empty list of them (vLLM's ``ScoreInput | list[ScoreInput]``), passed on as it came."""
+    if isinstance(value, list):
+        if not value:
+            raise PydanticCustomError("score_inputs", "must hold at least one text")
+        for i, item in enumerate(value):
+            _score_input(item, f"item {i}")
+    else:
+        _score_input(value)
+    return value
+
+
+def _one_score_input(value: Any) -> Any:
+    _score_input(value)
+    return value
+
+
+#: a text (or multimodal content) to score, and one or many of them
+ScoreInput = Annotated[
+    str | dict[str, Any], PlainValidator(_one_score_input, json_schema_input_type=str | dict[str, Any])
+]
+ScoreInputs = Annotated[
+    str | dict[str, Any] | list[str | dict[str, Any]],
+    PlainValidator(_score_inputs, json_schema_input_type=str | dict[str, Any] | list[str | dict[str, Any]]),
+]
+
+
+class _ScoringRequest(OpenAIBaseModel):
+    """What score and rerank requests share. vLLM's own extras (``truncate_prompt_tokens``, ``use_activation``,
+    ``instruction`` ...) pass through."""
+
+    model: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _not_streamed(self) -> _ScoringRequest:
+        if (self.model_extra or {}).get("stream"):
+            raise PydanticCustomError("not_streamed", "score and rerank requests cannot be streamed (stream)")
+        return self
+
+
+class RerankRequest(_ScoringRequest):
+    """``/v1/rerank``, ``/v2/rerank``, ``/rerank`` (vLLM's ``RerankRequest``: Jina's and Cohere's shape)."""
+
+    query: ScoreInput
+    documents: ScoreInputs
+    #: the best ``top_n`` documents (0: all of them)
+    top_n: int = Field(default=0, ge=0, strict=True)
+
+
+#: the pairs of fields a score request may give its two sides in (vLLM's four ``ScoreRequest`` shapes)
+SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+
+
+class ScoreRequest(_ScoringRequest):
+    """``/v1/score``, ``/score``: a score per pair, the first side 1:1, 1:N or N:N with the second."""
+
+    queries: ScoreInputs | None = None
+    documents: ScoreInputs | None = None
+    items: ScoreInputs | None = None
+    data_1: ScoreInputs | None = None
+    data_2: ScoreInputs | None = None
+    text_1: ScoreInputs | None = None
+    text_2: ScoreInputs | None = None
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> ScoreRequest:
+        given = {name for name in self.model_fields_set if getattr(self, name, None) is not None} - {"model"}
+        pairs = [pair for pair in SCORE_PAIRS if set(pair) <= given]
+        names = " or ".join(f"`{a}` with `{b}`" for a, b in SCORE_PAIRS)
+        if len(pairs) != 1 or given - set(pairs[0]):
+            raise PydanticCustomError("score_pair", f"give exactly one pair of sides to score: {names}")
+        first, second = (getattr(self, name) for name in pairs[0])
+        n_first = len(first) if isinstance(first, list) else 1
+        n_second = len(second) if isinstance(second, list) else 1
+        if n_first > 1 and n_first != n_second:
+            raise PydanticCustomError(
+                "score_pair_lengths",
+                f"`{pairs[0][0]}` and `{pairs[0][1]}` must pair 1:1, 1:N or N:N; they hold {n_first} and {n_second}",
+            )
         return self
 
 

@@ -4,6 +4,8 @@ Nothing before the engine has the model's tokenizer, so the prompt is estimated 
 token per 4 characters of text (token-id inputs count exactly), plus a few tokens per chat message. Output is reserved
 at ``max_completion_tokens`` / ``max_tokens`` (times ``n``), or ``default_output`` when the request sets neither.
 The worker reconciles the charge with the engine's real usage when the job finishes (``worker.key_usage``).
+Score and rerank requests are charged every text once and no output: what a bi-encoder (an embedding model) reads;
+a cross-encoder reads the query again with each document, and that difference is reconciled at the end too.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ def _text_tokens(text: str) -> int:
 
 
 def _input_tokens(value: Any) -> int:
-    """A prompt or embedding input: text, a list of texts, token ids, or lists of token ids."""
+    """A prompt or embedding input: text, a list of texts, token ids, or lists of token ids; a text to score may also
+    be multimodal content (``{"content": [parts]}``), of which only text parts are counted."""
     if isinstance(value, str):
         return _text_tokens(value)
+    if isinstance(value, dict):
+        return _parts_tokens(value.get("content"))
     if isinstance(value, list):
         if value and all(isinstance(item, int) for item in value):
             return len(value)
@@ -33,21 +38,31 @@ def _input_tokens(value: Any) -> int:
     return 0
 
 
-def _message_tokens(message: Any) -> int:
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):  # parts: only text parts are counted
+def _parts_tokens(content: Any) -> int:
+    """Content as text or as parts, of which only text parts are counted."""
+    if isinstance(content, list):
         content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return TOKENS_PER_MESSAGE + (_text_tokens(content) if isinstance(content, str) else 0)
+    return _text_tokens(content) if isinstance(content, str) else 0
+
+
+def _message_tokens(message: Any) -> int:
+    return TOKENS_PER_MESSAGE + _parts_tokens(message.get("content") if isinstance(message, dict) else None)
+
+
+#: the fields of a score or rerank request that hold its texts (``conveyor.protocol``)
+SCORED_FIELDS = ("query", "queries", "documents", "items", "data_1", "data_2", "text_1", "text_2")
 
 
 def prompt_tokens(kind: JobKind, body: dict[str, Any]) -> int:
     if kind is JobKind.CHAT:
         return sum(_message_tokens(m) for m in body.get("messages") or [])
+    if kind in (JobKind.SCORE, JobKind.RERANK):
+        return sum(_input_tokens(body.get(name)) for name in SCORED_FIELDS)
     return _input_tokens(body.get("input") if kind is JobKind.EMBEDDING else body.get("prompt"))
 
 
 def output_tokens(kind: JobKind, body: dict[str, Any], default_output: int) -> int:
-    if kind is JobKind.EMBEDDING:
+    if not kind.generates:
         return 0
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
     per_choice = asked if isinstance(asked, int) and asked > 0 else default_output
