@@ -18,6 +18,14 @@ from gateway.metrics import OTHER
 log = logging.getLogger("conveyor.gateway")
 #: FastAPI's detail when reading the body raised anything but a JSON syntax error
 FASTAPI_PARSE_FAILURE = "There was an error parsing the body"
+#: the client API: every path under these prefixes, and these paths outside them (vLLM's rerank and score paths)
+API_PREFIXES = ("/v1/", "/v2/")
+API_PATHS = frozenset({"/rerank", "/score"})
+
+
+def is_api_path(path: str) -> bool:
+    """A path of the client API: it needs an API key (``gateway.guard``) and its refusals are counted as requests."""
+    return path.startswith(API_PREFIXES) or path.rstrip("/") in API_PATHS
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -46,7 +54,7 @@ def endpoint_label(request: Request) -> str:
 
 def respond(request: Request, error: ConveyorError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None and request.url.path.startswith("/v1/"):
+    if metrics is not None and is_api_path(request.url.path):
         arrived = getattr(request.state, "arrived", time.time())
         model = getattr(request.state, "model", None)
         metrics.observe(model, endpoint_label(request), error.status, error.code or error.type, arrived)
@@ -86,4 +94,4 @@ def install(app: FastAPI) -> None:
         return respond(request, ConveyorError("The server failed on this request.", code="internal_error"))
 
 
-__all__ = ["error_body", "install", "respond", "validation_error"]
+__all__ = ["error_body", "install", "is_api_path", "respond", "validation_error"]

@@ -25,8 +25,6 @@ from gateway import errors
 from gateway.key_cache import KeyCache
 from gateway.settings import GatewaySettings
 
-#: paths that need a key when keys are set (health, readiness and metrics stay open for probes and scrapers)
-PROTECTED_PREFIXES = ("/v1/",)
 ADMIN_PREFIX = "/admin/"
 UPLOAD_PATH = "/v1/files"
 
@@ -62,7 +60,7 @@ class RequestGuard:
 
     async def _refusal(self, request: Request) -> ConveyorError | None:
         path = request.url.path
-        if path.startswith(PROTECTED_PREFIXES):
+        if errors.is_api_path(path):  # health, readiness and metrics stay open for probes and scrapers
             refusal = await self._client_refusal(request)
             if refusal is not None:
                 return refusal

@@ -16,7 +16,15 @@ from pydantic import BaseModel
 from conveyor import logs
 from conveyor.contract import JobKind
 from conveyor.errors import BackendUnavailable, ConveyorError, InvalidRequest, ModelNotFound
-from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList
+from conveyor.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    RerankRequest,
+    ScoreRequest,
+)
 from gateway import guard
 from gateway.errors import endpoint_label
 from gateway.relay import CLIENT_CLOSED_REQUEST
@@ -76,7 +84,7 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
 
 
 router = APIRouter()
-api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gateway.guard
+api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gateway.guard (and on the paths below)
 
 
 @api.post("/chat/completions")
@@ -92,6 +100,23 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @api.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return await _serve(request, JobKind.EMBEDDING, body)
+
+
+# Rerank and score at every path vLLM's server has them: /v1/rerank and /v1/score, /v2/rerank (Cohere's), and
+# /rerank and /score. Each is guarded like /v1/ (gateway.errors.is_api_path).
+
+
+@api.post("/rerank")
+@router.post("/v2/rerank")
+@router.post("/rerank")
+async def rerank(body: RerankRequest, request: Request) -> Response:
+    return await _serve(request, JobKind.RERANK, body)
+
+
+@api.post("/score")
+@router.post("/score")
+async def score(body: ScoreRequest, request: Request) -> Response:
+    return await _serve(request, JobKind.SCORE, body)
 
 
 @api.get("/models")
