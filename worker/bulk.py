@@ -3,7 +3,7 @@
 Where the engine schedules by priority, every line runs behind interactive requests (``BULK_PRIORITY``).
 Embedding lines that share their parameters run as ONE engine call (``Engine.embed_many``, the mechanism that also
 merges concurrent interactive requests), each line answered as it would be alone (vectors, indices, usage, id).
-Chat and completion lines run concurrently, each its own engine request (the engine batches them).
+Chat, completion, score and rerank lines run concurrently, each its own engine request (the engine batches them).
 
 A chunk's results are two files in the store (output lines and error lines, each written whole), then a report
 ``<index> <ok> <failed> <prompt tokens> <completion tokens>`` on the batch's done list, delivered only while this
@@ -28,6 +28,7 @@ from conveyor.batch_lines import KIND_FOR_URL
 from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
+from conveyor.token_estimate import SCORED_FIELDS
 from worker import metrics
 from worker.consumer import Done
 from worker.embed_batcher import inputs_of, mergeable, params_key
@@ -148,7 +149,7 @@ class ChunkRunner:
     async def _one(self, line: Line) -> Result:
         metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
-            async with self.share.hold(len(inputs_of(line.body["input"])) if "input" in line.body else 1):
+            async with self.share.hold(_inputs(line)):
                 raw = contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
@@ -177,6 +178,16 @@ class ChunkRunner:
             else:
                 results.append(_answered(line, contract.json_bytes(answer)))
         return results
+
+
+def _inputs(line: Line) -> int:
+    """How many inputs a line gives the engine: an embedding's, the texts a score or rerank compares, else one."""
+    if line.kind is JobKind.EMBEDDING:
+        return len(inputs_of(line.body["input"]))
+    if line.kind in (JobKind.SCORE, JobKind.RERANK):
+        sides = (line.body[name] for name in SCORED_FIELDS if name in line.body)
+        return sum(len(side) if isinstance(side, list) else 1 for side in sides)
+    return 1
 
 
 def _answered(line: Line, raw: bytes) -> Result:

@@ -187,7 +187,7 @@ class JobRunner:
     def _continuable(self, envelope: JobEnvelope) -> bool:
         """A non-streamed generation that runs as a stream, so that another worker can continue it."""
         kind, body = envelope.kind, envelope.body
-        return kind is not JobKind.EMBEDDING and self.migration.enabled and not self.engine.unresumable(kind, body)
+        return kind.generates and self.migration.enabled and not self.engine.unresumable(kind, body)
 
     async def _generate(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, Reply]:
         """A non-streamed chat or completion run as a stream whose chunks (with their tokens) are recorded every

@@ -56,15 +56,15 @@ class Resume:
 class Engine(ABC):
     """An inference engine serving one model.
 
-    ``run`` returns a complete OpenAI response body; ``stream`` yields OpenAI chunks (``chat.completion.chunk`` or
-    ``text_completion``) in order, including the final usage chunk when ``stream_options.include_usage`` asks for
-    it. Either may give dicts or their JSON text, which is relayed to the client untouched. Both raise
-    ``conveyor.errors.ConveyorError`` subclasses for problems the client should see (a bad sampling parameter is
-    ``InvalidRequest``).
+    ``run`` returns a complete OpenAI response body (score and rerank: vLLM's shapes); ``stream`` yields OpenAI
+    chunks (``chat.completion.chunk`` or ``text_completion``) in order, including the final usage chunk when
+    ``stream_options.include_usage`` asks for it. Either may give dicts or their JSON text, which is relayed to the
+    client untouched. Both raise ``conveyor.errors.ConveyorError`` subclasses for problems the client should see (a
+    bad sampling parameter is ``InvalidRequest``).
     Cancelling the awaiting task must abort the request inside the engine.
     """
 
-    #: capabilities advertised to the gateway: "generate" (chat + completions) and/or "embed"
+    #: capabilities advertised to the gateway: "generate" (chat + completions), "embed", "score" (score + rerank)
     capabilities: frozenset[str]
     #: longest prompt + completion the engine accepts, if known
     max_model_len: int | None = None

@@ -133,6 +133,7 @@ class VLLMEngine(Engine):
         self._state: Any = None  # starlette State holding vLLM's serving objects
         self._max_num_seqs = 1
         self._embedding_adapter: Any = None
+        self._score_adapter: Any = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -193,6 +194,8 @@ class VLLMEngine(Engine):
         caps = {"generate"} if "generate" in tasks else set()
         if "embed" in tasks and getattr(self._state, "serving_embedding", None) is not None:
             caps.add("embed")
+        if getattr(self._state, "serving_scores", None) is not None:  # embedding models, 1-label classifiers
+            caps.add("score")
         self.capabilities = frozenset(caps)
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
@@ -247,9 +250,19 @@ class VLLMEngine(Engine):
         if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         data = {**body, "request_id": request_id}
-        if kind is not JobKind.EMBEDDING:
+        if kind.generates:
             data["stream"] = stream
         try:
+            if kind is JobKind.RERANK:
+                from vllm.entrypoints.pooling.scoring.protocol import RerankRequest
+
+                return RerankRequest.model_validate(data)
+            if kind is JobKind.SCORE:
+                if self._score_adapter is None:
+                    from vllm.entrypoints.pooling.scoring.protocol import ScoreRequest
+
+                    self._score_adapter = TypeAdapter(ScoreRequest)
+                return self._score_adapter.validate_python(data)
             if kind is JobKind.CHAT:
                 from vllm.entrypoints.openai.chat_completion.protocol import (
                     ChatCompletionRequest,
@@ -283,8 +296,10 @@ class VLLMEngine(Engine):
                 result = await self._serving("openai_serving_chat").create_chat_completion(request)
             elif kind is JobKind.COMPLETION:
                 result = await self._serving("openai_serving_completion").create_completion(request)
-            else:
+            elif kind is JobKind.EMBEDDING:
                 result = await self._serving("serving_embedding")(request)
+            else:  # score and rerank: ServingScores answers both, as vLLM's server routes them
+                result = await self._serving("serving_scores")(request)
         except ConveyorError:
             raise
         except Exception as exc:  # vLLM's server turns every exception into an error response
@@ -299,10 +314,10 @@ class VLLMEngine(Engine):
     async def run(self, kind: JobKind, body: dict[str, Any], request_id: str) -> bytes:
         result = await self._call(kind, self._request(kind, body, request_id, stream=False))
         _raise_if_error(result)
-        if kind is JobKind.EMBEDDING:  # a starlette JSONResponse (or ORJSONResponse): its body is the JSON
+        if not kind.generates:  # pooling answers are a starlette JSONResponse (or ORJSONResponse): its body is the JSON
             body_bytes = getattr(result, "body", None)
             if not isinstance(body_bytes, bytes | bytearray | memoryview):
-                raise EngineFailure("unexpected embedding response from vLLM")
+                raise EngineFailure(f"unexpected {kind.value} response from vLLM")
             if getattr(result, "status_code", 200) != 200:
                 raise error_from_vllm(json.loads(bytes(body_bytes))["error"])
             return bytes(body_bytes)  # relayed as it is: nobody parses ~200 KB of floats on the way
@@ -404,8 +419,8 @@ class VLLMEngine(Engine):
         """vLLM's stream, asked for its token ids (``return_token_ids``), which are taken out of each chunk again
         unless the client asked for them too; a continuation (``resume``) is a completion of the prompt's token ids
         plus those already sent, its chunks given the shape, id and usage of the original stream."""
-        if kind is JobKind.EMBEDDING:
-            raise InvalidRequest("embeddings cannot be streamed", param="stream")
+        if not kind.generates:
+            raise InvalidRequest(f"{kind.value} requests cannot be streamed", param="stream")
         keep_ids = bool(body.get("return_token_ids"))
         if resume is not None:
             if resume.prompt_token_ids is None:
