@@ -305,7 +305,7 @@ class TestEmbed:
         import numpy as np
         from sentence_transformers import SentenceTransformer
 
-        assert engine.capabilities == frozenset({"embed"})
+        assert engine.capabilities == frozenset({"embed", "score"})  # vLLM scores with every embedding model
         texts = ["The capital of France is Paris.", "Queues decouple producers from consumers.", "hello"]
         body = await _run(engine, JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": texts}, "embed-1")
         assert body["object"] == "list"
