@@ -294,6 +294,28 @@ def _count_merged_passes(engine: VLLMEngine) -> list[int]:
     return passes
 
 
+#: rerank and score on MiniLM: vLLM scores with an embedding model as a bi-encoder (no cross-encoder is packaged on
+#: PyPI): a pair's score is the cosine similarity of the two texts' embeddings
+FRANCE = "What is the capital of France?"
+DOCUMENTS = [
+    "Bananas are rich in potassium.",
+    "Paris is the capital and largest city of France.",
+    "The stock market fell sharply on Monday.",
+    "France's capital city is Paris, on the Seine.",
+]
+RELEVANT = {1, 3}
+
+
+async def _cosines(engine: VLLMEngine, query: str, documents: list[str]) -> list[float]:
+    """The cosine similarity of the query's embedding with each document's, from this engine's /v1/embeddings."""
+    import numpy as np
+
+    body = await _run(engine, JobKind.EMBEDDING, {"model": EMBED_MODEL, "input": [query, *documents]}, "emb-ref")
+    vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [float(vectors[0] @ v) for v in vectors[1:]]
+
+
 @pytest.mark.asyncio(loop_scope="class")
 class TestEmbed:
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
@@ -356,6 +378,43 @@ class TestEmbed:
     async def test_generation_on_an_embedding_model_is_refused(self, engine: VLLMEngine) -> None:
         with pytest.raises(InvalidRequest):
             await engine.run(JobKind.CHAT, {"model": EMBED_MODEL, "messages": PARIS}, "chat-on-embed")
+
+    async def test_rerank_puts_the_relevant_documents_first_with_the_embeddings_cosine(
+        self, engine: VLLMEngine
+    ) -> None:
+        body: dict[str, Any] = {"model": EMBED_MODEL, "query": FRANCE, "documents": DOCUMENTS}
+        got = await _run(engine, JobKind.RERANK, body, "rr-1")
+        print(f"\nrerank: {json.dumps(got['results'])}")
+        assert list(got) == ["id", "model", "usage", "results"] and got["id"] == "score-rr-1"
+        assert got["model"] == EMBED_MODEL and got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"] > 0
+        order = [r["index"] for r in got["results"]]
+        assert set(order[:2]) == RELEVANT, order  # both relevant documents above both irrelevant ones
+        scores = [r["relevance_score"] for r in got["results"]]
+        assert scores == sorted(scores, reverse=True)
+        expected = await _cosines(engine, FRANCE, DOCUMENTS)
+        for result in got["results"]:
+            assert result["document"] == {"text": DOCUMENTS[result["index"]], "multi_modal": None}
+            assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-4)
+        top = await _run(engine, JobKind.RERANK, body | {"top_n": 2}, "rr-2")
+        assert [r["index"] for r in top["results"]] == order[:2]
+
+    async def test_score_pairs_equal_the_cosine_of_their_embeddings(self, engine: VLLMEngine) -> None:
+        body = {"model": EMBED_MODEL, "queries": FRANCE, "documents": DOCUMENTS}
+        got = await _run(engine, JobKind.SCORE, body, "sc-1")
+        assert got["object"] == "list" and got["id"] == "score-sc-1"
+        assert [(d["index"], d["object"]) for d in got["data"]] == [(i, "score") for i in range(len(DOCUMENTS))]
+        expected = await _cosines(engine, FRANCE, DOCUMENTS)
+        print(f"\nscore: {[round(d['score'], 6) for d in got['data']]}\ncosine: {[round(x, 6) for x in expected]}")
+        assert [d["score"] for d in got["data"]] == pytest.approx(expected, abs=1e-4)
+        pairs = {"model": EMBED_MODEL, "text_1": [FRANCE, DOCUMENTS[0]], "text_2": [DOCUMENTS[1], DOCUMENTS[0]]}
+        n_to_n = await _run(engine, JobKind.SCORE, pairs, "sc-2")
+        assert n_to_n["data"][0]["score"] == pytest.approx(expected[1], abs=1e-4)
+        assert n_to_n["data"][1]["score"] == pytest.approx(1.0, abs=1e-4)  # a text with itself
+
+    async def test_a_document_past_the_context_is_the_clients_error(self, engine: VLLMEngine) -> None:
+        too_long = "word " * 2 * (engine.max_model_len or 512)
+        with pytest.raises(InvalidRequest):
+            await engine.run(JobKind.RERANK, {"model": EMBED_MODEL, "query": FRANCE, "documents": [too_long]}, "long")
 
 
 @pytest.mark.asyncio(loop_scope="class")
