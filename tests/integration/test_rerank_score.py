@@ -1,6 +1,6 @@
 """Rerank and score (issue 21, item 4) through HTTP against a real gateway, real redis-server and real worker
 processes with the fake engine: every path vLLM serves them at, top_n, a batch of rerank lines, and the refusal of a
-model that cannot score. (The real engine's scores are checked in tests/engine/test_scoring.py.)"""
+model that cannot score. (The real engine's scores: tests/engine/test_vllm_engine.py, ``TestEmbed``.)"""
 
 from __future__ import annotations
 
