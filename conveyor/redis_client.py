@@ -18,22 +18,27 @@ A Redis Cluster URL lists some of the cluster's nodes (the client discovers the 
     redis+cluster://[[username]:password@]host[:port][,host[:port]...][/[0]][?ssl_ca_certs=...&ssl_cert_reqs=...]
 
 (``rediss+cluster://`` for TLS, the only form the ``ssl_*`` parameters go with; a node's port defaults to 6379; a
-cluster has only database 0). Its client is redis-py's ``RedisCluster``, which has no pub/sub and no transactions:
-``subscriber`` gives the plain client SUBSCRIBE goes through (a PUBLISH on any node reaches every node's
-subscribers), and only the ``streams`` queue backend runs on a cluster (``check_queue_backend``).
+cluster has only database 0). Its client is redis-py's ``RedisCluster``, which has no pub/sub and no transactions,
+and only the ``streams`` queue backend runs on a cluster (``check_queue_backend``).
+
+Pub/sub is sharded on a cluster (Redis 7's ``SSUBSCRIBE``/``SPUBLISH``): a channel lives on the node that owns its
+slot, so a stream's tokens stay on its model's shard instead of crossing the cluster bus to every node (classic
+PUBLISH's broadcast). Every channel carries its model's hash tag, and the scripts that publish run on that slot.
+``subscriber(redis, channel)`` gives the plain client of the node to subscribe through, ``PUBSUB`` the commands
+and message types, ``publish_lua`` the publishing function the scripts call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import AfterValidator
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from conveyor.contract import QueueBackend
@@ -237,9 +242,11 @@ def connect(url: str) -> Redis:
 
 
 class ClusterClient(RedisCluster):
-    """redis-py's cluster client, holding the plain client its subscriptions go through (``subscriber``)."""
+    """redis-py's cluster client, holding a plain client per node for the channels that node owns
+    (``subscriber``)."""
 
-    subscriber: Redis
+    subscribers: dict[str, Redis]
+    node_options: dict[str, Any]
 
 
 def _connect_cluster(target: ClusterTarget) -> Redis:
@@ -252,67 +259,91 @@ def _connect_cluster(target: ClusterTarget) -> Redis:
     }
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
     cluster = ClusterClient(startup_nodes=nodes, ssl=target.tls, **common)
-    connection = _AnyNodeSSLConnection if target.tls else _AnyNodeConnection
-    pool = ConnectionPool(connection_class=connection, nodes=lambda: _node_addresses(cluster), **common)
-    cluster.subscriber = Redis(connection_pool=pool)
+    cluster.subscribers = {}
+    cluster.node_options = {"ssl": target.tls, **common}
     # RedisCluster is no subclass of Redis, but it answers the same key commands; every caller holds its client as a
     # Redis, so the cast keeps one type through the code base. What differs is pub/sub (``subscriber``), MULTI/EXEC
     # (refused: use one script on one slot) and a script's keys (one slot), and those are the callers' business.
     return cast(Redis, cluster)
 
 
-def _node_addresses(cluster: RedisCluster) -> list[tuple[str, int]]:
-    """Where a subscriber may connect: the cluster's primaries as last discovered, then the URL's nodes."""
-    known = [(node.host, int(node.port)) for node in cluster.get_primaries()]
-    listed = [(node.host, int(node.port)) for node in cluster.nodes_manager.startup_nodes.values()]
-    return list(dict.fromkeys(known + listed))
-
-
-class _AnyNodeConnection(Connection):
-    """A connection to the first node of ``nodes()`` that accepts one: a PUBLISH on any node of a cluster reaches
-    the subscribers of every node, so a subscriber whose node died reconnects to another."""
-
-    def __init__(self, *, nodes: Callable[[], list[tuple[str, int]]], **kwargs: Any) -> None:
-        self._nodes = nodes
-        super().__init__(**kwargs)
-
-    async def _connect(self) -> None:
-        failure: OSError | None = None
-        for host, port in self._nodes():
-            self.host, self.port = host, port
-            try:
-                await super()._connect()  # type: ignore[no-untyped-call]
-                return
-            except OSError as exc:  # refused, unreachable or timed out (TimeoutError is an OSError)
-                failure = exc
-        raise failure or OSError("the cluster has no node to connect to")
-
-
-class _AnyNodeSSLConnection(_AnyNodeConnection, SSLConnection):
-    pass
-
-
 def is_cluster(redis: Redis) -> bool:
     return isinstance(cast(object, redis), RedisCluster)
 
 
-def subscriber(redis: Redis) -> Redis:
-    """The client to SUBSCRIBE through: the client itself, or for a cluster a plain client to one of its nodes
-    (``RedisCluster`` has no pub/sub). It belongs to ``redis``: ``close(redis)`` closes it."""
+@dataclass(frozen=True, slots=True)
+class PubSubCommands:
+    """The commands and message types of classic or sharded pub/sub."""
+
+    subscribe: str
+    unsubscribe: str
+    #: the type of a subscription's confirmation, of a message, and of an unsubscription (sharded: also sent unasked
+    #: when the channel's slot moved to another node, whose subscribers get its messages from then on)
+    subscribed: str
+    message: str
+    unsubscribed: str
+    publish: str
+
+
+CLASSIC = PubSubCommands("SUBSCRIBE", "UNSUBSCRIBE", "subscribe", "message", "unsubscribe", "PUBLISH")
+SHARDED = PubSubCommands("SSUBSCRIBE", "SUNSUBSCRIBE", "ssubscribe", "smessage", "sunsubscribe", "SPUBLISH")
+
+
+def pubsub(redis: Redis) -> PubSubCommands:
+    """Sharded pub/sub on a cluster, classic elsewhere."""
+    return SHARDED if is_cluster(redis) else CLASSIC
+
+
+def publish_lua(redis: Redis) -> str:
+    """The Lua function ``publish(channel, message)`` a script that publishes starts with: SPUBLISH on a cluster
+    (the channel must hash to the script's slot: give it the model's tag), PUBLISH elsewhere."""
+    command = pubsub(redis).publish
+    return f"local function publish(channel, message) return redis.call('{command}', channel, message) end\n"
+
+
+async def subscriber(redis: Redis, channel: str) -> Redis:
+    """The client to subscribe to ``channel`` through: the client itself, or on a cluster a plain client to the node
+    that owns the channel's slot now (one per node, closed by ``close(redis)``)."""
     client = cast(object, redis)
-    if isinstance(client, ClusterClient):
-        plain: Redis = client.subscriber  # (mypy sees redis-py 5.3's RedisCluster as Any)
-        return plain
-    if isinstance(client, RedisCluster):
-        raise TypeError("a cluster client without a subscriber: build it with redis_client.connect")
-    return redis
+    if not isinstance(client, RedisCluster):
+        return redis
+    if not isinstance(client, ClusterClient):
+        raise TypeError("a cluster client without subscribers: build it with redis_client.connect")
+    await client.initialize()  # the slot map (a no-op once known)
+    node = client.get_node_from_key(channel)
+    if node is None:
+        raise ConnectionError(f"no node of the cluster serves the slot of {channel!r}")
+    plain: Redis | None = client.subscribers.get(node.name)
+    if plain is None:
+        plain = client.subscribers[node.name] = Redis(host=node.host, port=node.port, **client.node_options)
+    return plain
+
+
+async def send(pubsub: PubSub, *command: str) -> None:
+    """A (S)SUBSCRIBE or (S)UNSUBSCRIBE, sent straight on the pub/sub connection (its replies arrive as messages).
+    redis-py 5's ``PubSub`` knows no sharded pub/sub, and its bookkeeping would take a sharded channel for a
+    classic one: its resubscription on reconnect, and its health check's PING (whose reply it reads inline, where a
+    message may be waiting). A connection that fails is closed by its reader and never reused."""
+    await pubsub.connect()  # type: ignore[no-untyped-call]
+    connection = pubsub.connection
+    if connection is None:
+        raise ConnectionError("the pub/sub connection did not open")
+    await connection.send_command(*command, check_health=False)
 
 
 async def publish(redis: Redis, channel: str, message: bytes | str) -> None:
-    """PUBLISH outside a script, on a single Redis or a cluster (redis-py's ``RedisCluster`` has no ``publish``;
-    the command itself reaches every node's subscribers, but its count is only of the node it ran on, so none is
-    returned)."""
-    await redis.execute_command("PUBLISH", channel, message)  # type: ignore[no-untyped-call]
+    """Publish outside a script (redis-py's ``RedisCluster`` has no ``publish``/``spublish``): SPUBLISH, routed to
+    the channel's node, on a cluster."""
+    await redis.execute_command(pubsub(redis).publish, channel, message)  # type: ignore[no-untyped-call]
+
+
+async def forget_slots(redis: Redis) -> None:
+    """After a subscriber's connection failed: on a cluster, read the slot map again (a node may have died or handed
+    its slots over), so the next ``subscriber`` names the node that serves the channel now."""
+    client = cast(object, redis)
+    if isinstance(client, RedisCluster):
+        with contextlib.suppress(Exception):  # the cluster is unreachable: the next attempt tries again
+            await client.nodes_manager.initialize()
 
 
 async def close(redis: Redis) -> None:
@@ -320,7 +351,8 @@ async def close(redis: Redis) -> None:
     if isinstance(client, RedisCluster):
         await client.aclose()
         if isinstance(client, ClusterClient):
-            await close(client.subscriber)
+            for plain in client.subscribers.values():
+                await close(plain)
         return
     await redis.aclose()
     pool = redis.connection_pool

@@ -27,7 +27,7 @@ local function enqueue(lane, job, data, expiry_ms, score, id)
   redis.call('PSETEX', job, expiry_ms, data)
   redis.call('ZADD', lane, score, id)
 end
-local function wake(channel) redis.call('PUBLISH', channel, 'job') end  -- contract.WAKE_JOB
+local function wake(channel) publish(channel, 'job') end  -- contract.WAKE_JOB
 """
 
 

@@ -8,5 +8,5 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
   return 0
 end
 redis.call('PSETEX', KEYS[5], ARGV[2], '1')
-redis.call('PUBLISH', KEYS[6], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
+publish(KEYS[6], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
 return 1

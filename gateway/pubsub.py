@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from conveyor import contract, redis_client
+from conveyor import redis_client
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -26,21 +26,68 @@ READ_SECONDS = 1.0
 
 class PubSubMultiplexer:
     """``subscribe`` returns only once Redis has confirmed the subscription, so a publish that follows an
-    enqueue can never be missed (pub/sub drops what was published before the subscriber subscribed)."""
+    enqueue can never be missed (pub/sub drops what was published before the subscriber subscribed).
+
+    One connection (``_Link``) per Redis, or on a cluster per node: a sharded channel is subscribed to on the node
+    that owns its slot (``redis_client.subscriber``)."""
 
     def __init__(self, redis: Redis) -> None:
-        # the client SUBSCRIBE goes through: ``redis`` itself, or a plain client to a node of a Redis Cluster (which
-        # sees every node's PUBLISH); ``redis_client.close(redis)`` closes it
-        self._redis = redis_client.subscriber(redis)
+        self._redis = redis
+        self._commands = redis_client.pubsub(redis)
+        self._links: dict[int, _Link] = {}  # by id() of the client each reads through
+        self._link_of: dict[str, _Link] = {}  # the channels open now
+
+    async def start(self) -> None:
+        """Nothing to do: a link connects with its first channel."""
+
+    async def stop(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.stop()
+
+    async def subscribe(self, channel: str) -> asyncio.Queue[Any]:
+        link = self._link(await redis_client.subscriber(self._redis, channel))
+        queue = await link.subscribe(channel)
+        self._link_of[channel] = link
+        return queue
+
+    async def unsubscribe(self, channel: str) -> None:
+        link = self._link_of.pop(channel, None)
+        if link is not None:
+            await link.unsubscribe(channel)
+
+    def _link(self, client: Redis) -> _Link:
+        link = self._links.get(id(client))
+        if link is None or link.closed:
+            link = self._links[id(client)] = _Link(client, self._commands, self._lost)
+            link.start()
+        return link
+
+    async def _lost(self, link: _Link, channels: list[str]) -> None:
+        if self._links.get(id(link.client)) is link:
+            del self._links[id(link.client)]
+        for channel in channels:
+            self._link_of.pop(channel, None)
+        await redis_client.forget_slots(self._redis)
+
+
+class _Link:
+    """One pub/sub connection and the task that reads it, fanned out to one asyncio queue per open channel."""
+
+    def __init__(
+        self, client: Redis, commands: redis_client.PubSubCommands, lost: Callable[[_Link, list[str]], Awaitable[None]]
+    ) -> None:
+        self.client = client
+        self._commands = commands
+        self._lost = lost
         self._pubsub: PubSub | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
-        # a channel of our own keeps the connection subscribed while no stream is open
-        self._home = f"{contract.KEY_PREFIX}:gateway:{uuid.uuid4().hex}"
+        self.closed = False
 
-    async def start(self) -> None:
+    def start(self) -> None:
         self._reader = asyncio.create_task(self._read_forever(), name="pubsub-reader")
 
     async def stop(self) -> None:
@@ -57,7 +104,7 @@ class PubSubMultiplexer:
         self._queues[channel] = queue
         self._confirmations[channel] = confirmed
         try:
-            await pubsub.subscribe(channel)
+            await redis_client.send(pubsub, self._commands.subscribe, channel)
             await asyncio.wait_for(confirmed, CONFIRM_TIMEOUT_SECONDS)
         except BaseException:
             self._queues.pop(channel, None)
@@ -70,15 +117,15 @@ class PubSubMultiplexer:
         self._confirmations.pop(channel, None)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
+                await redis_client.send(self._pubsub, self._commands.unsubscribe, channel)
 
     async def _connection(self) -> PubSub:
         # one at a time: a subscribe racing the reader's (re)connection would otherwise open a second connection,
         # and the confirmations arriving on the one the reader does not read would never come
         async with self._connecting:
             if self._pubsub is None:
-                pubsub = self._redis.pubsub()
-                await pubsub.subscribe(self._home)
+                pubsub = self.client.pubsub()
+                await pubsub.connect()  # type: ignore[no-untyped-call]
                 self._pubsub = pubsub
             return self._pubsub
 
@@ -89,34 +136,39 @@ class PubSubMultiplexer:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _read_forever(self) -> None:
-        while True:
-            try:
-                pubsub = await self._connection()
-                while True:
-                    message = await pubsub.get_message(timeout=READ_SECONDS)
-                    if message is not None:
-                        self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("pub/sub connection lost: %s; failing %d open streams", exc, len(self._queues))
-                for channel, queue in list(self._queues.items()):
-                    queue.put_nowait(CONNECTION_LOST)
-                    future = self._confirmations.pop(channel, None)
-                    if future and not future.done():
-                        future.set_exception(exc)
-                self._queues.clear()
-                await self._drop_connection()
-                await asyncio.sleep(0.5)
+        try:
+            pubsub = await self._connection()
+            while True:
+                message = await pubsub.get_message(timeout=READ_SECONDS)
+                if message is not None:
+                    self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # this link is done: the next subscribe opens a new one
+            log.warning("pub/sub connection lost: %s; failing %d open streams", exc, len(self._queues))
+            self.closed = True
+            lost = list(self._queues)
+            for channel, queue in list(self._queues.items()):
+                queue.put_nowait(CONNECTION_LOST)
+                future = self._confirmations.pop(channel, None)
+                if future and not future.done():
+                    future.set_exception(exc)
+            self._queues.clear()
+            await self._drop_connection()
+            await self._lost(self, lost)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = message["channel"]
+        kind, channel = message["type"], message["channel"]
         channel = channel.decode() if isinstance(channel, bytes) else channel
-        if message["type"] == "subscribe":
+        if kind == self._commands.subscribed:
             future = self._confirmations.pop(channel, None)
             if future is not None and not future.done():
                 future.set_result(None)
-        elif message["type"] == "message":
+        elif kind == self._commands.message:
             queue = self._queues.get(channel)
             if queue is not None:
                 queue.put_nowait(message["data"])
+        elif kind == self._commands.unsubscribed and channel in self._queues:
+            # not asked for: the channel's slot moved to another node, whose subscribers now get its messages
+            log.warning("pub/sub: Redis dropped channel %s (its slot moved); failing its stream", channel)
+            self._queues.pop(channel).put_nowait(CONNECTION_LOST)

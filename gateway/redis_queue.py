@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import contract, redis_client
 from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
 from conveyor.outage import REDIS_DOWN
@@ -111,10 +111,11 @@ class RedisJobQueue(ABC):
         self.settings = settings
         self.directory = directory
         self.key_limits = KeyLimits(redis)
-        self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, self.LANE_LUA))
+        lanes = redis_client.publish_lua(redis) + self.LANE_LUA
+        self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, lanes))
         self._charge = redis.register_script(contract.RATE_WINDOW_LUA + CHARGE_LUA)
-        self._enqueue_chunks = redis.register_script(self.LANE_LUA + ENQUEUE_LUA)
-        self._cancel = redis.register_script(self.CANCEL_LUA)
+        self._enqueue_chunks = redis.register_script(lanes + ENQUEUE_LUA)
+        self._cancel = redis.register_script(redis_client.publish_lua(redis) + self.CANCEL_LUA)
 
     # --- the backend's layout -----------------------------------------------------------------------------------
 

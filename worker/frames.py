@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from conveyor import redis_client
 from worker.pipeliner import Grouped
 
 #: For each frame, KEYS: progress list; ARGV: entry count, lease key ('' for no check), lease holder, stream channel
@@ -33,7 +34,7 @@ for k = 1, #KEYS do
   end
   if ok == 1 and redis.call('LLEN', KEYS[k]) ~= tonumber(ARGV[a + 6]) then ok = 0 end
   if ok == 1 then
-    if ARGV[a + 3] ~= '' then redis.call('PUBLISH', ARGV[a + 3], ARGV[a + 4]) end
+    if ARGV[a + 3] ~= '' then publish(ARGV[a + 3], ARGV[a + 4]) end
     for i = a + 7, a + 6 + n do
       if redis.call('RPUSH', KEYS[k], ARGV[i]) == 1 then redis.call('PEXPIREAT', KEYS[k], ARGV[a + 5]) end
     end
@@ -63,7 +64,7 @@ class FrameSender(Grouped[Frame, int]):
 
     def __init__(self, redis: Redis) -> None:
         super().__init__(self._send_group)
-        self._script = redis.register_script(SEND_SCRIPT)
+        self._script = redis.register_script(redis_client.publish_lua(redis) + SEND_SCRIPT)
 
     async def _send_group(self, frames: list[Frame]) -> list[int]:
         keys: list[str] = []

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from conveyor import contract
-from conveyor.redis_client import is_cluster
+from conveyor.redis_client import is_cluster, publish_lua
 from worker import wakeups
 from worker.finish_tail import ACCOUNT_LUA, deliver, finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
@@ -172,7 +172,7 @@ for i = 7, #ARGV do
 end
 if handed > 0 then
   redis.call('XADD', KEYS[1], '*', 'id', '')  -- the nudge: a reader blocked on the lane wakes and sweeps
-  redis.call('PUBLISH', KEYS[3], 'job')  -- contract.WAKE_JOB
+  publish(KEYS[3], 'job')  -- contract.WAKE_JOB
 end
 return handed
 """
@@ -193,7 +193,7 @@ class StreamsJobSource:
         self._take = redis.register_script(TAKE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
-        self._hand_back = redis.register_script(HAND_BACK_SCRIPT)
+        self._hand_back = redis.register_script(publish_lua(redis) + HAND_BACK_SCRIPT)
         self._account = redis.register_script(ACCOUNT_LUA)
         self._pipeliner = Pipeliner(redis)
         self.cluster = is_cluster(redis)

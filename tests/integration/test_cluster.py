@@ -1,5 +1,5 @@
 """A real 3-master Redis Cluster (``launcher.redis_cluster``) under the client every process builds: keys across
-slots, pub/sub through ``redis_client.subscriber``, and arq refused before a process touches Redis."""
+slots, sharded pub/sub through ``redis_client.subscriber``, and arq refused before a process touches Redis."""
 
 from __future__ import annotations
 
@@ -51,67 +51,67 @@ async def test_the_cluster_url_sets_and_gets_keys_on_every_master(cluster: Redis
     assert [await client.get(key) for key in KEYS] == [str(i).encode() for i in range(len(KEYS))]
 
 
-async def test_a_publish_on_any_master_reaches_a_subscriber(cluster: RedisClusterServer, client: Redis) -> None:
-    pubsub = redis_client.subscriber(client).pubsub()
+def one_channel_per_master(cluster: RedisClusterServer) -> dict[int, str]:
+    """A stream channel (its model's hash tag) on each master: master port -> channel."""
+    channels = (contract.stream_channel(f"model-{i}", "job") for i in range(30))
+    return {cluster.node_of(channel): channel for channel in channels}
+
+
+def shard_subscribers(port: int) -> int:
+    """How many connections of this master hold sharded subscriptions (CLIENT LIST's ``ssub``)."""
+    with redis.Redis(port=port, socket_timeout=2) as node:
+        return sum(int(c.get("ssub", 0)) > 0 for c in node.client_list())
+
+
+async def test_a_channel_is_subscribed_on_its_masters_shard_and_a_script_there_publishes_to_it(
+    cluster: RedisClusterServer, client: Redis
+) -> None:
+    """Sharded pub/sub: the gateway's multiplexer subscribes each channel on the master that owns its slot (one
+    connection per master), and a script on that slot (as the workers' are) reaches it with SPUBLISH."""
+    channels = one_channel_per_master(cluster)
+    assert len(channels) == 3
+    mux = PubSubMultiplexer(client)
+    script = client.register_script(redis_client.publish_lua(client) + "publish(KEYS[1], ARGV[1])")
     try:
-        await pubsub.subscribe("conveyor:test:channel")
-        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
-        await redis_client.publish(client, "conveyor:test:channel", b"plain")
-        assert (await pubsub.get_message(timeout=5))["data"] == b"plain"
-        one_per_master = {cluster.node_of(key): key for key in KEYS}
-        for key in one_per_master.values():  # the serving path publishes from scripts, on the master of their keys
-            await client.eval("redis.call('PUBLISH', ARGV[1], ARGV[2])", 1, key, "conveyor:test:channel", key)  # type: ignore[misc]
-        received = [await pubsub.get_message(timeout=5) for _ in one_per_master]
-        # (in no set order: another master's PUBLISH comes over the cluster bus)
-        assert sorted(m["data"] for m in received if m) == sorted(k.encode() for k in one_per_master.values())
+        await mux.start()
+        queues = {port: await mux.subscribe(channel) for port, channel in channels.items()}
+        assert {port: shard_subscribers(port) for port in channels} == dict.fromkeys(channels, 1)
+        for port, channel in channels.items():
+            with redis.Redis(port=port, socket_timeout=2) as node:
+                assert node.execute_command("PUBSUB", "SHARDNUMSUB", channel) == [channel.encode(), 1]
+                assert node.execute_command("PUBSUB", "NUMSUB", channel) == [channel.encode(), 0]  # not classic
+            await script(keys=[channel], args=[f"from {port}"])
+            await redis_client.publish(client, channel, f"again {port}")  # outside a script, routed to the node
+        for port, queue in queues.items():
+            assert [await asyncio.wait_for(queue.get(), 5) for _ in range(2)] == [
+                f"from {port}".encode(),
+                f"again {port}".encode(),
+            ]
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await mux.stop()
 
 
-async def test_the_gateway_subscriber_moves_to_another_master_when_its_own_dies(tmp_path: Path) -> None:
+async def test_a_masters_death_fails_only_the_streams_on_its_shard(tmp_path: Path) -> None:
     cluster = redis_cluster.start(tmp_path / "cluster")  # its own: a master is killed
     client = redis_client.connect(cluster.url)
     mux = PubSubMultiplexer(client)
     try:
         await mux.start()
-        queue = await mux.subscribe("conveyor:test:before")
-        node = subscribed_node(cluster)
-        cluster.kill(node)
-        assert await asyncio.wait_for(queue.get(), 10) is CONNECTION_LOST  # open streams fail at once
-        queue = await asyncio.wait_for(_subscribe_again(mux, "conveyor:test:after"), 10)
-        assert subscribed_node(cluster) != node
-        alive = next(port for port in cluster.ports if port != node)
-        publisher = Redis(port=alive)
-        await publisher.publish("conveyor:test:after", b"still here")
-        await publisher.aclose()
-        assert await asyncio.wait_for(queue.get(), 5) == b"still here"
+        channels = one_channel_per_master(cluster)
+        queues = {port: await mux.subscribe(channel) for port, channel in channels.items()}
+        dead, *alive = channels
+        cluster.kill(dead)
+        assert await asyncio.wait_for(queues[dead].get(), 10) is CONNECTION_LOST  # its open streams fail at once
+        for port in alive:  # the others' connections are their own: their streams go on
+            with redis.Redis(port=port, socket_timeout=2) as node:
+                node.execute_command("SPUBLISH", channels[port], b"still here")
+            assert await asyncio.wait_for(queues[port].get(), 5) == b"still here"
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError, TimeoutError)):
+            await mux.subscribe(channels[dead])  # a new request for a model on the dead shard fails (503)
     finally:
         await mux.stop()
         await redis_client.close(client)
         cluster.stop()
-
-
-async def _subscribe_again(mux: PubSubMultiplexer, channel: str) -> asyncio.Queue[object]:
-    """The multiplexer reconnects on its own; a subscribe made before it has fails, as a new request's would."""
-    while True:
-        try:
-            return await mux.subscribe(channel)
-        except (redis.ConnectionError, redis.TimeoutError, TimeoutError):
-            await asyncio.sleep(0.1)
-
-
-def subscribed_node(cluster: RedisClusterServer) -> int:
-    """The port of the one master holding a connection with subscriptions."""
-    holders = []
-    for port in cluster.ports:
-        try:
-            with redis.Redis(port=port, socket_timeout=2) as node:
-                if any(int(c.get("sub", 0)) > 0 for c in node.client_list()):
-                    holders.append(port)
-        except redis.ConnectionError:
-            continue
-    assert len(holders) == 1, holders
-    return holders[0]
 
 
 @pytest.mark.parametrize("command", [["gateway"], ["worker", "--model", "m", "--engine", "fake"]])

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from conveyor import contract, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
+from conveyor.redis_client import publish_lua
 from gateway.arq_queue import LANE_LUA
 from gateway.key_admission import KeyAdmission, KeyLimits
 from gateway.rate_limits import duration
@@ -32,7 +33,7 @@ class Admission:
         self.redis = redis
         self.key_id = key_id
         self.limits = KeyLimits(redis)
-        self.script = redis.register_script(admission_script(QueueBackend.ARQ, LANE_LUA))
+        self.script = redis.register_script(admission_script(QueueBackend.ARQ, publish_lua(redis) + LANE_LUA))
         self.count = 0
 
     async def __call__(self, now: float, tokens: int = 1, model: str = MODEL, deadline: float = 1e12) -> list[int]:

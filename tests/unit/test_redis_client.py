@@ -175,7 +175,7 @@ def test_the_first_listed_node_is_where_the_advertised_address_is_found() -> Non
     assert address_towards("redis+cluster://127.0.0.1:7000") == "127.0.0.1"
 
 
-async def test_a_cluster_url_builds_a_cluster_client_and_a_plain_subscriber_with_the_same_timeouts() -> None:
+async def test_a_cluster_url_builds_a_cluster_client_whose_node_subscribers_get_the_same_timeouts() -> None:
     client = redis_client.connect("redis+cluster://u:pw@127.0.0.1:1,127.0.0.1:2")
     try:
         assert redis_client.is_cluster(client)
@@ -187,19 +187,21 @@ async def test_a_cluster_url_builds_a_cluster_client_and_a_plain_subscriber_with
             assert (kwargs["username"], kwargs["password"]) == ("u", "pw")
             assert kwargs["socket_timeout"] == redis_client.READ_TIMEOUT_SECONDS
             assert kwargs["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS
-        plain = redis_client.subscriber(client)
-        assert not redis_client.is_cluster(plain) and plain is redis_client.subscriber(client)
-        kwargs = plain.connection_pool.connection_kwargs
-        assert kwargs["socket_timeout"] == redis_client.READ_TIMEOUT_SECONDS
-        assert kwargs["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS
-        assert kwargs["nodes"]() == [("127.0.0.1", 1), ("127.0.0.1", 2)]  # no primaries known before discovery
+        options = cast(redis_client.ClusterClient, client).node_options  # a node's subscriber is built with these
+        assert (options["username"], options["password"], options["ssl"]) == ("u", "pw", False)
+        assert options["socket_timeout"] == redis_client.READ_TIMEOUT_SECONDS
+        assert options["socket_connect_timeout"] == redis_client.CONNECT_TIMEOUT_SECONDS
+        assert redis_client.pubsub(client) is redis_client.SHARDED
+        assert "redis.call('SPUBLISH', channel, message)" in redis_client.publish_lua(client)
     finally:
         await redis_client.close(client)
 
 
-async def test_a_single_redis_subscribes_through_itself() -> None:
+async def test_a_single_redis_subscribes_through_itself_with_classic_pubsub() -> None:
     client = redis_client.connect("redis://127.0.0.1:1/0")
     try:
-        assert not redis_client.is_cluster(client) and redis_client.subscriber(client) is client
+        assert not redis_client.is_cluster(client) and await redis_client.subscriber(client, "c") is client
+        assert redis_client.pubsub(client) is redis_client.CLASSIC
+        assert "redis.call('PUBLISH', channel, message)" in redis_client.publish_lua(client)
     finally:
         await redis_client.close(client)
