@@ -56,6 +56,7 @@ bench: install
 	$(RUN) python -m bench.scale_from_zero
 	$(RUN) python -m bench.hand_back
 	$(RUN) python -m bench.shards
+	$(RUN) python -m bench.cluster_pubsub
 
 bench-engine: install  ## Conveyor vs vLLM's own server, with vLLM's own benchmark client (~20 min)
 	$(RUN) python -m bench.vllm_serve --offline
