@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import pytest
 
-from conveyor.contract import bulk_queue_name, queue_name, stream_lane_key
+from conveyor.contract import QueueBackend, bulk_queue_name, queue_name, stream_lane_key
+from conveyor.redis_settings import RedisSettings
 from tests.deploy.conftest import ALTERNATIVE_MANIFESTS, OPTIONAL_MANIFESTS, kustomize, write_fleet
 from tests.deploy.files import (
     GATEWAY_PORT,
@@ -186,6 +188,17 @@ def test_keda_scales_a_worker_from_zero_on_both_of_its_lanes(k8s: Objects) -> No
         assert lanes == {queue_name(model), bulk_queue_name(model)}
     for _, trigger in pairs:
         assert trigger["metadata"]["activationListLength"] == "0"  # active (0 -> 1) at one outstanding job
+
+
+def test_the_configmap_names_the_queue_backend_the_shipped_keda_file_scales_on(
+    k8s: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every gateway and worker reads CONVEYOR_QUEUE_BACKEND from the ConfigMap (they must agree), and a value they
+    accept; keda-scaledobject.yaml watches arq's lanes, so the shipped backend is arq (streams: switch both)."""
+    (config,) = of_kind(k8s, "ConfigMap").values()
+    for name in ("CONVEYOR_REDIS_URL", "CONVEYOR_QUEUE_BACKEND"):
+        monkeypatch.setenv(name, config["data"][name])
+    assert RedisSettings().queue_backend is QueueBackend.ARQ
 
 
 def test_keda_on_the_streams_backend_scales_on_the_length_of_both_streams(k8s: Objects, keda_streams: Objects) -> None:
