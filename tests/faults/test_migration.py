@@ -164,7 +164,9 @@ def killed_in_a_row(procs: Processes, kills: int, max_migrations: int, token_del
 
 
 def test_twenty_kills_in_a_row_and_the_stream_reads_as_if_nothing_happened(procs: Processes) -> None:
-    got = killed_in_a_row(procs, kills=20, max_migrations=25, token_delay="0.02")
+    # room for more moves than kills: with a 1 s lease, a worker starved of CPU on a busy machine loses its job too
+    # (a run here, beside an engine-tier run, moved the stream 25 times for 20 kills)
+    got = killed_in_a_row(procs, kills=20, max_migrations=60, token_delay="0.02")
     assert got.error == "" and got.deltas == expected(tokens=1000) and got.completion_tokens == 1000
 
 
