@@ -50,7 +50,7 @@ class ArqJobQueue(RedisJobQueue):
                 {},
                 None,
                 enqueued_ms,
-                serializer=contract.dumps,
+                serializer=contract.dumps_finite,
             )
         except SerializationError as exc:
             raise unencodable(exc.__cause__) from None

@@ -61,7 +61,7 @@ class StreamsJobQueue(RedisJobQueue):
 
     def job_data(self, envelope: JobEnvelope, enqueued_ms: int) -> bytes:
         try:
-            return contract.dumps(envelope.model_dump(mode="json"))
+            return contract.dumps_finite(envelope.model_dump(mode="json"))
         except UnicodeEncodeError as exc:
             raise unencodable(exc) from None
 
