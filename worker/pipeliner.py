@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, ResponseError
 
 from conveyor.redis_client import is_cluster
 
@@ -68,8 +69,13 @@ class Pipeliner(Grouped[Queue, Any]):
         super().__init__(self._execute)
         self.redis = redis
         self.cluster = is_cluster(redis)
+        #: the scripts this pipeliner saw loaded in Redis
+        self._loaded: set[str] = set()
 
-    async def _execute(self, queues: list[Queue]) -> list[Any]:
+    async def _execute(self, queues: list[Queue], again: bool = False) -> list[Any]:
+        """One round trip for the group. redis-py asks ``SCRIPT EXISTS`` (and loads what is missing) before every
+        pipeline that calls scripts, a second round trip each time: here only until a script is known to be loaded.
+        Calls that Redis answers ``NOSCRIPT`` (it lost its scripts: a restart) did not run: they go again, checked."""
         if self.cluster:  # a cluster pipeline cannot carry scripts: the group's calls go at once, each to its node
             return list(await asyncio.gather(*(queue(cast(Pipeline, self.redis)) for queue in queues)))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -77,4 +83,17 @@ class Pipeliner(Grouped[Queue, Any]):
                 queued = queue(pipe)
                 if inspect.isawaitable(queued):
                     await queued
-            return list(await pipe.execute())
+            shas = {script.sha for script in pipe.scripts}
+            if shas <= self._loaded:
+                pipe.scripts.clear()
+            results = list(await pipe.execute(raise_on_error=False))
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        self._loaded = self._loaded - shas if missing else self._loaded | shas
+        if missing and not again:
+            retried = await self._execute([queues[i] for i in missing], again=True)
+            for i, result in zip(missing, retried, strict=True):
+                results[i] = result
+        for result in results:  # as ``execute()`` would have: the group fails with its first error
+            if isinstance(result, ResponseError):
+                raise result
+        return results
