@@ -66,7 +66,7 @@ class EmbeddingBatcher:
     async def embed(self, body: dict[str, Any], request_id: str) -> bytes | dict[str, Any]:
         """The answer to one embedding request, from an engine call it may share with others."""
         if not mergeable(body):
-            metrics.EMBED_CALL_REQUESTS.labels(self.model).observe(1)
+            metrics.labelled(metrics.EMBED_CALL_REQUESTS, self.model).observe(1)
             return await self.engine.run(JobKind.EMBEDDING, body, request_id)
         key = params_key(body)
         group = self._open.get(key)
@@ -112,7 +112,7 @@ class EmbeddingBatcher:
         request_ids: list[str],
         answers: list[asyncio.Future[bytes | dict[str, Any]]],
     ) -> None:
-        metrics.EMBED_CALL_REQUESTS.labels(self.model).observe(len(bodies))
+        metrics.labelled(metrics.EMBED_CALL_REQUESTS, self.model).observe(len(bodies))
         try:
             results = await self.engine.embed_many(bodies, request_ids)
         except Exception as exc:  # the engine failed under the whole call

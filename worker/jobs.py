@@ -85,7 +85,7 @@ class JobRunner:
             )
             return await self._answer_error(envelope, error)
         if claim.tries > self.max_tries:
-            metrics.JOBS.labels(self.model, _kind(envelope), "worker_lost").inc()
+            metrics.labelled(metrics.JOBS, self.model, _kind(envelope), "worker_lost").inc()
             log.warning("job %s: its worker was lost %d times; answering worker_lost", claim.job_id, self.max_tries)
             lost = WorkerLost(f"the workers running this request were lost {self.max_tries} times; it was not retried")
             if envelope.chunk is not None:
@@ -99,14 +99,14 @@ class JobRunner:
     async def run(self, envelope: JobEnvelope, fence: Fence | None = None) -> Done:
         kind = _kind(envelope)
         started = time.time()
-        metrics.QUEUE_WAIT.labels(self.model).observe(max(0.0, started - envelope.created))
+        metrics.labelled(metrics.QUEUE_WAIT, self.model).observe(max(0.0, started - envelope.created))
         left = envelope.seconds_left(started)
         if left <= 0:
-            metrics.JOBS.labels(self.model, kind, "expired").inc()
+            metrics.labelled(metrics.JOBS, self.model, kind, "expired").inc()
             log.warning("expired in the queue: its deadline passed before a worker could start it")
             error = DeadlineExceeded("the request's deadline passed before a worker could start it")
             return await self._answer_error(envelope, error)
-        metrics.RUNNING_JOBS.labels(self.model).inc()
+        metrics.labelled(metrics.RUNNING_JOBS, self.model).inc()
         outcome = "cancelled"
         try:
             if envelope.chunk is not None:
@@ -128,9 +128,9 @@ class JobRunner:
             outcome = "engine_dead"
             raise
         finally:
-            metrics.RUNNING_JOBS.labels(self.model).dec()
-            metrics.JOBS.labels(self.model, kind, outcome).inc()
-            metrics.JOB_DURATION.labels(self.model, kind).observe(time.time() - started)
+            metrics.labelled(metrics.RUNNING_JOBS, self.model).dec()
+            metrics.labelled(metrics.JOBS, self.model, kind, outcome).inc()
+            metrics.labelled(metrics.JOB_DURATION, self.model, kind).observe(time.time() - started)
             if outcome != "ok":  # one line per job that did not succeed (an engine failure also logged its cause)
                 level = OUTCOME_LOG_LEVEL.get(outcome, logging.WARNING)
                 log.log(level, "%s job ended %s after %.2f s", kind, outcome, time.time() - started)
