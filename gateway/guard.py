@@ -59,7 +59,7 @@ class RequestGuard:
         await self.app(scope, self._limited(receive, self._limit(request)), send)
 
     async def _refusal(self, request: Request) -> ConveyorError | None:
-        path = request.url.path
+        path = _path(request)
         if errors.is_api_path(path):  # health, readiness and metrics stay open for probes and scrapers
             refusal = await self._client_refusal(request)
             if refusal is not None:
@@ -67,7 +67,7 @@ class RequestGuard:
         elif path.startswith(ADMIN_PREFIX):
             admin = self.settings.admin_key
             if admin is None:
-                return NotFound(f"No route {request.method} {path}.")
+                return NotFound(f"No route {request.method} {request.url.path}.")
             if not key_matches(_bearer(request) or "", [admin]):
                 return Unauthorized("Incorrect admin key provided (CONVEYOR_ADMIN_KEY).")
         length = request.headers.get("content-length", "")
@@ -91,7 +91,7 @@ class RequestGuard:
 
     def _limit(self, request: Request) -> int:
         """File uploads may be larger than any other request."""
-        if request.method == "POST" and request.url.path == UPLOAD_PATH:
+        if request.method == "POST" and _path(request) == UPLOAD_PATH:
             return self.settings.max_upload_bytes
         return self.settings.max_body_bytes
 
@@ -113,6 +113,14 @@ class RequestGuard:
             return message
 
         return guarded
+
+
+def _path(request: Request) -> str:
+    """The request's path, to route on: ``request.url.path`` without building the URL (7 us a request), with the
+    leading ``/`` the URL adds. They differ only where the URL escapes ``?``, ``#`` and ``\\``, which no prefix or
+    path compared here contains."""
+    path: str = request.scope["path"]
+    return path if path.startswith("/") or not path else "/" + path
 
 
 def _bearer(request: Request) -> str | None:
