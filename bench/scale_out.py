@@ -1,7 +1,7 @@
 """Scale-out: 1, 2, 4 and 8 workers on one model's queue, on each queue backend, and what Redis does per request.
 
     uv run --frozen --extra cpu python -m bench.scale_out [--seconds 10] [--concurrency 64] [--workers 1 2 4 8]
-        [--backend arq streams] [--cpu-per-input 0.004] [--real] [--pin] [--rounds 3]
+        [--backend arq streams] [--cpu-per-input 0.004] [--real] [--pin [workers|redis]] [--rounds 3]
 
 Each row is a fresh stack (Redis, one gateway, N workers of one model) under ``--concurrency`` closed-loop clients
 sending single-text embeddings. Rows, for each backend:
@@ -15,7 +15,9 @@ sending single-text embeddings. Rows, for each backend:
 
 With ``--pin`` (free and compute-bound fakes only) the gateway, Redis and this load generator are bound to core 0 and
 every worker to core 1, as workers on hosts of their own would be: then the workers' own CPU does not come out of
-the gateway's, and a loss with more workers is the queue's, not the cores'.
+the gateway's, and a loss with more workers is the queue's, not the cores'. With ``--pin redis`` Redis has core 1 to
+itself and everything else shares core 0, as a Redis on a host (or core) of its own would be: then what more workers
+cost Redis does not come out of the gateway's core, and a loss is what they cost the gateway and each other.
 
 "workers CPU" is the worker processes' own (claims, vLLM's front end); a real engine's compute runs in vLLM's
 engine processes and is not in it. "Redis commands" counts every command Redis ran (``INFO commandstats``: a
@@ -65,17 +67,16 @@ def measure(
     envs: list[dict[str, str]],
     seconds: float,
     concurrency: int,
-    pinned: bool = False,
+    pinned: str | None = None,
 ) -> Row:
     with stack([model], backend=backend) as running:
         workers = [
             running.worker(model, *args, env=env, timeout=900) for args, env in zip(worker_args, envs, strict=True)
         ]
         if pinned:
-            for pid in (os.getpid(), running.children[0].pid, running.redis_pid):
-                pin(pid, {0})
-            for worker in workers:
-                pin(worker.pid, {1})
+            apart = [running.redis_pid] if pinned == "redis" else [w.pid for w in workers]
+            for pid in [os.getpid(), running.children[0].pid, running.redis_pid, *(w.pid for w in workers)]:
+                pin(pid, {1} if pid in apart else {0})
         asyncio.run(load(running.base_url, model, 2, concurrency))  # warm-up
         pids = {"gateway": [running.children[0].pid], "Redis": [running.redis_pid], "workers": [w.pid for w in workers]}
         before = {part: sum(cpu_seconds(p) for p in group) for part, group in pids.items()}
@@ -104,13 +105,13 @@ def fake_rows(
     counts: list[int],
     seconds: float,
     concurrency: int,
-    pinned: bool,
+    pinned: str | None,
     rounds: int,
 ) -> list[Row]:
     """Per backend and worker count, the round with the median rate. The backends take turns at each count, round
     after round, so a machine whose speed drifts (shared hosts do) favours neither."""
     label = f"fake, {cpu_per_input * 1000:g} ms CPU per input" if cpu_per_input else "fake, free engine"
-    label += ", workers on core 1, the rest on core 0" if pinned else ""
+    label += f", {'Redis' if pinned == 'redis' else 'workers'} on core 1, the rest on core 0" if pinned else ""
     args = ["--engine", "fake", "--task", "embed"]
     env = {"CONVEYOR_WORKER_FAKE_CPU_PER_INPUT": str(cpu_per_input)}
     runs: dict[tuple[QueueBackend, int], list[Row]] = {}
@@ -170,7 +171,13 @@ def main() -> None:
     parser.add_argument("--backend", nargs="+", choices=[b.value for b in QueueBackend], default=list(QueueBackend))
     parser.add_argument("--cpu-per-input", type=float, default=0.0, help="also a compute-bound fake: CPU s per input")
     parser.add_argument("--real", action="store_true", help="also the real engine: 1 worker on 2 cores vs 2 on 1 each")
-    parser.add_argument("--pin", action="store_true", help="fakes: workers on core 1, everything else on core 0")
+    parser.add_argument(
+        "--pin",
+        nargs="?",
+        const="workers",
+        choices=["workers", "redis"],
+        help="fakes: workers (or Redis) on core 1, everything else on core 0",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="fakes: rounds per row, the median rate's is shown")
     args = parser.parse_args()
     backends = [QueueBackend(b) for b in args.backend]
