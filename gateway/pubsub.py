@@ -98,6 +98,8 @@ class _Link:
         await self._drop_connection()
 
     async def subscribe(self, channel: str) -> asyncio.Queue[Any]:
+        if self.closed:  # its reader ended between the multiplexer's pick and now: nobody would read the confirmation
+            raise ConnectionError("the pub/sub connection was lost")
         pubsub = await self._connection()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         confirmed = asyncio.get_running_loop().create_future()
