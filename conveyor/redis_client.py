@@ -24,7 +24,7 @@ and only the ``streams`` queue backend runs on a cluster (``check_queue_backend`
 Pub/sub is sharded on a cluster (Redis 7's ``SSUBSCRIBE``/``SPUBLISH``): a channel lives on the node that owns its
 slot, so a stream's tokens stay on its model's shard instead of crossing the cluster bus to every node (classic
 PUBLISH's broadcast). Every channel carries its model's hash tag, and the scripts that publish run on that slot.
-``subscriber(redis, channel)`` gives the plain client of the node to subscribe through, ``PUBSUB`` the commands
+``subscriber(redis, channel)`` gives the plain client of the node to subscribe through, ``pubsub(redis)`` the commands
 and message types, ``publish_lua`` the publishing function the scripts call.
 """
 

@@ -111,11 +111,11 @@ class RedisJobQueue(ABC):
         self.settings = settings
         self.directory = directory
         self.key_limits = KeyLimits(redis)
-        lanes = redis_client.publish_lua(redis) + self.LANE_LUA
-        self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, lanes))
+        publish = redis_client.publish_lua(redis)  # the wake-ups' and aborts' publish(channel, message)
+        self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, publish + self.LANE_LUA))
         self._charge = redis.register_script(contract.RATE_WINDOW_LUA + CHARGE_LUA)
-        self._enqueue_chunks = redis.register_script(lanes + ENQUEUE_LUA)
-        self._cancel = redis.register_script(redis_client.publish_lua(redis) + self.CANCEL_LUA)
+        self._enqueue_chunks = redis.register_script(publish + self.LANE_LUA + ENQUEUE_LUA)
+        self._cancel = redis.register_script(publish + self.CANCEL_LUA)
 
     # --- the backend's layout -----------------------------------------------------------------------------------
 
