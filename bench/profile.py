@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 from bench.common import closed_loop, cpu_seconds, machine, stack
 from worker.model_prep import MINILM, SMOLLM2
 
@@ -74,6 +76,21 @@ def summary(raw: Path, top: int = 12) -> list[str]:
     return lines
 
 
+def redis_commands(port: int, requests: int, top: int = 8) -> list[str]:
+    """Redis's own time per request by command (``INFO commandstats``, reset before the load): a script's commands
+    count inside its EVALSHA and again on their own lines."""
+    with redis.Redis(port=port) as client:
+        stats = client.info("commandstats")
+    rows = sorted(stats.items(), key=lambda item: -float(item[1]["usec"]))[:top]
+    lines = ["  by command (INFO commandstats; EVALSHA includes its scripts' commands):"]
+    lines += [
+        f"    {name.removeprefix('cmdstat_'):>16}  {int(row['calls']) / requests:5.2f} calls  "
+        f"{float(row['usec']) / requests:6.1f} us per request"
+        for name, row in rows
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20)
@@ -99,6 +116,8 @@ def main() -> None:
         asyncio.run(load(running.base_url, model, 2, args.concurrency, chat))  # warm-up
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         redis_before = cpu_seconds(running.redis_pid)
+        with redis.Redis(port=running.redis_ports[0]) as client:
+            client.config_resetstat()
         samplers = [
             subprocess.Popen(
                 [py_spy, "record", "--rate", "200", "--duration", str(int(args.seconds)), "--format", "raw",
@@ -112,12 +131,14 @@ def main() -> None:
         seconds = time.monotonic() - started
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         redis_used = cpu_seconds(running.redis_pid) - redis_before
+        commands = redis_commands(running.redis_ports[0], requests)
         for sampler in samplers:
             sampler.wait()
     print(f"Profile of the queue path, {args.engine} {task} engine, concurrency {args.concurrency}, {machine()}")
     print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), sampled by py-spy at 200 Hz")
     per_chunk = f", {1000 * redis_used / chunks:.3f} ms per stream chunk" if chunks else ""
     print(f"Redis: {1000 * redis_used / requests:.2f} ms of CPU per request{per_chunk}")
+    print("\n".join(commands))
     for name in pids:
         per_chunk = f", {1000 * used[name] / chunks:.3f} ms per stream chunk ({chunks} chunks)" if chunks else ""
         print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{per_chunk}")
