@@ -28,28 +28,22 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first; then cancel it (which cancels the job), wait until it has
-    cleaned up, and raise ``ClientGone``. The work runs in the request's own task and a watcher task cancels that:
-    one task per request, not two and an ``asyncio.wait``."""
-    request_task = asyncio.current_task()
-    assert request_task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        await _wait_for_disconnect(request.receive)
-        gone = True
-        request_task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    cleaned up, and raise ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
-        return await work
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
-        # whatever the cancelled work raises, the client is gone (unless the request was cancelled from outside too)
-        if gone and request_task.uncancel() == 0:
-            raise ClientGone() from None
+        task.cancel()
         raise
     finally:
         watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):  # whatever the cancelled work raises, the client is gone
+            await task
+        raise ClientGone()
+    return task.result()
 
 
 class EventStream(StreamingResponse):
