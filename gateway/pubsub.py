@@ -98,14 +98,14 @@ class _Link:
         await self._drop_connection()
 
     async def subscribe(self, channel: str) -> asyncio.Queue[Any]:
-        if self.closed:  # its reader ended between the multiplexer's pick and now: nobody would read the confirmation
-            raise ConnectionError("the pub/sub connection was lost")
         pubsub = await self._connection()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         confirmed = asyncio.get_running_loop().create_future()
         self._queues[channel] = queue
         self._confirmations[channel] = confirmed
         try:
+            if self.closed:  # the reader ended meanwhile, after failing the channels it knew
+                raise ConnectionError("the pub/sub connection was lost")
             await redis_client.send(pubsub, self._commands.subscribe, channel)
             await asyncio.wait_for(confirmed, CONFIRM_TIMEOUT_SECONDS)
         except BaseException:
@@ -125,6 +125,8 @@ class _Link:
         # one at a time: a subscribe racing the reader's (re)connection would otherwise open a second connection,
         # and the confirmations arriving on the one the reader does not read would never come
         async with self._connecting:
+            if self.closed:  # its reader has ended: nobody would read a confirmation (the multiplexer opens a new link)
+                raise ConnectionError("the pub/sub connection was lost")
             if self._pubsub is None:
                 pubsub = self.client.pubsub()
                 await pubsub.connect()  # type: ignore[no-untyped-call]
