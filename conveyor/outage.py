@@ -7,10 +7,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-#: what a lost, refused, reset or timed-out Redis connection raises
-REDIS_DOWN = (RedisError, OSError, TimeoutError)
+#: what a lost, refused, reset or timed-out Redis connection raises; a Redis Cluster none of whose nodes answers
+#: raises ``RedisClusterException`` (no ``RedisError``) while its client looks for the slot map
+REDIS_DOWN = (RedisError, OSError, TimeoutError, RedisClusterException)
 
 BACKOFF_FIRST_SECONDS = 0.05
 #: the longest wait between tries: a returning Redis is noticed within about this long

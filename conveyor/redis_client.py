@@ -42,6 +42,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from conveyor.contract import QueueBackend
+from conveyor.outage import REDIS_DOWN
 
 #: where every process looks for Redis unless ``CONVEYOR_REDIS_URL`` (or ``--redis-url``) says otherwise
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -58,6 +59,8 @@ SENTINEL_URL_FORM = "redis+sentinel://[[user]:password@]host[:port][,host[:port]
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 CLUSTER_PORT = 6379
 CLUSTER_URL_FORM = "redis+cluster://[[user]:password@]host[:port][,host[:port]...][/?query]"
+#: the oldest server a cluster runs on: sharded pub/sub (``SSUBSCRIBE``, ``SPUBLISH``) came with Redis 7
+CLUSTER_MIN_VERSION = (7, 0)
 #: the query parameters a cluster URL may carry, and the values each takes (None: any); TLS only
 CLUSTER_OPTIONS: dict[str, tuple[str, ...] | None] = {
     "ssl_ca_certs": None,
@@ -265,6 +268,31 @@ def _connect_cluster(target: ClusterTarget) -> Redis:
     # Redis, so the cast keeps one type through the code base. What differs is pub/sub (``subscriber``), MULTI/EXEC
     # (refused: use one script on one slot) and a script's keys (one slot), and those are the callers' business.
     return cast(Redis, cluster)
+
+
+class UnsupportedRedis(RuntimeError):
+    """The Redis at ``CONVEYOR_REDIS_URL`` answers but cannot serve Conveyor's layout."""
+
+
+async def check_server(url: str) -> None:
+    """Raises ``UnsupportedRedis`` for a Redis Cluster with a master older than Redis 7 (no sharded pub/sub: its
+    streams and cancels would fail one by one). A Redis that does not answer now is let be: every process waits for
+    it (``conveyor.outage``)."""
+    if not is_cluster_url(url):
+        return
+    redis = connect(url)
+    try:
+        with contextlib.suppress(*REDIS_DOWN):
+            servers = await redis.info("server", target_nodes=RedisCluster.PRIMARIES)
+            for node, server in servers.items():
+                version = str(server.get("redis_version", "0"))
+                if tuple(int(part) for part in version.split(".")[:2]) < CLUSTER_MIN_VERSION:
+                    raise UnsupportedRedis(
+                        f"Redis Cluster needs Redis {'.'.join(map(str, CLUSTER_MIN_VERSION))} or later for sharded "
+                        f"pub/sub; the master at {node} runs {version}"
+                    )
+    finally:
+        await close(redis)
 
 
 def is_cluster(redis: Redis) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from conveyor import logs
+from conveyor import logs, redis_client
 from conveyor.redis_client import DEFAULT_REDIS_URL
 from launcher import keys_command
 
@@ -21,6 +22,14 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _refuse_unsupported_redis(command: str, url: str) -> None:
+    """One line and exit 1 when the Redis at ``url`` answers but cannot serve Conveyor (``check_server``)."""
+    try:
+        asyncio.run(redis_client.check_server(url))
+    except redis_client.UnsupportedRedis as exc:
+        raise SystemExit(f"conveyor {command}: {exc}") from None
+
+
 def _gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -28,6 +37,7 @@ def _gateway(args: argparse.Namespace) -> None:
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings(**_overrides(args, ["host", "port", "models"]))
+    _refuse_unsupported_redis("gateway", settings.redis_url)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -48,7 +58,9 @@ def _worker(args: argparse.Namespace) -> None:
     )
     if args.engine_args is not None:
         overrides["engine_args"] = json.loads(args.engine_args)
-    raise SystemExit(run(WorkerSettings(**overrides)))
+    settings = WorkerSettings(**overrides)
+    _refuse_unsupported_redis("worker", settings.redis_url)
+    raise SystemExit(run(settings))
 
 
 def _up(args: argparse.Namespace) -> None:

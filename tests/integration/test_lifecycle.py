@@ -155,9 +155,12 @@ def test_sigterm_leaves_the_registry_finishes_the_running_job_then_exits(spawn: 
     assert worker.process.wait(30) == 0
 
 
-def test_redis_down_is_503_not_500(spawn: Processes) -> None:
-    spawn.redis_url = f"redis://127.0.0.1:{redis_server.free_port()}/0"  # nothing listens there
-    gateway = spawn.gateway(models="anything")
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_redis_down_is_503_not_500(spawn: Processes, scheme: str) -> None:
+    """Also a Redis Cluster none of whose nodes answers (redis-py raises no RedisError while it looks for the slot
+    map): the gateway starts, waits for it and says so."""
+    spawn.redis_url = f"{scheme}://127.0.0.1:{redis_server.free_port()}"  # nothing listens there
+    gateway = spawn.gateway(models="anything", env={"CONVEYOR_QUEUE_BACKEND": "streams"})
     with pytest.raises(openai.InternalServerError) as caught:
         gateway.client(timeout=10).chat.completions.create(model="anything", messages=MESSAGES)
     assert caught.value.status_code == 503
