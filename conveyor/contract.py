@@ -41,6 +41,11 @@ class JobKind(StrEnum):
         """Chat and completions: streamed (or run as a stream), token by token; the other kinds answer in one piece."""
         return self in (JobKind.CHAT, JobKind.COMPLETION)
 
+    @property
+    def scores(self) -> bool:
+        """Score and rerank: texts compared (``conveyor.protocol.SCORED_FIELDS``), one score each."""
+        return self in (JobKind.SCORE, JobKind.RERANK)
+
 
 # Capability a worker must advertise for a kind of job.
 CAPABILITY_FOR_KIND: dict[JobKind, str] = {

@@ -139,6 +139,10 @@ class RerankRequest(_ScoringRequest):
 SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
+#: the fields of a score or rerank request that hold its texts
+SCORED_FIELDS = ("query", *dict.fromkeys(name for pair in SCORE_PAIRS for name in pair))
+
+
 class ScoreRequest(_ScoringRequest):
     """``/v1/score``, ``/score``: a score per pair, the first side 1:1, 1:N or N:N with the second."""
 

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from conveyor.contract import JobKind
+from conveyor.protocol import SCORED_FIELDS
 
 CHARS_PER_TOKEN = 4
 #: the role and separators a chat template adds around each message
@@ -49,14 +50,10 @@ def _message_tokens(message: Any) -> int:
     return TOKENS_PER_MESSAGE + _parts_tokens(message.get("content") if isinstance(message, dict) else None)
 
 
-#: the fields of a score or rerank request that hold its texts (``conveyor.protocol``)
-SCORED_FIELDS = ("query", "queries", "documents", "items", "data_1", "data_2", "text_1", "text_2")
-
-
 def prompt_tokens(kind: JobKind, body: dict[str, Any]) -> int:
     if kind is JobKind.CHAT:
         return sum(_message_tokens(m) for m in body.get("messages") or [])
-    if kind in (JobKind.SCORE, JobKind.RERANK):
+    if kind.scores:
         return sum(_input_tokens(body.get(name)) for name in SCORED_FIELDS)
     return _input_tokens(body.get("input") if kind is JobKind.EMBEDDING else body.get("prompt"))
 

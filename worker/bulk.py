@@ -28,7 +28,7 @@ from conveyor.batch_lines import KIND_FOR_URL
 from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
-from conveyor.token_estimate import SCORED_FIELDS
+from conveyor.protocol import SCORED_FIELDS
 from worker import metrics
 from worker.consumer import Done
 from worker.embed_batcher import inputs_of, mergeable, params_key
@@ -184,7 +184,7 @@ def _inputs(line: Line) -> int:
     """How many inputs a line gives the engine: an embedding's, the texts a score or rerank compares, else one."""
     if line.kind is JobKind.EMBEDDING:
         return len(inputs_of(line.body["input"]))
-    if line.kind in (JobKind.SCORE, JobKind.RERANK):
+    if line.kind.scores:
         sides = (line.body[name] for name in SCORED_FIELDS if name in line.body)
         return sum(len(side) if isinstance(side, list) else 1 for side in sides)
     return 1

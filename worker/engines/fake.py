@@ -144,7 +144,7 @@ class FakeEngine(Engine):
             await self._fault(body)
             if kind is JobKind.EMBEDDING:
                 return self._embed(body)
-            if kind in (JobKind.SCORE, JobKind.RERANK):
+            if kind.scores:
                 return self._score(kind, body, request_id)
             choices: list[list[str]] = [[] for _ in range(int(body.get("n") or 1))]
             async for index, token in self._generate(kind, body):
