@@ -133,9 +133,10 @@ class Load:
 
 
 def test_a_master_killed_under_load_fails_over_and_nothing_is_lost_beyond_the_promise(
-    sentinel: SentinelGroup, procs: Processes
+    sentinel: SentinelGroup, procs: Processes, tmp_path: Path
 ) -> None:
-    gateway = procs.gateway(models=f"{CHAT},{EMBED}")
+    gateway_log = tmp_path / "gateway.log"  # shown with an unexpected outcome: the gateway's side of it
+    gateway = procs.gateway(models=f"{CHAT},{EMBED}", log=gateway_log)
     workers = [
         procs.fake_worker(CHAT, "--fake-token-delay", "0.02"),  # ~0.4 s a chat: jobs are in flight at the kill
         procs.fake_worker(EMBED, embed=True),
@@ -173,6 +174,6 @@ def test_a_master_killed_under_load_fails_over_and_nothing_is_lost_beyond_the_pr
         and o.result not in REFUSALS
         and not (o.result == "504 deadline_exceeded" and o.started < failed_over)
     ]
-    assert unexpected == []
+    assert unexpected == [], gateway_log.read_text()[-20_000:]
     assert all(w.process.poll() is None for w in workers) and gateway.process.poll() is None
     assert httpx.get(f"{gateway.base_url}/ready", timeout=10).json()["ready"] is True
