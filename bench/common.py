@@ -102,17 +102,21 @@ async def closed_loop(
     seconds: float,
     concurrency: int,
     headers: dict[str, str] | None = None,
+    requests: int | None = None,
 ) -> Loaded:
-    """``concurrency`` clients posting ``body`` to ``path`` back to back for ``seconds``; a failed answer stops it."""
+    """``concurrency`` clients posting ``body`` to ``path`` back to back for ``seconds`` (or until ``requests`` were
+    sent); a failed answer stops it."""
     latencies: list[float] = []
     chunks = 0
+    sent = 0
     end = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(base_url=base_url, connector=connector, headers=headers) as session:
 
         async def client() -> None:
-            nonlocal chunks
-            while time.monotonic() < end:
+            nonlocal chunks, sent
+            while time.monotonic() < end and (requests is None or sent < requests):
+                sent += 1
                 started = time.perf_counter()
                 async with session.post(path, json=body) as response:
                     response.raise_for_status()
