@@ -26,11 +26,11 @@ from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
 from conveyor import contract, redis_client
+from conveyor.pipeliner import Pipeliner
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
-from worker.pipeliner import Pipeliner
 
 #: Lease due jobs nobody holds: interactive ones first, up to a limit; then, only when no interactive job is left
 #: waiting, bulk ones (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it
@@ -171,7 +171,7 @@ class ArqJobSource:
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
     async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
-        """Finish a job. Jobs finishing together go to Redis together, in one pipeline (``worker.pipeliner``), each
+        """Finish a job. Jobs finishing together go to Redis together, in one pipeline (``conveyor.pipeliner``), each
         with its own fenced result."""
         tail_keys, tail_args = tail_arguments(delivery, usage)
         keys = [

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from conveyor import redis_client
-from worker.pipeliner import Grouped
+from conveyor.pipeliner import Grouped
 
 #: For each frame, KEYS: progress list; ARGV: entry count, lease key ('' for no check), lease holder, stream channel
 #: ('' for none), frame, expire-at ms, the progress list's length it follows, entries. Every key and the channel carry

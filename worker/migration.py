@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 
 from conveyor import contract
 from conveyor.contract import StreamProgress
+from conveyor.pipeliner import Pipeliner
 from worker.consumer import LeaseLost
 from worker.frames import Frame, FrameSender
 from worker.job_source import Fence
-from worker.pipeliner import Pipeliner
 
 #: Read a job's progress and, when there is some, count one more migration. KEYS: progress list, migrations counter.
 #: ARGV: expire-at ms. Returns {entries, migrations so far (this one included; 0 without progress)}.

@@ -30,12 +30,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from conveyor import contract
+from conveyor.pipeliner import Pipeliner
 from conveyor.redis_client import is_cluster, publish_lua
 from worker import wakeups
 from worker.finish_tail import ACCOUNT_LUA, deliver, finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
-from worker.pipeliner import Pipeliner
 
 #: a claim waits in Redis at most this long for an entry (below ``redis_client.READ_TIMEOUT_SECONDS``), so a drain
 #: or a lost connection is noticed within it
@@ -298,7 +298,7 @@ class StreamsJobSource:
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
 
     async def finish(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None = None) -> bool:
-        """Finish a job; jobs finishing together go to Redis in one pipeline (``worker.pipeliner``)."""
+        """Finish a job; jobs finishing together go to Redis in one pipeline (``conveyor.pipeliner``)."""
         if self.cluster:
             return await self._finish_apart(job_id, delivery, usage)
         return await self._finish_at_once(job_id, delivery, usage)

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker.pipeliner import Pipeliner
+from conveyor.pipeliner import Grouped, Pipeliner
 
 
 async def test_commands_sent_together_share_a_pipeline_and_each_caller_gets_its_own_result(redis: Redis) -> None:
@@ -42,3 +42,28 @@ async def test_a_caller_cancelled_while_its_command_is_on_its_way_does_not_stop_
     with pytest.raises(asyncio.CancelledError):
         await first
     assert await redis.get("b") == b"2"
+
+
+async def test_an_item_whose_caller_was_cancelled_before_its_group_went_is_not_sent() -> None:
+    """As a call never made: a request whose client left before its admission went is not enqueued behind the cancel
+    the gateway sends for it."""
+    sent: list[str] = []
+    on_its_way, gate = asyncio.Event(), asyncio.Event()
+
+    async def flush(items: list[str]) -> list[str]:
+        sent.extend(items)
+        on_its_way.set()
+        await gate.wait()
+        return items
+
+    grouped: Grouped[str, str] = Grouped(flush)
+    first = asyncio.create_task(grouped.send("first"))
+    await on_its_way.wait()
+    left = asyncio.create_task(grouped.send("left"))
+    stays = asyncio.create_task(grouped.send("stays"))
+    await asyncio.sleep(0)  # both wait for the next group
+    left.cancel()
+    gate.set()
+    assert (await first, await stays) == ("first", "stays")
+    assert left.cancelled()
+    assert sent == ["first", "stays"]

@@ -1,7 +1,8 @@
 """Redis work from many tasks, sent in groups: one write and one read for a group instead of a round trip each.
 
 An item goes at once when nothing is on its way; items that arrive while a group is on its way wait and go together
-in the next one. Each caller awaits its own item's result, or the group's failure as its own. A caller's items leave
+in the next one. Each caller awaits its own item's result, or the group's failure as its own; a caller cancelled
+before its group went takes its item back. A caller's items leave
 in the order it sends them (it awaits each before sending the next). ``Pipeliner`` sends a group of commands as one
 pipeline; ``worker.frames`` sends a group of stream frames as one script call.
 """
@@ -51,7 +52,12 @@ class Grouped(Generic[T, R]):
 
     async def _send_pending(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
+            # an item whose caller was cancelled before its group went is not sent, as a call never made: a request
+            # whose client left before its admission went is not enqueued behind the cancel sent for it
+            batch = [(item, result) for item, result in self._pending if not result.cancelled()]
+            self._pending = []
+            if not batch:
+                continue
             try:
                 results = await self._flush([item for item, _ in batch])
             except Exception as exc:  # a Redis outage: each caller sees it as its own, and retries on its own
