@@ -81,8 +81,11 @@ def redis_commands(port: int, requests: int, top: int = 8) -> list[str]:
     count inside its EVALSHA and again on their own lines."""
     with redis.Redis(port=port) as client:
         stats = client.info("commandstats")
+        io = client.info("stats")
     rows = sorted(stats.items(), key=lambda item: -float(item[1]["usec"]))[:top]
-    lines = ["  by command (INFO commandstats; EVALSHA includes its scripts' commands):"]
+    reads, writes = (int(io.get(f"total_{kind}_processed", 0)) / requests for kind in ("reads", "writes"))
+    lines = [f"  socket reads {reads:.2f} and writes {writes:.2f} per request (INFO stats: one read brings a pipeline)"]
+    lines += ["  by command (INFO commandstats; EVALSHA includes its scripts' commands):"]
     lines += [
         f"    {name.removeprefix('cmdstat_'):>16}  {int(row['calls']) / requests:5.2f} calls  "
         f"{float(row['usec']) / requests:6.1f} us per request"
@@ -141,7 +144,8 @@ def main() -> None:
     print("\n".join(commands))
     for name in pids:
         per_chunk = f", {1000 * used[name] / chunks:.3f} ms per stream chunk ({chunks} chunks)" if chunks else ""
-        print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{per_chunk}")
+        ceiling = f" (at most {requests / used[name]:,.0f} requests/s per core)" if used[name] else ""
+        print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{ceiling}{per_chunk}")
         print("\n".join(summary(out / f"{name}.txt")))
     print(f"\nraw stacks: {out}")
 

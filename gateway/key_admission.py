@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from conveyor import contract
 from conveyor.contract import JobEnvelope, TenantRef
 from conveyor.outage import REDIS_DOWN
+from conveyor.pipeliner import Pipeliner
 from gateway import rate_limits
 from gateway.queue import redis_errors
 
@@ -99,6 +100,8 @@ class KeyLimits:
     def __init__(self, redis: Redis) -> None:
         self._reserve = redis.register_script(contract.RATE_WINDOW_LUA + RESERVE_LUA)
         self._refund = redis.register_script(contract.RATE_WINDOW_LUA + REFUND_LUA)
+        #: reservations of requests arriving together go to Redis in one pipeline (as their admissions do)
+        self._reservations = Pipeliner(redis)
 
     async def reserve(
         self, tenant: TenantRef, envelope: JobEnvelope, now: float
@@ -120,7 +123,7 @@ class KeyLimits:
             envelope.request_id,
         ]
         with redis_errors():
-            code, *limits = await self._reserve(keys=keys, args=args)
+            code, *limits = await self._reservations.send(lambda pipe: self._reserve(keys=keys, args=args, client=pipe))
         return int(code), _windows([int(v) for v in limits])
 
     async def refund(self, tenant: TenantRef, windows: dict[str, rate_limits.Window], request_id: str) -> None:

@@ -20,6 +20,7 @@ from conveyor import contract, redis_client
 from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
 from conveyor.outage import REDIS_DOWN
+from conveyor.pipeliner import Pipeliner
 from gateway import rate_limits
 from gateway.directory import ModelDirectory
 from gateway.key_admission import KeyAdmission, KeyLimits
@@ -116,6 +117,8 @@ class RedisJobQueue(ABC):
         self._charge = redis.register_script(contract.RATE_WINDOW_LUA + CHARGE_LUA)
         self._enqueue_chunks = redis.register_script(publish + self.LANE_LUA + ENQUEUE_LUA)
         self._cancel = redis.register_script(publish + self.CANCEL_LUA)
+        #: admissions of requests arriving together go to Redis in one pipeline: one write and one read for them all
+        self._admissions = Pipeliner(redis)
 
     # --- the backend's layout -----------------------------------------------------------------------------------
 
@@ -174,7 +177,9 @@ class RedisJobQueue(ABC):
             envelope.request_id,
         ]
         with redis_errors():  # a failed call may have enqueued the job: its key keeps the charge
-            code, depth = await self._admit_and_enqueue(keys=keys, args=args)
+            code, depth = await self._admissions.send(
+                lambda pipe: self._admit_and_enqueue(keys=keys, args=args, client=pipe)
+            )
         if code != Admission.ENQUEUED and tenant is not None:
             await self.key_limits.refund(tenant, windows, envelope.request_id)
         admitted = code == Admission.ENQUEUED
