@@ -22,6 +22,7 @@ from tests.integration.conftest import CHAT, EMBED, Stack
 
 SLOW = "slow-chat"  # served only by the slow workers of the tests that start their own
 EMBEDDINGS = "/v1/embeddings"
+QUIET_EMBED = "embed-batch-alone"
 CHATS = "/v1/chat/completions"
 
 
@@ -80,10 +81,15 @@ def jsonl(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
 
-def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(stack: Stack, tmp_path: Path) -> None:
+def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(
+    stack: Stack, spawn: Processes, tmp_path: Path
+) -> None:
+    """On a worker of its own, which no interactive request has reached: on the shared one, another test's requests
+    just before would hold the lines to one engine call each for the engine share's quiet window."""
+    worker = spawn.fake_worker(QUIET_EMBED, "--task", "embed", embed=True)
     client = stack.gateway.client()
-    before = stack.embed_worker.metrics()
-    inputs = embedding_lines(150)  # three chunks of 64 lines
+    before = worker.metrics()
+    inputs = embedding_lines(150, model=QUIET_EMBED)  # three chunks of 64 lines
     file_id = upload(client, tmp_path, inputs)
     created = client.batches.create(
         input_file_id=file_id, endpoint=EMBEDDINGS, completion_window="24h", metadata={"job": "nightly"}
@@ -113,7 +119,7 @@ def test_an_embedding_batch_answers_every_line_once_exactly_as_the_api_would(sta
         0,
         prompt_tokens,
     )
-    after = stack.embed_worker.metrics()  # the lines of a chunk ran as a few engine calls, not one each
+    after = worker.metrics()  # the lines of a chunk ran as a few engine calls, not one each
 
     def calls(merged: str) -> float:
         name = "conveyor_worker_bulk_engine_calls_total"
