@@ -31,15 +31,18 @@ and message types, ``publish_lua`` the publishing function the scripts call.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import AfterValidator
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor.contract import QueueBackend
 from conveyor.outage import REDIS_DOWN
@@ -227,13 +230,14 @@ def connect(url: str) -> Redis:
         return _connect_cluster(cluster)
     target = parse_sentinel(url)
     if target is None:
-        return Redis(connection_pool=ConnectionPool.from_url(url, health_check_interval=30, **timeouts))
+        return PlainClient(connection_pool=ConnectionPool.from_url(url, health_check_interval=30, **timeouts))
     sentinels = Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
         sentinel_kwargs={"username": target.sentinel_username, "password": target.sentinel_password, **timeouts},
     )
     master: Redis = sentinels.master_for(
         target.service,
+        redis_class=PlainClient,
         db=target.db,
         username=target.username,
         password=target.password,
@@ -244,12 +248,99 @@ def connect(url: str) -> Redis:
     return master
 
 
+@contextlib.contextmanager
+def connection_closed_in_use() -> Iterator[None]:
+    """Raise a connection closed under a command as the ``ConnectionError`` it is.
+
+    When a node fails, redis-py 5.3 closes connections that other tasks are using at that moment (a cluster client
+    closes every node's; a connection pool's ``disconnect`` the ones in use too): their commands then fail inside its
+    connection code with ``AttributeError`` (the writer is gone) or ``RuntimeError`` (the transport is closed). As a
+    ``ConnectionError`` every caller's Redis-outage handling applies: a gateway's reply reader died of one during a
+    cluster failover, and with it every non-streamed answer; requests got 500."""
+    try:
+        yield
+    except (AttributeError, RuntimeError) as exc:
+        if not _in_connection_code(exc):
+            raise
+        raise RedisConnectionError(f"connection closed under the command ({type(exc).__name__}: {exc})") from exc
+
+
+def _in_connection_code(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_CONNECTION_MODULE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_CONNECTION_MODULE = str(Path("redis", "asyncio", "connection.py"))
+
+
+class PlainClient(Redis):
+    """redis-py's client for one Redis (or a Sentinel's master): commands and pipelines under
+    ``connection_closed_in_use``."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        with connection_closed_in_use():
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _Pipeline(Pipeline):
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        with connection_closed_in_use():
+            return await super().execute(raise_on_error)
+
+
 class ClusterClient(RedisCluster):
-    """redis-py's cluster client, holding a plain client per node for the channels that node owns
-    (``subscriber``)."""
+    """redis-py's cluster client (commands and pipelines under ``connection_closed_in_use``), holding a plain client
+    per node for the channels that node owns (``subscriber``)."""
 
     subscribers: dict[str, Redis]
     node_options: dict[str, Any]
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with connection_closed_in_use():
+            return await super().execute_command(*args, **kwargs)
+
+    async def initialize(self) -> RedisCluster:
+        with connection_closed_in_use():
+            return await super().initialize()
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # what it refuses
+        return _ClusterPipeline(self)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        with connection_closed_in_use():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+class _StartupNodes(dict[str, ClusterNode]):
+    """redis-py 5.3's ``NodesManager.startup_nodes``, made safe for what happens to it during a failover.
+
+    - ``values()`` is a copy: ``NodesManager.initialize`` iterates the dict across awaits while a command failing
+      on a dead node pops that node from it, and the iteration raised ``RuntimeError: dictionary changed size``
+      (a 500 for the request that was subscribing; redis-py #3565, fixed only in 6.x, which arq does not allow).
+    - The URL's nodes are never popped: once every node had failed once (a whole-cluster restart), nothing would be
+      left to read the slot map from, and the client would never find the cluster again (redis-py #2472)."""
+
+    def __init__(self, nodes: dict[str, ClusterNode]) -> None:
+        super().__init__(nodes)
+        self.seeds = frozenset(nodes)
+
+    def values(self) -> list[ClusterNode]:  # type: ignore[override]
+        return list(super().values())
+
+    def pop(self, name: str, *default: Any) -> Any:
+        if name in self.seeds and name in self:
+            return self[name]
+        return super().pop(name, *default)
 
 
 def _connect_cluster(target: ClusterTarget) -> Redis:
@@ -262,6 +353,7 @@ def _connect_cluster(target: ClusterTarget) -> Redis:
     }
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
     cluster = ClusterClient(startup_nodes=nodes, ssl=target.tls, **common)
+    cluster.nodes_manager.startup_nodes = _StartupNodes(cluster.nodes_manager.startup_nodes)
     cluster.subscribers = {}
     cluster.node_options = {"ssl": target.tls, **common}
     # RedisCluster is no subclass of Redis, but it answers the same key commands; every caller holds its client as a
@@ -343,7 +435,7 @@ async def subscriber(redis: Redis, channel: str) -> Redis:
         raise ConnectionError(f"no node of the cluster serves the slot of {channel!r}")
     plain: Redis | None = client.subscribers.get(node.name)
     if plain is None:
-        plain = client.subscribers[node.name] = Redis(host=node.host, port=node.port, **client.node_options)
+        plain = client.subscribers[node.name] = PlainClient(host=node.host, port=node.port, **client.node_options)
     return plain
 
 

@@ -74,6 +74,9 @@ class ReplyInbox:
                 raise
             except REDIS_DOWN as exc:
                 await asyncio.sleep(self.outage.failed(exc))
+            except Exception as exc:  # every non-streamed answer comes through here: the reader must not end
+                log.exception("the reply inbox's reader failed; reading on")
+                await asyncio.sleep(self.outage.failed(exc))
 
     def _dispatch(self, raw: bytes) -> None:
         try:

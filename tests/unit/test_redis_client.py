@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
-from redis.asyncio import RedisCluster
+from redis.asyncio import Connection, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor import redis_client
 from conveyor.contract import QueueBackend
@@ -205,3 +207,30 @@ async def test_a_single_redis_subscribes_through_itself_with_classic_pubsub() ->
         assert "redis.call('PUBLISH', channel, message)" in redis_client.publish_lua(client)
     finally:
         await redis_client.close(client)
+
+
+async def test_a_connection_closed_under_a_command_fails_as_a_connection_error() -> None:
+    """redis-py closes connections other tasks are using when a node fails; the command using one then fails in its
+    connection code with AttributeError (the writer is gone), which every caller must see as Redis being down."""
+    closed = Connection()  # as one is after ``disconnect()``: no writer
+    with pytest.raises(RedisConnectionError) as caught, redis_client.connection_closed_in_use():
+        await closed._send_packed_command([b"PING\r\n"])
+    assert isinstance(caught.value.__cause__, AttributeError)
+    assert isinstance(redis_client.connect("redis://127.0.0.1:1/0"), redis_client.PlainClient)
+
+
+def test_an_error_of_conveyors_own_code_is_left_as_it_is() -> None:
+    with pytest.raises(AttributeError), redis_client.connection_closed_in_use():
+        cast(Any, None).writelines([])
+
+
+async def test_a_cluster_clients_startup_nodes_survive_a_failing_node_popped_during_initialize() -> None:
+    """redis-py 5.3 iterates the startup nodes across awaits while a failing command pops a node from them
+    (redis-py #3565); and a node the URL names stays, so the slot map can always be read again (#2472)."""
+    client = redis_client.connect("redis+cluster://127.0.0.1:7000,127.0.0.1:7001")
+    nodes = cast(RedisCluster, client).nodes_manager.startup_nodes
+    nodes["127.0.0.1:7002"] = ClusterNode("127.0.0.1", 7002)  # one found in the slot map
+    for node in nodes.values():  # a snapshot: popping while iterating is safe
+        nodes.pop(node.name, None)
+    assert sorted(nodes) == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    await redis_client.close(client)
