@@ -58,6 +58,7 @@ bench: install
 	$(RUN) python -m bench.shards
 	$(RUN) python -m bench.cluster_pubsub
 	$(RUN) python -m bench.memory
+	$(RUN) python -m bench.cluster_failover
 
 bench-engine: install  ## Conveyor vs vLLM's own server, with vLLM's own benchmark client (~20 min)
 	$(RUN) python -m bench.vllm_serve --offline

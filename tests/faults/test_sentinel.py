@@ -1,48 +1,20 @@
 """Redis Sentinel: every process reaches Redis through three sentinels (``CONVEYOR_REDIS_URL=redis+sentinel://...``).
-The master is SIGKILLed under load of non-streamed chat, streamed chat and embeddings through the official SDK; the
-sentinels promote the replica, and the gateway and workers follow by themselves.
-
-What the README promises for a failover, and what is checked here for every request sent through it: it is answered
-correctly, or refused 503 ``redis_unavailable`` while no master answers, or (a stream open then) ended by an error
-event; a request whose job or answer was among the old master's last writes that never reached the replica
-(replication is asynchronous) answers 504 at its deadline, so a 504 may only come to a request sent before the
-failover completed. Nothing hangs, no process exits, and every kind of request is answered again afterwards. The
-failover's times are printed (measured, not asserted)."""
+The master is SIGKILLed under load (``tests.faults.failover``); the sentinels promote the replica, and the gateway and
+workers follow by themselves, keeping the README's promise for a failover."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 
 from conveyor.contract import QueueBackend
-from tests.conftest import Gateway, Processes, wait_for
+from tests.conftest import Processes
+from tests.faults.failover import Models, fail_over_under_load
 from tests.faults.sentinel import SentinelGroup
 
-CHAT, EMBED = "sentinel-chat", "sentinel-embed"
-MESSAGES = [{"role": "user", "content": "tell me about failovers"}]
-TOKENS = 20
-#: each request's deadline (``X-Conveyor-Timeout``): a job lost with the old master answers 504 within this
-DEADLINE = 10
-HEADERS = {"x-conveyor-timeout": str(DEADLINE)}
-#: the load: threads per kind, each sending one request after another
-KINDS = {"chat": 2, "stream": 2, "embed": 1}
-#: what a request may get during a failover, besides its answer (and a 504 for one sent before it completed)
-REFUSALS = {"503 redis_unavailable", "stream redis_unavailable"}
-
-
-@dataclass
-class Outcome:
-    kind: str
-    started: float
-    result: str  # "ok", "wrong answer", or the status and error code
+MODELS = Models(chat="sentinel-chat", embed="sentinel-embed")
 
 
 @pytest.fixture
@@ -62,118 +34,20 @@ def procs(sentinel: SentinelGroup, tmp_path: Path) -> Iterator[Processes]:
     spawned.stop_all()
 
 
-def answer(client: openai.OpenAI, kind: str) -> str:
-    """One request of ``kind``: its text (or the vector's digits) as the client saw it."""
-    if kind == "embed":
-        vector = client.embeddings.create(model=EMBED, input="a failover", extra_headers=HEADERS).data[0].embedding
-        return ",".join(f"{x:.6f}" for x in vector)
-    if kind == "chat":
-        reply = client.chat.completions.create(
-            model=CHAT,
-            messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=TOKENS,
-            extra_headers=HEADERS,
-        )
-        return f"{reply.choices[0].message.content}|{reply.choices[0].finish_reason}"
-    chunks = client.chat.completions.create(
-        model=CHAT,
-        messages=MESSAGES,  # type: ignore[arg-type]
-        max_tokens=TOKENS,
-        stream=True,
-        extra_headers=HEADERS,
-    )
-    text, finishes = "", []
-    for chunk in chunks:
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            finishes += [choice.finish_reason] if choice.finish_reason else []
-    return f"{text}|{','.join(finishes)}"
-
-
-def outcome(client: openai.OpenAI, kind: str, expected: str) -> Outcome:
-    started = time.monotonic()
-    try:
-        result = "ok" if answer(client, kind) == expected else "wrong answer"
-    except openai.APIStatusError as exc:
-        result = f"{exc.status_code} {exc.code}"
-    except openai.APIConnectionError as exc:  # the gateway dropped the connection, or did not answer in time
-        result = f"connection {type(exc).__name__}"
-    except openai.APIError as exc:  # an error event inside a stream
-        result = f"stream {exc.code}"
-    return Outcome(kind, started, result)
-
-
-class Load:
-    """Threads sending requests one after another until stopped, every outcome kept."""
-
-    def __init__(self, gateway: Gateway, expected: dict[str, str]) -> None:
-        self.outcomes: list[Outcome] = []
-        self.stopping = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._loop, args=(gateway.client(timeout=DEADLINE + 20), kind, expected[kind]))
-            for kind, count in KINDS.items()
-            for _ in range(count)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _loop(self, client: openai.OpenAI, kind: str, expected: str) -> None:
-        while not self.stopping.is_set():
-            self.outcomes.append(outcome(client, kind, expected))
-
-    def answered(self, kind: str, since: float = 0.0) -> int:
-        return sum(o.kind == kind and o.result == "ok" and o.started >= since for o in self.outcomes)
-
-    def stop(self) -> bool:
-        """Whether every thread ended (none hangs: each request is bounded by its deadline)."""
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(DEADLINE + 30)
-        return not any(thread.is_alive() for thread in self.threads)
-
-
 def test_a_master_killed_under_load_fails_over_and_nothing_is_lost_beyond_the_promise(
     sentinel: SentinelGroup, procs: Processes, tmp_path: Path
 ) -> None:
     gateway_log = tmp_path / "gateway.log"  # shown with an unexpected outcome: the gateway's side of it
-    gateway = procs.gateway(models=f"{CHAT},{EMBED}", log=gateway_log)
+    gateway = procs.gateway(models=f"{MODELS.chat},{MODELS.embed}", log=gateway_log)
     workers = [
-        procs.fake_worker(CHAT, "--fake-token-delay", "0.02"),  # ~0.4 s a chat: jobs are in flight at the kill
-        procs.fake_worker(EMBED, embed=True),
+        procs.fake_worker(MODELS.chat, "--fake-token-delay", "0.02"),  # ~0.4 s a chat: jobs are in flight at the kill
+        procs.fake_worker(MODELS.embed, embed=True),
     ]
-    reference = gateway.client(timeout=30)
-    expected = {kind: answer(reference, kind) for kind in KINDS}
-    assert expected["chat"] == expected["stream"] and expected["chat"].endswith("|length")
-
-    load = Load(gateway, expected)
-    try:
-        wait_for(lambda: all(load.answered(kind) >= 2 for kind in KINDS), timeout=30, what="answers before the kill")
-        killed = time.monotonic()
-        sentinel.kill_master()
-        wait_for(lambda: sentinel.master_seen_by_sentinels() == {sentinel.replica_port}, 30, "the failover")
-        failed_over = time.monotonic()
-        wait_for(
-            lambda: all(load.answered(kind, since=failed_over) >= 1 for kind in KINDS),
-            timeout=30,
-            what="every kind of request answered after the failover",
-        )
-        served_again = time.monotonic()
-    finally:
-        ended = load.stop()
-    assert ended, "a request hung"
-
-    results = Counter(o.result for o in load.outcomes)
-    print(
-        f"\nfailover: replica promoted {failed_over - killed:.1f} s after the kill, every kind answered again"
-        f" {served_again - failed_over:.1f} s later; outcomes: {dict(results)}"
+    fail_over_under_load(
+        gateway,
+        workers,
+        MODELS,
+        kill=sentinel.kill_master,
+        failed_over=lambda: sentinel.master_seen_by_sentinels() == {sentinel.replica_port},
+        gateway_log=gateway_log,
     )
-    unexpected = [
-        o
-        for o in load.outcomes
-        if o.result != "ok"
-        and o.result not in REFUSALS
-        and not (o.result == "504 deadline_exceeded" and o.started < failed_over)
-    ]
-    assert unexpected == [], gateway_log.read_text()[-20_000:]
-    assert all(w.process.poll() is None for w in workers) and gateway.process.poll() is None
-    assert httpx.get(f"{gateway.base_url}/ready", timeout=10).json()["ready"] is True
