@@ -5,9 +5,9 @@
 A cluster of three masters with a replica each (``launcher.redis_cluster``, Valkey 9), one gateway, a fake chat
 worker and a fake embedding worker on the Streams backend, and the load of the Sentinel fault test
 (``tests.faults.failover``: threads sending chat, streamed chat and embeddings one after another through the
-official SDK, a 10 s deadline per request). The master holding the chat model's slots is SIGKILLed; the cluster promotes its replica
-after the node timeout (``launcher.redis_cluster.NODE_TIMEOUT_MS``). Prints, for each second from the kill, the
-outcomes of the requests sent in it by kind, then the totals: printed, not checked
+official SDK, a 10 s deadline per request). The master holding the chat model's slots is SIGKILLed; the cluster
+promotes its replica after the node timeout (``launcher.redis_cluster.NODE_TIMEOUT_MS``). Prints, for each second
+from the kill, the outcomes of the requests sent in it by kind, then the totals: printed, not checked
 (``tests/faults/test_cluster_failover.py`` checks the README's promise for a failover).
 """
 
@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.common import machine, table
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import QueueBackend
 from launcher import redis_cluster
 from tests.conftest import BACKEND_VARIABLE, Processes, wait_for
@@ -46,7 +46,7 @@ def main() -> None:
             load = Load(gateway, {kind: answer(reference, kind, MODELS) for kind in KINDS}, MODELS)
             try:
                 wait_for(lambda: all(load.answered(kind) >= 2 for kind in KINDS), 30, "answers before the kill")
-                dead = cluster.node_of(contract.model_card_key(MODELS.chat))
+                dead = cluster.node_of(key_layout.model_card_key(MODELS.chat))
                 killed = time.monotonic()
                 cluster.kill(dead)
                 wait_for(lambda: dead not in cluster.masters(), 60, "the replica's promotion")

@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 from bench.common import cpu_seconds, machine, table
-from conveyor import contract
+from conveyor import key_layout
 from launcher import redis_cluster
 
 FRAME = b"x" * 100
@@ -32,7 +32,7 @@ COMMANDS = {"classic": ("PUBLISH", "SUBSCRIBE", "message"), "sharded": ("SPUBLIS
 def one_round(cluster: redis_cluster.RedisClusterServer, kind: str, frames: int) -> tuple[float, float, float]:
     """(seconds, us of the owning master's CPU per frame, us of the other masters' CPU per frame)."""
     publish, subscribe, message = COMMANDS[kind]
-    channel = contract.stream_channel("bench-model", f"job-{kind}-{time.monotonic_ns()}")
+    channel = key_layout.stream_channel("bench-model", f"job-{kind}-{time.monotonic_ns()}")
     owner = cluster.node_of(channel)
     pids = {port: process.pid for port, process in zip(cluster.ports, cluster.processes, strict=True)}
     with redis.Redis(port=owner) as client, redis.Redis(port=owner) as listener:

@@ -26,7 +26,7 @@ import redis
 from redis.crc import key_slot
 
 from bench.common import Stack, closed_loop, cpu_seconds, machine, ms, percentile, pin, stack, table
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import QueueBackend
 
 TEXT = "a sentence to embed for the shards benchmark, thirty-two tokens long or thereabouts in all"
@@ -60,7 +60,7 @@ def placement(running: Stack, models: list[str]) -> list[int]:
     with redis.Redis(port=running.redis_ports[0]) as client:
         slots = client.execute_command("CLUSTER SLOTS")
     for model in models:
-        slot = key_slot(contract.model_card_key(model).encode())
+        slot = key_slot(key_layout.model_card_key(model).encode())
         owner = next(int(m[1]) for start, end, m, *_ in slots if int(start) <= slot <= int(end))
         counts[owner] += 1
     return list(counts.values())

@@ -43,7 +43,7 @@ import httpx
 import redis
 
 from bench.common import machine, table
-from conveyor import contract
+from conveyor import key_layout
 from launcher import processes, redis_server
 from launcher.redis_server import RedisServer
 
@@ -404,7 +404,7 @@ async def drive(
 def at_rest(r: redis.Redis) -> None:
     """Wait (bounded) until the jobs of clients that left have been stopped: no job, lease or queue is left."""
     deadline = time.monotonic() + 30
-    patterns = ("arq:*", contract.queue_name("*"))
+    patterns = ("arq:*", key_layout.queue_name("*"))
     while any(next(r.scan_iter(p), None) for p in patterns) and time.monotonic() < deadline:
         time.sleep(0.1)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.errors import InvalidRequest
 
 RunState = Literal["loading", "serving", "restarting", "draining", "scaled_to_zero", "failed"]
@@ -159,7 +159,7 @@ class ModelRun(BaseModel):
 
 
 class FleetStore:
-    """The desired state (``contract.FLEET_MODELS``) and the run states (``contract.FLEET_STATUS``) in Redis."""
+    """The desired state (``key_layout.FLEET_MODELS``) and the run states (``key_layout.FLEET_STATUS``) in Redis."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -167,49 +167,49 @@ class FleetStore:
         self._change = redis.register_script(CHANGE_SCRIPT)
 
     async def specs(self) -> dict[str, ModelSpec]:
-        raw = await cast(Any, self.redis.hgetall(contract.FLEET_MODELS))
+        raw = await cast(Any, self.redis.hgetall(key_layout.FLEET_MODELS))
         return {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
 
     async def managed(self) -> bool:
         """Whether a ``conveyor up`` manages this Redis's fleet (then the admin API may change it)."""
-        return bool(await self.redis.exists(contract.FLEET_SUPERVISOR))
+        return bool(await self.redis.exists(key_layout.FLEET_SUPERVISOR))
 
     async def replace(self, specs: list[ModelSpec]) -> None:
         """The whole desired state at once (``conveyor up`` starting from its models file)."""
         check_fleet(specs)
         pairs = [item for s in specs for item in (s.name, s.model_dump_json())]
-        await self._replace(keys=[contract.FLEET_MODELS, contract.FLEET_SAVED], args=pairs)
+        await self._replace(keys=[key_layout.FLEET_MODELS, key_layout.FLEET_SAVED], args=pairs)
 
     async def saved(self) -> bool:
         """Whether Redis holds a desired state (an empty fleet included): False after it restarted empty."""
-        return bool(await self.redis.exists(contract.FLEET_SAVED))
+        return bool(await self.redis.exists(key_layout.FLEET_SAVED))
 
     async def change(self, name: str, build: Callable[[ModelSpec | None], ModelSpec | None]) -> ModelSpec | None:
         """Change one model atomically: ``build`` gets its spec now (None: not in the fleet) and returns the new one
         (None: remove it) or raises; the result is checked against the rest of the fleet. A change that another one
         overtook is tried again on the fresh state (optimistic: a compare-and-set script, ``CHANGE_SCRIPT``)."""
         while True:
-            raw = await cast(Any, self.redis.hgetall(contract.FLEET_MODELS))
+            raw = await cast(Any, self.redis.hgetall(key_layout.FLEET_MODELS))
             specs = {_text(k): ModelSpec.model_validate_json(v) for k, v in raw.items()}
             new = build(specs.get(name))
             if new is not None:
                 check_fleet([*(s for n, s in specs.items() if n != name), new])
             read = [item for pair in raw.items() for item in pair]
             args = [name, "" if new is None else new.model_dump_json(), *read]
-            if await self._change(keys=[contract.FLEET_MODELS], args=args):
+            if await self._change(keys=[key_layout.FLEET_MODELS], args=args):
                 return new
 
     async def runs(self) -> dict[str, ModelRun]:
-        raw = await cast(Any, self.redis.hgetall(contract.FLEET_STATUS))
+        raw = await cast(Any, self.redis.hgetall(key_layout.FLEET_STATUS))
         return {_text(k): ModelRun.model_validate_json(v) for k, v in raw.items()}
 
     async def allow_zero(self, specs: Iterable[ModelSpec]) -> None:
-        """Mark these models as ones whose requests wait for a worker to start (``contract.scale_to_zero_key``),
+        """Mark these models as ones whose requests wait for a worker to start (``key_layout.scale_to_zero_key``),
         for the next ``SCALE_TO_ZERO_TTL_SECONDS`` (refreshed by each round of ``conveyor up``)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for spec in specs:
-                key = contract.scale_to_zero_key(spec.name)
-                pipe.set(key, json.dumps(spec.capabilities()), ex=contract.SCALE_TO_ZERO_TTL_SECONDS)
+                key = key_layout.scale_to_zero_key(spec.name)
+                pipe.set(key, json.dumps(spec.capabilities()), ex=key_layout.SCALE_TO_ZERO_TTL_SECONDS)
             await pipe.execute()
 
     async def set_runs(self, runs: dict[str, ModelRun], gone: Iterable[str] = ()) -> None:
@@ -219,9 +219,9 @@ class FleetStore:
         names = list(gone)
         async with self.redis.pipeline(transaction=False) as pipe:
             if runs:
-                pipe.hset(contract.FLEET_STATUS, mapping={n: r.model_dump_json() for n, r in runs.items()})
+                pipe.hset(key_layout.FLEET_STATUS, mapping={n: r.model_dump_json() for n, r in runs.items()})
             if names:
-                pipe.hdel(contract.FLEET_STATUS, *names)
+                pipe.hdel(key_layout.FLEET_STATUS, *names)
             await pipe.execute()
 
 

@@ -1,6 +1,6 @@
 """Records written before the control plane had its hash tag move to their tagged names, once.
 
-Until the control plane got one hash tag (``contract.CONTROL``, so its scripts run on a Redis Cluster), its keys were
+Until the control plane got one hash tag (``key_layout.CONTROL``, so its scripts run on a Redis Cluster), its keys were
 ``conveyor:<name>`` (``conveyor:apikey:<id>``, ``conveyor:usage:<id>:<day>``, ``conveyor:batch:<id>`` ...). API keys,
 usage, files' and batches' records and the fleet's desired state outlive a restart, so a gateway, ``conveyor up`` and
 ``conveyor keys`` rename what they find under the old names before they start (``RENAMENX``: a name already written
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from conveyor.contract import CONTROL, KEY_PREFIX
+from conveyor.key_layout import CONTROL, KEY_PREFIX
 from conveyor.redis_client import is_cluster
 
 #: what followed ``conveyor:`` in the control plane's old names: these whole, or starting with one of ``OLD_FAMILIES``

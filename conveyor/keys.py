@@ -24,7 +24,7 @@ from typing import Any, cast
 from pydantic import BaseModel, Field, field_validator
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.errors import Conflict, InvalidRequest, NotFound
 
 SECRET_PREFIX = "sk-cv-"
@@ -195,7 +195,12 @@ class KeyStore:
             "created_at": str(now),
             **_record_fields(request, set(LIMIT_FIELDS))[0],
         }
-        keys = [contract.api_key_key(key_id), contract.API_KEY_HASHES, contract.API_KEY_NAMES, contract.API_KEYS_INDEX]
+        keys = [
+            key_layout.api_key_key(key_id),
+            key_layout.API_KEY_HASHES,
+            key_layout.API_KEY_NAMES,
+            key_layout.API_KEYS_INDEX,
+        ]
         pairs = [item for pair in record.items() for item in pair]
         if not await self._create(keys=keys, args=[key_id, digest, request.name, now, *pairs]):
             raise _name_taken(request.name)
@@ -205,32 +210,32 @@ class KeyStore:
         """A key by id, or an active key by name."""
         key_id = ref
         if not ref.startswith(ID_PREFIX):
-            found = await cast(Any, self.redis.hget(contract.API_KEY_NAMES, ref))
+            found = await cast(Any, self.redis.hget(key_layout.API_KEY_NAMES, ref))
             key_id = _text(found) if found else ref
-        raw = await cast(Any, self.redis.hgetall(contract.api_key_key(key_id)))
+        raw = await cast(Any, self.redis.hgetall(key_layout.api_key_key(key_id)))
         if not raw:
             raise NotFound(f"No API key {ref!r}.", param="key", code="key_not_found")
         return _key_from(key_id, raw)
 
     async def resolve(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, or None."""
-        key_id = await cast(Any, self.redis.hget(contract.API_KEY_HASHES, secret_hash(secret)))
+        key_id = await cast(Any, self.redis.hget(key_layout.API_KEY_HASHES, secret_hash(secret)))
         if key_id is None:
             return None
-        with_record = await cast(Any, self.redis.hgetall(contract.api_key_key(_text(key_id))))
+        with_record = await cast(Any, self.redis.hgetall(key_layout.api_key_key(_text(key_id))))
         key = _key_from(_text(key_id), with_record) if with_record else None
         return key if key is not None and key.revoked_at is None else None
 
     async def ever_created(self) -> bool:
         """Whether a managed key was ever created here (revoked ones keep their record): then every request needs a
         key, also once the last one is revoked."""
-        return bool(await self.redis.exists(contract.API_KEYS_INDEX))
+        return bool(await self.redis.exists(key_layout.API_KEYS_INDEX))
 
     async def list_keys(self, include_revoked: bool = False) -> list[ApiKey]:
-        ids = [_text(i) for i in await self.redis.zrange(contract.API_KEYS_INDEX, 0, -1)]
+        ids = [_text(i) for i in await self.redis.zrange(key_layout.API_KEYS_INDEX, 0, -1)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for key_id in ids:
-                pipe.hgetall(contract.api_key_key(key_id))
+                pipe.hgetall(key_layout.api_key_key(key_id))
             records = await pipe.execute()
         keys = [_key_from(key_id, raw) for key_id, raw in zip(ids, records, strict=True) if raw]
         return [k for k in keys if include_revoked or k.revoked_at is None]
@@ -241,18 +246,18 @@ class KeyStore:
             raise InvalidRequest(f"API key {key.id} is revoked; create a new one.", param="key", code="key_revoked")
         given = changes.model_fields_set
         if changes.name is not None and "name" in given:
-            names = [contract.api_key_key(key.id), contract.API_KEY_NAMES]
+            names = [key_layout.api_key_key(key.id), key_layout.API_KEY_NAMES]
             if not await self._rename(keys=names, args=[key.id, key.name, changes.name]):
                 raise _name_taken(changes.name)
         to_set, to_delete = _record_fields(changes, given)
         if to_set or to_delete:
             pairs = [item for pair in to_set.items() for item in pair]
-            await self._update(keys=[contract.api_key_key(key.id)], args=[len(to_set), *pairs, *to_delete])
+            await self._update(keys=[key_layout.api_key_key(key.id)], args=[len(to_set), *pairs, *to_delete])
         return await self.get(key.id)
 
     async def revoke(self, ref: str) -> ApiKey:
         key = await self.get(ref)
-        keys = [contract.api_key_key(key.id), contract.API_KEY_HASHES, contract.API_KEY_NAMES]
+        keys = [key_layout.api_key_key(key.id), key_layout.API_KEY_HASHES, key_layout.API_KEY_NAMES]
         await self._revoke(keys=keys, args=[key.id, int(time.time())])
         return await self.get(key.id)
 
@@ -264,7 +269,7 @@ class KeyStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 for date in dates:
-                    pipe.hgetall(contract.usage_key(key.id, date))
+                    pipe.hgetall(key_layout.usage_key(key.id, date))
             days_raw = iter(await pipe.execute())
         rows: list[UsageRow] = []
         for key in keys:

@@ -16,7 +16,7 @@ from typing import Literal, cast
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import QueueBackend
 
 #: how long a model's last engine failure is reported after it happened
@@ -96,7 +96,7 @@ class ModelStatus:
 
 def _sets(worker: WorkerInfo) -> tuple[str, str]:
     """The registry set this worker beats into, and the one it must leave."""
-    serving, loading = contract.model_workers_key(worker.model), contract.model_loading_key(worker.model)
+    serving, loading = key_layout.model_workers_key(worker.model), key_layout.model_loading_key(worker.model)
     return (serving, loading) if worker.state == "serving" else (loading, serving)
 
 
@@ -108,7 +108,7 @@ async def heartbeat(redis: Redis, worker: WorkerInfo, ttl: float) -> None:
         pipe.zadd(into, {worker.worker_id: now + ttl})
         pipe.zrem(out_of, worker.worker_id)
         pipe.zremrangebyscore(into, "-inf", now)
-        pipe.set(contract.worker_info_key(worker.worker_id), worker.model_dump_json(), px=px)
+        pipe.set(key_layout.worker_info_key(worker.worker_id), worker.model_dump_json(), px=px)
         if worker.state == "serving":
             card = ModelInfo(
                 model=worker.model,
@@ -116,19 +116,19 @@ async def heartbeat(redis: Redis, worker: WorkerInfo, ttl: float) -> None:
                 max_model_len=worker.max_model_len,
                 queue_backend=worker.queue_backend,
             )
-            pipe.set(contract.model_card_key(worker.model), card.model_dump_json(), px=px)
-        pipe.sadd(contract.MODELS_KEY, worker.model)
+            pipe.set(key_layout.model_card_key(worker.model), card.model_dump_json(), px=px)
+        pipe.sadd(key_layout.MODELS_KEY, worker.model)
         await pipe.execute()
 
 
 async def deregister(redis: Redis, worker: WorkerInfo, failure: Failure | None = None) -> None:
     """Leave the registry at once (drain, or failure: then the reason is kept for the model's status)."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(contract.model_workers_key(worker.model), worker.worker_id)
-        pipe.zrem(contract.model_loading_key(worker.model), worker.worker_id)
-        pipe.delete(contract.worker_info_key(worker.worker_id))
+        pipe.zrem(key_layout.model_workers_key(worker.model), worker.worker_id)
+        pipe.zrem(key_layout.model_loading_key(worker.model), worker.worker_id)
+        pipe.delete(key_layout.worker_info_key(worker.worker_id))
         if failure is not None:
-            pipe.set(contract.model_failure_key(worker.model), failure.model_dump_json(), ex=FAILURE_TTL_SECONDS)
+            pipe.set(key_layout.model_failure_key(worker.model), failure.model_dump_json(), ex=FAILURE_TTL_SECONDS)
         await pipe.execute()
 
 
@@ -136,14 +136,14 @@ async def model_status(redis: Redis, model: str) -> ModelStatus:
     """Live and loading workers, advertised card, last failure and queue depth of one model, in one round trip."""
     now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(contract.model_workers_key(model), now, "+inf")
-        pipe.get(contract.model_card_key(model))
-        pipe.zcount(contract.model_loading_key(model), now, "+inf")
-        pipe.get(contract.model_failure_key(model))
-        pipe.exists(contract.scale_to_zero_key(model))
+        pipe.zcount(key_layout.model_workers_key(model), now, "+inf")
+        pipe.get(key_layout.model_card_key(model))
+        pipe.zcount(key_layout.model_loading_key(model), now, "+inf")
+        pipe.get(key_layout.model_failure_key(model))
+        pipe.exists(key_layout.scale_to_zero_key(model))
         for bulk_lane in (False, True):  # each lane on both backends' layouts: one of each pair is empty
-            pipe.zcard(contract.bulk_queue_name(model) if bulk_lane else contract.queue_name(model))
-            pipe.xlen(contract.stream_lane_key(model, bulk_lane))
+            pipe.zcard(key_layout.bulk_queue_name(model) if bulk_lane else key_layout.queue_name(model))
+            pipe.xlen(key_layout.stream_lane_key(model, bulk_lane))
         live, card, loading, failure, zero, *lanes = await pipe.execute()
     depth, bulk = lanes[0] + lanes[1], lanes[2] + lanes[3]
     return ModelStatus(
@@ -158,17 +158,17 @@ async def model_status(redis: Redis, model: str) -> ModelStatus:
 
 
 async def known_models(redis: Redis) -> set[str]:
-    members = await cast(Awaitable[set[bytes]], redis.smembers(contract.MODELS_KEY))
+    members = await cast(Awaitable[set[bytes]], redis.smembers(key_layout.MODELS_KEY))
     return {m.decode() if isinstance(m, bytes) else m for m in members}
 
 
 async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
-    return await _infos(redis, await redis.zrangebyscore(contract.model_workers_key(model), time.time(), "+inf"))
+    return await _infos(redis, await redis.zrangebyscore(key_layout.model_workers_key(model), time.time(), "+inf"))
 
 
 async def _infos(redis: Redis, ids: Iterable[bytes | str]) -> list[WorkerInfo]:
     """The registry entries of these worker ids (an entry that lapsed meanwhile is left out)."""
-    keys = sorted({contract.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids})
+    keys = sorted({key_layout.worker_info_key(i.decode() if isinstance(i, bytes) else i) for i in ids})
     if not keys:
         return []
     # One GET each, not MGET: each worker's info key is a slot of its own on a Redis Cluster, where an MGET across
@@ -186,8 +186,8 @@ async def all_workers(redis: Redis) -> list[WorkerInfo]:
     models = sorted(await known_models(redis))
     async with redis.pipeline(transaction=False) as pipe:
         for model in models:
-            pipe.zrangebyscore(contract.model_workers_key(model), now, "+inf")
-            pipe.zrangebyscore(contract.model_loading_key(model), now, "+inf")
+            pipe.zrangebyscore(key_layout.model_workers_key(model), now, "+inf")
+            pipe.zrangebyscore(key_layout.model_loading_key(model), now, "+inf")
         id_lists = await pipe.execute()
     return await _infos(redis, (i for found in id_lists for i in found))
 
@@ -196,17 +196,17 @@ async def gateway_heartbeat(redis: Redis, address: str, ttl: float) -> None:
     """A gateway's presence (its scrape address), good for ``ttl`` seconds."""
     now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(contract.GATEWAYS_KEY, {address: now + ttl})
-        pipe.zremrangebyscore(contract.GATEWAYS_KEY, "-inf", now)
+        pipe.zadd(key_layout.GATEWAYS_KEY, {address: now + ttl})
+        pipe.zremrangebyscore(key_layout.GATEWAYS_KEY, "-inf", now)
         await pipe.execute()
 
 
 async def gateway_leave(redis: Redis, address: str) -> None:
-    await redis.zrem(contract.GATEWAYS_KEY, address)
+    await redis.zrem(key_layout.GATEWAYS_KEY, address)
 
 
 async def live_gateways(redis: Redis) -> list[str]:
-    found = await redis.zrangebyscore(contract.GATEWAYS_KEY, time.time(), "+inf")
+    found = await redis.zrangebyscore(key_layout.GATEWAYS_KEY, time.time(), "+inf")
     return sorted(a.decode() if isinstance(a, bytes) else a for a in found)
 
 
@@ -222,10 +222,10 @@ async def forget_model(redis: Redis, model: str) -> None:
     sets behind, without an expiry, under a name nobody lists. A worker still beating re-adds both either way, as it
     did after the transaction."""
     await redis.delete(
-        contract.model_card_key(model),
-        contract.model_failure_key(model),
-        contract.scale_to_zero_key(model),
-        contract.model_workers_key(model),
-        contract.model_loading_key(model),
+        key_layout.model_card_key(model),
+        key_layout.model_failure_key(model),
+        key_layout.scale_to_zero_key(model),
+        key_layout.model_workers_key(model),
+        key_layout.model_loading_key(model),
     )
-    await cast(Awaitable[int], redis.srem(contract.MODELS_KEY, model))
+    await cast(Awaitable[int], redis.srem(key_layout.MODELS_KEY, model))

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client, registry
+from conveyor import key_layout, redis_client, registry
 from conveyor.fleet import FleetStore
 from conveyor.outage import REDIS_DOWN
 
@@ -30,9 +30,9 @@ async def snapshot(redis: Redis) -> dict[str, Any]:
             "fleet": run.model_dump() if run else None,
         }
     batches = []
-    for raw in sorted(await cast(Any, redis.smembers(contract.ACTIVE_BATCHES))):
+    for raw in sorted(await cast(Any, redis.smembers(key_layout.ACTIVE_BATCHES))):
         batch_id = raw.decode() if isinstance(raw, bytes) else raw
-        record = await cast(Any, redis.hgetall(contract.batch_key(batch_id)))
+        record = await cast(Any, redis.hgetall(key_layout.batch_key(batch_id)))
         fields = {k.decode(): v.decode() for k, v in record.items()}
         batches.append({"id": batch_id, **{k: fields.get(k, "") for k in ("status", "completed", "failed", "total")}})
     return {

@@ -14,7 +14,7 @@ from pathlib import Path
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import SerializationError, serialize_job
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.contract import JobEnvelope, QueueBackend
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
@@ -27,7 +27,7 @@ local function enqueue(lane, job, data, expiry_ms, score, id)
   redis.call('PSETEX', job, expiry_ms, data)
   redis.call('ZADD', lane, score, id)
 end
-local function wake(channel) publish(channel, 'job') end  -- contract.WAKE_JOB
+local function wake(channel) publish(channel, 'job') end  -- key_layout.WAKE_JOB
 """
 
 
@@ -37,7 +37,7 @@ class ArqJobQueue(RedisJobQueue):
     CANCEL_LUA = (Path(__file__).parent / "cancel.lua").read_text()
 
     def lane(self, model: str, bulk: bool = False) -> str:
-        return contract.bulk_queue_name(model) if bulk else contract.queue_name(model)
+        return key_layout.bulk_queue_name(model) if bulk else key_layout.queue_name(model)
 
     def job_prefix(self, model: str) -> str:
         return job_key_prefix
@@ -62,8 +62,8 @@ class ArqJobQueue(RedisJobQueue):
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
             in_progress_key_prefix + job_id,
-            contract.abort_key(envelope.model, job_id),
-            contract.wake_channel(envelope.model),
+            key_layout.abort_key(envelope.model, job_id),
+            key_layout.wake_channel(envelope.model),
         ]
         marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
         # on a Redis error: the job's data expires at its deadline; a worker answering it finds nobody waiting

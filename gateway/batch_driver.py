@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from conveyor import contract, token_estimate
+from conveyor import contract, key_layout, token_estimate
 from conveyor.batch_lines import (
     FINAL_STATUSES,
     KIND_FOR_URL,
@@ -266,7 +266,7 @@ class BatchDriver:
         if owner is not None:
             tenant = TenantRef(key_id=owner.key_id, name=owner.name, second=int(now), reserved=chunk.tokens)
         return JobEnvelope(
-            request_id=contract.chunk_job_id(batch.id, chunk.index),
+            request_id=key_layout.chunk_job_id(batch.id, chunk.index),
             model=batch.model or "",
             kind=KIND_FOR_URL[batch.endpoint],
             body={},
@@ -332,14 +332,14 @@ class BatchDriver:
         bookkeeping goes."""
         for chunk in await self.batches.plan(batch_id):
             for kind in PART_KINDS:
-                await self.store.delete(contract.chunk_part_name(batch_id, chunk.index, kind))
+                await self.store.delete(key_layout.chunk_part_name(batch_id, chunk.index, kind))
         await self.batches.retire(batch_id)
 
     async def _parts(self, plan: list[ChunkRef], done: set[int], kind: Literal["out", "err"]) -> AsyncIterator[bytes]:
         for chunk in plan:
             if chunk.index in done:
                 try:
-                    async for block in self.store.read(contract.chunk_part_name(chunk.batch_id, chunk.index, kind)):
+                    async for block in self.store.read(key_layout.chunk_part_name(chunk.batch_id, chunk.index, kind)):
                         yield block
                 except FileNotFoundError:  # its worker could not read the input: every line is an error
                     if kind == "err":

@@ -1,6 +1,6 @@
 """Batches and files as Redis keeps them, shared by every gateway replica.
 
-A batch is one hash (``contract.batch_key``): its fixed fields as JSON (``record``), and one field per thing that
+A batch is one hash (``key_layout.batch_key``): its fixed fields as JSON (``record``), and one field per thing that
 changes: ``status`` and each status' timestamp, the output and error file ids, ``errors``, the line counts, and the
 chunk ``plan``. Status changes are compare-and-set scripts, so a cancel on one replica and the driver on another
 never overwrite each other; line counts move only when a chunk's report is folded in, once per chunk.
@@ -16,7 +16,7 @@ from typing import Any, cast
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import BatchErrors, BatchObject, BatchRequestCounts, BatchUsage, StoredFile
 from conveyor.contract import ChunkRef
 from conveyor.errors import NotFound
@@ -152,7 +152,7 @@ class BatchStore:
     # --- files --------------------------------------------------------------------------------------------------
 
     async def save_file(self, stored: StoredFile) -> None:
-        keys = [contract.file_key(stored.file.id), contract.FILES_INDEX, contract.FILES_EXPIRING]
+        keys = [key_layout.file_key(stored.file.id), key_layout.FILES_INDEX, key_layout.FILES_EXPIRING]
         expires_at = stored.file.expires_at
         # scored by the clock, finer than created_at: keeps the order of files created in one second
         args: list[str | float] = [
@@ -167,7 +167,7 @@ class BatchStore:
     async def stored(self, file_id: str) -> StoredFile | None:
         """A file's record as it is, expired or not (None: there is none)."""
         with redis_errors():
-            raw = await self.redis.get(contract.file_key(file_id))
+            raw = await self.redis.get(key_layout.file_key(file_id))
         return StoredFile.model_validate_json(raw) if raw is not None else None
 
     async def file(self, file_id: str, viewer: str | None = None) -> StoredFile:
@@ -179,14 +179,14 @@ class BatchStore:
         return stored
 
     async def forget_file(self, file_id: str) -> None:
-        keys = [contract.file_key(file_id), contract.FILES_INDEX, contract.FILES_EXPIRING]
+        keys = [key_layout.file_key(file_id), key_layout.FILES_INDEX, key_layout.FILES_EXPIRING]
         with redis_errors():
             await self._forget_file(keys=keys, args=[file_id])
 
     async def expired_files(self, now: float, skip: int, count: int) -> list[str]:
         """Ids of files expired by ``now``, soonest expired first, leaving out the first ``skip``."""
         with redis_errors():
-            found = await self.redis.zrangebyscore(contract.FILES_EXPIRING, "-inf", now, start=skip, num=count)
+            found = await self.redis.zrangebyscore(key_layout.FILES_EXPIRING, "-inf", now, start=skip, num=count)
         return [i.decode() for i in found]
 
     async def page(
@@ -222,7 +222,7 @@ class BatchStore:
             fields["owner"] = owner.model_dump_json()
         if output_expiry is not None:
             fields["output_expiry"] = output_expiry
-        keys = [contract.batch_key(batch.id), contract.BATCHES_INDEX, contract.ACTIVE_BATCHES]
+        keys = [key_layout.batch_key(batch.id), key_layout.BATCHES_INDEX, key_layout.ACTIVE_BATCHES]
         pairs = [item for pair in fields.items() for item in pair]
         with redis_errors():
             await self._create_batch(keys=keys, args=[batch.id, time.time(), *pairs])
@@ -231,7 +231,7 @@ class BatchStore:
         """A batch; 404 when there is none, or when ``viewer`` (a managed API key's id) may not see it: a managed key
         sees the batches it created, a static key (or none) every batch."""
         with redis_errors():
-            fields = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(contract.batch_key(batch_id)))
+            fields = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(key_layout.batch_key(batch_id)))
         values = {k.decode(): v.decode() for k, v in fields.items()}
         owner = values.pop("owner", None)
         visible = viewer is None or (owner is not None and BatchOwner.model_validate_json(owner).key_id == viewer)
@@ -262,47 +262,51 @@ class BatchStore:
         for name, value in fields.items():
             args += [name, value]
         with redis_errors():
-            return bool(await self._transition(keys=[contract.batch_key(batch_id)], args=args))
+            return bool(await self._transition(keys=[key_layout.batch_key(batch_id)], args=args))
 
     async def set_plan(self, batch_id: str, chunks: list[ChunkRef], total: int) -> None:
         plan = json.dumps([c.model_dump(mode="json") for c in chunks])
         with redis_errors():
             await cast(
-                Awaitable[int], self.redis.hset(contract.batch_key(batch_id), mapping={"plan": plan, "total": total})
+                Awaitable[int], self.redis.hset(key_layout.batch_key(batch_id), mapping={"plan": plan, "total": total})
             )
 
     async def plan(self, batch_id: str) -> list[ChunkRef]:
         with redis_errors():
-            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "plan"))
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(key_layout.batch_key(batch_id), "plan"))
         return [ChunkRef.model_validate(c) for c in json.loads(raw)] if raw else []
 
     async def output_expiry(self, batch_id: str) -> int | None:
         """Seconds the batch's output and error files live (its ``output_expires_after``), or None."""
         with redis_errors():
-            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "output_expiry"))
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(key_layout.batch_key(batch_id), "output_expiry"))
         return int(raw) if raw else None
 
     async def owner(self, batch_id: str) -> BatchOwner | None:
         with redis_errors():
-            raw = await cast(Awaitable[bytes | None], self.redis.hget(contract.batch_key(batch_id), "owner"))
+            raw = await cast(Awaitable[bytes | None], self.redis.hget(key_layout.batch_key(batch_id), "owner"))
         return BatchOwner.model_validate_json(raw) if raw else None
 
     async def released(self, batch_id: str) -> int:
         """How many of the batch's chunks were put on the bulk lane (always its first ones)."""
         with redis_errors():
-            return int(await cast(Awaitable[int], self.redis.hlen(contract.batch_released_key(batch_id))))
+            return int(await cast(Awaitable[int], self.redis.hlen(key_layout.batch_released_key(batch_id))))
 
     async def fold_reports(self, batch_id: str) -> set[int]:
         """Count the chunks workers reported since the last fold; returns the indices of every chunk done so far."""
-        keys = [contract.batch_done_key(batch_id), contract.batch_chunks_key(batch_id), contract.batch_key(batch_id)]
+        keys = [
+            key_layout.batch_done_key(batch_id),
+            key_layout.batch_chunks_key(batch_id),
+            key_layout.batch_key(batch_id),
+        ]
         with redis_errors():
             await self._fold(keys=keys)
-            done = await cast(Awaitable[list[bytes]], self.redis.hkeys(contract.batch_chunks_key(batch_id)))
+            done = await cast(Awaitable[list[bytes]], self.redis.hkeys(key_layout.batch_chunks_key(batch_id)))
         return {int(i) for i in done}
 
     async def active(self) -> list[str]:
         with redis_errors():
-            members = await cast(Awaitable[set[bytes]], self.redis.smembers(contract.ACTIVE_BATCHES))
+            members = await cast(Awaitable[set[bytes]], self.redis.smembers(key_layout.ACTIVE_BATCHES))
         return [i.decode() for i in members]
 
     async def progress(self) -> dict[str, dict[str, int]]:
@@ -311,7 +315,7 @@ class BatchStore:
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for batch_id in ids:
-                    pipe.hmget(contract.batch_key(batch_id), ["record", "total", "completed", "failed"])
+                    pipe.hmget(key_layout.batch_key(batch_id), ["record", "total", "completed", "failed"])
                 rows = await pipe.execute()
         found: dict[str, dict[str, int]] = {}
         for record, total, completed, failed in rows:
@@ -328,12 +332,12 @@ class BatchStore:
     async def retire(self, batch_id: str) -> None:
         """A batch in a final state: nothing drives it any more; its chunk bookkeeping goes."""
         keys = [
-            contract.ACTIVE_BATCHES,
-            contract.batch_chunks_key(batch_id),
-            contract.batch_done_key(batch_id),
-            contract.batch_released_key(batch_id),
-            contract.batch_key(batch_id),
-            contract.FINISHED_BATCHES,
+            key_layout.ACTIVE_BATCHES,
+            key_layout.batch_chunks_key(batch_id),
+            key_layout.batch_done_key(batch_id),
+            key_layout.batch_released_key(batch_id),
+            key_layout.batch_key(batch_id),
+            key_layout.FINISHED_BATCHES,
         ]
         with redis_errors():
             await self._retire(keys=keys, args=[batch_id, self.clock()])
@@ -341,30 +345,30 @@ class BatchStore:
     async def finished_before(self, cutoff: float, count: int) -> list[str]:
         """Ids of batches that reached a final status before ``cutoff``, oldest first."""
         with redis_errors():
-            found = await self.redis.zrangebyscore(contract.FINISHED_BATCHES, "-inf", cutoff, start=0, num=count)
+            found = await self.redis.zrangebyscore(key_layout.FINISHED_BATCHES, "-inf", cutoff, start=0, num=count)
         return [i.decode() for i in found]
 
     async def purge_batch(self, batch_id: str) -> None:
         """Forget a batch: its record, its bookkeeping and its index entries (not its files)."""
         keys = [
-            contract.batch_key(batch_id),
-            contract.batch_chunks_key(batch_id),
-            contract.batch_done_key(batch_id),
-            contract.batch_released_key(batch_id),
-            contract.batch_driver_key(batch_id),
-            contract.BATCHES_INDEX,
-            contract.FINISHED_BATCHES,
-            contract.ACTIVE_BATCHES,
+            key_layout.batch_key(batch_id),
+            key_layout.batch_chunks_key(batch_id),
+            key_layout.batch_done_key(batch_id),
+            key_layout.batch_released_key(batch_id),
+            key_layout.batch_driver_key(batch_id),
+            key_layout.BATCHES_INDEX,
+            key_layout.FINISHED_BATCHES,
+            key_layout.ACTIVE_BATCHES,
         ]
         with redis_errors():
             await self._purge_batch(keys=keys, args=[batch_id])
 
     async def take_lease(self, batch_id: str, holder: str, seconds: float) -> bool:
         """Hold (or keep holding) the right to drive ``batch_id`` for ``seconds``."""
-        return await self.hold(contract.batch_driver_key(batch_id), holder, seconds)
+        return await self.hold(key_layout.batch_driver_key(batch_id), holder, seconds)
 
     async def drop_lease(self, batch_id: str, holder: str) -> None:
-        await self.release(contract.batch_driver_key(batch_id), holder)
+        await self.release(key_layout.batch_driver_key(batch_id), holder)
 
     async def hold(self, lease: str, holder: str, seconds: float) -> bool:
         """Take or keep the lease ``lease`` (a key) for ``seconds``; False while another holder has it."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field, field_validator
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import FINAL_STATUSES, KIND_FOR_URL, BatchObject, ExpiresAfter
 from conveyor.errors import InvalidRequest, ModelNotFound, NotFound
 from conveyor.keys import ApiKey
@@ -106,7 +106,7 @@ class BatchService:
         found: list[BatchObject] = []
         cursor = after
         while len(found) <= limit:  # a key sees only its own: page on until enough or none left
-            ids, more = await self.batches.page(contract.BATCHES_INDEX, cursor, limit)
+            ids, more = await self.batches.page(key_layout.BATCHES_INDEX, cursor, limit)
             found += [batch for i in ids if (batch := await self._seen(i, viewer)) is not None]
             if not more or not ids:
                 break

@@ -7,7 +7,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
+from conveyor import key_layout, registry
 from conveyor.errors import ConveyorError, ModelNotFound, NoLiveWorker
 from conveyor.fleet import FleetStore
 from gateway.queue import redis_errors
@@ -22,7 +22,7 @@ class ModelDirectory:
     async def configured(self) -> set[str]:
         """The models this deployment expects: ``CONVEYOR_GATEWAY_MODELS``, and the fleet ``conveyor up`` runs."""
         with redis_errors():
-            fleet = await cast(Awaitable[list[bytes]], self.redis.hkeys(contract.FLEET_MODELS))
+            fleet = await cast(Awaitable[list[bytes]], self.redis.hkeys(key_layout.FLEET_MODELS))
         return set(self.settings.models) | set(self.settings.scale_to_zero) | {name.decode() for name in fleet}
 
     async def allow_zero(self, models: list[str]) -> None:
@@ -36,14 +36,14 @@ class ModelDirectory:
             # refuses an MGET across slots; a pipeline without a transaction sends each GET to its node.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for model in models:
-                    pipe.get(contract.model_failure_key(model))
+                    pipe.get(key_layout.model_failure_key(model))
                 failures = await pipe.execute()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for model, failure in zip(models, failures, strict=True):
                     if failure is None:
-                        pipe.set(contract.scale_to_zero_key(model), "[]", ex=contract.SCALE_TO_ZERO_TTL_SECONDS)
+                        pipe.set(key_layout.scale_to_zero_key(model), "[]", ex=key_layout.SCALE_TO_ZERO_TTL_SECONDS)
                     else:
-                        pipe.delete(contract.scale_to_zero_key(model))
+                        pipe.delete(key_layout.scale_to_zero_key(model))
                 await pipe.execute()
 
     async def names(self) -> set[str]:

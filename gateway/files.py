@@ -9,7 +9,7 @@ from typing import Literal
 
 from fastapi import UploadFile
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import (
     BATCH_INPUT_EXPIRY_SECONDS,
     MAX_FILE_BYTES,
@@ -60,7 +60,7 @@ class FileService:
             lifetime = expiry.checked_seconds(expires_after, "expires_after", self.min_expiry)
         file_id = new_file_id()
         check = FileCheck()
-        name = contract.stored_file_name(file_id)
+        name = key_layout.stored_file_name(file_id)
         try:
             size = await self.store.write(name, _checked(upload, check))
         except LineError as exc:
@@ -107,7 +107,7 @@ class FileService:
         """Store a batch's output or error file under ``file_id`` (written again whole on a retry), owned by the
         batch's API key, expiring ``lifetime`` seconds after it is written (None: never); None when it would be
         empty."""
-        name = contract.stored_file_name(file_id)
+        name = key_layout.stored_file_name(file_id)
         size = await self.store.write(name, blocks)
         if size == 0:
             await self.store.delete(name)
@@ -134,7 +134,7 @@ class FileService:
         found: list[FileObject] = []
         cursor = after
         while len(found) < limit:  # a purpose filter may skip some: page on until enough or none left
-            ids, more = await self.batches.page(contract.FILES_INDEX, cursor, limit, newest_first=order == "desc")
+            ids, more = await self.batches.page(key_layout.FILES_INDEX, cursor, limit, newest_first=order == "desc")
             for file_id in ids:
                 stored = await self._maybe(file_id)
                 if stored is None or not stored.visible_to(viewer):

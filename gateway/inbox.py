@@ -18,7 +18,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import Reply
 from conveyor.outage import REDIS_DOWN, Outage
 
@@ -35,7 +35,7 @@ class ReplyInbox:
         self.redis = redis
         self.outage = outage
         self.gateway_id = uuid.uuid4().hex
-        self.key = contract.inbox_key(self.gateway_id)
+        self.key = key_layout.inbox_key(self.gateway_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
 

@@ -15,7 +15,7 @@ from enum import IntEnum
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import JobEnvelope, TenantRef
 from conveyor.outage import REDIS_DOWN
 from conveyor.pipeliner import Pipeliner
@@ -98,8 +98,8 @@ def _windows(limits: list[int]) -> dict[str, rate_limits.Window]:
 
 class KeyLimits:
     def __init__(self, redis: Redis) -> None:
-        self._reserve = redis.register_script(contract.RATE_WINDOW_LUA + RESERVE_LUA)
-        self._refund = redis.register_script(contract.RATE_WINDOW_LUA + REFUND_LUA)
+        self._reserve = redis.register_script(key_layout.RATE_WINDOW_LUA + RESERVE_LUA)
+        self._refund = redis.register_script(key_layout.RATE_WINDOW_LUA + REFUND_LUA)
         #: reservations of requests arriving together go to Redis in one pipeline (as their admissions do)
         self._reservations = Pipeliner(redis)
 
@@ -109,10 +109,10 @@ class KeyLimits:
         """The reservation's code and the key's windows as it found them (before this job)."""
         key_id = tenant.key_id
         keys = [
-            contract.api_key_key(key_id),
-            contract.rate_window_key(key_id, "requests"),
-            contract.rate_window_key(key_id, "tokens"),
-            contract.key_jobs_key(key_id),
+            key_layout.api_key_key(key_id),
+            key_layout.rate_window_key(key_id, "requests"),
+            key_layout.rate_window_key(key_id, "tokens"),
+            key_layout.key_jobs_key(key_id),
         ]
         args: list[str | int] = [
             repr(now),
@@ -131,9 +131,9 @@ class KeyLimits:
         the window (a minute) and the job's entry until its deadline: limits are never exceeded by it."""
         key_id = tenant.key_id
         keys = [
-            contract.rate_window_key(key_id, "requests"),
-            contract.rate_window_key(key_id, "tokens"),
-            contract.key_jobs_key(key_id),
+            key_layout.rate_window_key(key_id, "requests"),
+            key_layout.rate_window_key(key_id, "tokens"),
+            key_layout.key_jobs_key(key_id),
         ]
         args: list[str | int] = [tenant.second, int("requests" in windows)]
         args += [tenant.reserved if "tokens" in windows else 0, request_id]

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client
+from conveyor import key_layout, redis_client
 from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
 from conveyor.outage import REDIS_DOWN
@@ -114,7 +114,7 @@ class RedisJobQueue(ABC):
         self.key_limits = KeyLimits(redis)
         publish = redis_client.publish_lua(redis)  # the wake-ups' and aborts' publish(channel, message)
         self._admit_and_enqueue = redis.register_script(admission_script(self.BACKEND, publish + self.LANE_LUA))
-        self._charge = redis.register_script(contract.RATE_WINDOW_LUA + CHARGE_LUA)
+        self._charge = redis.register_script(key_layout.RATE_WINDOW_LUA + CHARGE_LUA)
         self._enqueue_chunks = redis.register_script(publish + self.LANE_LUA + ENQUEUE_LUA)
         self._cancel = redis.register_script(publish + self.CANCEL_LUA)
         #: admissions of requests arriving together go to Redis in one pipeline: one write and one read for them all
@@ -160,12 +160,12 @@ class RedisJobQueue(ABC):
             if reserved != KeyAdmission.RESERVED:
                 raise rate_limits.refusal(reserved, tenant, model, windows, cost, self.settings.retry_after_seconds)
         keys = [
-            contract.model_workers_key(model),
-            contract.model_card_key(model),
+            key_layout.model_workers_key(model),
+            key_layout.model_card_key(model),
             self.lane(model),
             self.job_prefix(model) + envelope.request_id,
-            contract.wake_channel(model),
-            contract.scale_to_zero_key(model),
+            key_layout.wake_channel(model),
+            key_layout.scale_to_zero_key(model),
         ]
         args: list[str | int | bytes] = [
             repr(now),
@@ -212,7 +212,7 @@ class RedisJobQueue(ABC):
         """Cancel a job; it no longer counts against its API key's queued jobs (on the key's slot, apart)."""
         if envelope.tenant is not None:
             with contextlib.suppress(*REDIS_DOWN):  # else the entry leaves at the job's deadline
-                await self.redis.zrem(contract.key_jobs_key(envelope.tenant.key_id), envelope.request_id)
+                await self.redis.zrem(key_layout.key_jobs_key(envelope.tenant.key_id), envelope.request_id)
         await self.cancel_job(envelope)
 
     async def release(self, batch_id: str, envelopes: list[JobEnvelope], token_share: float, now: float) -> int:
@@ -222,10 +222,10 @@ class RedisJobQueue(ABC):
             return 0
         first = envelopes[0]
         model, tenant = first.model, first.tenant
-        released_key = contract.batch_released_key(batch_id)
+        released_key = key_layout.batch_released_key(batch_id)
         keys = [released_key]
         if tenant is not None:
-            keys += [contract.api_key_key(tenant.key_id), contract.rate_window_key(tenant.key_id, "tokens")]
+            keys += [key_layout.api_key_key(tenant.key_id), key_layout.rate_window_key(tenant.key_id, "tokens")]
         args: list[str | int | float | bytes] = [repr(now), int(now), token_share]
         by_index = {}
         for envelope in envelopes:
@@ -244,7 +244,9 @@ class RedisJobQueue(ABC):
                 score = int(envelope.created * 1000)
                 ttl = max(int(envelope.seconds_left(now) * 1000), 1)
                 enqueued += [envelope.request_id, self.job_data(envelope, score), ttl, score]
-            await self._enqueue_chunks(keys=[self.lane(model, bulk=True), contract.wake_channel(model)], args=enqueued)
+            await self._enqueue_chunks(
+                keys=[self.lane(model, bulk=True), key_layout.wake_channel(model)], args=enqueued
+            )
             last_deadline = max(e.deadline for e in envelopes)
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(released_key, mapping={str(e.chunk.index): 1 for e in chosen if e.chunk is not None})

@@ -19,7 +19,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import JobEnvelope, StreamFrame
 from conveyor.errors import (
     BackendUnavailable,
@@ -147,6 +147,6 @@ class StreamRelay:
         await self._events.aclose()  # type: ignore[attr-defined]
         self.metrics.open_streams.dec()
         self.metrics.observe(self.envelope.model, self.endpoint, self.status, self.reason, self.envelope.created)
-        await self.mux.unsubscribe(contract.stream_channel(self.envelope.model, self.envelope.request_id))
+        await self.mux.unsubscribe(key_layout.stream_channel(self.envelope.model, self.envelope.request_id))
         if self.status != 200:  # it did not end with its end frame: the job must not run on
             await self.queue.cancel(self.envelope)

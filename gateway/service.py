@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from conveyor import contract, token_estimate
+from conveyor import key_layout, token_estimate
 from conveyor.contract import JobEnvelope, JobKind, TenantRef
 from conveyor.errors import BackendUnavailable, DeadlineExceeded, EngineFailure, RemoteError
 from conveyor.fleet import FleetStore, ModelRun
@@ -101,7 +101,7 @@ class ServingService:
         """Subscribe, admit + enqueue, and wait for the first frame, so that anything that fails before the first
         token is an ordinary HTTP error. Returns the relay of the rest; the key's rate-limit headers are added to
         ``headers``."""
-        channel = contract.stream_channel(envelope.model, envelope.request_id)
+        channel = key_layout.stream_channel(envelope.model, envelope.request_id)
         with redis_errors():
             messages = await self.mux.subscribe(channel)
         enqueued = False
@@ -175,7 +175,7 @@ class ServingService:
 
     async def refresh_known_models(self) -> set[str]:
         """The set of models that may be metric labels (a model a worker registers later gets its own series); and
-        the models this gateway lets scale to zero, marked so again (``contract.scale_to_zero_key``)."""
+        the models this gateway lets scale to zero, marked so again (``key_layout.scale_to_zero_key``)."""
         await self.directory.allow_zero(self.settings.scale_to_zero)
         self.metrics.known_models = await self.directory.names()
         return self.metrics.known_models

@@ -1,4 +1,5 @@
-"""The gateway's side of the Redis Streams backend: ``JobQueue`` on one stream per lane (``contract.stream_lane_key``).
+"""The gateway's side of the Redis Streams backend: ``JobQueue`` on one stream per lane
+(``key_layout.stream_lane_key``).
 
 A job is a record (a hash: the envelope as JSON, its lane and entry, its tries; expiring at the request's deadline)
 plus an entry on its lane;
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.contract import JobEnvelope, QueueBackend
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
@@ -43,7 +44,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   return 0
 end
 redis.call('PSETEX', KEYS[4], ARGV[2], '1')
-publish(KEYS[5], 'abort:' .. ARGV[1])  -- contract.WAKE_ABORT
+publish(KEYS[5], 'abort:' .. ARGV[1])  -- key_layout.WAKE_ABORT
 return 1
 """
 
@@ -54,10 +55,10 @@ class StreamsJobQueue(RedisJobQueue):
     CANCEL_LUA = CANCEL_LUA
 
     def lane(self, model: str, bulk: bool = False) -> str:
-        return contract.stream_lane_key(model, bulk)
+        return key_layout.stream_lane_key(model, bulk)
 
     def job_prefix(self, model: str) -> str:
-        return contract.stream_job_prefix(model)
+        return key_layout.stream_job_prefix(model)
 
     def job_data(self, envelope: JobEnvelope, enqueued_ms: int) -> bytes:
         try:
@@ -69,21 +70,21 @@ class StreamsJobQueue(RedisJobQueue):
         model, job_id = envelope.model, envelope.request_id
         keys = [
             self.lane_of(envelope),
-            contract.stream_job_prefix(model) + job_id,
-            contract.stream_lease_prefix(model) + job_id,
-            contract.abort_key(model, job_id),
-            contract.wake_channel(model),
+            key_layout.stream_job_prefix(model) + job_id,
+            key_layout.stream_lease_prefix(model) + job_id,
+            key_layout.abort_key(model, job_id),
+            key_layout.wake_channel(model),
         ]
         marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
         with contextlib.suppress(*REDIS_DOWN):  # the record expires at the job's deadline; nobody waits for it then
-            await self._cancel(keys=keys, args=[job_id, marker_ms, contract.STREAM_GROUP])
+            await self._cancel(keys=keys, args=[job_id, marker_ms, key_layout.STREAM_GROUP])
 
     async def state(self, envelope: JobEnvelope) -> JobState:
         model, job_id = envelope.model, envelope.request_id
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.exists(contract.stream_lease_prefix(model) + job_id)
-                pipe.exists(contract.stream_job_prefix(model) + job_id)
+                pipe.exists(key_layout.stream_lease_prefix(model) + job_id)
+                pipe.exists(key_layout.stream_job_prefix(model) + job_id)
                 running, queued = await pipe.execute()
         if running:
             return JobState.RUNNING

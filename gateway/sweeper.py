@@ -1,6 +1,6 @@
 """Expired files and the records of old finished batches leave Redis and the file store.
 
-- **One sweeper at a time**, in whichever gateway holds the sweeper's lease (``contract.SWEEPER_LEASE``), taken or
+- **One sweeper at a time**, in whichever gateway holds the sweeper's lease (``key_layout.SWEEPER_LEASE``), taken or
   kept every round and lapsing ``LEASE_SECONDS`` after its holder died (two sweeping at once would only delete the
   same things twice).
 - **Reads never wait for it**: a file is 404 from the moment its ``expires_at`` passed (``BatchStore.file``); the
@@ -21,7 +21,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.errors import BackendUnavailable, NotFound
 from conveyor.filestore import FileStore
 from conveyor.outage import Outage
@@ -60,12 +60,12 @@ class Sweeper:
                 await asyncio.sleep(delay)
         finally:  # stopping: another gateway may take over at once
             with contextlib.suppress(BackendUnavailable):
-                await self.batches.release(contract.SWEEPER_LEASE, self.holder)
+                await self.batches.release(key_layout.SWEEPER_LEASE, self.holder)
 
     async def round(self) -> float:
         """Sweep if this gateway holds (or now takes) the lease; returns how long to wait before the next round."""
         try:
-            if await self.batches.hold(contract.SWEEPER_LEASE, self.holder, LEASE_SECONDS):
+            if await self.batches.hold(key_layout.SWEEPER_LEASE, self.holder, LEASE_SECONDS):
                 swept = await self.sweep()
                 if swept.files or swept.batches:
                     log.info("swept %d expired files and %d old batches", swept.files, swept.batches)

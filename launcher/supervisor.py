@@ -8,7 +8,7 @@ Every ``TICK_SECONDS`` it reads the desired state (``conveyor.fleet``, changed b
 - drains and stops a removed model's workers, then forgets the model (it answers 404, not 503);
 - scales a model with ``min_workers`` below its replicas: up to its replicas as soon as work waits for it (queued
   or running, interactive or bulk), down to ``min_workers`` after ``idle_seconds`` without any; a model that may
-  have no worker at all is marked so in Redis (``contract.scale_to_zero_key``), and its requests wait in the queue;
+  have no worker at all is marked so in Redis (``key_layout.scale_to_zero_key``), and its requests wait in the queue;
 - restarts a worker that exited (a crash; exit code 3 is its engine dying or hanging, ``worker.main``) after an
   exponential backoff, and stops restarting a model whose workers exited ``restart_limit`` times within
   ``CRASH_WINDOW_SECONDS``: the model is ``failed``, with its last log lines, and the rest of the fleet goes on;
@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client, registry
+from conveyor import key_layout, redis_client, registry
 from conveyor.contract import JobEnvelope, Reply, StreamFrame
 from conveyor.errors import ModelNotFound
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec, RunState
@@ -178,7 +178,7 @@ class Supervisor:
         return all(m.failed or all(w.serving for w in m.workers) for m in self.models.values())
 
     async def step(self) -> None:
-        await self.redis.set(contract.FLEET_SUPERVISOR, os.getpid(), ex=PRESENCE_SECONDS)
+        await self.redis.set(key_layout.FLEET_SUPERVISOR, os.getpid(), ex=PRESENCE_SECONDS)
         if not await self.fleet.saved():  # Redis restarted empty: the fleet is what was last written to the file
             self.say("Redis lost the fleet's desired state (restarted empty?); restoring it from the models file")
             await self.fleet.replace(list(self._written.values()))
@@ -313,12 +313,12 @@ class Supervisor:
             fields = claim.envelope
             delivery = None
             if fields.get("stream"):  # numbered on from what a worker sent of it before it was cut
-                sent = await self.redis.llen(contract.progress_key(model, claim.job_id))  # type: ignore[misc]
-                channel = contract.stream_channel(model, claim.job_id)
+                sent = await self.redis.llen(key_layout.progress_key(model, claim.job_id))  # type: ignore[misc]
+                channel = key_layout.stream_channel(model, claim.job_id)
                 await redis_client.publish(self.redis, channel, StreamFrame.failure(int(sent), refusal).encode())
             elif fields.get("reply_to"):
                 reply = Reply(claim.job_id, error=refusal).encode()
-                delivery = Delivery(contract.inbox_key(str(fields["reply_to"])), reply)
+                delivery = Delivery(key_layout.inbox_key(str(fields["reply_to"])), reply)
             try:
                 usage = KeyUsage.of(JobEnvelope.model_validate(fields), 0)  # its key's place and charge back
             except ValidationError:

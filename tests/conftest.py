@@ -22,7 +22,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import ClusterNode
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import QueueBackend
 from conveyor.redis_client import parse_cluster
 from conveyor.registry import WorkerInfo
@@ -261,7 +261,7 @@ def spawn(redis_url: str) -> Iterator[Processes]:
 def queue_depth(redis_url: str, model: str) -> int:
     """Jobs waiting or running on a model's interactive lane, on either backend's layout (as the registry counts)."""
     with sync_redis(redis_url) as client:
-        return int(client.zcard(contract.queue_name(model))) + int(client.xlen(contract.stream_lane_key(model)))
+        return int(client.zcard(key_layout.queue_name(model))) + int(client.xlen(key_layout.stream_lane_key(model)))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

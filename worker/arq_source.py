@@ -9,7 +9,7 @@ ten minutes, then found its data expired), and scans the whole ``arq:abort`` set
   runs; a job whose lease lapsed is claimed again by the next poll of any worker;
 - the try count is arq's retry key, expiring with the job; the job's data expires at its deadline, so a job is never
   run after it;
-- a cancel is a per-job marker with an expiry (``contract.abort_key``) plus a wake-up naming the job, so nothing
+- a cancel is a per-job marker with an expiry (``key_layout.abort_key``) plus a wake-up naming the job, so nothing
   grows and no worker reads a list of other workers' aborts.
 
 Every step is one Lua script (one round trip, atomic).
@@ -25,7 +25,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client
+from conveyor import contract, key_layout, redis_client
 from conveyor.pipeliner import Pipeliner
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
@@ -129,8 +129,8 @@ class ArqJobSource:
         self.model = model
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self.queue = contract.queue_name(model)
-        self.bulk_queue = contract.bulk_queue_name(model)
+        self.queue = key_layout.queue_name(model)
+        self.bulk_queue = key_layout.bulk_queue_name(model)
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
@@ -162,7 +162,7 @@ class ArqJobSource:
             return Renewal()
         args: list[str | int] = [
             in_progress_key_prefix,
-            contract.abort_key(self.model, ""),
+            key_layout.abort_key(self.model, ""),
             self._lease_ms,
             self.worker_id,
             *job_ids,
@@ -178,9 +178,9 @@ class ArqJobSource:
             in_progress_key_prefix + job_id,
             job_key_prefix + job_id,
             retry_key_prefix + job_id,
-            contract.abort_key(self.model, job_id),
-            contract.progress_key(self.model, job_id),
-            contract.migrations_key(self.model, job_id),
+            key_layout.abort_key(self.model, job_id),
+            key_layout.progress_key(self.model, job_id),
+            key_layout.migrations_key(self.model, job_id),
             self.queue,
             self.bulk_queue,
             *tail_keys,
@@ -191,7 +191,7 @@ class ArqJobSource:
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:
             args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, int(count_try), *job_ids]
-            await self._hand_back(keys=[contract.wake_channel(self.model)], args=args)
+            await self._hand_back(keys=[key_layout.wake_channel(self.model)], args=args)
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
         await wakeups.listen(self.redis, self.model, on_job, on_abort)

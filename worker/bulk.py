@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.batch_lines import KIND_FOR_URL
 from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, WorkerLost, error_body
@@ -93,7 +93,7 @@ class ChunkRunner:
 
     async def run(self, envelope: JobEnvelope, chunk: ChunkRef, lost: WorkerLost | None = None) -> Done:
         """Run the chunk (or, when its workers were lost too often, answer every line with ``lost``)."""
-        report = contract.batch_done_key(chunk.batch_id)
+        report = key_layout.batch_done_key(chunk.batch_id)
         ttl = max(chunk.expires_at - time.time(), 0) + DONE_LIST_GRACE_SECONDS
         try:
             batch_lines = [line async for line in self._read(chunk)]
@@ -111,8 +111,8 @@ class ChunkRunner:
             results = await self._execute(batch_lines)
         ok = [r.encode() for r in results if r.error is None]
         failed = [r.encode() for r in results if r.error is not None]
-        await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "out"), _blocks(ok))
-        await self.store.write(contract.chunk_part_name(chunk.batch_id, chunk.index, "err"), _blocks(failed))
+        await self.store.write(key_layout.chunk_part_name(chunk.batch_id, chunk.index, "out"), _blocks(ok))
+        await self.store.write(key_layout.chunk_part_name(chunk.batch_id, chunk.index, "err"), _blocks(failed))
         metrics.BULK_LINES.labels(self.model, "ok").inc(len(ok))
         metrics.BULK_LINES.labels(self.model, "failed").inc(len(failed))
         prompt, completion = (sum(r.tokens[i] for r in results if r.error is None) for i in (0, 1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.keys import USAGE_RETENTION_SECONDS
 from worker.job_source import Delivery
 from worker.key_usage import KeyUsage
@@ -36,11 +36,11 @@ return 1
 
 #: The tail's accounting on its own, for a Redis Cluster, where the job's keys (its model's slot), the inbox and the
 #: API key's usage (the control plane's) cannot be joined in one script. ARGV: job id, then the tail's (no answer).
-ACCOUNT_LUA = contract.RATE_WINDOW_LUA + "local k, a, job_id = 1, 2, ARGV[1]\n" + FINISH_TAIL_LUA
+ACCOUNT_LUA = key_layout.RATE_WINDOW_LUA + "local k, a, job_id = 1, 2, ARGV[1]\n" + FINISH_TAIL_LUA
 
 
 def finish_script(head: str) -> str:
-    return contract.RATE_WINDOW_LUA + head + FINISH_TAIL_LUA
+    return key_layout.RATE_WINDOW_LUA + head + FINISH_TAIL_LUA
 
 
 async def deliver(redis: Redis, delivery: Delivery) -> None:
@@ -62,7 +62,7 @@ def tail_arguments(delivery: Delivery | None, usage: KeyUsage | None) -> tuple[l
         args += [0, b"", 0]
     if usage is not None:
         key_id = usage.tenant.key_id
-        keys += [contract.key_jobs_key(key_id), contract.rate_window_key(key_id, "tokens"), usage.day_key]
+        keys += [key_layout.key_jobs_key(key_id), key_layout.rate_window_key(key_id, "tokens"), usage.day_key]
         args += [1, usage.tenant.second, usage.token_delta, USAGE_RETENTION_SECONDS]
         args += [item for pair in usage.counters().items() for item in pair]
     return keys, args

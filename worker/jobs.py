@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from conveyor import contract, logs
+from conveyor import contract, key_layout, logs
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame, StreamProgress
 from conveyor.errors import ConveyorError, DeadlineExceeded, EngineFailure, InvalidRequest, WorkerLost
 from conveyor.filestore import FileStore, open_store
@@ -299,7 +299,7 @@ async def _nothing() -> AsyncIterator[Piece]:
 
 def _delivery(reply_to: str, reply: Reply) -> Delivery | None:
     """The answer pushed to the inbox of the gateway that enqueued the job (none if it named no inbox)."""
-    return Delivery(contract.inbox_key(reply_to), reply.encode()) if reply_to else None
+    return Delivery(key_layout.inbox_key(reply_to), reply.encode()) if reply_to else None
 
 
 def _kind(envelope: JobEnvelope) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import JobEnvelope, JobKind, TenantRef
 from conveyor.keys import usage_day
 
@@ -64,7 +64,7 @@ class KeyUsage:
 
     @property
     def day_key(self) -> str:
-        return contract.usage_key(self.tenant.key_id, usage_day(self.at))
+        return key_layout.usage_key(self.tenant.key_id, usage_day(self.at))
 
     def record_metrics(self) -> None:
         name = self.tenant.name

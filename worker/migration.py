@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import StreamProgress
 from conveyor.pipeliner import Pipeliner
 from worker.consumer import LeaseLost
@@ -59,7 +59,7 @@ class Migration:
 
     async def cut(self, request_id: str, deadline: float) -> Cut | None:
         """What an earlier worker sent of this job, or None when this is its first start (nothing sent)."""
-        keys = [contract.progress_key(self.model, request_id), contract.migrations_key(self.model, request_id)]
+        keys = [key_layout.progress_key(self.model, request_id), key_layout.migrations_key(self.model, request_id)]
         args = [_expire_at_ms(deadline)]
         reply = await self._pipeliner.send(lambda pipe: self._read(keys=keys, args=args, client=pipe))
         entries, migrations = cast(tuple[list[bytes], int], reply)
@@ -81,7 +81,7 @@ class Migration:
         """Send frame ``seq`` of ``request_id``'s stream with its progress entry; raises ``LeaseLost`` when the job is
         another worker's now (nothing is sent then)."""
         await self._send(
-            fence, request_id, contract.stream_channel(self.model, request_id), frame, [entry], seq, deadline
+            fence, request_id, key_layout.stream_channel(self.model, request_id), frame, [entry], seq, deadline
         )
 
     async def record(
@@ -103,7 +103,7 @@ class Migration:
         deadline: float,
     ) -> None:
         lease_key, holder = (fence.key, fence.holder) if fence else ("", "")
-        progress = contract.progress_key(self.model, request_id)
+        progress = key_layout.progress_key(self.model, request_id)
         sent = Frame(lease_key, holder, channel, frame, progress, entries, _expire_at_ms(deadline), after)
         if not await self._frames.send(sent):
             raise LeaseLost(request_id)

@@ -1,12 +1,12 @@
 """The worker's side of the Redis Streams backend: ``JobSource`` on a stream per lane, read by the model's workers as
-one consumer group (``contract.STREAM_GROUP``). The only worker module that knows this layout.
+one consumer group (``key_layout.STREAM_GROUP``). The only worker module that knows this layout.
 
 - A claim is one script that reads new entries (``XREADGROUP`` without blocking) and takes them up: one round trip
   while work waits. Only when it finds nothing does the worker wait with ``XREADGROUP ... BLOCK``: each entry reaches
   one worker, and a worker with nothing to do waits inside Redis for the next one, so an enqueue wakes one worker,
   not all of them, and nobody polls the queue; what that wait brings is taken up by the same script, with whatever
   else arrived meanwhile.
-- Taking an entry up sets the job's lease (its id under ``contract.stream_lease_prefix``, expiring
+- Taking an entry up sets the job's lease (its id under ``key_layout.stream_lease_prefix``, expiring
   unless renewed: the fence frames and finishes check) and counts the try in the job's record.
 - A worker that dies leaves its entries in the group's pending entries list: every third of a lease each worker
   sweeps it with ``XAUTOCLAIM`` for entries idle longer than a lease, and takes those up first.
@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.pipeliner import Pipeliner
 from conveyor.redis_client import is_cluster, publish_lua
 from worker import wakeups
@@ -172,7 +172,7 @@ for i = 7, #ARGV do
 end
 if handed > 0 then
   redis.call('XADD', KEYS[1], '*', 'id', '')  -- the nudge: a reader blocked on the lane wakes and sweeps
-  publish(KEYS[3], 'job')  -- contract.WAKE_JOB
+  publish(KEYS[3], 'job')  -- key_layout.WAKE_JOB
 end
 return handed
 """
@@ -187,9 +187,9 @@ class StreamsJobSource:
         self.model = model
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
-        self.lanes = (contract.stream_lane_key(model), contract.stream_lane_key(model, bulk=True))
-        self.records = contract.stream_job_prefix(model)
-        self.leases = contract.stream_lease_prefix(model)
+        self.lanes = (key_layout.stream_lane_key(model), key_layout.stream_lane_key(model, bulk=True))
+        self.records = key_layout.stream_job_prefix(model)
+        self.leases = key_layout.stream_lease_prefix(model)
         self._take = redis.register_script(TAKE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
@@ -235,7 +235,7 @@ class StreamsJobSource:
     async def _take_up(
         self, limit: int, bulk_limit: int, read: list[tuple[int, bytes, bytes]], sweep: bool, read_new: bool
     ) -> list[Claim]:
-        args: list[str | int | bytes] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases]
+        args: list[str | int | bytes] = [key_layout.STREAM_GROUP, self.worker_id, self.records, self.leases]
         args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors, int(read_new)]
         for lane, entry, job_id in read:
             args += [lane, entry, job_id]
@@ -255,7 +255,7 @@ class StreamsJobSource:
         interactive, bulk = self.lanes
         counts = {interactive: 1, bulk: 1} if bulk_limit else {interactive: limit}
         response = await self.redis.xreadgroup(
-            contract.STREAM_GROUP,
+            key_layout.STREAM_GROUP,
             self.worker_id,
             {name: ">" for name in counts},
             count=max(counts.values()),
@@ -271,7 +271,7 @@ class StreamsJobSource:
     async def _create_groups(self) -> None:
         for lane in self.lanes:
             try:
-                await self.redis.xgroup_create(lane, contract.STREAM_GROUP, id="0", mkstream=True)
+                await self.redis.xgroup_create(lane, key_layout.STREAM_GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -280,19 +280,19 @@ class StreamsJobSource:
         """Consumers of workers long gone (nothing pending, idle long) leave the group; a live one that was only
         idle comes back with its next read."""
         for lane in self.lanes:
-            for consumer in await self.redis.xinfo_consumers(lane, contract.STREAM_GROUP):
+            for consumer in await self.redis.xinfo_consumers(lane, key_layout.STREAM_GROUP):
                 if consumer["pending"] == 0 and consumer["idle"] > CONSUMER_IDLE_SECONDS * 1000:
-                    await self.redis.xgroup_delconsumer(lane, contract.STREAM_GROUP, consumer["name"])
+                    await self.redis.xgroup_delconsumer(lane, key_layout.STREAM_GROUP, consumer["name"])
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         if not job_ids:
             return Renewal()
         args: list[str | int] = [
-            contract.STREAM_GROUP,
+            key_layout.STREAM_GROUP,
             self.worker_id,
             self.records,
             self.leases,
-            contract.abort_key(self.model, ""),
+            key_layout.abort_key(self.model, ""),
         ]
         lost, aborted = await self._renew(keys=list(self.lanes), args=[*args, self._lease_ms, *job_ids])
         return Renewal(lost=[i.decode() for i in lost], aborted=[i.decode() for i in aborted])
@@ -322,21 +322,21 @@ class StreamsJobSource:
         keys = [
             self.leases + job_id,
             self.records + job_id,
-            contract.abort_key(self.model, job_id),
-            contract.progress_key(self.model, job_id),
-            contract.migrations_key(self.model, job_id),
+            key_layout.abort_key(self.model, job_id),
+            key_layout.progress_key(self.model, job_id),
+            key_layout.migrations_key(self.model, job_id),
             *self.lanes,
             *tail_keys,
         ]
-        args = [self.worker_id, job_id, contract.STREAM_GROUP, *tail_args]
+        args = [self.worker_id, job_id, key_layout.STREAM_GROUP, *tail_args]
         return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:
-            args: list[str | int] = [contract.STREAM_GROUP, self.worker_id, self.records, self.leases]
+            args: list[str | int] = [key_layout.STREAM_GROUP, self.worker_id, self.records, self.leases]
             args += [int(count_try), HANDED_BACK_IDLE_MS]
             args += job_ids
-            await self._hand_back(keys=[*self.lanes, contract.wake_channel(self.model)], args=args)
+            await self._hand_back(keys=[*self.lanes, key_layout.wake_channel(self.model)], args=args)
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
         def handed_back() -> None:  # the next claim sweeps: handed-back jobs go before new ones

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from conveyor import contract, redis_client
+from conveyor import key_layout, redis_client
 
 #: a wake-up listener notices a lost connection within this long (it never blocks longer on a read)
 LISTEN_READ_SECONDS = 1.0
@@ -18,7 +18,7 @@ LISTEN_READ_SECONDS = 1.0
 async def listen(redis: Redis, model: str, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
     """Call ``on_job`` on a wake-up (and once when subscribed) and ``on_abort(job_id)`` on a cancel; runs until
     cancelled, raising on a lost connection."""
-    channel = contract.wake_channel(model)
+    channel = key_layout.wake_channel(model)
     commands = redis_client.pubsub(redis)
     pubsub = (await redis_client.subscriber(redis, channel)).pubsub()  # a cluster's: the channel's node
     try:
@@ -33,8 +33,8 @@ async def listen(redis: Redis, model: str, on_job: Callable[[], None], on_abort:
             if message["type"] != commands.message:
                 continue
             data: bytes = message["data"]
-            if data.startswith(contract.WAKE_ABORT):
-                on_abort(data[len(contract.WAKE_ABORT) :].decode())
+            if data.startswith(key_layout.WAKE_ABORT):
+                on_abort(data[len(key_layout.WAKE_ABORT) :].decode())
             else:
                 on_job()
     except Exception:

@@ -13,7 +13,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from conveyor.contract import QueueBackend, bulk_queue_name, queue_name, stream_lane_key
+from conveyor.contract import QueueBackend
+from conveyor.key_layout import bulk_queue_name, queue_name, stream_lane_key
 from conveyor.redis_settings import RedisSettings
 from tests.deploy.conftest import ALTERNATIVE_MANIFESTS, OPTIONAL_MANIFESTS, kustomize, write_fleet
 from tests.deploy.files import (

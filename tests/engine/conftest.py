@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.registry import WorkerInfo
 from launcher import processes, redis_server
 from tests.conftest import SESSION_FILES, scrape, wait_for
@@ -38,8 +38,8 @@ class RealStack:
 
     def worker(self, model: str) -> WorkerInfo:
         with redis.Redis.from_url(self.redis_url) as client:
-            ids = client.zrange(contract.model_workers_key(model), 0, -1)
-            raw = client.get(contract.worker_info_key(ids[0].decode()))
+            ids = client.zrange(key_layout.model_workers_key(model), 0, -1)
+            raw = client.get(key_layout.worker_info_key(ids[0].decode()))
         assert raw is not None, f"no live worker for {model}"
         return WorkerInfo.model_validate_json(raw)
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from openai import OpenAI
 
-from conveyor import contract
+from conveyor import key_layout
 from launcher import processes, redis_server
 from tests.engine.conftest import CHAT, EMBED, RealStack
 
@@ -49,9 +49,9 @@ def keyed_gateway(real_stack: RealStack) -> Iterator[KeyedGateway]:
         processes.stop(gateway)
         with redis.Redis.from_url(real_stack.redis_url) as client:
             for pattern in ("apikey*", "rate:*", "usage:*"):
-                if found := list(client.scan_iter(f"{contract.CONTROL}:{pattern}")):
+                if found := list(client.scan_iter(f"{key_layout.CONTROL}:{pattern}")):
                     client.delete(*found)
-            assert not client.exists(contract.API_KEYS_INDEX), "a managed key is left: every gateway would demand one"
+            assert not client.exists(key_layout.API_KEYS_INDEX), "a managed key is left: every gateway would demand one"
 
 
 def test_usage_of_a_key_is_what_vllm_reported(real_stack: RealStack, keyed_gateway: KeyedGateway) -> None:

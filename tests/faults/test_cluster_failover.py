@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.contract import QueueBackend
 from launcher import redis_cluster
 from launcher.redis_cluster import RedisClusterServer
@@ -52,7 +52,7 @@ def test_a_master_killed_under_load_fails_over_to_its_replica_and_nothing_is_los
         procs.fake_worker(MODELS.chat, "--fake-token-delay", "0.02"),  # ~0.4 s a chat: jobs are in flight at the kill
         procs.fake_worker(MODELS.embed, embed=True),
     ]
-    dead = cluster.node_of(contract.model_card_key(MODELS.chat))
+    dead = cluster.node_of(key_layout.model_card_key(MODELS.chat))
 
     def promoted() -> bool:
         now = cluster.masters()
@@ -67,4 +67,4 @@ def test_a_master_killed_under_load_fails_over_to_its_replica_and_nothing_is_los
         gateway_log=gateway_log,
         reregistering=REREGISTERING_SECONDS,
     )
-    assert cluster.node_of(contract.model_card_key(MODELS.chat)) != dead
+    assert cluster.node_of(key_layout.model_card_key(MODELS.chat)) != dead

@@ -12,7 +12,7 @@ import openai
 import pytest
 import redis
 
-from conveyor import contract
+from conveyor import key_layout
 from tests.conftest import Gateway, Processes, Worker, metric, queue_depth, wait_for
 from worker.engines.fake import fake_tokens
 
@@ -197,7 +197,7 @@ def test_a_non_streamed_generation_cut_mid_way_is_continued_not_restarted(
     with redis.Redis.from_url(procs.redis_url) as client:
 
         def recorded() -> int:
-            return sum(int(client.llen(key)) for key in client.scan_iter(contract.progress_key("*", "*")))
+            return sum(int(client.llen(key)) for key in client.scan_iter(key_layout.progress_key("*", "*")))
 
         wait_for(lambda: recorded() >= 20, timeout=30, what="some of its progress recorded")
     victim.process.send_signal(how)

@@ -13,7 +13,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from conveyor import contract, redis_client
+from conveyor import key_layout, redis_client
 from gateway.pubsub import CONNECTION_LOST, PubSubMultiplexer
 from launcher import processes, redis_cluster, redis_server
 from launcher.redis_cluster import RedisClusterServer
@@ -53,7 +53,7 @@ async def test_the_cluster_url_sets_and_gets_keys_on_every_master(cluster: Redis
 
 def one_channel_per_master(cluster: RedisClusterServer) -> dict[int, str]:
     """A stream channel (its model's hash tag) on each master: master port -> channel."""
-    channels = (contract.stream_channel(f"model-{i}", "job") for i in range(30))
+    channels = (key_layout.stream_channel(f"model-{i}", "job") for i in range(30))
     return {cluster.node_of(channel): channel for channel in channels}
 
 
@@ -150,7 +150,7 @@ def test_models_on_every_shard_serve_through_one_gateway(
     by_node: dict[int, str] = {}
     for i in range(200):
         name = f"spread-{i}"
-        by_node.setdefault(session_cluster.node_of(contract.model_card_key(name)), name)
+        by_node.setdefault(session_cluster.node_of(key_layout.model_card_key(name)), name)
     assert len(by_node) == 3
     chat, streamed, embed = by_node.values()
     gateway = spawn.gateway(models=f"{chat},{streamed},{embed}")
@@ -168,6 +168,6 @@ def test_models_on_every_shard_serve_through_one_gateway(
     assert len(vectors.data) == 2 and vectors.data[0].embedding
     for node, model in by_node.items():  # asked of that master alone: another would answer MOVED
         with redis.Redis(port=node, socket_timeout=5) as own:
-            groups = own.xinfo_groups(contract.stream_lane_key(model))
-            assert [g["name"] for g in groups] == [contract.STREAM_GROUP.encode()]
-            assert own.exists(contract.model_card_key(model), contract.model_workers_key(model)) == 2
+            groups = own.xinfo_groups(key_layout.stream_lane_key(model))
+            assert [g["name"] for g in groups] == [key_layout.STREAM_GROUP.encode()]
+            assert own.exists(key_layout.model_card_key(model), key_layout.model_workers_key(model)) == 2

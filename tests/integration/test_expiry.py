@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 from openai.types import FileObject
 
-from conveyor import contract
+from conveyor import key_layout
 from launcher.redis_server import RedisServer
 from tests.conftest import Processes, sync_redis, wait_for
 from tests.integration.conftest import CHAT, Stack
@@ -121,7 +121,7 @@ def test_an_expired_file_is_gone_from_every_route_the_store_and_redis(spawn: Pro
     kept = create(client, embedding_lines(1, SHORT))
     expiring = create(client, embedding_lines(1, SHORT), expires_after={"anchor": "created_at", "seconds": 1})
     assert expiring.expires_at == expiring.created_at + 1
-    path = spawn.files_dir / contract.stored_file_name(expiring.id)
+    path = spawn.files_dir / key_layout.stored_file_name(expiring.id)
     assert path.exists() and client.files.content(expiring.id).text
 
     def expired() -> bool:
@@ -138,9 +138,9 @@ def test_an_expired_file_is_gone_from_every_route_the_store_and_redis(spawn: Pro
     listed = [f.id for f in client.files.list()]
     assert expiring.id not in listed and kept.id in listed
     with sync_redis(spawn.redis_url) as redis:
-        wait_for(lambda: not path.exists() and not redis.exists(contract.file_key(expiring.id)), 15, "the sweep")
-        assert redis.zscore(contract.FILES_INDEX, expiring.id) is None
-        assert redis.zscore(contract.FILES_EXPIRING, expiring.id) is None
+        wait_for(lambda: not path.exists() and not redis.exists(key_layout.file_key(expiring.id)), 15, "the sweep")
+        assert redis.zscore(key_layout.FILES_INDEX, expiring.id) is None
+        assert redis.zscore(key_layout.FILES_EXPIRING, expiring.id) is None
     assert client.files.retrieve(kept.id).id == kept.id
 
 
@@ -175,8 +175,8 @@ def test_a_finished_batch_is_purged_after_the_retention_and_its_files_stay(own_p
     wait_for(purged, 15, "the batch to be purged")
     assert batch.id not in [b.id for b in client.batches.list()]
     with sync_redis(own_procs.redis_url) as redis:
-        assert not redis.keys(f"{contract.batch_key(batch.id)}*")  # its record and bookkeeping
-        assert redis.zscore(contract.BATCHES_INDEX, batch.id) is None
-        assert redis.zscore(contract.FINISHED_BATCHES, batch.id) is None
+        assert not redis.keys(f"{key_layout.batch_key(batch.id)}*")  # its record and bookkeeping
+        assert redis.zscore(key_layout.BATCHES_INDEX, batch.id) is None
+        assert redis.zscore(key_layout.FINISHED_BATCHES, batch.id) is None
     assert client.files.retrieve(done.output_file_id).id == done.output_file_id  # files follow their own expiry
     assert client.files.content(done.output_file_id).text.count("\n") == 3

@@ -17,7 +17,7 @@ import boto3
 import pytest
 from fakeredis.aioredis import FakeRedis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import FileObject, StoredFile
 from conveyor.filestore import BLOCK_BYTES, FileStore, LocalFileStore, S3FileStore, lines, open_store
 from conveyor.outage import Outage
@@ -116,7 +116,7 @@ async def test_the_sweeper_removes_an_expired_files_bytes_from_the_store(store: 
     redis = FakeRedis()  # the store is the subject here: Redis only holds the record
     try:
         batches = BatchStore(redis)
-        name = contract.stored_file_name("file-expiring")
+        name = key_layout.stored_file_name("file-expiring")
         await store.write(name, blocks(b'{"custom_id": "a"}\n'))
         now = int(time.time())
         file = FileObject(

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types import Batch
 
-from conveyor import contract
+from conveyor import key_layout
 from tests.conftest import metric, sync_redis, wait_for
 from tests.tenancy.conftest import CHAT, EMBED, SLOW, STATIC_KEY, Fleet
 
@@ -250,7 +250,7 @@ def test_batch_lines_count_against_the_keys_tokens_and_leave_room_for_its_reques
     key, api, batch = metered_batch(fleet)
     assert api.batches.retrieve(batch.id).status == "in_progress"
     with sync_redis(fleet.redis_url) as store:
-        plan = json.loads(store.hget(contract.batch_key(batch.id), "plan") or "[]")
+        plan = json.loads(store.hget(key_layout.batch_key(batch.id), "plan") or "[]")
     assert [(chunk["lines"], chunk["tokens"]) for chunk in plan] == [(2, 200)] * 6
     # the four chunks were reconciled to the engine's count (80 words a line): 640 of 1,000 used
     room = api.embeddings.with_raw_response.create(model=EMBED, input=list(range(1, 301)))

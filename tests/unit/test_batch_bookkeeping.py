@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import BatchObject
 from conveyor.contract import ChunkRef, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, EngineFailure
@@ -48,7 +48,7 @@ async def test_status_moves_only_from_the_allowed_statuses(redis: Redis) -> None
 async def test_each_chunk_report_counts_once(redis: Redis) -> None:
     store = BatchStore(redis)
     await store.create_batch(batch())
-    done_list = contract.batch_done_key("batch_1")
+    done_list = key_layout.batch_done_key("batch_1")
     await redis.rpush(done_list, b"0 60 4", b"1 64 0", b"0 60 4")  # chunk 0 ran twice (a worker lost mid-chunk)
     assert await store.fold_reports("batch_1") == {0, 1}
     await redis.rpush(done_list, b"1 64 0")

@@ -8,7 +8,7 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import contract, registry, status
+from conveyor import key_layout, registry, status
 from launcher import cli
 
 
@@ -51,10 +51,10 @@ async def test_status_shows_models_workers_gateways_and_batches(redis: Redis) ->
     )  # fmt: skip
     await registry.heartbeat(redis, info, ttl=30)
     await registry.gateway_heartbeat(redis, "10.1.2.4:8000", ttl=30)
-    await redis.zadd(contract.queue_name("chat"), {"job-1": 1, "job-2": 2})
-    await redis.sadd(contract.ACTIVE_BATCHES, "batch_1")
+    await redis.zadd(key_layout.queue_name("chat"), {"job-1": 1, "job-2": 2})
+    await redis.sadd(key_layout.ACTIVE_BATCHES, "batch_1")
     await redis.hset(
-        contract.batch_key("batch_1"), mapping={"status": "in_progress", "completed": 5, "failed": 1, "total": 64}
+        key_layout.batch_key("batch_1"), mapping={"status": "in_progress", "completed": 5, "failed": 1, "total": 64}
     )
     text = status.render(await status.snapshot(redis))
     lines = text.splitlines()

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
-from conveyor import contract, registry
+from conveyor import key_layout, registry
 from conveyor.batch_lines import FileObject, StoredFile
 from conveyor.filestore import LocalFileStore
 from conveyor.fleet import FleetStore, ModelSpec
@@ -73,13 +73,13 @@ def cluster_rules(monkeypatch: pytest.MonkeyPatch) -> Calls:
 
 async def test_the_rules_refuse_what_a_cluster_refuses(cluster_rules: Calls, redis: Redis) -> None:
     script = redis.register_script("return #KEYS")
-    assert await script(keys=[contract.MODELS_KEY, contract.FLEET_MODELS]) == 2  # one tag: one slot
+    assert await script(keys=[key_layout.MODELS_KEY, key_layout.FLEET_MODELS]) == 2  # one tag: one slot
     with pytest.raises(ClusterRefuses, match="2 hash slots"):
-        await script(keys=[contract.MODELS_KEY, contract.model_workers_key("m")])
+        await script(keys=[key_layout.MODELS_KEY, key_layout.model_workers_key("m")])
     with pytest.raises(ClusterRefuses, match="0 hash slots"):
         await script(keys=[])  # a cluster cannot route it to the node of the keys it touches
     with pytest.raises(ClusterRefuses, match="MGET"):
-        await redis.mget([contract.model_failure_key("a"), contract.model_failure_key("b")])
+        await redis.mget([key_layout.model_failure_key("a"), key_layout.model_failure_key("b")])
     with pytest.raises(ClusterRefuses, match="transaction"):
         redis.pipeline()
 
@@ -104,7 +104,7 @@ async def test_every_control_plane_script_takes_keys_of_one_slot(cluster_rules: 
     await batches.forget_file("file-1")
     await batches.create_batch(batch("batch_1"))
     await batches.move("batch_1", ("validating",), "in_progress")
-    await redis.rpush(contract.batch_done_key("batch_1"), b"0 1 0")
+    await redis.rpush(key_layout.batch_done_key("batch_1"), b"0 1 0")
     await batches.fold_reports("batch_1")
     await batches.take_lease("batch_1", "me", 10)
     await batches.drop_lease("batch_1", "me")

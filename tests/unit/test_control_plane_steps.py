@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from conveyor import contract, registry
+from conveyor import key_layout, registry
 from conveyor.batch_lines import BatchObject, FileObject, StoredFile
 from conveyor.errors import InvalidRequest
 from conveyor.fleet import FleetStore, ModelRun, ModelSpec
@@ -34,12 +34,12 @@ async def beat(redis: Redis, worker_id: str, model: str) -> None:
 async def test_forgetting_a_model_leaves_nothing_of_it_and_touches_no_other(redis: Redis) -> None:
     await beat(redis, "w1", "a")
     await beat(redis, "w2", "b")
-    await redis.set(contract.scale_to_zero_key("a"), "[]")
+    await redis.set(key_layout.scale_to_zero_key("a"), "[]")
     await registry.heartbeat(redis, worker("w3", "a", "loading"), ttl=30)
-    assert len(await redis.keys(f"{contract.model_prefix('a')}*")) == 5  # workers, card, failure, zero, loading
+    assert len(await redis.keys(f"{key_layout.model_prefix('a')}*")) == 5  # workers, card, failure, zero, loading
     await registry.forget_model(redis, "a")
     assert await registry.known_models(redis) == {"b"}
-    assert not await redis.keys(f"{contract.model_prefix('a')}*")
+    assert not await redis.keys(f"{key_layout.model_prefix('a')}*")
     assert (await registry.model_status(redis, "b")).live_workers == 1
 
 
@@ -71,7 +71,7 @@ async def test_a_fleet_change_overtaken_between_read_and_write_is_checked_again(
     async def after_another_change(**kwargs: Any) -> Any:
         if not overtaken:  # another gateway gives GPU 0 to "other" after this change read the fleet
             overtaken.append(True)
-            await redis.hset(contract.FLEET_MODELS, "other", ModelSpec(name="other", gpus=["0"]).model_dump_json())
+            await redis.hset(key_layout.FLEET_MODELS, "other", ModelSpec(name="other", gpus=["0"]).model_dump_json())
         return await write(**kwargs)
 
     monkeypatch.setattr(fleet, "_change", after_another_change)
@@ -101,11 +101,11 @@ async def test_a_file_is_saved_and_forgotten_with_its_index_entry(redis: Redis) 
     store = BatchStore(redis)
     for n in range(2):
         file = FileObject(id=f"file-{n}", bytes=1, created_at=int(time.time()), filename="in.jsonl", purpose="batch")
-        await store.save_file(StoredFile(file=file, store_name=contract.stored_file_name(file.id)))
-    assert await store.page(contract.FILES_INDEX, None, 10) == (["file-1", "file-0"], False)  # newest first
+        await store.save_file(StoredFile(file=file, store_name=key_layout.stored_file_name(file.id)))
+    assert await store.page(key_layout.FILES_INDEX, None, 10) == (["file-1", "file-0"], False)  # newest first
     await store.forget_file("file-1")
-    assert await store.page(contract.FILES_INDEX, None, 10) == (["file-0"], False)
-    assert await redis.get(contract.file_key("file-1")) is None
+    assert await store.page(key_layout.FILES_INDEX, None, 10) == (["file-0"], False)
+    assert await redis.get(key_layout.file_key("file-1")) is None
 
 
 async def test_a_retired_batch_keeps_its_record_and_drops_its_bookkeeping(redis: Redis) -> None:
@@ -117,15 +117,17 @@ async def test_a_retired_batch_keeps_its_record_and_drops_its_bookkeeping(redis:
     )  # fmt: skip
     await store.create_batch(batch)
     assert await store.active() == ["batch_1"]
-    assert await store.page(contract.BATCHES_INDEX, None, 10) == (["batch_1"], False)
+    assert await store.page(key_layout.BATCHES_INDEX, None, 10) == (["batch_1"], False)
     await store.set_plan("batch_1", [], total=1)
-    await redis.rpush(contract.batch_done_key("batch_1"), b"0 1 0")
+    await redis.rpush(key_layout.batch_done_key("batch_1"), b"0 1 0")
     await store.fold_reports("batch_1")
-    await redis.hset(contract.batch_released_key("batch_1"), "0", 1)
+    await redis.hset(key_layout.batch_released_key("batch_1"), "0", 1)
     await store.retire("batch_1")
     assert await store.active() == []
     assert not await redis.exists(
-        contract.batch_chunks_key("batch_1"), contract.batch_done_key("batch_1"), contract.batch_released_key("batch_1")
+        key_layout.batch_chunks_key("batch_1"),
+        key_layout.batch_done_key("batch_1"),
+        key_layout.batch_released_key("batch_1"),
     )
-    assert await redis.hget(contract.batch_key("batch_1"), "plan") is None
+    assert await redis.hget(key_layout.batch_key("batch_1"), "plan") is None
     assert (await store.batch("batch_1")).request_counts.completed == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import key_layout
 from conveyor.batch_lines import BatchObject, ExpiresAfter, FileObject, StoredFile
 from conveyor.errors import InvalidRequest, NotFound
 from conveyor.filestore import LocalFileStore
@@ -63,7 +63,7 @@ async def add_file(
     store: BatchStore, files: LocalFileStore, file_id: str, expires_at: int | None, purpose: str = "batch"
 ) -> Path:
     """A file with bytes in the store and its record in Redis; returns where its bytes are."""
-    name = contract.stored_file_name(file_id)
+    name = key_layout.stored_file_name(file_id)
     await files.write(name, blocks(b'{"custom_id": "a"}\n'))
     file = FileObject.model_validate(
         {"id": file_id, "bytes": 19, "created_at": T0, "filename": "in.jsonl", "purpose": purpose}
@@ -99,7 +99,7 @@ async def test_an_expired_file_is_404_at_once_on_every_route_before_any_sweep(
     assert (await service.get("file-1")).expires_at == T0 + HOUR
     assert [f.id for f in (await service.list(None, None, 10, "desc"))[0]] == ["file-1"]
     clock.now = T0 + HOUR  # expired: nothing has swept, the record is still in Redis
-    assert await redis.exists(contract.file_key("file-1"))
+    assert await redis.exists(key_layout.file_key("file-1"))
     for read in (service.get, service.content, service.delete):
         with pytest.raises(NotFound) as refused:
             await read("file-1")
@@ -113,16 +113,16 @@ async def test_the_sweep_removes_an_expired_files_bytes_record_and_index_entries
     expiring = await add_file(store, files, "file-1", expires_at=T0 + HOUR)
     later = await add_file(store, files, "file-2", expires_at=T0 + 2 * HOUR)
     never = await add_file(store, files, "file-3", expires_at=None, purpose="batch_output")
-    assert await in_index(redis, contract.FILES_EXPIRING, "file-1")
-    assert not await in_index(redis, contract.FILES_EXPIRING, "file-3")  # expires never: not in the expiring index
+    assert await in_index(redis, key_layout.FILES_EXPIRING, "file-1")
+    assert not await in_index(redis, key_layout.FILES_EXPIRING, "file-3")  # expires never: not in the expiring index
     sweep = sweeper(store, files)
     assert await sweep.sweep(T0 + HOUR - 1) == Swept()
     assert expiring.exists()
     assert await sweep.sweep(T0 + HOUR) == Swept(files=1)
     assert not expiring.exists() and later.exists() and never.exists()
-    assert not await redis.exists(contract.file_key("file-1"))
-    assert not await in_index(redis, contract.FILES_INDEX, "file-1")
-    assert not await in_index(redis, contract.FILES_EXPIRING, "file-1")
+    assert not await redis.exists(key_layout.file_key("file-1"))
+    assert not await in_index(redis, key_layout.FILES_INDEX, "file-1")
+    assert not await in_index(redis, key_layout.FILES_EXPIRING, "file-1")
     assert await sweep.sweep(T0 + 100 * 86_400) == Swept(files=1)  # file-2; file-3 stays until deleted
     assert never.exists() and await store.stored("file-3") is not None
 
@@ -133,7 +133,7 @@ async def test_a_crash_after_the_bytes_went_leaves_a_record_the_next_sweep_remov
     path = await add_file(store, files, "file-1", expires_at=T0 + HOUR)
     path.unlink()  # a sweeper died between removing the bytes and the record
     assert await sweeper(store, files).sweep(T0 + HOUR) == Swept(files=1)
-    assert not await redis.exists(contract.file_key("file-1"))
+    assert not await redis.exists(key_layout.file_key("file-1"))
 
 
 async def test_the_input_of_a_running_batch_is_kept_until_the_batch_finished(
@@ -164,7 +164,7 @@ async def test_a_finished_batch_is_purged_after_the_retention_and_its_files_are_
     clock.now = T0 + 10
     await store.move("batch_1", ("validating",), "completed", output_file_id="file-out")
     await store.retire("batch_1")
-    await redis.rpush(contract.batch_done_key("batch_1"), b"0 1 0")  # a late report of a chunk run twice
+    await redis.rpush(key_layout.batch_done_key("batch_1"), b"0 1 0")  # a late report of a chunk run twice
     clock.now = T0 + 20
     await store.retire("batch_1")  # retired again (a driver repeating the step): still finished at T0 + 10
     sweep = sweeper(store, files, retention=HOUR)
@@ -174,16 +174,16 @@ async def test_a_finished_batch_is_purged_after_the_retention_and_its_files_are_
     with pytest.raises(NotFound):
         await store.batch("batch_1")
     leftovers = [
-        contract.batch_key("batch_1"),
-        contract.batch_chunks_key("batch_1"),
-        contract.batch_done_key("batch_1"),
-        contract.batch_released_key("batch_1"),
-        contract.batch_driver_key("batch_1"),
+        key_layout.batch_key("batch_1"),
+        key_layout.batch_chunks_key("batch_1"),
+        key_layout.batch_done_key("batch_1"),
+        key_layout.batch_released_key("batch_1"),
+        key_layout.batch_driver_key("batch_1"),
     ]
     assert not await redis.exists(*leftovers)
-    assert not await in_index(redis, contract.BATCHES_INDEX, "batch_1")
-    assert not await in_index(redis, contract.FINISHED_BATCHES, "batch_1")
-    assert await store.page(contract.BATCHES_INDEX, None, 10) == (["batch_2"], False)
+    assert not await in_index(redis, key_layout.BATCHES_INDEX, "batch_1")
+    assert not await in_index(redis, key_layout.FINISHED_BATCHES, "batch_1")
+    assert await store.page(key_layout.BATCHES_INDEX, None, 10) == (["batch_2"], False)
     assert output.exists() and (await store.file("file-out")).file.id == "file-out"
     assert await sweep.sweep(T0 + 100 * 86_400) == Swept()  # batch_2 runs on
 
@@ -199,8 +199,8 @@ async def test_one_gateway_sweeps_at_a_time(
     assert path.exists()  # the lease is the first's
     await first.round()
     assert not path.exists()
-    await store.release(contract.SWEEPER_LEASE, first.holder)  # the first stopped
-    assert await store.hold(contract.SWEEPER_LEASE, second.holder, 60)
+    await store.release(key_layout.SWEEPER_LEASE, first.holder)  # the first stopped
+    assert await store.hold(key_layout.SWEEPER_LEASE, second.holder, 60)
 
 
 async def test_an_output_file_expires_its_lifetime_after_it_was_written(
@@ -212,8 +212,8 @@ async def test_an_output_file_expires_its_lifetime_after_it_was_written(
     expiring = await service.add_output("file-b", "b.jsonl", blocks(b"x\n"), lifetime=2 * HOUR)
     assert kept is not None and kept.expires_at is None
     assert expiring is not None and expiring.expires_at == expiring.created_at + 2 * HOUR == T0 + 50 + 2 * HOUR
-    assert await in_index(redis, contract.FILES_EXPIRING, "file-b")
-    assert not await in_index(redis, contract.FILES_EXPIRING, "file-a")
+    assert await in_index(redis, key_layout.FILES_EXPIRING, "file-b")
+    assert not await in_index(redis, key_layout.FILES_EXPIRING, "file-a")
 
 
 async def test_a_batch_keeps_its_output_expiry(store: BatchStore) -> None:

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
+from conveyor import contract, key_layout, registry
 from conveyor.contract import StreamFrame
 from conveyor.keys import KeyCreate, KeyStore
 from gateway.settings import GatewaySettings
@@ -55,7 +55,7 @@ async def test_admission_order(client: httpx.AsyncClient, redis: Redis) -> None:
     refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "embedder"})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_model_capability"
     await register(redis, "chat", ["generate"])
-    await redis.zadd(contract.queue_name("chat"), {"a": 1, "b": 2})
+    await redis.zadd(key_layout.queue_name("chat"), {"a": 1, "b": 2})
     full = await client.post("/v1/chat/completions", json=CHAT)
     assert full.status_code == 429 and full.headers["retry-after"] == "1"
 
@@ -66,9 +66,9 @@ async def test_sync_request_gets_the_reply_pushed_by_a_worker(
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
-        _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
+        _, job_id, _ = await redis.bzpopmin(key_layout.queue_name("chat"), timeout=5)
         reply = contract.Reply(job_id.decode(), body=b'{"ok":true}')
-        await redis.rpush(contract.inbox_key(app.state.service.inbox.gateway_id), reply.encode())
+        await redis.rpush(key_layout.inbox_key(app.state.service.inbox.gateway_id), reply.encode())
 
     worker = asyncio.create_task(fake_worker())
     response = await client.post("/v1/chat/completions", json=CHAT)
@@ -80,8 +80,8 @@ async def test_gap_in_the_stream_becomes_an_error_event(client: httpx.AsyncClien
     await register(redis, "chat", ["generate"])
 
     async def fake_worker() -> None:
-        _, job_id, _ = await redis.bzpopmin(contract.queue_name("chat"), timeout=5)
-        channel = contract.stream_channel("chat", job_id.decode())
+        _, job_id, _ = await redis.bzpopmin(key_layout.queue_name("chat"), timeout=5)
+        channel = key_layout.stream_channel("chat", job_id.decode())
         for seq in (0, 2):  # chunk 1 is lost
             await redis.publish(channel, StreamFrame.chunk(seq, {"n": seq}).encode())
 
@@ -115,7 +115,7 @@ async def test_not_ready_while_no_model_is_configured(fake_server: fakeredis.Fak
         empty = await http.get("/ready")
         assert empty.status_code == 503 and empty.json() == {"ready": False, "redis": True, "models": {}}
         assert (await http.get("/ready", params={"scope": "gateway"})).status_code == 200
-        await redis.hset(contract.FLEET_MODELS, "chat", "{}")
+        await redis.hset(key_layout.FLEET_MODELS, "chat", "{}")
         assert (await http.get("/ready")).json()["models"] == {"chat": {"status": "unavailable", "live_workers": 0}}
         await register(redis, "chat", ["generate"])
         assert (await http.get("/ready")).status_code == 200
@@ -137,9 +137,9 @@ async def test_a_model_allowed_at_zero_queues_its_requests_and_is_ready(
         assert (await http.post("/v1/chat/completions", json=CHAT | {"model": "strict"})).status_code == 503
 
         async def worker_starting_later() -> None:
-            _, job_id, _ = await redis.bzpopmin(contract.queue_name("lazy"), timeout=5)
+            _, job_id, _ = await redis.bzpopmin(key_layout.queue_name("lazy"), timeout=5)
             reply = contract.Reply(job_id.decode(), body=b'{"woke":true}')
-            await redis.rpush(contract.inbox_key(application.state.service.inbox.gateway_id), reply.encode())
+            await redis.rpush(key_layout.inbox_key(application.state.service.inbox.gateway_id), reply.encode())
 
         worker = asyncio.create_task(worker_starting_later())
         answer = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
@@ -148,11 +148,11 @@ async def test_a_model_allowed_at_zero_queues_its_requests_and_is_ready(
         await register(redis, "strict", ["generate"])
         ready = await http.get("/ready")
         assert ready.status_code == 200 and ready.json()["models"]["lazy"]["status"] == "scaled_to_zero"
-        await redis.set(contract.scale_to_zero_key("lazy"), '["embed"]')  # what it can do, when known
+        await redis.set(key_layout.scale_to_zero_key("lazy"), '["embed"]')  # what it can do, when known
         wrong = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
         assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_model_capability"
         failure = registry.Failure(worker_id="w", reason="engine_dead", at=time.time())
-        await redis.set(contract.model_failure_key("lazy"), failure.model_dump_json())  # its worker just died
+        await redis.set(key_layout.model_failure_key("lazy"), failure.model_dump_json())  # its worker just died
         await application.state.service.refresh_known_models()
         failed = await http.post("/v1/chat/completions", json=CHAT | {"model": "lazy"})
         assert failed.status_code == 503 and failed.json()["error"]["code"] == "model_failed"  # not a 600 s wait
@@ -166,7 +166,7 @@ def test_placeholder_api_keys_are_refused() -> None:
 
 async def test_gauges_are_refreshed_without_requests(app: FastAPI, redis: Redis) -> None:
     await register(redis, "chat", ["generate"])
-    await redis.zadd(contract.queue_name("chat"), {"a": 1, "b": 2, "c": 3})
+    await redis.zadd(key_layout.queue_name("chat"), {"a": 1, "b": 2, "c": 3})
     await app.state.service.refresh_gauges()
     registry_ = app.state.metrics.registry
     assert registry_.get_sample_value("conveyor_queue_depth", {"model": "chat"}) == 3

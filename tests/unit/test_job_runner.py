@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.contract import JobEnvelope, JobKind, Reply, StreamFrame
 from worker.consumer import Done, EngineDead
 from worker.engines.fake import FakeEngine
@@ -36,7 +36,7 @@ def claim(raw: dict[str, Any], tries: int = 1) -> Claim:
 
 
 def reply_of(done: Done) -> Reply:
-    assert done.delivery is not None and done.delivery.inbox == contract.inbox_key("gw")
+    assert done.delivery is not None and done.delivery.inbox == key_layout.inbox_key("gw")
     return Reply.decode(done.delivery.payload)
 
 
@@ -49,7 +49,7 @@ async def test_sync_job_answers_with_the_engine_body(redis: Redis) -> None:
 
 async def test_stream_job_publishes_ordered_chunks_then_end(redis: Redis) -> None:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(contract.stream_channel("m", "req"))
+    await pubsub.subscribe(key_layout.stream_channel("m", "req"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
     done = await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True))
     assert done.delivery is None
@@ -110,7 +110,7 @@ async def test_a_dead_engine_hands_the_job_back_instead_of_answering(redis: Redi
 
 async def _frames_of_a_run(redis: Redis, body: dict[str, Any]) -> list[StreamFrame]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(contract.stream_channel("m", "req"))
+    await pubsub.subscribe(key_layout.stream_channel("m", "req"))
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
     await JobRunner(redis, FakeEngine("m"), "m").run(envelope(stream=True, body=body))
     frames = []
@@ -128,9 +128,9 @@ async def test_a_stream_cut_anywhere_goes_on_with_exactly_the_frames_left(redis:
     body = CHAT | {"stream_options": {"include_usage": True}}
     whole = await _frames_of_a_run(redis, body)
     assert [f.type for f in whole] == ["chunk"] * 6 + ["end"]
-    entries = await redis.lrange(contract.progress_key("m", "req"), 0, -1)  # left by a run nobody finished
+    entries = await redis.lrange(key_layout.progress_key("m", "req"), 0, -1)  # left by a run nobody finished
     assert len(entries) == 7
-    await redis.ltrim(contract.progress_key("m", "req"), 0, cut_after - 1)
+    await redis.ltrim(key_layout.progress_key("m", "req"), 0, cut_after - 1)
     rest = await _frames_of_a_run(redis, body)
     assert [f.seq for f in rest] == list(range(cut_after, 7))
     strip = [

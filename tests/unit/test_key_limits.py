@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
+from conveyor import key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
 from conveyor.redis_client import publish_lua
@@ -51,12 +51,12 @@ class Admission:
         if code != KeyAdmission.RESERVED:
             return [code, -1, *limits]
         keys = [
-            contract.model_workers_key(MODEL),
-            contract.model_card_key(MODEL),
-            contract.queue_name(MODEL),
+            key_layout.model_workers_key(MODEL),
+            key_layout.model_card_key(MODEL),
+            key_layout.queue_name(MODEL),
             f"arq:job:{job_id}",
-            contract.wake_channel(MODEL),
-            contract.scale_to_zero_key(MODEL),
+            key_layout.wake_channel(MODEL),
+            key_layout.scale_to_zero_key(MODEL),
         ]
         args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, int(now * 1000), job_id]
         code, depth = await self.script(keys=keys, args=args)
@@ -108,8 +108,8 @@ async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, r
     admit, key_id = await admission_for(keys, rpm=1, tpm=10)
     assert (await admit(1000.0, tokens=5))[0] == 1
     assert (await admit(1000.1, tokens=5))[0] == 7
-    assert await redis.zcard(contract.queue_name(MODEL)) == 1
-    assert await redis.hgetall(contract.rate_window_key(key_id, "tokens")) == {
+    assert await redis.zcard(key_layout.queue_name(MODEL)) == 1
+    assert await redis.hgetall(key_layout.rate_window_key(key_id, "tokens")) == {
         b"1000": b"5",
         b"t": b"5",
         b"o": b"1000",
@@ -120,12 +120,16 @@ async def test_a_refused_job_is_not_queued_and_charges_nothing(keys: KeyStore, r
 async def test_a_job_the_model_refuses_gives_its_key_the_charge_back(keys: KeyStore, redis: Redis) -> None:
     admit, key_id = await admission_for(keys, rpm=5, tpm=100, max_queued=5)
     assert (await admit(1000.0, tokens=40))[0] == 1
-    await redis.delete(contract.model_workers_key(MODEL))  # the model's last worker left
+    await redis.delete(key_layout.model_workers_key(MODEL))  # the model's last worker left
     assert (await admit(1001.0, tokens=20))[:2] == [0, 1]  # reserved on the key, then refused by the model
-    tokens = await redis.hmget(contract.rate_window_key(key_id, "tokens"), ["1000", "1001", "t"])
+    tokens = await redis.hmget(key_layout.rate_window_key(key_id, "tokens"), ["1000", "1001", "t"])
     assert tokens == [b"40", b"0", b"40"]
-    assert await redis.hmget(contract.rate_window_key(key_id, "requests"), ["1000", "1001", "t"]) == [b"1", b"0", b"1"]
-    assert await redis.zrange(contract.key_jobs_key(key_id), 0, -1) == [b"job1"]
+    assert await redis.hmget(key_layout.rate_window_key(key_id, "requests"), ["1000", "1001", "t"]) == [
+        b"1",
+        b"0",
+        b"1",
+    ]
+    assert await redis.zrange(key_layout.key_jobs_key(key_id), 0, -1) == [b"job1"]
 
 
 async def test_revoked_keys_and_barred_models_are_refused_before_anything_else(keys: KeyStore) -> None:
@@ -155,9 +159,9 @@ async def test_the_worker_reconciles_the_charge_and_counts_usage_once(keys: KeyS
     await a.claim(1)
     assert not await b.finish("job1", None, usage)  # not B's job: nothing counted
     assert await a.finish("job1", None, usage)
-    window = contract.rate_window_key(key_id, "tokens")
+    window = key_layout.rate_window_key(key_id, "tokens")
     assert await redis.hmget(window, [str(int(now)), "t"]) == [b"32", b"32"]
-    assert await redis.zcard(contract.key_jobs_key(key_id)) == 0
+    assert await redis.zcard(key_layout.key_jobs_key(key_id)) == 0
     rows = await keys.usage(key_id, days=1)
     assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(MODEL, 1, 12, 20)]
 

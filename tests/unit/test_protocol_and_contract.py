@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from redis.crc import key_slot
 
-from conveyor import contract
+from conveyor import contract, key_layout
 from conveyor.contract import ErrorInfo, JobEnvelope, JobKind, StreamFrame
 from conveyor.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -60,65 +60,65 @@ def test_envelope_round_trips_through_json() -> None:
 
 def model_keys(model: str, request_id: str) -> list[str]:
     return [
-        contract.abort_key(model, request_id),
-        contract.stream_channel(model, request_id),
-        contract.progress_key(model, request_id),
-        contract.migrations_key(model, request_id),
-        contract.model_workers_key(model),
-        contract.model_loading_key(model),
-        contract.model_failure_key(model),
-        contract.scale_to_zero_key(model),
-        contract.model_card_key(model),
-        contract.wake_channel(model),
-        contract.stream_lane_key(model),
-        contract.stream_lane_key(model, bulk=True),
-        contract.stream_job_prefix(model) + request_id,
-        contract.stream_lease_prefix(model) + request_id,
+        key_layout.abort_key(model, request_id),
+        key_layout.stream_channel(model, request_id),
+        key_layout.progress_key(model, request_id),
+        key_layout.migrations_key(model, request_id),
+        key_layout.model_workers_key(model),
+        key_layout.model_loading_key(model),
+        key_layout.model_failure_key(model),
+        key_layout.scale_to_zero_key(model),
+        key_layout.model_card_key(model),
+        key_layout.wake_channel(model),
+        key_layout.stream_lane_key(model),
+        key_layout.stream_lane_key(model, bulk=True),
+        key_layout.stream_job_prefix(model) + request_id,
+        key_layout.stream_lease_prefix(model) + request_id,
     ]
 
 
 def control_keys() -> list[str]:
     return [
-        contract.MODELS_KEY,
-        contract.GATEWAYS_KEY,
-        contract.FLEET_MODELS,
-        contract.FLEET_STATUS,
-        contract.FLEET_SUPERVISOR,
-        contract.FLEET_SAVED,
-        contract.FILES_INDEX,
-        contract.BATCHES_INDEX,
-        contract.ACTIVE_BATCHES,
-        contract.file_key("f"),
-        contract.batch_key("b"),
-        contract.batch_chunks_key("b"),
-        contract.batch_done_key("b"),
-        contract.batch_driver_key("b"),
-        contract.batch_released_key("b"),
-        contract.API_KEYS_INDEX,
-        contract.API_KEY_HASHES,
-        contract.API_KEY_NAMES,
-        contract.api_key_key("k"),
-        contract.rate_window_key("k", "requests"),
-        contract.rate_window_key("k", "tokens"),
-        contract.key_jobs_key("k"),
-        contract.usage_key("k", "2026-12-03"),
+        key_layout.MODELS_KEY,
+        key_layout.GATEWAYS_KEY,
+        key_layout.FLEET_MODELS,
+        key_layout.FLEET_STATUS,
+        key_layout.FLEET_SUPERVISOR,
+        key_layout.FLEET_SAVED,
+        key_layout.FILES_INDEX,
+        key_layout.BATCHES_INDEX,
+        key_layout.ACTIVE_BATCHES,
+        key_layout.file_key("f"),
+        key_layout.batch_key("b"),
+        key_layout.batch_chunks_key("b"),
+        key_layout.batch_done_key("b"),
+        key_layout.batch_driver_key("b"),
+        key_layout.batch_released_key("b"),
+        key_layout.API_KEYS_INDEX,
+        key_layout.API_KEY_HASHES,
+        key_layout.API_KEY_NAMES,
+        key_layout.api_key_key("k"),
+        key_layout.rate_window_key("k", "requests"),
+        key_layout.rate_window_key("k", "tokens"),
+        key_layout.key_jobs_key("k"),
+        key_layout.usage_key("k", "2026-12-03"),
     ]
 
 
 def test_key_names_are_distinct_per_request_and_model() -> None:
     names = [
         *model_keys("a", "r"),
-        contract.abort_key("a", "s"),
-        contract.progress_key("a", "s"),
+        key_layout.abort_key("a", "s"),
+        key_layout.progress_key("a", "s"),
         *model_keys("b", "r"),
         *control_keys(),
-        contract.inbox_key("a"),
-        contract.inbox_key("b"),
-        contract.queue_name("a"),
-        contract.worker_info_key("a"),
+        key_layout.inbox_key("a"),
+        key_layout.inbox_key("b"),
+        key_layout.queue_name("a"),
+        key_layout.worker_info_key("a"),
     ]
     assert len(set(names)) == len(names)
-    assert all(name.startswith(contract.KEY_PREFIX + ":") for name in names)
+    assert all(name.startswith(key_layout.KEY_PREFIX + ":") for name in names)
 
 
 def test_a_models_keys_share_one_slot_and_the_control_plane_another() -> None:
@@ -127,7 +127,7 @@ def test_a_models_keys_share_one_slot_and_the_control_plane_another() -> None:
     for model in ("a", "org/model-7B", "conveyor"):
         assert len({key_slot(key.encode()) for key in model_keys(model, "r")}) == 1, model
     assert len({key_slot(key.encode()) for key in control_keys()}) == 1
-    assert key_slot(contract.model_card_key("a").encode()) != key_slot(contract.MODELS_KEY.encode())
+    assert key_slot(key_layout.model_card_key("a").encode()) != key_slot(key_layout.MODELS_KEY.encode())
 
 
 def test_stream_frames_round_trip_and_keep_chunk_text_untouched() -> None:

@@ -11,7 +11,7 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
+from conveyor import contract, key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.errors import NoLiveWorker
 from conveyor.keys import KeyCreate, KeyStore
@@ -38,11 +38,13 @@ class Layout:
     def lease(self, job_id: str) -> str:
         if self.backend is QueueBackend.ARQ:
             return in_progress_key_prefix + job_id
-        return contract.stream_lease_prefix(MODEL) + job_id
+        return key_layout.stream_lease_prefix(MODEL) + job_id
 
     def data(self, job_id: str) -> str:
         return (
-            job_key_prefix + job_id if self.backend is QueueBackend.ARQ else contract.stream_job_prefix(MODEL) + job_id
+            job_key_prefix + job_id
+            if self.backend is QueueBackend.ARQ
+            else key_layout.stream_job_prefix(MODEL) + job_id
         )
 
     def tries(self, job_id: str) -> str:
@@ -56,10 +58,10 @@ class Layout:
         been idle longer than a lease."""
         await self.redis.delete(self.lease(job_id))
         if self.backend is QueueBackend.STREAMS:
-            lane = contract.stream_lane_key(MODEL)
+            lane = key_layout.stream_lane_key(MODEL)
             entry = await self.redis.hget(self.data(job_id), "entry")
             await self.redis.xclaim(
-                lane, contract.STREAM_GROUP, holder, 0, [entry], idle=HANDED_BACK_IDLE_MS, justid=True
+                lane, key_layout.STREAM_GROUP, holder, 0, [entry], idle=HANDED_BACK_IDLE_MS, justid=True
             )
 
 
@@ -170,7 +172,7 @@ async def test_finish_delivers_once_and_only_while_the_lease_is_ours(layout: Lay
     a, b = source(layout, "A"), source(layout, "B")
     await a.claim(1)
     await redis.set(layout.lease("j"), "B")
-    inbox = contract.inbox_key("gw")
+    inbox = key_layout.inbox_key("gw")
     assert not await a.finish("j", Delivery(inbox, b"from A"))
     assert await redis.llen(inbox) == 0
     assert await b.finish("j", Delivery(inbox, b"from B"))
@@ -196,7 +198,7 @@ async def test_jobs_finishing_together_go_to_redis_in_one_pipeline_each_with_its
         return make_pipeline(*args, **kwargs)  # type: ignore[arg-type]
 
     redis.pipeline = counting  # type: ignore[method-assign]
-    inbox = contract.inbox_key("gw")
+    inbox = key_layout.inbox_key("gw")
     results = await asyncio.gather(*(a.finish(f"j{i}", Delivery(inbox, f"answer {i}".encode())) for i in range(3)))
     assert results == [True, False, True] and pipelines == 1
     assert sorted(await redis.lrange(inbox, 0, -1)) == [b"answer 0", b"answer 2"]
@@ -258,9 +260,9 @@ async def test_cancel_removes_a_waiting_job_and_marks_a_running_one(layout: Layo
     await queue.submit(envelope("running", deadline_in=20))
     await source(layout, "A").claim(1)
     await queue.cancel(envelope("running", deadline_in=20))
-    assert 0 < await redis.pttl(contract.abort_key(MODEL, "running")) <= 20_000  # bounded by the job's deadline
+    assert 0 < await redis.pttl(key_layout.abort_key(MODEL, "running")) <= 20_000  # bounded by the job's deadline
     await queue.cancel(envelope("never-enqueued"))
-    assert await redis.exists(contract.abort_key(MODEL, "never-enqueued")) == 0  # nothing left behind
+    assert await redis.exists(key_layout.abort_key(MODEL, "never-enqueued")) == 0  # nothing left behind
 
 
 async def test_a_gateway_on_another_backend_than_the_models_workers_is_refused_not_left_waiting(
@@ -299,15 +301,15 @@ async def test_on_a_cluster_a_finish_answers_then_removes_then_accounts_apart(re
         worker.cluster = True
     await a.claim(1)
     await redis.set(layout.lease("j"), "B")
-    inbox = contract.inbox_key("gw")
+    inbox = key_layout.inbox_key("gw")
     usage = KeyUsage(tenant, MODEL, JobKind.CHAT, 1, prompt_tokens=12, completion_tokens=20, at=now)
     assert not await a.finish("j", Delivery(inbox, b"from A"), usage)
     assert await redis.exists(layout.data("j")) == 1  # not A's to remove, nor to count
-    assert await redis.zcard(contract.key_jobs_key(key.id)) == 1
+    assert await redis.zcard(key_layout.key_jobs_key(key.id)) == 1
     assert await b.finish("j", Delivery(inbox, b"from B"), usage)
     assert await redis.lrange(inbox, 0, -1) == [b"from A", b"from B"]
     assert await redis.exists(layout.data("j"), layout.lease("j")) == 0
-    assert await redis.hget(contract.rate_window_key(key.id, "tokens"), "t") == b"32"  # reconciled once
-    assert await redis.zcard(contract.key_jobs_key(key.id)) == 0
+    assert await redis.hget(key_layout.rate_window_key(key.id, "tokens"), "t") == b"32"  # reconciled once
+    assert await redis.zcard(key_layout.key_jobs_key(key.id)) == 0
     rows = await keys.usage(key.id, days=1)
     assert [(r.model, r.requests, r.prompt_tokens) for r in rows] == [(MODEL, 1, 12)]

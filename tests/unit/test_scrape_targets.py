@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY, Gauge
 from redis.asyncio import Redis
 
-from conveyor import contract, registry
+from conveyor import key_layout, registry
 from conveyor.netaddr import address_towards, host_port
 from gateway.settings import GatewaySettings
 from tests.unit.conftest import running_gateway
@@ -47,7 +47,7 @@ async def test_workers_loading_or_serving_are_scrape_targets(client: httpx.Async
     await registry.heartbeat(redis, worker("w1", "chat", "serving", 9100), ttl=30)
     await registry.heartbeat(redis, worker("w2", "embed", "loading", 9101), ttl=30)
     await registry.heartbeat(redis, worker("w3", "embed", "serving", 9102), ttl=30)
-    await redis.zadd(contract.model_workers_key("embed"), {"w3": time.time() - 1})  # its heartbeat lapsed
+    await redis.zadd(key_layout.model_workers_key("embed"), {"w3": time.time() - 1})  # its heartbeat lapsed
     response = await client.get("/internal/scrape-targets", params={"role": "worker"})
     assert response.status_code == 200
     assert response.json() == [
