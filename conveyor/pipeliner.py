@@ -2,9 +2,9 @@
 
 An item goes at once when nothing is on its way; items that arrive while a group is on its way wait and go together
 in the next one. Each caller awaits its own item's result, or the group's failure as its own; a caller cancelled
-before its group went takes its item back. A caller's items leave
-in the order it sends them (it awaits each before sending the next). ``Pipeliner`` sends a group of commands as one
-pipeline; ``worker.frames`` sends a group of stream frames as one script call.
+before its group went takes its item back. A caller's items leave in the order it sends them (it awaits each before
+sending the next). ``Pipeliner`` sends a group of commands as one pipeline; ``worker.frames`` sends a group of
+stream frames as one script call.
 """
 
 from __future__ import annotations

@@ -248,6 +248,10 @@ def connect(url: str) -> Redis:
     return master
 
 
+#: where redis-py's connection code lives (``connection_closed_in_use``)
+_CONNECTION_MODULE = str(Path("redis", "asyncio", "connection.py"))
+
+
 @contextlib.contextmanager
 def connection_closed_in_use() -> Iterator[None]:
     """Raise a connection closed under a command as the ``ConnectionError`` it is.
@@ -272,9 +276,6 @@ def _in_connection_code(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-_CONNECTION_MODULE = str(Path("redis", "asyncio", "connection.py"))
 
 
 class PlainClient(Redis):
