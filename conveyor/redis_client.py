@@ -444,12 +444,14 @@ async def send(pubsub: PubSub, *command: str) -> None:
     """A (S)SUBSCRIBE or (S)UNSUBSCRIBE, sent straight on the pub/sub connection (its replies arrive as messages).
     redis-py 5's ``PubSub`` knows no sharded pub/sub, and its bookkeeping would take a sharded channel for a
     classic one: its resubscription on reconnect, and its health check's PING (whose reply it reads inline, where a
-    message may be waiting). A connection that fails is closed by its reader and never reused."""
-    await pubsub.connect()  # type: ignore[no-untyped-call]
-    connection = pubsub.connection
-    if connection is None:
-        raise ConnectionError("the pub/sub connection did not open")
-    await connection.send_command(*command, check_health=False)
+    message may be waiting). A connection that fails is closed by its reader and never reused: one closed by it while
+    this sends fails as a ``ConnectionError`` (``connection_closed_in_use``)."""
+    with connection_closed_in_use():
+        await pubsub.connect()  # type: ignore[no-untyped-call]
+        connection = pubsub.connection
+        if connection is None:
+            raise ConnectionError("the pub/sub connection did not open")
+        await connection.send_command(*command, check_health=False)
 
 
 async def publish(redis: Redis, channel: str, message: bytes | str) -> None:
