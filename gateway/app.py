@@ -28,6 +28,7 @@ from gateway.bulk_routes import bulk
 from gateway.directory import ModelDirectory
 from gateway.files import FileService
 from gateway.guard import RequestGuard
+from gateway.hot_routes import HotRoutes
 from gateway.inbox import ReplyInbox
 from gateway.key_cache import KeyCache
 from gateway.metrics import GatewayMetrics
@@ -99,6 +100,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     app.include_router(bulk)
     app.include_router(targets)
     app.include_router(admin, include_in_schema=settings.admin_key is not None)  # /docs: only where it exists
+    app.add_middleware(HotRoutes, app_routes=app.router.routes)  # inside the guard: keys and body limits apply
     app.add_middleware(RequestGuard, settings=settings)
     if settings.cors_origins:  # outermost: preflights and refusals (a 401, a 429) carry the CORS headers too
         app.add_middleware(

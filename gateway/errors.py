@@ -66,27 +66,35 @@ def respond(request: Request, error: ConveyorError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+def as_error(request: Request, exc: Exception) -> ConveyorError | None:
+    """The OpenAI-shaped error the app answers ``exc`` with: its own errors, FastAPI's validation errors and
+    starlette's HTTP exceptions; None for anything unexpected (answered 500 ``internal_error`` and logged)."""
+    if isinstance(exc, ConveyorError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return validation_error(exc)
+    if not isinstance(exc, StarletteHTTPException):
+        return None
+    if exc.status_code == 404:
+        return NotFound(f"No route {request.method} {request.url.path}.")
+    if exc.status_code == 413:
+        return PayloadTooLarge(str(exc.detail))
+    if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_FAILURE:  # e.g. nested past the JSON parser's depth
+        message = "The request body could not be parsed as JSON (malformed, or nested too deeply)."
+        return InvalidRequest(message, code="invalid_json")
+    error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
+    error.status = exc.status_code
+    return error
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ConveyorError)
-    async def _conveyor(request: Request, exc: ConveyorError) -> JSONResponse:
-        return respond(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(request, validation_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return respond(request, NotFound(f"No route {request.method} {request.url.path}."))
-        if exc.status_code == 413:
-            return respond(request, PayloadTooLarge(str(exc.detail)))
-        if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_FAILURE:  # e.g. nested past the JSON parser's depth
-            message = "The request body could not be parsed as JSON (malformed, or nested too deeply)."
-            return respond(request, InvalidRequest(message, code="invalid_json"))
-        error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
-        error.status = exc.status_code
+    async def _expected(request: Request, exc: Exception) -> JSONResponse:
+        error = as_error(request, exc)
+        assert error is not None  # registered below for exactly the classes as_error maps
         return respond(request, error)
+
+    for expected in (ConveyorError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(expected, _expected)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -94,4 +102,4 @@ def install(app: FastAPI) -> None:
         return respond(request, ConveyorError("The server failed on this request.", code="internal_error"))
 
 
-__all__ = ["error_body", "install", "is_api_path", "respond", "validation_error"]
+__all__ = ["as_error", "error_body", "install", "is_api_path", "respond", "validation_error"]

@@ -55,7 +55,7 @@ def _timeout(request: Request, ceiling: float) -> float | None:
     return value
 
 
-async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
+async def serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
     service = service_of(request)
     request.state.model = getattr(body, "model", None)
     try:
@@ -83,23 +83,30 @@ async def _serve(request: Request, kind: JobKind, body: BaseModel) -> Response:
     return Response(result, media_type="application/json", headers=headers)
 
 
+#: the job routes ``gateway.hot_routes`` serves without FastAPI's stack (their request model: the route's ``body``)
+HOT_PATHS = {
+    "/v1/chat/completions": JobKind.CHAT,
+    "/v1/completions": JobKind.COMPLETION,
+    "/v1/embeddings": JobKind.EMBEDDING,
+}
+
 router = APIRouter()
 api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gateway.guard (and on the paths below)
 
 
 @api.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _serve(request, JobKind.CHAT, body)
+    return await serve(request, JobKind.CHAT, body)
 
 
 @api.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _serve(request, JobKind.COMPLETION, body)
+    return await serve(request, JobKind.COMPLETION, body)
 
 
 @api.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    return await _serve(request, JobKind.EMBEDDING, body)
+    return await serve(request, JobKind.EMBEDDING, body)
 
 
 # Rerank and score at every path vLLM's server has them: /v1/rerank and /v1/score, /v2/rerank (Cohere's), and
@@ -110,13 +117,13 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 @router.post("/v2/rerank")
 @router.post("/rerank")
 async def rerank(body: RerankRequest, request: Request) -> Response:
-    return await _serve(request, JobKind.RERANK, body)
+    return await serve(request, JobKind.RERANK, body)
 
 
 @api.post("/score")
 @router.post("/score")
 async def score(body: ScoreRequest, request: Request) -> Response:
-    return await _serve(request, JobKind.SCORE, body)
+    return await serve(request, JobKind.SCORE, body)
 
 
 @api.get("/models")
