@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 from conveyor import contract, key_layout
 from gateway.hot_routes import HotRoutes
 from gateway.settings import GatewaySettings
-from tests.unit.conftest import fake_connect, running_gateway
+from tests.unit.conftest import running_gateway
 from tests.unit.test_gateway_app import register
 
 SETTINGS = GatewaySettings(models=["chat", "idle"], max_queue_depth=2, request_timeout=5, max_body_bytes=4096)
@@ -120,10 +120,7 @@ async def gateway(fake_server: fakeredis.FakeServer) -> AsyncIterator[FastAPI]:
         yield app
 
 
-async def test_a_valid_request_never_reaches_fastapi_and_an_invalid_one_does(
-    gateway: FastAPI, fake_server: fakeredis.FakeServer
-) -> None:
-    redis: Redis = fake_connect(fake_server)
+async def test_a_valid_request_never_reaches_fastapi_and_an_invalid_one_does(gateway: FastAPI, redis: Redis) -> None:
     await register(redis, "chat", ["generate"])
     hot = _hot_routes(gateway)
     handed_on: list[bytes] = []
@@ -150,7 +147,6 @@ async def test_a_valid_request_never_reaches_fastapi_and_an_invalid_one_does(
         refused = await http.post("/v1/chat/completions", json={"model": "chat"})
         scraped = (await http.get("/metrics")).text
     await worker
-    await redis.aclose()
     assert answered.status_code == 200 and answered.json() == {"ok": True}
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
     assert handed_on == [b'{"model":"chat"}']  # the invalid body, once, as the client sent it
