@@ -76,6 +76,34 @@ def summary(raw: Path, top: int = 12) -> list[str]:
     return lines
 
 
+def _library(frame: str) -> str:
+    """What runs in a frame, by the package its code is in (py-spy names files from their package down): the event
+    loop itself is C, so its samples show as ``Runner.run``; the socket writes are C under asyncio's ``writelines``."""
+    name, _, location = frame.partition(" (")
+    path = location.rstrip(")").rsplit(":", 1)[0]
+    if path == "asyncio/runners.py":
+        return "the event loop itself (uvloop, C)"
+    if path == "asyncio/streams.py" and name.endswith("writelines"):
+        return "socket writes (asyncio's writelines)"
+    package = path.split("/", 1)[0].removesuffix(".py")
+    if f"{package}/" in OWN_CODE or package == "launcher":
+        return "Conveyor's own code"
+    return f"{package} (standard library)" if package in ("asyncio", "json") else package
+
+
+def by_library(raw: Path, ms_per_request: float, top: int = 12) -> list[str]:
+    """The process's CPU per request split by what ran (the leaf frame of each sample)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        frames, _, count = line.rpartition(" ")
+        if frames:
+            counts[_library(frames.split(";")[-1])] += int(count)
+    total = sum(counts.values()) or 1
+    lines = ["  ms per request by what runs (self samples):"]
+    lines += [f"    {ms_per_request * n / total:6.3f}  {name}" for name, n in counts.most_common(top)]
+    return lines
+
+
 def redis_commands(port: int, requests: int, top: int = 8) -> list[str]:
     """Redis's own time per request by command (``INFO commandstats``, reset before the load): a script's commands
     count inside its EVALSHA and again on their own lines."""
@@ -147,6 +175,7 @@ def main() -> None:
         ceiling = f" (at most {requests / used[name]:,.0f} requests/s per core)" if used[name] else ""
         print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{ceiling}{per_chunk}")
         print("\n".join(summary(out / f"{name}.txt")))
+        print("\n".join(by_library(out / f"{name}.txt", 1000 * used[name] / requests)))
     print(f"\nraw stacks: {out}")
 
 
