@@ -221,7 +221,8 @@ def main() -> None:
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     results = measure(systems, workloads, args.quick, worker_env)
     earlier = saved(systems, workloads)
-    ceiling = offline_ceiling(WORKLOADS[0]) if args.offline and WORKLOADS[0] in workloads else None
+    embed = WORKLOADS[0]
+    ceiling = offline_ceiling(embed) if args.offline and any(w.task == embed.task for w in workloads) else None
     print(report({**earlier, **results}, ceiling))
     if earlier:
         others = ", ".join(sorted({key[1] for key in earlier}))
