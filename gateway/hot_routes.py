@@ -4,8 +4,8 @@ dependency and validation stack, which costs more of the gateway's CPU per reque
 It takes only what it can serve whole: a POST to one of those paths, with a JSON content type, whose body the route's
 request model validates. Anything else (an invalid body, another content type, a body that is not UTF-8 JSON) goes on
 to the FastAPI app with the body already read, so its answer is exactly the one FastAPI's route gives. What it takes
-runs the route's own ``routes.serve``, its errors are mapped by ``gateway.errors.response_for`` (as the app's
-handlers map them), and it carries the FastAPI route in the scope, so metrics label it the same. The routes stay in
+runs the route's own ``routes.serve``, its errors are mapped by ``gateway.errors.as_error`` (as the app's handlers
+map them), and it carries the FastAPI route in the scope, so metrics label it the same. The routes stay in
 the FastAPI app: they are in the OpenAPI schema, and they answer whatever is handed on.
 """
 
