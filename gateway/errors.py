@@ -38,6 +38,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
+    if param is None and isinstance(first.get("input"), bytes):  # FastAPI read the body as bytes: not sent as JSON
+        message = "The request body must be JSON, sent with the header Content-Type: application/json."
+        return InvalidRequest(message, code="invalid_content_type")
     message = str(first.get("msg", "invalid request"))
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."

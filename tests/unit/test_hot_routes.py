@@ -151,3 +151,13 @@ async def test_a_valid_request_never_reaches_fastapi_and_an_invalid_one_does(gat
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
     assert handed_on == [b'{"model":"chat"}']  # the invalid body, once, as the client sent it
     assert 'endpoint="/v1/chat/completions",model="chat",status="200"' in scraped
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+async def test_a_json_body_without_the_json_content_type_is_told_so(gateway: FastAPI, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as http:
+        response = await http.post("/v1/embeddings", headers=headers, content=json.dumps(EMBED))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_content_type"
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
