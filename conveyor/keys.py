@@ -7,7 +7,8 @@ form for lists, its limits and allowed models. A revoked key keeps its record (i
 index of hashes, so it no longer authenticates. Names are unique among active keys: they label metrics and usage.
 
 Limits are enforced by the gateway's reservation script (``gateway/key_admission.py``), which reads the record's fields
-``revoked_at``, ``rpm``, ``tpm``, ``max_queued`` and ``models`` directly.
+``revoked_at``, ``rpm``, ``tpm``, ``max_queued`` and ``models`` directly. A key's ``weight`` is its share of a busy
+model's queue (``conveyor.fair_share``), carried on its jobs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "embedding_tokens")
 #: how long a day's usage stays in Redis
 USAGE_RETENTION_SECONDS = 400 * 86_400
-LIMIT_FIELDS = ("rpm", "tpm", "max_queued", "models")
+LIMIT_FIELDS = ("rpm", "tpm", "max_queued", "models", "weight")
 
 #: Create a key unless an active key has its name. KEYS: record, hashes, names, index. ARGV: id, hash, name,
 #: created_at, then field/value pairs of the record. Returns 1, or 0 when the name is taken.
@@ -95,6 +96,9 @@ class KeyLimits(BaseModel):
     tpm: int | None = Field(default=None, ge=1, description="tokens per minute (prompt + completion)")
     max_queued: int | None = Field(default=None, ge=1, description="interactive jobs waiting or running at once")
     models: list[str] | None = Field(default=None, description="models the key may use; null: every model")
+    weight: float | None = Field(
+        default=None, gt=0, le=1000, description="its share of a busy model's queue against other keys; null: 1"
+    )
 
     @field_validator("models")
     @classmethod
@@ -171,6 +175,7 @@ def _key_from(key_id: str, raw: dict[bytes, bytes]) -> ApiKey:
         created_at=int(fields["created_at"]),
         revoked_at=int(fields["revoked_at"]) if fields.get("revoked_at") else None,
         models=json.loads(fields["models"]) if fields.get("models") else None,
+        weight=float(fields["weight"]) if fields.get("weight") else None,
         **limits,
     )
 

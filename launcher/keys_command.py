@@ -35,6 +35,19 @@ def _limit(value: str) -> int | None:
     return number
 
 
+def _weight(value: str) -> float | None:
+    """A key's share of a busy model's queue: a number above 0 (1 by default), or ``none`` (update: back to 1)."""
+    if value.lower() in UNLIMITED:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number (or 'none')") from None
+    if not 0 < number <= 1000:
+        raise argparse.ArgumentTypeError("a weight is above 0 and at most 1000; 'none' sets it back to 1")
+    return number
+
+
 def _models(value: str) -> list[str] | None:
     """Allowed models, comma-separated; ``all`` allows every model."""
     if value.lower() == "all":
@@ -54,6 +67,8 @@ def add_parser(commands: Any, redis_help: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, type=_limit, default=argparse.SUPPRESS, help=f"{what}{extra}")
         help_models = "comma-separated models the key may use" + ("; 'all' for every model" if removable else "")
         parser.add_argument("--models", type=_models, default=argparse.SUPPRESS, help=help_models)
+        help_weight = "its share of a busy model's queue against other keys (default 1; 2: twice as many jobs)"
+        parser.add_argument("--weight", type=_weight, default=argparse.SUPPRESS, help=help_weight)
         parser.add_argument("--json", action="store_true", help="print JSON")
 
     create = sub.add_parser("create", help="a new key; its secret is printed once")
@@ -107,17 +122,17 @@ async def _list(store: KeyStore, args: argparse.Namespace) -> None:
         return
     rows = [
         [k.id, k.name, k.redacted_value, _text(k.rpm), _text(k.tpm), _text(k.max_queued),
-         ",".join(k.models) if k.models else "all", "revoked" if k.revoked_at else "active"]
+         ",".join(k.models) if k.models else "all", f"{k.weight or 1:g}", "revoked" if k.revoked_at else "active"]
         for k in keys
     ]  # fmt: skip
-    print(table([["ID", "NAME", "KEY", "RPM", "TPM", "MAX QUEUED", "MODELS", "STATE"], *rows]))
+    print(table([["ID", "NAME", "KEY", "RPM", "TPM", "MAX QUEUED", "MODELS", "WEIGHT", "STATE"], *rows]))
 
 
 async def _update(store: KeyStore, args: argparse.Namespace) -> None:
     changes = _given(args, ("name", *LIMIT_FIELDS))
     if not changes:
         raise SystemExit(
-            "conveyor keys update: nothing to change (give --name, --rpm, --tpm, --max-queued or --models)"
+            "conveyor keys update: nothing to change (give --name, --rpm, --tpm, --max-queued, --models or --weight)"
         )
     key = await store.update(args.key, KeyUpdate(**changes))
     _print_json(key) if args.json else print(f"updated {key.id} ({key.name}){_limits_text(key)}")
@@ -152,6 +167,8 @@ def _limits_text(key: ApiKey) -> str:
     parts = [f"{name}={getattr(key, name)}" for name, _ in LIMIT_FLAGS if getattr(key, name) is not None]
     if key.models:
         parts.append(f"models={','.join(key.models)}")
+    if key.weight is not None:
+        parts.append(f"weight={key.weight:g}")
     return f": {', '.join(parts)}" if parts else ": no limits"
 
 
