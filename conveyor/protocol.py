@@ -17,11 +17,19 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class QueuedRequest(OpenAIBaseModel):
+    """What every request that goes on a queue may carry."""
+
+    #: vLLM's: lower runs earlier. Orders a key's jobs in its queue (``conveyor.fair_share``); passed on to an engine
+    #: that schedules by priority, dropped for one that does not
+    priority: int = Field(default=0, ge=-(2**63), le=2**63 - 1, strict=True)
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(OpenAIBaseModel):
+class _GenerationRequest(QueuedRequest):
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,7 +65,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
 
 
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(QueuedRequest):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -113,7 +121,7 @@ ScoreInputs = Annotated[
 ]
 
 
-class _ScoringRequest(OpenAIBaseModel):
+class _ScoringRequest(QueuedRequest):
     """What score and rerank requests share. vLLM's own extras (``truncate_prompt_tokens``, ``use_activation``,
     ``instruction`` ...) pass through."""
 
@@ -156,7 +164,8 @@ class ScoreRequest(_ScoringRequest):
 
     @model_validator(mode="after")
     def _one_pair(self) -> ScoreRequest:
-        given = {name for name in self.model_fields_set if getattr(self, name, None) is not None} - {"model"}
+        sides = self.model_fields_set & {name for pair in SCORE_PAIRS for name in pair}  # not vLLM's extras
+        given = {name for name in sides if getattr(self, name, None) is not None}
         pairs = [pair for pair in SCORE_PAIRS if set(pair) <= given]
         names = " or ".join(f"`{a}` with `{b}`" for a, b in SCORE_PAIRS)
         if len(pairs) != 1 or given - set(pairs[0]):

@@ -250,6 +250,8 @@ class VLLMEngine(Engine):
         if kind is JobKind.EMBEDDING and body.get("encoding_format") in ("bytes", "bytes_only"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         data = {**body, "request_id": request_id}
+        if not self.schedules_by_priority():
+            data.pop("priority", None)  # it ordered the queue; vLLM refuses one it cannot schedule by
         if kind.generates:
             data["stream"] = stream
         try:
