@@ -75,6 +75,8 @@ class TenantRef(BaseModel):
     name: str
     second: int
     reserved: int = 0
+    #: the key's share of a lane against other keys' (``conveyor.fair_share``)
+    weight: float = 1.0
 
 
 class JobEnvelope(BaseModel):

@@ -21,7 +21,7 @@ CONTROL = f"{KEY_PREFIX}:{{{KEY_PREFIX}}}"
 
 
 def queue_name(model: str) -> str:
-    """The queue (a sorted set of job ids, by enqueue time) of one model."""
+    """The queue of one model: a sorted set of job ids by fair tag (``conveyor.fair_share``), running ones too."""
     return f"{KEY_PREFIX}:queue:{model}"
 
 
@@ -105,6 +105,11 @@ GATEWAYS_KEY = f"{CONTROL}:gateways"  # sorted set: each live gateway's scrape a
 def bulk_queue_name(model: str) -> str:
     """A model's bulk lane: batch chunks, taken only when no interactive job waits."""
     return f"{KEY_PREFIX}:bulk:{model}"
+
+
+#: A lane's fair-share state (``conveyor.fair_share``) is under ``<lane key><FAIR_SUFFIX>``: ``clock`` (string),
+#: ``last`` and ``jobs`` (hashes), ``tenant:<key id>`` (sorted sets); in the lane's slot, as the lane's hash tag is kept
+FAIR_SUFFIX = ":fair:"
 
 
 # ---- the Redis Streams queue backend (``CONVEYOR_QUEUE_BACKEND=streams``) --------------------------------------

@@ -4,8 +4,8 @@
 -- gateway.streams_queue) are prepended, so this runs unchanged on both.
 -- KEYS: 1 live-workers zset, 2 model card, 3 the backend's lane, 4 its job key, 5 the model's wake-up channel, 6 the
 --       model's scale-to-zero marker (a model with no worker that has it waits for one: contract.scale_to_zero_key)
--- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 the backend's job data, 5 expiry ms, 6 score (enqueue ms),
---       7 job id
+-- ARGV: 1 now (unix s), 2 max depth, 3 capability needed, 4 the backend's job data, 5 expiry ms, 6 job id, 7-10 its
+--       tenant, weight, priority and deadline (conveyor.fair_share.fair_args)
 -- Returns {code, queue depth before this job}. Codes: 1 enqueued, 0 no live worker, 2 queue full, 3 capability
 -- missing, 4 duplicate job id, 11 the model's workers take jobs from another queue backend than BACKEND (this
 -- script's, set by its lane functions).
@@ -37,6 +37,6 @@ end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {4, depth}
 end
-enqueue(KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+enqueue(KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 wake(KEYS[5])
 return {1, depth}

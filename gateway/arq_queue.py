@@ -16,25 +16,30 @@ from arq.jobs import SerializationError, serialize_job
 
 from conveyor import contract, key_layout
 from conveyor.contract import JobEnvelope, QueueBackend
+from conveyor.fair_share import FAIR_LUA
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
 from gateway.redis_queue import RedisJobQueue, unencodable
 
-#: the lane is a sorted set of job ids by enqueue time, listing running jobs too (arq removes one when it finishes)
-LANE_LUA = """
+#: the lane is a sorted set of job ids by fair tag (``conveyor.fair_share``: jobs are taken in that order), listing
+#: running jobs too (arq removes one when it finishes)
+LANE_LUA = (
+    FAIR_LUA
+    + """
 local function depth_of(lane) return redis.call('ZCARD', lane) end
-local function enqueue(lane, job, data, expiry_ms, score, id)
+local function enqueue(lane, job, data, expiry_ms, id, tenant, weight, priority, deadline)
   redis.call('PSETEX', job, expiry_ms, data)
-  redis.call('ZADD', lane, score, id)
+  redis.call('ZADD', lane, fair_enter(lane, id, tenant, weight, priority, deadline), id)
 end
 local function wake(channel) publish(channel, 'job') end  -- key_layout.WAKE_JOB
 """
+)
 
 
 class ArqJobQueue(RedisJobQueue):
     BACKEND = QueueBackend.ARQ
     LANE_LUA = LANE_LUA
-    CANCEL_LUA = (Path(__file__).parent / "cancel.lua").read_text()
+    CANCEL_LUA = FAIR_LUA + (Path(__file__).parent / "cancel.lua").read_text()
 
     def lane(self, model: str, bulk: bool = False) -> str:
         return key_layout.bulk_queue_name(model) if bulk else key_layout.queue_name(model)

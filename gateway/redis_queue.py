@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from conveyor import key_layout, redis_client
 from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
+from conveyor.fair_share import fair_args
 from conveyor.outage import REDIS_DOWN
 from conveyor.pipeliner import Pipeliner
 from gateway import rate_limits
@@ -60,11 +61,14 @@ for i = 4, #ARGV, 2 do
 end
 return picked
 """
-#: KEYS: bulk lane, wake channel. ARGV: job prefix, then per chunk: job id, job data, expiry ms, score.
+#: KEYS: bulk lane, wake channel. ARGV: job prefix, then per chunk: job id, job data, expiry ms, and its tenant, weight,
+#: priority and deadline (``fair_args``).
 ENQUEUE_LUA = """
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 7 do
   local job = ARGV[1] .. ARGV[i]
-  if redis.call('EXISTS', job) == 0 then enqueue(KEYS[1], job, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i]) end
+  if redis.call('EXISTS', job) == 0 then
+    enqueue(KEYS[1], job, ARGV[i + 1], ARGV[i + 2], ARGV[i], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
+  end
 end
 wake(KEYS[2])
 return 1
@@ -102,7 +106,7 @@ def admission_script(backend: QueueBackend, lane_lua: str) -> str:
 class RedisJobQueue(ABC):
     BACKEND: ClassVar[QueueBackend]
     #: Lua functions the shared scripts call: ``depth_of(lane)`` (jobs waiting or running), ``enqueue(lane, job key,
-    #: data, expiry ms, score, id)`` and ``wake(channel)``
+    #: data, expiry ms, id, tenant, weight, priority, deadline)`` (the last four: ``fair_args``) and ``wake(channel)``
     LANE_LUA: ClassVar[str]
     #: the backend's cancel script, registered as ``self._cancel``
     CANCEL_LUA: ClassVar[str]
@@ -167,14 +171,14 @@ class RedisJobQueue(ABC):
             key_layout.wake_channel(model),
             key_layout.scale_to_zero_key(model),
         ]
-        args: list[str | int | bytes] = [
+        args: list[str | int | float | bytes] = [
             repr(now),
             self.settings.max_queue_depth,
             CAPABILITY_FOR_KIND[envelope.kind],
             job,
             max(int(envelope.seconds_left() * 1000), 1),
-            enqueued_ms,
             envelope.request_id,
+            *fair_args(envelope),
         ]
         with redis_errors():  # a failed call may have enqueued the job: its key keeps the charge
             code, depth = await self._admissions.send(
@@ -239,11 +243,11 @@ class RedisJobQueue(ABC):
             chosen = [by_index[int(index)] for index in picked]
             if not chosen:
                 return 0
-            enqueued: list[str | int | bytes] = [self.job_prefix(model)]
+            enqueued: list[str | int | float | bytes] = [self.job_prefix(model)]
             for envelope in chosen:
-                score = int(envelope.created * 1000)
                 ttl = max(int(envelope.seconds_left(now) * 1000), 1)
-                enqueued += [envelope.request_id, self.job_data(envelope, score), ttl, score]
+                job = self.job_data(envelope, int(envelope.created * 1000))
+                enqueued += [envelope.request_id, job, ttl, *fair_args(envelope)]
             await self._enqueue_chunks(
                 keys=[self.lane(model, bulk=True), key_layout.wake_channel(model)], args=enqueued
             )

@@ -56,7 +56,8 @@ class ServingService:
         tenant = None
         if key is not None:
             reserved = token_estimate.charge(kind, body, self.settings.default_output_tokens)
-            tenant = TenantRef(key_id=key.id, name=key.name, second=int(now), reserved=reserved)
+            weight = key.weight or 1.0
+            tenant = TenantRef(key_id=key.id, name=key.name, second=int(now), reserved=reserved, weight=weight)
         return JobEnvelope(
             request_id=uuid.uuid4().hex,
             reply_to=self.inbox.gateway_id,

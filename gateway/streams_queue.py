@@ -22,7 +22,7 @@ from gateway.redis_queue import RedisJobQueue, unencodable
 #: its length counts waiting and running jobs, as arq's sorted set does
 LANE_LUA = """
 local function depth_of(lane) return redis.call('XLEN', lane) end
-local function enqueue(lane, job, data, expiry_ms, score, id)
+local function enqueue(lane, job, data, expiry_ms, id, tenant, weight, priority, deadline)
   local entry = redis.call('XADD', lane, '*', 'id', id)
   redis.call('HSET', job, 'data', data, 'entry', entry, 'lane', lane, 'tries', 0)
   redis.call('PEXPIRE', job, expiry_ms)

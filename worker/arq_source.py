@@ -26,19 +26,23 @@ from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
 from conveyor import contract, key_layout, redis_client
+from conveyor.fair_share import FAIR_LUA
 from conveyor.pipeliner import Pipeliner
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
 from worker.job_source import Claim, Delivery, Fence, Renewal
 from worker.key_usage import KeyUsage
 
-#: Lease due jobs nobody holds: interactive ones first, up to a limit; then, only when no interactive job is left
-#: waiting, bulk ones (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it
-#: finishes), so the whole due range is walked, a page at a time; its size is bounded by the admission limit. A job
-#: whose data expired (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job
-#: prefix, retry prefix, now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1)
-#: for each claim, flattened.
-CLAIM_SCRIPT = """
+#: Lease due jobs nobody holds, in fair order (``conveyor.fair_share``: the job taken at a tag is its key's most
+#: urgent): interactive ones first, up to a limit; then, only when no interactive job is left waiting, bulk ones
+#: (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it finishes), so the
+#: whole due range is walked, a page at a time; its size is bounded by the admission limit. A job whose data expired
+#: (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job prefix, retry prefix,
+#: now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1) for each claim,
+#: flattened.
+CLAIM_SCRIPT = (
+    FAIR_LUA
+    + """
 local out = {}
 local function claim_from(queue, left, bulk)
   local offset = 0
@@ -48,6 +52,7 @@ local function claim_from(queue, left, bulk)
     offset = offset + #ids
     for _, id in ipairs(ids) do
       if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+        id = fair_take(queue, id)
         local job = redis.call('GET', ARGV[2] .. id)
         if job then
           redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])
@@ -75,6 +80,7 @@ if left > 0 then
 end
 return out
 """
+)
 
 #: Renew the leases of held jobs. A lease that lapsed with nobody taking it (a long Redis outage; a Redis restarted
 #: empty) is taken back. ARGV: lease prefix, abort prefix, lease ms, worker id, job ids... Returns {lost, aborted}.

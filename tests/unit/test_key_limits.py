@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from conveyor import key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
+from conveyor.fair_share import fair_args
 from conveyor.keys import KeyCreate, KeyStore, KeyUpdate
 from conveyor.redis_client import publish_lua
 from gateway.arq_queue import LANE_LUA
@@ -58,7 +59,7 @@ class Admission:
             key_layout.wake_channel(MODEL),
             key_layout.scale_to_zero_key(MODEL),
         ]
-        args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, int(now * 1000), job_id]
+        args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, job_id, *fair_args(envelope)]
         code, depth = await self.script(keys=keys, args=args)
         if code != 1:
             await self.limits.refund(tenant, windows, job_id)

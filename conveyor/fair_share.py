@@ -1,0 +1,92 @@
+"""Weighted fair order within a model's lane, across API keys (tenants), and priority then deadline within a key.
+
+Start-time fair queueing: a job entering a lane gets a tag, ``max(clock, its tenant's last tag) + 1 / weight``, and
+jobs are taken in tag order; the lane's clock is the tag of the last job taken. A key that floods the lane spends its
+tags far ahead of the clock, so a key arriving later starts at the clock and its jobs interleave one for one (weight
+2: two for one). Within a key, the job taken at a tag is the key's most urgent waiting one: the lowest ``priority``
+(vLLM's meaning: lower runs earlier), then the earliest deadline; it swaps tags with the job the tag was given to.
+
+It all runs inside the scripts that enqueue and take (Lua prepended to them: ``FAIR_LUA``), on the lane's slot, so the
+order is exact however many gateways and workers there are. Per lane (``key_layout.fair_prefix``): the clock, each
+waiting tenant's last tag (a hash), each waiting job's tenant (a hash), and per tenant a sorted set of its waiting
+jobs by priority whose members start with the deadline (equal scores sort by member). A tenant's entries leave when
+its last waiting job does, so the state is bounded by the jobs waiting.
+
+A job taken once leaves the fair state: if its worker is lost, its tag, already behind the clock, puts it first.
+"""
+
+from __future__ import annotations
+
+from conveyor import key_layout
+from conveyor.contract import JobEnvelope
+
+#: the tenant of requests without a managed API key (static keys, or none): one tenant together
+SHARED_TENANT = "-"
+
+#: Lua the enqueue and take scripts start with. ``ready`` is the sorted set of waiting jobs by tag (arq's lane itself).
+FAIR_LUA = f"""
+local function fair_key(ready, part) return ready .. '{key_layout.FAIR_SUFFIX}' .. part end
+local function fair_split(info)
+  local at = string.find(info, ' ', 1, true)
+  return string.sub(info, 1, at - 1), string.sub(info, at + 1)
+end
+-- a job enters: returns its tag. tenant: no spaces; deadline: 13 digits of ms, so members sort by it
+local function fair_enter(ready, id, tenant, weight, priority, deadline)
+  local clock = tonumber(redis.call('GET', fair_key(ready, 'clock')) or '0')
+  local last = tonumber(redis.call('HGET', fair_key(ready, 'last'), tenant) or '0')
+  local tag = math.max(clock, last) + 1 / tonumber(weight)
+  redis.call('HSET', fair_key(ready, 'last'), tenant, tag)
+  local member = deadline .. ':' .. id
+  redis.call('ZADD', fair_key(ready, 'tenant:' .. tenant), priority, member)
+  redis.call('HSET', fair_key(ready, 'jobs'), id, tenant .. ' ' .. member)
+  return tag
+end
+-- a job leaves the waiting jobs (taken, cancelled, expired); a tenant with none left is forgotten
+local function fair_leave(ready, id)
+  local info = redis.call('HGET', fair_key(ready, 'jobs'), id)
+  if not info then return end
+  local tenant, member = fair_split(info)
+  local waiting = fair_key(ready, 'tenant:' .. tenant)
+  redis.call('HDEL', fair_key(ready, 'jobs'), id)
+  redis.call('ZREM', waiting, member)
+  if redis.call('EXISTS', waiting) == 0 then redis.call('HDEL', fair_key(ready, 'last'), tenant) end
+end
+-- the job to take at the lowest waiting tag, held by job id: its tenant's most urgent waiting job, which swaps tags
+-- with it. It leaves the waiting jobs and the clock moves to the tag.
+local function fair_take(ready, id)
+  local tag = redis.call('ZSCORE', ready, id)
+  local info = redis.call('HGET', fair_key(ready, 'jobs'), id)
+  local chosen = id
+  if info then
+    local tenant = fair_split(info)
+    local first = redis.call('ZRANGE', fair_key(ready, 'tenant:' .. tenant), 0, 0)[1]
+    local best = first and string.sub(first, string.find(first, ':', 1, true) + 1)
+    if best and best ~= id then
+      local best_tag = redis.call('ZSCORE', ready, best)
+      if best_tag then
+        redis.call('ZADD', ready, tag, best)
+        redis.call('ZADD', ready, best_tag, id)
+        chosen = best
+      else
+        fair_leave(ready, best)
+      end
+    end
+    fair_leave(ready, chosen)
+  end
+  local clock = fair_key(ready, 'clock')
+  if tag and tonumber(tag) > tonumber(redis.call('GET', clock) or '0') then redis.call('SET', clock, tag) end
+  return chosen
+end
+"""
+
+
+def fair_args(envelope: JobEnvelope) -> list[str | int | float]:
+    """A job's tenant, weight, priority and deadline, as ``fair_enter`` takes them."""
+    tenant = envelope.tenant
+    priority = envelope.body.get("priority", 0) if envelope.chunk is None else 0
+    return [
+        tenant.key_id if tenant else SHARED_TENANT,
+        tenant.weight if tenant else 1.0,
+        priority,
+        f"{int(envelope.deadline * 1000):013d}",
+    ]

@@ -1,0 +1,158 @@
+"""Fair order within a lane (``conveyor.fair_share``), through the real scripts: a gateway's submit and a worker's
+claim. Each test runs on every backend whose lanes are fair."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from arq.constants import in_progress_key_prefix
+from redis.asyncio import Redis
+
+from conveyor import key_layout, registry
+from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
+from conveyor.keys import KeyCreate, KeyStore
+from gateway.directory import ModelDirectory
+from gateway.queue_backends import BACKENDS
+from gateway.redis_queue import RedisJobQueue
+from gateway.settings import GatewaySettings
+from worker.job_source import JobSource
+from worker.queue_backends import open_source
+
+MODEL = "m"
+FAIR_BACKENDS = [QueueBackend.ARQ]
+
+
+@pytest.fixture(params=FAIR_BACKENDS)
+async def queue(request: pytest.FixtureRequest, redis: Redis) -> RedisJobQueue:
+    backend: QueueBackend = request.param
+    settings = GatewaySettings(models=[MODEL], max_queue_depth=1000)
+    info = registry.WorkerInfo(
+        worker_id="w",
+        model=MODEL,
+        capabilities=["generate"],
+        max_jobs=8,
+        host="h",
+        pid=1,
+        started=time.time(),
+        queue_backend=backend,
+    )
+    await registry.heartbeat(redis, info, ttl=60)
+    return BACKENDS[backend](redis, settings, ModelDirectory(redis, settings))
+
+
+@pytest.fixture
+def worker(queue: RedisJobQueue) -> JobSource:
+    return open_source(queue.BACKEND, queue.redis, MODEL, "w1", 5.0)
+
+
+async def tenant(redis: Redis, name: str, weight: float | None = None) -> TenantRef:
+    key = await KeyStore(redis).create(KeyCreate(name=name, weight=weight))
+    return TenantRef(key_id=key.id, name=name, second=int(time.time()), weight=key.weight or 1.0)
+
+
+def job(
+    request_id: str, owner: TenantRef | None, priority: int | None = None, deadline_in: float = 60.0
+) -> JobEnvelope:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    return JobEnvelope(
+        request_id=request_id,
+        reply_to="gw",
+        model=MODEL,
+        kind=JobKind.CHAT,
+        body=body | ({"priority": priority} if priority is not None else {}),
+        deadline=time.time() + deadline_in,
+        tenant=owner,
+    )
+
+
+async def taken(worker: JobSource, count: int) -> list[str]:
+    """The next ``count`` jobs, claimed one at a time (a worker with one free slot each time)."""
+    order = []
+    for _ in range(count):
+        claims = await worker.claim(1)
+        order += [c.job_id for c in claims]
+    return order
+
+
+async def fair_keys(redis: Redis, lane: str) -> set[str]:
+    return {k.decode() async for k in redis.scan_iter(match=lane + key_layout.FAIR_SUFFIX + "*")}
+
+
+async def test_a_key_arriving_behind_a_flood_is_served_one_for_one_with_it(
+    redis: Redis, queue: RedisJobQueue, worker: JobSource
+) -> None:
+    a, b = await tenant(redis, "a"), await tenant(redis, "b")
+    for i in range(20):
+        await queue.submit(job(f"a{i:02}", a))
+    assert await taken(worker, 5) == [f"a{i:02}" for i in range(5)]
+    for i in range(3):
+        await queue.submit(job(f"b{i}", b))
+    following = await taken(worker, 6)
+    # first come, first served would give a05..a10; fair order gives b's three within the next six, one for one
+    assert sorted(following) == ["a05", "a06", "a07", "b0", "b1", "b2"]
+    assert [j[0] for j in following[::2]] != [j[0] for j in following[1::2]]  # pairs, never two of b's in a row
+    assert await taken(worker, 20) == [f"a{i:02}" for i in range(8, 20)]  # a keeps everything b leaves
+
+
+async def test_weights_share_the_lane_in_proportion(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
+    heavy, light = await tenant(redis, "heavy", weight=2), await tenant(redis, "light")
+    for i in range(12):
+        await queue.submit(job(f"h{i:02}", heavy))
+        await queue.submit(job(f"l{i:02}", light))
+    first = await taken(worker, 9)
+    assert sum(j.startswith("h") for j in first) == 6 and sum(j.startswith("l") for j in first) == 3
+
+
+async def test_requests_without_a_managed_key_are_one_tenant(
+    redis: Redis, queue: RedisJobQueue, worker: JobSource
+) -> None:
+    keyed = await tenant(redis, "keyed")
+    for i in range(4):
+        await queue.submit(job(f"x{i}", None))
+    await queue.submit(job("k0", keyed))
+    assert "k0" in await taken(worker, 2)
+
+
+async def test_within_a_key_lower_priority_goes_first_then_the_earlier_deadline(
+    redis: Redis, queue: RedisJobQueue, worker: JobSource
+) -> None:
+    a = await tenant(redis, "a")
+    await queue.submit(job("default-late", a, deadline_in=60))
+    await queue.submit(job("default-early", a, deadline_in=30))
+    await queue.submit(job("urgent", a, priority=-5))
+    await queue.submit(job("background", a, priority=5, deadline_in=5))
+    assert await taken(worker, 4) == ["urgent", "default-early", "default-late", "background"]
+
+
+async def test_a_priority_orders_only_its_own_keys_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
+    a, b = await tenant(redis, "a"), await tenant(redis, "b")
+    for i in range(3):
+        await queue.submit(job(f"a{i}", a))
+    for i in range(3):
+        await queue.submit(job(f"b{i}", b, priority=-100))
+    order = await taken(worker, 6)
+    assert sorted(order[:2]) == ["a0", "b0"] and sorted(order[2:4]) == ["a1", "b1"]
+
+
+async def test_a_lost_workers_job_goes_before_new_work(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
+    a = await tenant(redis, "a")
+    for i in range(3):
+        await queue.submit(job(f"a{i}", a))
+    assert await taken(worker, 1) == ["a0"]
+    await redis.delete(in_progress_key_prefix + "a0")  # its lease lapsed: the worker is gone
+    assert await taken(open_source(queue.BACKEND, redis, MODEL, "w2", 5.0), 2) == ["a0", "a1"]
+
+
+async def test_the_fair_state_holds_only_waiting_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
+    a, b = await tenant(redis, "a"), await tenant(redis, "b")
+    lane = queue.lane(MODEL)
+    await queue.submit(job("taken", a))
+    await queue.submit(job("cancelled", b))
+    await queue.submit(job("expired", b, priority=-1))
+    assert len(await fair_keys(redis, lane)) == 4  # last tags, job tenants, a's and b's waiting jobs (no clock yet)
+    await queue.cancel(job("cancelled", b))
+    await redis.delete(queue.job_prefix(MODEL) + "expired")  # its deadline passed
+    assert await taken(worker, 3) == ["taken"]
+    assert await fair_keys(redis, lane) == {lane + key_layout.FAIR_SUFFIX + "clock"}
+    assert (await registry.model_status(redis, MODEL)).queue_depth == 1  # the running one
