@@ -131,6 +131,15 @@ def stream_lane_key(model: str, bulk: bool = False) -> str:
     return f"{model_prefix(model)}:{'bulk' if bulk else 'queue'}"
 
 
+#: a stream lane's waiting jobs by fair tag (``conveyor.fair_share``) are a sorted set under ``<lane><this>``: a lane's
+#: entries are tokens a job waits with, and the one read goes to the fairest waiting job
+STREAM_READY_SUFFIX = ":ready"
+
+
+def stream_ready_key(lane: str) -> str:
+    return lane + STREAM_READY_SUFFIX
+
+
 def stream_job_prefix(model: str) -> str:
     """Prefix of a job's record: a hash (``data``: the envelope; ``lane`` and ``entry``: where it waits; ``tries``)
     that expires at the job's deadline."""

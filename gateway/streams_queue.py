@@ -14,26 +14,37 @@ import contextlib
 
 from conveyor import contract, key_layout
 from conveyor.contract import JobEnvelope, QueueBackend
+from conveyor.fair_share import FAIR_LUA
 from conveyor.outage import REDIS_DOWN
 from gateway.queue import JobState, redis_errors
 from gateway.redis_queue import RedisJobQueue, unencodable
 
 #: the lane is a stream of entries naming a job (``id``); an entry stays until its job is finished or cancelled, so
-#: its length counts waiting and running jobs, as arq's sorted set does
-LANE_LUA = """
+#: its length counts waiting and running jobs, as arq's sorted set does. Waiting jobs are also in the lane's ready set
+#: by fair tag (``conveyor.fair_share``): an entry read is a token that goes to the fairest of them
+#: (``worker.streams_source``).
+LANE_LUA = (
+    FAIR_LUA
+    + f"""
 local function depth_of(lane) return redis.call('XLEN', lane) end
 local function enqueue(lane, job, data, expiry_ms, id, tenant, weight, priority, deadline)
   local entry = redis.call('XADD', lane, '*', 'id', id)
   redis.call('HSET', job, 'data', data, 'entry', entry, 'lane', lane, 'tries', 0)
   redis.call('PEXPIRE', job, expiry_ms)
+  local ready = lane .. '{key_layout.STREAM_READY_SUFFIX}'
+  redis.call('ZADD', ready, fair_enter(ready, id, tenant, weight, priority, deadline), id)
 end
 local function wake(channel) end
 """
-#: Cancel one job. Not running (no lease): remove its entry and record, so no worker ever starts it. Running: leave a
-#: marker that expires with the job and wake the model's workers naming it, so the one holding it stops it now.
-#: KEYS: 1 lane, 2 record, 3 lease, 4 abort marker, 5 the model's wake-up channel. ARGV: 1 job id, 2 marker expiry ms,
-#: 3 group. Returns 0 removed (or gone), 1 running: asked to stop.
-CANCEL_LUA = """
+)
+#: Cancel one job. Not running (no lease): remove its entry, record and place in the ready set, so no worker ever
+#: starts it. Running: leave a marker that expires with the job and wake the model's workers naming it, so the one
+#: holding it stops it now. KEYS: 1 lane, 2 record, 3 lease, 4 abort marker, 5 the model's wake-up channel, 6 the
+#: lane's ready set. ARGV: 1 job id, 2 marker expiry ms, 3 group. Returns 0 removed (or gone), 1 running: asked to
+#: stop.
+CANCEL_LUA = (
+    FAIR_LUA
+    + """
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local entry = redis.call('HGET', KEYS[2], 'entry')
   if entry then
@@ -41,12 +52,15 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('XDEL', KEYS[1], entry)
   end
   redis.call('DEL', KEYS[2])
+  fair_leave(KEYS[6], ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
   return 0
 end
 redis.call('PSETEX', KEYS[4], ARGV[2], '1')
 publish(KEYS[5], 'abort:' .. ARGV[1])  -- key_layout.WAKE_ABORT
 return 1
 """
+)
 
 
 class StreamsJobQueue(RedisJobQueue):
@@ -74,6 +88,7 @@ class StreamsJobQueue(RedisJobQueue):
             key_layout.stream_lease_prefix(model) + job_id,
             key_layout.abort_key(model, job_id),
             key_layout.wake_channel(model),
+            key_layout.stream_ready_key(self.lane_of(envelope)),
         ]
         marker_ms = max(int(envelope.seconds_left() * 1000), 1000)
         with contextlib.suppress(*REDIS_DOWN):  # the record expires at the job's deadline; nobody waits for it then

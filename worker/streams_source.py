@@ -14,6 +14,10 @@ one consumer group (``key_layout.STREAM_GROUP``). The only worker module that kn
   marks the entry idle for ever, adds a nudge (an entry naming no job) and publishes a wake-up: the worker the nudge
   reaches (a blocked reader at once) and every worker the wake-up reaches sweep now, and one of them runs the job
   before new work.
+- The order is fair (``conveyor.fair_share``): waiting jobs are also in their lane's ready set by fair tag, and an
+  entry read goes to the fairest of them, which swaps entries with the job the entry named (that one gets a new
+  entry at the lane's end). So a lane's length stays the count of its waiting and running jobs, and a job taken
+  keeps one entry, which a sweep finds if its worker dies.
 - A finish acknowledges and deletes the entry (so a lane's length counts waiting and running jobs), then delivers and
   accounts as ``worker.finish_tail`` does on both backends.
 
@@ -30,6 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from conveyor import contract, key_layout
+from conveyor.fair_share import FAIR_LUA
 from conveyor.pipeliner import Pipeliner
 from conveyor.redis_client import is_cluster, publish_lua
 from worker import wakeups
@@ -47,14 +52,18 @@ CONSUMER_IDLE_SECONDS = 600.0
 
 #: Take up entries for this worker: when sweeping, entries idle longer than a lease (XAUTOCLAIM, from each lane's
 #: cursor); lane entries a blocking read brought (named with their job id); and, when reading, new entries (XREADGROUP
-#: without blocking: interactive ones, then bulk ones only if no interactive one is left). An entry whose record is
-#: gone (deadline, cancel) or names another entry (handed back or put back) is dropped; one whose lease another worker
+#: without blocking: interactive ones, then bulk ones only if no interactive one is left). The entry of a waiting job
+#: goes to the lane's fairest waiting job (``fairest``). An entry whose record is gone (deadline, cancel) or names
+#: another entry (handed back, put back, or swapped) is dropped; one whose lease another worker
 #: holds is left to it; one beyond this claim's room goes back to its lane's end; a nudge (no job id: a hand-back's) is
 #: dropped and reported. KEYS: lane, bulk lane. ARGV: 1 group, 2 worker id, 3 record prefix, 4 lease prefix, 5 lease ms,
 #: 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep), 9 and 10 the lanes' sweep cursors, 11 read new entries
 #: (1/0), then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, 1 if a nudge was read (else 0),
 #: then id, data, tries, bulk (0/1) per job taken up}.
-TAKE_SCRIPT = """
+TAKE_SCRIPT = (
+    FAIR_LUA
+    + f"local READY = '{key_layout.STREAM_READY_SUFFIX}'\n"
+    + """
 local group, me = ARGV[1], ARGV[2]
 local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
 local out = {ARGV[9], ARGV[10], 0}
@@ -62,11 +71,40 @@ local function drop(lane, entry)
   redis.call('XACK', lane, group, entry)
   redis.call('XDEL', lane, entry)
 end
+-- a waiting job's entry, read, goes to the lane's fairest waiting job (conveyor.fair_share), which swaps entries with
+-- it: the job it named gets a new one at the lane's end. Returns that job; nil when no waiting job is left.
+local function fairest(lane, entry, id)
+  local ready = lane .. READY
+  while true do
+    local lowest = redis.call('ZRANGE', ready, 0, 0)[1]
+    if not lowest then return nil end
+    local chosen = fair_take(ready, lowest)
+    redis.call('ZREM', ready, chosen)
+    local theirs = redis.call('HGET', ARGV[3] .. chosen, 'entry')
+    if theirs then  -- else its deadline passed: its own entry is dropped when read
+      if chosen ~= id then
+        drop(lane, theirs)
+        if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+          redis.call('HSET', ARGV[3] .. id, 'entry', redis.call('XADD', lane, '*', 'id', id))
+        else
+          fair_leave(ready, id)
+          redis.call('ZREM', ready, id)
+        end
+        redis.call('HSET', ARGV[3] .. chosen, 'entry', entry)
+      end
+      return chosen
+    end
+  end
+end
 local function take(l, entry, id)
   local lane = KEYS[l]
   if id == '' then
     out[3] = 1
     return drop(lane, entry)
+  end
+  if room > 0 and (l == 1 or bulk_room > 0) and redis.call('ZSCORE', lane .. READY, id) then
+    id = fairest(lane, entry, id)
+    if not id then return drop(lane, entry) end
   end
   local record = ARGV[3] .. id
   local job = redis.call('HMGET', record, 'data', 'entry')
@@ -113,6 +151,7 @@ if ARGV[11] == '1' then
 end
 return out
 """
+)
 
 #: Renew held leases and reset their entries' idle time; a lease that lapsed with nobody taking it is taken back.
 #: KEYS: lane, bulk lane. ARGV: group, worker id, record prefix, lease prefix, abort prefix, lease ms, job ids...

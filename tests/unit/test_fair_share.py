@@ -1,12 +1,11 @@
 """Fair order within a lane (``conveyor.fair_share``), through the real scripts: a gateway's submit and a worker's
-claim. Each test runs on every backend whose lanes are fair."""
+claim. Each test runs on arq's layout and on Redis Streams."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
-from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from conveyor import key_layout, registry
@@ -16,14 +15,14 @@ from gateway.directory import ModelDirectory
 from gateway.queue_backends import BACKENDS
 from gateway.redis_queue import RedisJobQueue
 from gateway.settings import GatewaySettings
+from tests.unit.test_queue_backends import Layout
 from worker.job_source import JobSource
 from worker.queue_backends import open_source
 
 MODEL = "m"
-FAIR_BACKENDS = [QueueBackend.ARQ]
 
 
-@pytest.fixture(params=FAIR_BACKENDS)
+@pytest.fixture(params=list(QueueBackend))
 async def queue(request: pytest.FixtureRequest, redis: Redis) -> RedisJobQueue:
     backend: QueueBackend = request.param
     settings = GatewaySettings(models=[MODEL], max_queue_depth=1000)
@@ -75,8 +74,14 @@ async def taken(worker: JobSource, count: int) -> list[str]:
     return order
 
 
-async def fair_keys(redis: Redis, lane: str) -> set[str]:
-    return {k.decode() async for k in redis.scan_iter(match=lane + key_layout.FAIR_SUFFIX + "*")}
+def ready_set(queue: RedisJobQueue) -> str:
+    """The sorted set of a lane's waiting jobs by tag: arq's lane itself; a stream's ready set."""
+    lane = queue.lane(MODEL)
+    return lane if queue.BACKEND is QueueBackend.ARQ else key_layout.stream_ready_key(lane)
+
+
+async def fair_keys(redis: Redis, ready: str) -> set[str]:
+    return {k.decode() async for k in redis.scan_iter(match=ready + key_layout.FAIR_SUFFIX + "*")}
 
 
 async def test_a_key_arriving_behind_a_flood_is_served_one_for_one_with_it(
@@ -140,19 +145,20 @@ async def test_a_lost_workers_job_goes_before_new_work(redis: Redis, queue: Redi
     for i in range(3):
         await queue.submit(job(f"a{i}", a))
     assert await taken(worker, 1) == ["a0"]
-    await redis.delete(in_progress_key_prefix + "a0")  # its lease lapsed: the worker is gone
+    await Layout(queue.BACKEND, redis).lapse("a0", "w1")  # the worker is gone
     assert await taken(open_source(queue.BACKEND, redis, MODEL, "w2", 5.0), 2) == ["a0", "a1"]
 
 
 async def test_the_fair_state_holds_only_waiting_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
     a, b = await tenant(redis, "a"), await tenant(redis, "b")
-    lane = queue.lane(MODEL)
+    ready = ready_set(queue)
     await queue.submit(job("taken", a))
     await queue.submit(job("cancelled", b))
     await queue.submit(job("expired", b, priority=-1))
-    assert len(await fair_keys(redis, lane)) == 4  # last tags, job tenants, a's and b's waiting jobs (no clock yet)
+    assert len(await fair_keys(redis, ready)) == 4  # last tags, job tenants, a's and b's waiting jobs (no clock yet)
     await queue.cancel(job("cancelled", b))
     await redis.delete(queue.job_prefix(MODEL) + "expired")  # its deadline passed
     assert await taken(worker, 3) == ["taken"]
-    assert await fair_keys(redis, lane) == {lane + key_layout.FAIR_SUFFIX + "clock"}
+    assert await fair_keys(redis, ready) == {ready + key_layout.FAIR_SUFFIX + "clock"}
     assert (await registry.model_status(redis, MODEL)).queue_depth == 1  # the running one
+    assert await redis.zcard(ready) == (1 if queue.BACKEND is QueueBackend.ARQ else 0)  # arq's lane lists it too
