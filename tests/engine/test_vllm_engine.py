@@ -101,6 +101,15 @@ class TestGenerate:
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["usage"]["completion_tokens"] > 0
 
+    async def test_a_requests_priority_is_dropped_for_an_engine_without_priority_scheduling(
+        self, engine: VLLMEngine
+    ) -> None:
+        # it ordered the request's place in Conveyor's queue; vLLM itself refuses a non-zero one under fcfs
+        assert not engine.schedules_by_priority()
+        request = {"model": CHAT_MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 5, "priority": 7}
+        body = await _run(engine, JobKind.CHAT, request, "prioritised")
+        assert body["usage"]["completion_tokens"] > 0
+
     @pytest.mark.parametrize("kind", [JobKind.CHAT, JobKind.COMPLETION])
     async def test_streamed_deltas_join_to_the_full_text(self, engine: VLLMEngine, kind: JobKind) -> None:
         body: dict[str, Any] = {"model": CHAT_MODEL, "temperature": 0, "max_tokens": 24}

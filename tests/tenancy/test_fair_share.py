@@ -125,3 +125,11 @@ def test_priority_is_taken_as_vllm_takes_it(fair_fleet: Fleet) -> None:
         with pytest.raises(openai.BadRequestError) as refused:
             sdk.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"priority": bad})  # type: ignore[arg-type]
         assert refused.value.param == "priority"
+
+
+def test_a_keys_weight_is_set_and_removed_with_the_cli(fair_fleet: Fleet) -> None:
+    name = f"weighted-{uuid.uuid4().hex[:8]}"
+    assert fair_fleet.cli_json("create", "--name", name, "--weight", "2.5")["weight"] == 2.5
+    assert fair_fleet.cli_json("update", name, "--weight", "none")["weight"] is None  # the default, 1
+    refused = fair_fleet.cli("update", name, "--weight", "0")
+    assert refused.returncode != 0 and "above 0" in refused.stderr

@@ -272,6 +272,9 @@ def test_the_admin_api_creates_updates_and_refuses_clearly(fleet: Fleet) -> None
         assert taken.status_code == 409 and taken.json()["error"]["code"] == "key_name_taken"
         bad = admin.post("/admin/keys", json={"name": "admin-made-2", "rpm": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+        weightless = admin.post("/admin/keys", json={"name": "admin-made-2", "weight": 0})
+        assert weightless.status_code == 400 and weightless.json()["error"]["param"] == "weight"
+        assert admin.patch(f"/admin/keys/{key['id']}", json={"weight": 3}).json()["weight"] == 3
         changed = admin.patch(f"/admin/keys/{key['id']}", json={"rpm": None, "tpm": 70})
         assert (changed.json()["rpm"], changed.json()["tpm"]) == (None, 70)
         assert admin.get("/admin/keys/key_missing").status_code == 404

@@ -95,6 +95,8 @@ async def test_a_key_update_sets_and_removes_limits_in_one_step(redis: Redis) ->
     updated = await keys.update(created.id, KeyUpdate(rpm=20, max_queued=3, tpm=None, models=None))
     assert (updated.rpm, updated.max_queued, updated.tpm, updated.models) == (20, 3, None, None)
     assert (await keys.update(created.id, KeyUpdate())).rpm == 20  # nothing given: nothing changes
+    assert (await keys.update(created.id, KeyUpdate(weight=2.5))).weight == 2.5
+    assert (await keys.update(created.id, KeyUpdate(weight=None))).weight is None  # back to the default, 1
 
 
 async def test_a_file_is_saved_and_forgotten_with_its_index_entry(redis: Redis) -> None:
