@@ -22,6 +22,9 @@ from conveyor.contract import JobEnvelope
 
 #: the tenant of requests without a managed API key (static keys, or none): one tenant together
 SHARED_TENANT = "-"
+#: Tags start at 0 and grow by about one per job; an arq lane score above this is an enqueue time in ms, given by a
+#: gateway of a version before fair order (``worker.arq_source`` takes those first)
+UNFAIR_SCORES = 10**11
 
 #: Lua the enqueue and take scripts start with. ``ready`` is the sorted set of waiting jobs by tag (arq's lane itself).
 FAIR_LUA = f"""

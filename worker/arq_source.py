@@ -26,7 +26,7 @@ from arq.jobs import deserialize_job_raw
 from redis.asyncio import Redis
 
 from conveyor import contract, key_layout, redis_client
-from conveyor.fair_share import FAIR_LUA
+from conveyor.fair_share import FAIR_LUA, UNFAIR_SCORES
 from conveyor.pipeliner import Pipeliner
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
@@ -36,18 +36,20 @@ from worker.key_usage import KeyUsage
 #: Lease due jobs nobody holds, in fair order (``conveyor.fair_share``: the job taken at a tag is its key's most
 #: urgent): interactive ones first, up to a limit; then, only when no interactive job is left waiting, bulk ones
 #: (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it finishes), so the
-#: whole due range is walked, a page at a time; its size is bounded by the admission limit. A job whose data expired
-#: (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job prefix, retry prefix,
-#: now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1) for each claim,
-#: flattened.
+#: whole due range is walked, a page at a time; its size is bounded by the admission limit. Jobs a gateway of a version
+#: before fair order queued (scored by enqueue time) go first, so a rolling upgrade leaves none behind. A job whose
+#: data expired (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job prefix,
+#: retry prefix, now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1) for each
+#: claim, flattened.
 CLAIM_SCRIPT = (
     FAIR_LUA
+    + f"local UNFAIR_SCORES = '{UNFAIR_SCORES}'\n"
     + """
 local out = {}
-local function claim_from(queue, left, bulk)
+local function walk(queue, left, bulk, low, high)
   local offset = 0
   while left > 0 do
-    local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', ARGV[4], 'LIMIT', offset, 256)
+    local ids = redis.call('ZRANGEBYSCORE', queue, low, high, 'LIMIT', offset, 256)
     if #ids == 0 then break end
     offset = offset + #ids
     for _, id in ipairs(ids) do
@@ -73,6 +75,9 @@ local function claim_from(queue, left, bulk)
     end
   end
   return left
+end
+local function claim_from(queue, left, bulk)  -- what a gateway before fair order queued (by enqueue ms) goes first
+  return walk(queue, walk(queue, left, bulk, '(' .. UNFAIR_SCORES, ARGV[4]), bulk, '-inf', UNFAIR_SCORES)
 end
 local left = claim_from(KEYS[1], tonumber(ARGV[6]), 0)
 if left > 0 then

@@ -162,3 +162,26 @@ async def test_the_fair_state_holds_only_waiting_jobs(redis: Redis, queue: Redis
     assert await fair_keys(redis, ready) == {ready + key_layout.FAIR_SUFFIX + "clock"}
     assert (await registry.model_status(redis, MODEL)).queue_depth == 1  # the running one
     assert await redis.zcard(ready) == (1 if queue.BACKEND is QueueBackend.ARQ else 0)  # arq's lane lists it too
+
+
+async def test_a_job_queued_by_a_gateway_before_fair_order_is_not_left_behind(
+    redis: Redis, queue: RedisJobQueue, worker: JobSource
+) -> None:
+    """A rolling upgrade: an older gateway put a job on the lane as it did then (arq: scored by its enqueue time in
+    ms; streams: an entry and a record, nothing in the ready set); new gateways keep the lane busy."""
+    a = await tenant(redis, "a")
+    for i in range(3):
+        await queue.submit(job(f"new{i}", a))
+    old = job("old", None)
+    lane, record = queue.lane(MODEL), queue.job_prefix(MODEL) + "old"
+    data = queue.job_data(old, int(old.created * 1000))
+    if queue.BACKEND is QueueBackend.ARQ:
+        await redis.set(record, data, px=60_000)
+        await redis.zadd(lane, {"old": int(old.created * 1000)})
+    else:
+        entry = await redis.xadd(lane, {"id": "old"})
+        await redis.hset(record, mapping={"data": data, "entry": entry, "lane": lane, "tries": 0})
+    if queue.BACKEND is QueueBackend.ARQ:  # scored far behind every tag, it would wait for an empty lane: it goes first
+        assert await taken(worker, 1) == ["old"]
+    else:  # taken when its entry is read, in the stream's order
+        assert await taken(worker, 4) == ["new0", "new1", "new2", "old"]
