@@ -107,6 +107,7 @@ class TestGenerate:
         # it ordered the request's place in Conveyor's queue; vLLM itself refuses a non-zero one under fcfs
         assert not engine.schedules_by_priority()
         request = {"model": CHAT_MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 5, "priority": 7}
+        assert engine._request(JobKind.CHAT, request, "prioritised", stream=True).priority == 0
         body = await _run(engine, JobKind.CHAT, request, "prioritised")
         assert body["usage"]["completion_tokens"] > 0
 
@@ -436,5 +437,6 @@ class TestPriorityScheduling:
     async def test_batch_lines_may_carry_a_lower_priority(self, engine: VLLMEngine) -> None:
         assert engine.schedules_by_priority()
         body = {"model": EMBED_MODEL, "input": ["a batch line", "another"], "priority": 10}
+        assert engine._request(JobKind.EMBEDDING, body, "low-priority", stream=False).priority == 10  # passed on
         answer = await _run(engine, JobKind.EMBEDDING, body, "low-priority")
         assert len(answer["data"]) == 2
