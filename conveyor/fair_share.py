@@ -7,7 +7,7 @@ tags far ahead of the clock, so a key arriving later starts at the clock and its
 (vLLM's meaning: lower runs earlier), then the earliest deadline; it swaps tags with the job the tag was given to.
 
 It all runs inside the scripts that enqueue and take (Lua prepended to them: ``FAIR_LUA``), on the lane's slot, so the
-order is exact however many gateways and workers there are. Per lane (``key_layout.fair_prefix``): the clock, each
+order is exact however many gateways and workers there are. Per lane (``key_layout.FAIR_SUFFIX``): the clock, each
 waiting tenant's last tag (a hash), each waiting job's tenant (a hash), and per tenant a sorted set of its waiting
 jobs by priority whose members start with the deadline (equal scores sort by member). A tenant's entries leave when
 its last waiting job does, so the state is bounded by the jobs waiting.
@@ -44,9 +44,10 @@ local function fair_enter(ready, id, tenant, weight, priority, deadline)
   redis.call('HSET', fair_key(ready, 'jobs'), id, tenant .. ' ' .. member)
   return tag
 end
--- a job leaves the waiting jobs (taken, cancelled, expired); a tenant with none left is forgotten
-local function fair_leave(ready, id)
-  local info = redis.call('HGET', fair_key(ready, 'jobs'), id)
+-- a job leaves the waiting jobs (taken, cancelled, expired); a tenant with none left is forgotten. info: the job's
+-- entry in the jobs hash, when the caller has read it
+local function fair_leave(ready, id, info)
+  info = info or redis.call('HGET', fair_key(ready, 'jobs'), id)
   if not info then return end
   local tenant, member = fair_split(info)
   local waiting = fair_key(ready, 'tenant:' .. tenant)
@@ -55,30 +56,28 @@ local function fair_leave(ready, id)
   if redis.call('EXISTS', waiting) == 0 then redis.call('HDEL', fair_key(ready, 'last'), tenant) end
 end
 -- the job to take at the lowest waiting tag, held by job id: its tenant's most urgent waiting job, which swaps tags
--- with it. It leaves the waiting jobs and the clock moves to the tag.
+-- with it. It leaves the waiting jobs and the clock moves to the tag (waiting jobs are taken in tag order, so the
+-- clock only moves on). A job without fair state (taken before: its worker was lost) is taken as it is.
 local function fair_take(ready, id)
-  local tag = redis.call('ZSCORE', ready, id)
   local info = redis.call('HGET', fair_key(ready, 'jobs'), id)
-  local chosen = id
-  if info then
-    local tenant = fair_split(info)
-    local first = redis.call('ZRANGE', fair_key(ready, 'tenant:' .. tenant), 0, 0)[1]
-    local best = first and string.sub(first, string.find(first, ':', 1, true) + 1)
-    if best and best ~= id then
-      local best_tag = redis.call('ZSCORE', ready, best)
-      if best_tag then
-        redis.call('ZADD', ready, tag, best)
-        redis.call('ZADD', ready, best_tag, id)
-        chosen = best
-      else
-        fair_leave(ready, best)
-      end
+  if not info then return id end
+  local tag = redis.call('ZSCORE', ready, id)
+  local tenant, member = fair_split(info)
+  local first = redis.call('ZRANGE', fair_key(ready, 'tenant:' .. tenant), 0, 0)[1]
+  if first and first ~= member then
+    local best = string.sub(first, string.find(first, ':', 1, true) + 1)
+    local best_tag = redis.call('ZSCORE', ready, best)
+    if best_tag then
+      redis.call('ZADD', ready, tag, best)
+      redis.call('ZADD', ready, best_tag, id)
+      id, info = best, nil
+    else
+      fair_leave(ready, best)
     end
-    fair_leave(ready, chosen)
   end
-  local clock = fair_key(ready, 'clock')
-  if tag and tonumber(tag) > tonumber(redis.call('GET', clock) or '0') then redis.call('SET', clock, tag) end
-  return chosen
+  fair_leave(ready, id, info)
+  redis.call('SET', fair_key(ready, 'clock'), tag)
+  return id
 end
 """
 
