@@ -11,33 +11,15 @@ from redis.asyncio import Redis
 from conveyor import key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.keys import KeyCreate, KeyStore
-from gateway.directory import ModelDirectory
-from gateway.queue_backends import BACKENDS
 from gateway.redis_queue import RedisJobQueue
-from gateway.settings import GatewaySettings
-from tests.unit.test_queue_backends import Layout
+from tests.unit.test_queue_backends import MODEL, Layout, served_queue
 from worker.job_source import JobSource
 from worker.queue_backends import open_source
-
-MODEL = "m"
 
 
 @pytest.fixture(params=list(QueueBackend))
 async def queue(request: pytest.FixtureRequest, redis: Redis) -> RedisJobQueue:
-    backend: QueueBackend = request.param
-    settings = GatewaySettings(models=[MODEL], max_queue_depth=1000)
-    info = registry.WorkerInfo(
-        worker_id="w",
-        model=MODEL,
-        capabilities=["generate"],
-        max_jobs=8,
-        host="h",
-        pid=1,
-        started=time.time(),
-        queue_backend=backend,
-    )
-    await registry.heartbeat(redis, info, ttl=60)
-    return BACKENDS[backend](redis, settings, ModelDirectory(redis, settings))
+    return await served_queue(redis, request.param, max_depth=1000)
 
 
 @pytest.fixture

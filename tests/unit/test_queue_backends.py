@@ -81,9 +81,9 @@ def envelope(request_id: str, deadline_in: float = 30.0) -> JobEnvelope:
     )
 
 
-@pytest.fixture
-async def queue(redis: Redis, layout: Layout) -> RedisJobQueue:
-    settings = GatewaySettings(models=[MODEL], max_queue_depth=100)
+async def served_queue(redis: Redis, backend: QueueBackend, max_depth: int = 100) -> RedisJobQueue:
+    """A gateway's queue on ``backend`` for MODEL, which a live worker on that backend serves."""
+    settings = GatewaySettings(models=[MODEL], max_queue_depth=max_depth)
     info = registry.WorkerInfo(
         worker_id="w",
         model=MODEL,
@@ -92,10 +92,15 @@ async def queue(redis: Redis, layout: Layout) -> RedisJobQueue:
         host="h",
         pid=1,
         started=time.time(),
-        queue_backend=layout.backend,
+        queue_backend=backend,
     )
     await registry.heartbeat(redis, info, ttl=60)
-    return BACKENDS[layout.backend](redis, settings, ModelDirectory(redis, settings))
+    return BACKENDS[backend](redis, settings, ModelDirectory(redis, settings))
+
+
+@pytest.fixture
+async def queue(redis: Redis, layout: Layout) -> RedisJobQueue:
+    return await served_queue(redis, layout.backend)
 
 
 def source(layout: Layout, worker: str, lease: float = 5.0) -> JobSource:
