@@ -29,7 +29,7 @@ from conveyor.contract import ChunkRef, ErrorInfo, JobEnvelope, JobKind
 from conveyor.errors import ConveyorError, WorkerLost, error_body
 from conveyor.filestore import FileStore, lines
 from conveyor.protocol import SCORED_FIELDS
-from worker import metrics
+from worker import metrics, scoring
 from worker.consumer import Done
 from worker.embed_batcher import inputs_of, mergeable, params_key
 from worker.engine_share import EngineShare
@@ -150,10 +150,19 @@ class ChunkRunner:
         metrics.BULK_CALLS.labels(self.model, "no").inc()
         try:
             async with self.share.hold(_inputs(line)):
-                raw = contract.json_bytes(await self.engine.run(line.kind, line.body, line.request_id))
+                raw = contract.json_bytes(await self._run(line))
         except Exception as exc:  # EngineDead (raised by client_error) propagates: the chunk is handed back
             return Result(line, error=self.client_error(line.request_id, exc).info())
         return _answered(line, raw)
+
+    async def _run(self, line: Line) -> bytes | dict[str, Any]:
+        """One line alone; a score or rerank line as the API answers it (``worker.scoring.score``)."""
+        if line.kind.scores:
+            return await scoring.score(self.engine, line.kind, line.body, line.request_id, self._embed_one)
+        return await self.engine.run(line.kind, line.body, line.request_id)
+
+    async def _embed_one(self, body: dict[str, Any], request_id: str) -> bytes | dict[str, Any]:
+        return await self.engine.run(JobKind.EMBEDDING, body, request_id)
 
     async def _embed_group(self, group: list[Line]) -> list[Result]:
         """Lines with the same parameters: as few engine calls as the engine share allows, each answered per line."""

@@ -1,4 +1,6 @@
-"""Concurrent embedding jobs that share their parameters run as ONE engine call (``Engine.embed_many``).
+"""Concurrent embedding jobs that share their parameters run as ONE engine call (``Engine.embed_many``); so do plain
+score and rerank jobs on an engine that scores with its embeddings (``score``: an embedding of their texts,
+``worker.scoring``).
 
 Each job hands its request to ``EmbeddingBatcher.embed`` and awaits its own answer. Jobs whose bodies are equal but
 for ``input`` (``params_key``) and whose inputs are texts join a group; the group runs when the event
@@ -20,7 +22,7 @@ from typing import Any
 import orjson
 
 from conveyor.contract import JobKind
-from worker import metrics
+from worker import metrics, scoring
 from worker.engines.base import Engine
 
 #: the default of ``CONVEYOR_WORKER_EMBED_BATCH_MAX_INPUTS``
@@ -85,6 +87,11 @@ class EmbeddingBatcher:
         if group.inputs >= self.max_inputs:
             self._close(key, group)
         return await answer
+
+    async def score(self, kind: JobKind, body: dict[str, Any], request_id: str) -> bytes | dict[str, Any]:
+        """The answer to a score or rerank request; a plain one on an engine that scores with its embeddings is an
+        embedding of its texts here, which may share a call with other jobs (``worker.scoring.score``)."""
+        return await scoring.score(self.engine, kind, body, request_id, self.embed)
 
     def _close(self, key: bytes, group: _Group) -> None:
         """Stop the group taking jobs and run it (jobs cancelled while it waited are left out)."""

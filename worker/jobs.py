@@ -140,6 +140,8 @@ class JobRunner:
             async with asyncio.timeout(left):
                 if envelope.kind is JobKind.EMBEDDING:  # concurrent ones with the same parameters share a call
                     body = await self.batcher.embed(envelope.body, envelope.request_id)
+                elif envelope.kind.scores:  # plain ones too, as embeddings of their texts
+                    body = await self.batcher.score(envelope.kind, envelope.body, envelope.request_id)
                 else:
                     body = await self.engine.run(envelope.kind, envelope.body, envelope.request_id)
         except Exception as exc:  # CancelledError is not an Exception: it propagates

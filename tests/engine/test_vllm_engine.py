@@ -18,6 +18,7 @@ import pytest_asyncio
 from conveyor.contract import JobKind
 from conveyor.errors import InvalidRequest, ModelNotFound
 from worker import model_prep
+from worker.embed_batcher import EmbeddingBatcher
 from worker.engines.base import Piece, Resume
 from worker.engines.vllm_engine import VLLMEngine
 from worker.migration import continued_body
@@ -425,6 +426,32 @@ class TestEmbed:
         too_long = "word " * 2 * (engine.max_model_len or 512)
         with pytest.raises(InvalidRequest):
             await engine.run(JobKind.RERANK, {"model": EMBED_MODEL, "query": FRANCE, "documents": [too_long]}, "long")
+
+    async def test_score_and_rerank_jobs_arriving_together_share_one_pass_and_answer_as_vllms_scoring(
+        self, engine: VLLMEngine
+    ) -> None:
+        assert engine.scores_by_embedding()
+        jobs: list[tuple[JobKind, dict[str, Any]]] = [
+            (JobKind.RERANK, {"model": EMBED_MODEL, "query": FRANCE, "documents": DOCUMENTS, "top_n": 3}),
+            (JobKind.SCORE, {"model": EMBED_MODEL, "queries": FRANCE, "documents": DOCUMENTS}),
+            (JobKind.SCORE, {"model": EMBED_MODEL, "text_1": [FRANCE, DOCUMENTS[0]], "text_2": DOCUMENTS[:2]}),
+        ]
+        passes = _count_merged_passes(engine)
+        batcher = EmbeddingBatcher(engine, EMBED_MODEL)
+        merged = await asyncio.gather(
+            *(batcher.score(kind, body, f"merged-{i}") for i, (kind, body) in enumerate(jobs))
+        )
+        assert passes == [3]  # the three jobs' texts in one pass through vLLM's embedding pipeline
+        for i, ((kind, body), answer) in enumerate(zip(jobs, merged, strict=True)):
+            got = json.loads(answer) if isinstance(answer, bytes) else answer
+            alone = await _run(engine, kind, body, f"merged-{i}")  # vLLM's own ServingScores
+            assert list(got) == list(alone) and got["id"] == alone["id"] and got["usage"] == alone["usage"]
+            rows, alone_rows = (a.get("data") or a["results"] for a in (got, alone))
+            key = "score" if kind is JobKind.SCORE else "relevance_score"
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in alone_rows], abs=1e-5)
+            assert [{k: v for k, v in r.items() if k != key} for r in rows] == [
+                {k: v for k, v in r.items() if k != key} for r in alone_rows
+            ]
 
 
 @pytest.mark.asyncio(loop_scope="class")

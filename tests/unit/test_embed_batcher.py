@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -134,3 +135,45 @@ async def test_a_refused_request_gets_its_own_error_and_the_rest_their_answers()
     )
     assert isinstance(results[0], dict) and isinstance(results[2], dict)
     assert isinstance(results[1], Exception) and "context length" in str(results[1])
+
+
+def _split(answer: Any) -> tuple[list[float], str]:
+    """A score or rerank answer's scores, and the rest of it (its creation second left out) as JSON."""
+    assert isinstance(answer, dict)
+    rows = answer.get("data") or answer["results"]
+    scores = [row.pop("score" if "score" in row else "relevance_score") for row in rows]
+    return scores, json.dumps({k: v for k, v in answer.items() if k != "created"}, sort_keys=True)
+
+
+async def test_plain_score_and_rerank_jobs_share_an_embedding_call_and_answer_as_the_engines_scoring() -> None:
+    engine = Recording()
+    batcher = EmbeddingBatcher(engine, "m")
+    rerank = {"model": "m", "query": "capital of France", "documents": ["Paris is", "bread", "the Seine"], "top_n": 2}
+    score = {"model": "m", "text_1": ["a cat", "a dog"], "text_2": ["a kitten", "a puppy"]}
+    one_to_many = {"model": "m", "queries": "fruit", "documents": ["apple", "stone"]}
+    jobs = [(JobKind.RERANK, rerank), (JobKind.SCORE, score), (JobKind.SCORE, one_to_many)]
+    answers = await asyncio.gather(
+        batcher.embed(_body("an embedding"), "e"),
+        *(batcher.score(kind, body, f"s{i}") for i, (kind, body) in enumerate(jobs)),
+    )
+    assert engine.calls == [["e", "s0", "s1", "s2"]]  # one engine call for all four
+    for i, ((kind, body), answer) in enumerate(zip(jobs, answers[1:], strict=True)):
+        alone = await FakeEngine("m", embed=True).run(kind, body, f"s{i}")  # the engine's own scoring
+        (scores, rest), (alone_scores, alone_rest) = _split(answer), _split(alone)
+        assert scores == pytest.approx(alone_scores, abs=1e-12) and rest == alone_rest, kind
+
+
+async def test_score_jobs_with_options_or_refused_texts_get_the_engines_own_scoring() -> None:
+    engine = Recording()
+    batcher = EmbeddingBatcher(engine, "m")
+    truncated = {"model": "m", "query": "q", "documents": ["d"], "truncate_prompt_tokens": 3}
+    await batcher.score(JobKind.RERANK, truncated, "opt")  # an option vLLM's scoring applies: not an embedding
+    multimodal = {"model": "m", "query": "q", "documents": [{"content": [{"type": "text", "text": "d"}]}]}
+    await batcher.score(JobKind.RERANK, multimodal, "mm")
+    assert engine.calls == []
+    # the embedding of a text past the context is refused; the scoring decides for itself (the fake's answers)
+    too_long = {"model": "m", "query": "q", "documents": ["word " * 5000]}
+    answer = await batcher.score(JobKind.RERANK, too_long, "long")
+    assert engine.calls == [["long"]]
+    alone = await FakeEngine("m", embed=True).run(JobKind.RERANK, too_long, "long")
+    assert _split(answer) == _split(alone)

@@ -105,6 +105,12 @@ class Engine(ABC):
         run behind interactive requests inside the engine too."""
         return False
 
+    def scores_by_embedding(self) -> bool:
+        """True when this engine's score and rerank answers are the cosine similarities of its own embeddings of the
+        texts (vLLM's bi-encoder scoring), so that ``worker.scoring`` may answer plain ones from an embedding call
+        shared with other jobs."""
+        return False
+
     async def embed_many(
         self, bodies: list[dict[str, Any]], request_ids: list[str]
     ) -> list[dict[str, Any] | bytes | Exception]:

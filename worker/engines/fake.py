@@ -21,7 +21,7 @@ from typing import Any
 
 from conveyor.contract import JobKind
 from conveyor.errors import ConveyorError, InvalidRequest
-from conveyor.protocol import SCORE_PAIRS
+from worker import scoring
 from worker.embed_batcher import inputs_of
 from worker.engines.base import Engine, Piece, Resume, token_limit
 
@@ -296,49 +296,17 @@ class FakeEngine(Engine):
     # --- score and rerank ----------------------------------------------------------------------------------------
 
     def _score(self, kind: JobKind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """vLLM's bi-encoder answers: the cosine similarity of each pair's fake vectors, in vLLM's shapes (ids
-        ``score-<request id>``, every text's words counted once as its usage)."""
+        """vLLM's bi-encoder answers: the cosine similarity of each pair's fake vectors, in vLLM's shapes
+        (``worker.scoring.answer``: every text's words counted once as its usage)."""
         if "score" not in self.capabilities:  # as vLLM refuses it on a model without a scoring API
             raise InvalidRequest(f"model {self.model!r} does not support this endpoint")
-        if kind is JobKind.RERANK:
-            firsts, seconds = _side(body["query"]), _side(body["documents"])
-        else:
-            first, second = next(pair for pair in SCORE_PAIRS if all(name in body for name in pair))
-            firsts, seconds = _side(body[first]), _side(body[second])
-        scores = [
-            _cosine(firsts[0 if len(firsts) == 1 else i], doc, self.embedding_dim) for i, doc in enumerate(seconds)
-        ]
+        firsts, seconds = scoring.sides(kind, body)
+        scores = scoring.pair_scores(firsts, seconds, lambda a, b: _cosine(a, b, self.embedding_dim))
         tokens = sum(_item_tokens(_text_of(item)) for item in (*firsts, *seconds))
-        rid = f"score-{request_id}"
-        if kind is JobKind.SCORE:
-            return {
-                "id": rid,
-                "object": "list",
-                "created": int(time.time()),
-                "model": self.model,
-                "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
-                "usage": {
-                    "prompt_tokens": tokens,
-                    "total_tokens": tokens,
-                    "completion_tokens": 0,
-                    "prompt_tokens_details": None,
-                    "completion_tokens_details": None,
-                },
-            }
-        ranked = sorted(enumerate(scores), key=lambda item: item[1], reverse=True)
-        results = [{"index": i, "document": _document(seconds[i]), "relevance_score": score} for i, score in ranked]
-        top_n = int(body.get("top_n") or 0) or len(results)
-        return {
-            "id": rid,
-            "model": self.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "results": results[:top_n],
-        }
+        return scoring.answer(kind, body, request_id, self.model, scores, tokens)
 
-
-def _side(value: Any) -> list[Any]:
-    """One side of a score request: a text (or multimodal content), or a list of them."""
-    return value if isinstance(value, list) else [value]
+    def scores_by_embedding(self) -> bool:
+        return {"embed", "score"} <= self.capabilities
 
 
 def _text_of(item: Any) -> str:
@@ -349,13 +317,5 @@ def _text_of(item: Any) -> str:
 
 
 def _cosine(first: Any, second: Any, dim: int) -> float:
-    """The fake vectors are unit vectors: their cosine similarity is their dot product."""
-    a, b = fake_vector(_text_of(first), dim), fake_vector(_text_of(second), dim)
-    return sum(x * y for x, y in zip(a, b, strict=True))
-
-
-def _document(item: Any) -> dict[str, Any]:
-    """vLLM's ``RerankDocument``: the text, or the multimodal content's parts."""
-    if isinstance(item, str):
-        return {"text": item, "multi_modal": None}
-    return {"text": None, "multi_modal": item.get("content", [])}
+    """The cosine similarity of two texts' fake vectors (as ``worker.scoring`` computes it from their embeddings)."""
+    return scoring.cosine(fake_vector(_text_of(first), dim), fake_vector(_text_of(second), dim))

@@ -221,6 +221,12 @@ class VLLMEngine(Engine):
     def schedules_by_priority(self) -> bool:
         return self._llm is not None and self._llm.vllm_config.scheduler_config.policy == "priority"
 
+    def scores_by_embedding(self) -> bool:
+        state = self._state
+        scores = getattr(state, "serving_scores", None)
+        embeds = getattr(state, "serving_embedding", None)
+        return scores is not None and embeds is not None and scores.io_processor_name == "bi-encoder"
+
     def alive(self) -> bool:
         """vLLM's own verdict: its engine-core process died, or its output loop ended (``AsyncLLM.errored``)."""
         return self._llm is not None and not self._llm.errored
