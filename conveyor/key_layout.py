@@ -107,8 +107,8 @@ def bulk_queue_name(model: str) -> str:
     return f"{KEY_PREFIX}:bulk:{model}"
 
 
-#: A lane's fair-share state (``conveyor.fair_share``) is under ``<lane key><FAIR_SUFFIX>``: ``clock`` (string),
-#: ``last`` and ``jobs`` (hashes), ``tenant:<key id>`` (sorted sets); in the lane's slot, as the lane's hash tag is kept
+#: A lane's fair-share state (``conveyor.fair_share``) is under ``<lane key><FAIR_SUFFIX>``: ``tags`` and ``jobs``
+#: (hashes), ``tenant:<key id>`` (sorted sets); in the lane's slot, as the lane's hash tag is kept
 FAIR_SUFFIX = ":fair:"
 
 

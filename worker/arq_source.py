@@ -49,12 +49,13 @@ local out = {}
 local function walk(queue, left, bulk, low, high)
   local offset = 0
   while left > 0 do
-    local ids = redis.call('ZRANGEBYSCORE', queue, low, high, 'LIMIT', offset, 256)
-    if #ids == 0 then break end
-    offset = offset + #ids
-    for _, id in ipairs(ids) do
+    local page = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, 256)
+    if #page == 0 then break end
+    offset = offset + #page / 2
+    for i = 1, #page, 2 do
+      local id = page[i]
       if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
-        id = fair_take(queue, id)
+        id = fair_take(queue, id, page[i + 1])
         local job = redis.call('GET', ARGV[2] .. id)
         if job then
           redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])

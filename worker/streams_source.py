@@ -76,9 +76,9 @@ end
 local function fairest(lane, entry, id)
   local ready = lane .. READY
   while true do
-    local lowest = redis.call('ZRANGE', ready, 0, 0)[1]
-    if not lowest then return nil end
-    local chosen = fair_take(ready, lowest)
+    local lowest = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+    if not lowest[1] then return nil end
+    local chosen = fair_take(ready, lowest[1], lowest[2])
     redis.call('ZREM', ready, chosen)
     local theirs = redis.call('HGET', ARGV[3] .. chosen, 'entry')
     if theirs then  -- else its deadline passed: its own entry is dropped when read

@@ -137,11 +137,12 @@ async def test_the_fair_state_holds_only_waiting_jobs(redis: Redis, queue: Redis
     await queue.submit(job("taken", a))
     await queue.submit(job("cancelled", b))
     await queue.submit(job("expired", b, priority=-1))
-    assert len(await fair_keys(redis, ready)) == 4  # last tags, job tenants, a's and b's waiting jobs (no clock yet)
+    assert len(await fair_keys(redis, ready)) == 4  # tags, job tenants, a's and b's waiting jobs
     await queue.cancel(job("cancelled", b))
     await redis.delete(queue.job_prefix(MODEL) + "expired")  # its deadline passed
     assert await taken(worker, 3) == ["taken"]
-    assert await fair_keys(redis, ready) == {ready + key_layout.FAIR_SUFFIX + "clock"}
+    assert await fair_keys(redis, ready) == {ready + key_layout.FAIR_SUFFIX + "tags"}
+    assert await redis.hkeys(ready + key_layout.FAIR_SUFFIX + "tags") == [b""]  # only the clock
     assert (await registry.model_status(redis, MODEL)).queue_depth == 1  # the running one
     assert await redis.zcard(ready) == (1 if queue.BACKEND is QueueBackend.ARQ else 0)  # arq's lane lists it too
 
