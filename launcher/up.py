@@ -47,8 +47,10 @@ class Child:
     retry_at: float | None = None
 
 
-class Stop(Exception):
-    """SIGINT or SIGTERM arrived."""
+class Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. Raised by the signal handler wherever the main thread is, so it must pass every
+    ``except Exception``: asyncio's socket writes catch all else as a write error (a CI run saw Ctrl-C lost that way,
+    and ``conveyor up`` kept running), and so does the supervisor's round."""
 
 
 class _StopSignals:

@@ -18,3 +18,13 @@ def test_one_ctrl_c_delivered_twice_is_one_stop_and_a_later_press_ends_the_wait(
     handler(signal.SIGINT, None)  # the same press forwarded by uv/make: ignored
     with pytest.raises(up.Stop):
         handler(signal.SIGINT, None)  # a real second press: stop waiting
+
+
+def test_a_stop_passes_code_that_catches_errors() -> None:
+    """asyncio's socket writes and the supervisor's round catch ``Exception``: a signal arriving there must still stop
+    ``conveyor up``."""
+    with pytest.raises(up.Stop):
+        try:
+            up._StopSignals()(signal.SIGTERM, None)
+        except Exception:  # what asyncio's transport does with an error raised during a send
+            pass
