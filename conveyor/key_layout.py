@@ -140,6 +140,11 @@ def stream_ready_key(lane: str) -> str:
     return lane + STREAM_READY_SUFFIX
 
 
+#: a stream lane's entries that a fair pick gave to another job than the one their ``id`` names: a hash under
+#: ``<lane><this>`` of entry -> job, read when a sweep finds such an entry (its worker died, or handed it back)
+STREAM_OWNERS_SUFFIX = ":owners"
+
+
 def stream_job_prefix(model: str) -> str:
     """Prefix of a job's record: a hash (``data``: the envelope; ``lane`` and ``entry``: where it waits; ``tries``)
     that expires at the job's deadline."""

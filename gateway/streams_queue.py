@@ -44,12 +44,15 @@ local function wake(channel) end
 #: stop.
 CANCEL_LUA = (
     FAIR_LUA
+    + f"local OWNERS = '{key_layout.STREAM_OWNERS_SUFFIX}'\n"
     + """
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  local entry = redis.call('HGET', KEYS[2], 'entry')
+  local job = redis.call('HMGET', KEYS[2], 'entry', 'owned')
+  local entry = job[1]
   if entry then
     redis.pcall('XACK', KEYS[1], ARGV[3], entry)  -- delivered but not yet taken up (no group yet: nothing to ack)
     redis.call('XDEL', KEYS[1], entry)
+    if job[2] then redis.call('HDEL', KEYS[1] .. OWNERS, entry) end  -- handed back after a fair pick gave it this entry
   end
   redis.call('DEL', KEYS[2])
   fair_leave(KEYS[6], ARGV[1])

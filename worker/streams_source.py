@@ -62,7 +62,7 @@ CONSUMER_IDLE_SECONDS = 600.0
 #: then id, data, tries, bulk (0/1) per job taken up}.
 TAKE_SCRIPT = (
     FAIR_LUA
-    + f"local READY = '{key_layout.STREAM_READY_SUFFIX}'\n"
+    + f"local READY, OWNERS = '{key_layout.STREAM_READY_SUFFIX}', '{key_layout.STREAM_OWNERS_SUFFIX}'\n"
     + """
 local group, me = ARGV[1], ARGV[2]
 local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -72,7 +72,8 @@ local function drop(lane, entry)
   redis.call('XDEL', lane, entry)
 end
 -- a waiting job's entry, read, goes to the lane's fairest waiting job (conveyor.fair_share), which swaps entries with
--- it: the job it named gets a new one at the lane's end. Returns that job; nil when no waiting job is left.
+-- it: the job it named gets a new one at the lane's end, and the entry's owner is noted (its id names the other job)
+-- for a sweep that finds it. Returns that job; nil when no waiting job is left.
 local function fairest(lane, entry, id)
   local ready = lane .. READY
   while true do
@@ -90,29 +91,34 @@ local function fairest(lane, entry, id)
           fair_leave(ready, id)
           redis.call('ZREM', ready, id)
         end
-        redis.call('HSET', ARGV[3] .. chosen, 'entry', entry)
+        redis.call('HSET', ARGV[3] .. chosen, 'entry', entry, 'owned', 1)
+        redis.call('HSET', lane .. OWNERS, entry, chosen)
       end
       return chosen
     end
   end
 end
-local function take(l, entry, id)
+local function take(l, entry, id, owned)  -- owned: id is the entry's noted owner, not its id field
   local lane = KEYS[l]
   if id == '' then
     out[3] = 1
     return drop(lane, entry)
   end
-  if room > 0 and (l == 1 or bulk_room > 0) and redis.call('ZSCORE', lane .. READY, id) then
+  if not owned and room > 0 and (l == 1 or bulk_room > 0) and redis.call('ZSCORE', lane .. READY, id) then
     id = fairest(lane, entry, id)
     if not id then return drop(lane, entry) end
   end
   local record = ARGV[3] .. id
   local job = redis.call('HMGET', record, 'data', 'entry')
-  if not job[1] or job[2] ~= entry then return drop(lane, entry) end
+  local function forget()
+    if owned then redis.call('HDEL', lane .. OWNERS, entry) end
+    drop(lane, entry)
+  end
+  if not job[1] or job[2] ~= entry then return forget() end
   local holder = redis.call('GET', ARGV[4] .. id)
   if holder and holder ~= me then return end
   if room <= 0 or (l == 2 and bulk_room <= 0) then
-    drop(lane, entry)
+    forget()
     redis.call('HSET', record, 'entry', redis.call('XADD', lane, '*', 'id', id))
     return
   end
@@ -131,8 +137,13 @@ if tonumber(ARGV[8]) > 0 then
       local swept = redis.call('XAUTOCLAIM', KEYS[l], group, me, ARGV[8], ARGV[8 + l], 'COUNT', count, 'JUSTID')
       out[l] = swept[1]
       for _, entry in ipairs(swept[2]) do
-        local found = redis.call('XRANGE', KEYS[l], entry, entry)
-        if #found == 0 then redis.call('XACK', KEYS[l], group, entry) else take(l, entry, found[1][2][2]) end
+        local owner = redis.call('HGET', KEYS[l] .. OWNERS, entry)
+        if owner then
+          take(l, entry, owner, true)
+        else
+          local found = redis.call('XRANGE', KEYS[l], entry, entry)
+          if #found == 0 then redis.call('XACK', KEYS[l], group, entry) else take(l, entry, found[1][2][2]) end
+        end
       end
     end
   end
@@ -177,18 +188,22 @@ return {lost, aborted}
 
 #: The streams backend's finish head (``worker.finish_tail``). KEYS: lease, record, abort marker, progress,
 #: migrations, lane, bulk lane, then the tail's. ARGV: worker id, job id, group, then the tail's.
-FINISH_HEAD = """
+FINISH_HEAD = (
+    f"local OWNERS = '{key_layout.STREAM_OWNERS_SUFFIX}'\n"
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
-local job = redis.call('HMGET', KEYS[2], 'entry', 'lane')
+local job = redis.call('HMGET', KEYS[2], 'entry', 'lane', 'owned')
 if job[1] then
   local lane = job[2] == KEYS[7] and KEYS[7] or KEYS[6]
   redis.call('XACK', lane, ARGV[3], job[1])
   redis.call('XDEL', lane, job[1])
+  if job[3] then redis.call('HDEL', lane .. OWNERS, job[1]) end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local k, a, job_id = 8, 4, ARGV[2]
 """
+)
 
 #: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, mark the entry idle for
 #: ever and wake the model's workers to sweep (a nudge on the lane for blocked readers, a wake-up for the others).

@@ -131,6 +131,20 @@ async def test_a_lost_workers_job_goes_before_new_work(redis: Redis, queue: Redi
     assert await taken(open_source(queue.BACKEND, redis, MODEL, "w2", 5.0), 2) == ["a0", "a1"]
 
 
+async def test_a_lost_workers_job_is_found_after_its_key_priority_moved_it(
+    redis: Redis, queue: RedisJobQueue, worker: JobSource
+) -> None:
+    """On Streams the job taken is given the entry read, whose id names another job: a sweep after its worker died
+    must still find it (the last CI lost such a job until its deadline)."""
+    a = await tenant(redis, "a")
+    await queue.submit(job("routine", a))
+    await queue.submit(job("urgent", a, priority=-1))
+    assert await taken(worker, 1) == ["urgent"]
+    await Layout(queue.BACKEND, redis).lapse("urgent", "w1")  # the worker is gone
+    assert await taken(open_source(queue.BACKEND, redis, MODEL, "w2", 5.0), 2) == ["urgent", "routine"]
+    assert (await registry.model_status(redis, MODEL)).queue_depth == 2
+
+
 async def test_the_fair_state_holds_only_waiting_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
     a, b = await tenant(redis, "a"), await tenant(redis, "b")
     ready = ready_set(queue)
