@@ -114,6 +114,7 @@ def test_the_embedded_redis_keeps_keys_and_usage_across_a_restart(queue_backend:
                 up.wait(DRAIN_SECONDS + 30)
             except subprocess.TimeoutExpired:
                 up.kill()
+                up.wait(10)  # reaped here, not garbage-collected during a later test (a ResourceWarning failed one)
                 raise AssertionError(f"conveyor up did not stop after Ctrl-C:\n{''.join(lines)[-3000:]}") from None
             if up.stdout:
                 up.stdout.close()
