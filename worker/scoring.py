@@ -18,13 +18,13 @@ import orjson
 
 from conveyor.contract import JobKind
 from conveyor.errors import ConveyorError
-from conveyor.protocol import SCORE_PAIRS
+from conveyor.protocol import SCORE_PAIRS, SCORED_FIELDS
 
 if TYPE_CHECKING:
     from worker.engines.base import Engine
 
 #: the fields a score or rerank request may carry and still be answered from its texts' embeddings
-PLAIN_FIELDS = frozenset({"model", "priority", "top_n", "query", *(name for pair in SCORE_PAIRS for name in pair)})
+PLAIN_FIELDS = frozenset({"model", "priority", "top_n", *SCORED_FIELDS})
 
 
 def sides(kind: JobKind, body: dict[str, Any]) -> tuple[list[Any], list[Any]]:
@@ -54,7 +54,7 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / max(norm, 1e-8)  # torch's cosine_similarity eps
 
 
-def pair_scores(firsts: Sequence[Any], seconds: Sequence[Any], score: Any) -> list[float]:
+def pair_scores(firsts: Sequence[Any], seconds: Sequence[Any], score: Callable[[Any, Any], float]) -> list[float]:
     """vLLM's pairing: one first against every second, or the i-th first with the i-th second."""
     return [score(firsts[0 if len(firsts) == 1 else i], second) for i, second in enumerate(seconds)]
 
