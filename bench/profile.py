@@ -1,10 +1,14 @@
 """Where the queue path's CPU goes: py-spy samples the gateway and a fake embedding worker under load.
 
     uv run --frozen --extra cpu python -m bench.profile [--seconds 20] [--concurrency 16] [--engine vllm]
+        [--workload chat] [--system vllm]
 
 Prints the request rate, each process's CPU per request, and per process the frames with the most samples: where
 the time is spent itself (self) and which of Conveyor's own functions hold it (inclusive). With ``--engine vllm`` the
-worker runs the real all-MiniLM-L6-v2 on both cores, and its engine-core child process is sampled too. The raw
+worker runs the real all-MiniLM-L6-v2 (SmolLM2 with ``--workload chat``) on both cores; the engine's own processes
+under it (engine core, model worker) are counted (CPU, preemptions) but not sampled, as sampling the model's threads
+took a core from it. ``--system vllm`` puts vLLM's own OpenAI server in Conveyor's place (same weights, engine
+arguments and load) to compare the two side by side. The raw
 stacks are kept in the printed directory (``py-spy record -f raw``: one ``stack count`` line each; flamegraph tools
 read them).
 """
@@ -14,16 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from bench.common import closed_loop, cpu_seconds, machine, stack
+from worker import model_prep
 from worker.model_prep import MINILM, SMOLLM2
 
 FAKE_MODEL = "profile-embed"
@@ -44,8 +53,43 @@ async def load(base_url: str, model: str, seconds: float, concurrency: int, chat
     return len(loaded.latencies), loaded.chunks
 
 
-def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+@dataclass(frozen=True)
+class Served:
+    base_url: str
+    sampled: dict[str, int]  # the processes py-spy samples, by name
+    #: the engine's processes (counted, not sampled: py-spy on the model's threads took a core from the engine)
+    engine: dict[str, int]
+    redis_port: int = 0  # 0: no Redis (vLLM's own server)
+    redis_pid: int = 0
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine has spent on anything but idling, so far (``/proc/stat``)."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def named_children(pid: int) -> dict[str, int]:
+    """A process's descendants by their own name: vLLM's engine core (``VLLM::EngineCore``) and, on the CPU, the
+    worker process that runs the model under it."""
+    named = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            named[Path(f"/proc/{child}/comm").read_text().strip() or str(child)] = child
+            named |= named_children(child)
+    return named
+
+
+def preemptions(pid: int) -> int:
+    """Times the scheduler took the CPU from any of a process's threads while it could still run
+    (``nonvoluntary_ctxt_switches``): an engine step stalls on each of its compute threads preempted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            status = (task / "status").read_text()
+            total += int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+    return total
 
 
 def _frame(frame: str) -> str:
@@ -122,60 +166,103 @@ def redis_commands(port: int, requests: int, top: int = 8) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def conveyor(model: str, engine: str, task: str) -> Iterator[Served]:
+    """Gateway, Redis and one worker (and its engine core, with the real engine)."""
+    if engine == "fake":
+        worker_args, env = ["--engine", "fake", "--task", task], None
+    else:
+        worker_args, env = ["--task", task], {"CONVEYOR_WORKER_CPU_THREADS_BIND": "0-1"}
+    with stack([model]) as running:
+        worker = running.worker(model, *worker_args, env=env, timeout=900)
+        sampled = {"gateway": running.children[0].pid, "worker": worker.pid}
+        yield Served(running.base_url, sampled, named_children(worker.pid), running.redis_ports[0], running.redis_pid)
+
+
+@contextlib.contextmanager
+def vllm_own_server(model: str, task: str) -> Iterator[Served]:
+    """vLLM's own OpenAI server on the same weights and engine arguments (its API server and engine core)."""
+    from tests.engine.vllm_server import vllm_server
+
+    weights = str(model_prep.resolve(model))
+    with vllm_server(weights, model, task=task, cpu_threads_bind="0-1", timeout=900) as server:
+        yield Served(server.base_url, {"vLLM API server": server.pid}, named_children(server.pid))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--engine", choices=["fake", "vllm"], default="fake")
     parser.add_argument("--workload", choices=["embed", "chat"], default="embed", help="chat: streamed, 100 tokens")
+    parser.add_argument(
+        "--system", choices=["conveyor", "vllm"], default="conveyor", help="vllm: vLLM's own server (real engine)"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=200, help="py-spy samples per second; 0: no stacks, only the CPU counters"
+    )
     args = parser.parse_args()
     chat = args.workload == "chat"
     task = "generate" if chat else "embed"
-    if args.engine == "fake":
-        model, worker_args, env = FAKE_MODEL, ["--engine", "fake", "--task", task], None
-    else:
-        model, worker_args = (SMOLLM2 if chat else MINILM), ["--task", task]
-        env = {"CONVEYOR_WORKER_CPU_THREADS_BIND": "0-1"}
+    if args.system == "vllm" and args.engine == "fake":
+        parser.error("--system vllm runs the real engine: add --engine vllm")
+    model = FAKE_MODEL if args.engine == "fake" else (SMOLLM2 if chat else MINILM)
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         raise SystemExit("py-spy is not installed (it is a dev dependency: uv sync)")
     out = Path(tempfile.mkdtemp(prefix="conveyor-profile-"))
-    with stack([model]) as running:
-        worker = running.worker(model, *worker_args, env=env, timeout=900)
-        pids = {"gateway": running.children[0].pid, "worker": worker.pid}
-        pids.update(("engine core", pid) for pid in children(worker.pid))  # vLLM's engine process
-        asyncio.run(load(running.base_url, model, 2, args.concurrency, chat))  # warm-up
+    served = conveyor(model, args.engine, task) if args.system == "conveyor" else vllm_own_server(model, task)
+    with served as system:
+        pids = system.sampled | system.engine
+        asyncio.run(load(system.base_url, model, 2, args.concurrency, chat))  # warm-up
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        redis_before = cpu_seconds(running.redis_pid)
-        with redis.Redis(port=running.redis_ports[0]) as client:
-            client.config_resetstat()
+        preempted_before = {name: preemptions(pid) for name, pid in pids.items()}
+        redis_before = cpu_seconds(system.redis_pid) if system.redis_pid else 0.0
+        machine_before = machine_busy()
+        if system.redis_port:
+            with redis.Redis(port=system.redis_port) as client:
+                client.config_resetstat()
         samplers = [
             subprocess.Popen(
-                [py_spy, "record", "--rate", "200", "--duration", str(int(args.seconds)), "--format", "raw",
+                [py_spy, "record", "--rate", str(args.rate), "--duration", str(int(args.seconds)), "--format", "raw",
                  "--nonblocking", "--output", str(out / f"{name}.txt"), "--pid", str(pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            for name, pid in pids.items()
+            for name, pid in system.sampled.items()
+            if args.rate
         ]  # fmt: skip
         started = time.monotonic()
-        requests, chunks = asyncio.run(load(running.base_url, model, args.seconds, args.concurrency, chat))
+        requests, chunks = asyncio.run(load(system.base_url, model, args.seconds, args.concurrency, chat))
         seconds = time.monotonic() - started
         used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-        redis_used = cpu_seconds(running.redis_pid) - redis_before
-        commands = redis_commands(running.redis_ports[0], requests)
+        preempted = {name: preemptions(pid) - preempted_before[name] for name, pid in pids.items()}
+        redis_used = cpu_seconds(system.redis_pid) - redis_before if system.redis_pid else 0.0
+        machine_used = machine_busy() - machine_before
+        commands = redis_commands(system.redis_port, requests) if system.redis_port else []
         for sampler in samplers:
             sampler.wait()
-    print(f"Profile of the queue path, {args.engine} {task} engine, concurrency {args.concurrency}, {machine()}")
-    print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), sampled by py-spy at 200 Hz")
-    per_chunk = f", {1000 * redis_used / chunks:.3f} ms per stream chunk" if chunks else ""
-    print(f"Redis: {1000 * redis_used / requests:.2f} ms of CPU per request{per_chunk}")
-    print("\n".join(commands))
+    system_name = "the queue path" if args.system == "conveyor" else "vLLM's own server"
+    print(f"Profile of {system_name}, {args.engine} {task} engine, concurrency {args.concurrency}, {machine()}")
+    sampling = f"sampled by py-spy at {args.rate} Hz" if args.rate else "not sampled"
+    print(f"{requests} requests in {seconds:.1f} s ({requests / seconds:,.0f}/s), {sampling}")
+    if chunks:
+        print(f"{chunks} stream chunks ({chunks / seconds:,.0f}/s)")
+    counted = sum(used.values()) + redis_used
+    outside = 100 * (machine_used - counted) / seconds
+    print(f"the machine busy {100 * machine_used / seconds:.0f}% of one core; of that, outside the processes below")
+    print(f"(the load generator, py-spy, the rest): {outside:.0f}% of one core")
+    if system.redis_pid:
+        per_chunk = f", {1000 * redis_used / chunks:.3f} ms per stream chunk" if chunks else ""
+        print(f"Redis: {1000 * redis_used / requests:.2f} ms of CPU per request{per_chunk}")
+        print("\n".join(commands))
     for name in pids:
         per_chunk = f", {1000 * used[name] / chunks:.3f} ms per stream chunk ({chunks} chunks)" if chunks else ""
         ceiling = f" (at most {requests / used[name]:,.0f} requests/s per core)" if used[name] else ""
         print(f"\n{name}: {1000 * used[name] / requests:.2f} ms of CPU per request{ceiling}{per_chunk}")
-        print("\n".join(summary(out / f"{name}.txt")))
-        print("\n".join(by_library(out / f"{name}.txt", 1000 * used[name] / requests)))
+        print(f"  preempted {preempted[name] / seconds:,.0f} times/s (threads' nonvoluntary context switches)")
+        if (out / f"{name}.txt").exists():
+            print("\n".join(summary(out / f"{name}.txt")))
+            print("\n".join(by_library(out / f"{name}.txt", 1000 * used[name] / requests)))
     print(f"\nraw stacks: {out}")
 
 

@@ -28,6 +28,7 @@ class VLLMServer:
     model: str
     log_path: Path
     start_seconds: float
+    pid: int  # the API server's; its engine core is a child
 
     @property
     def base_url(self) -> str:
@@ -77,6 +78,6 @@ def vllm_server(
             except (RuntimeError, TimeoutError) as exc:
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
                 raise RuntimeError(f"vLLM server did not start: {exc}\n--- {log_path} ---\n{tail}") from exc
-            yield VLLMServer(port, served_model_name, log_path, time.monotonic() - started)
+            yield VLLMServer(port, served_model_name, log_path, time.monotonic() - started, process.pid)
         finally:
             processes.stop(process, grace=30)
