@@ -83,7 +83,7 @@ def named_children(pid: int) -> dict[str, int]:
 
 def preemptions(pid: int) -> int:
     """Times the scheduler took the CPU from any of a process's threads while it could still run
-    (``nonvoluntary_ctxt_switches``): an engine step stalls on each of its compute threads preempted."""
+    (``nonvoluntary_ctxt_switches``); a thread that yields or sleeps gives its core up itself and is not counted."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
@@ -263,7 +263,8 @@ def main() -> None:
         if (out / f"{name}.txt").exists():
             print("\n".join(summary(out / f"{name}.txt")))
             print("\n".join(by_library(out / f"{name}.txt", 1000 * used[name] / requests)))
-    print(f"\nraw stacks: {out}")
+    if samplers:
+        print(f"\nraw stacks: {out}")
 
 
 if __name__ == "__main__":
