@@ -53,25 +53,29 @@ local function walk(queue, left, bulk, low, high)
     if #page == 0 then break end
     offset = offset + #page / 2
     for i = 1, #page, 2 do
-      local id = page[i]
-      if left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 then
-        id = fair_take(queue, id, page[i + 1])
-        local job = redis.call('GET', ARGV[2] .. id)
+      local id, tag = page[i], page[i + 1]
+      -- the job taken at a tag may be another of its key's (fair_take): this one then waits at that job's tag, which
+      -- this walk has passed, so it is taken (or handed on) again here while there is room
+      while left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 do
+        local taken = fair_take(queue, id, tag)
+        local job = redis.call('GET', ARGV[2] .. taken)
         if job then
-          redis.call('PSETEX', ARGV[1] .. id, ARGV[5], ARGV[7])
-          local tries = redis.call('INCR', ARGV[3] .. id)
-          local ttl = redis.call('PTTL', ARGV[2] .. id)
-          if ttl > 0 then redis.call('PEXPIRE', ARGV[3] .. id, ttl) end
-          out[#out + 1] = id
+          redis.call('PSETEX', ARGV[1] .. taken, ARGV[5], ARGV[7])
+          local tries = redis.call('INCR', ARGV[3] .. taken)
+          local ttl = redis.call('PTTL', ARGV[2] .. taken)
+          if ttl > 0 then redis.call('PEXPIRE', ARGV[3] .. taken, ttl) end
+          out[#out + 1] = taken
           out[#out + 1] = job
           out[#out + 1] = tries
           out[#out + 1] = bulk
           left = left - 1
         else
-          redis.call('ZREM', queue, id)
-          redis.call('DEL', ARGV[3] .. id)
+          redis.call('ZREM', queue, taken)
+          redis.call('DEL', ARGV[3] .. taken)
           offset = offset - 1
         end
+        if taken == id then break end
+        tag = nil
       end
     end
   end

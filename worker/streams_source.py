@@ -157,8 +157,11 @@ local function read(l, count)  -- how many new entries there were
   return #got[1][2]
 end
 if ARGV[11] == '1' then
+  -- until the room is filled or the lane read dry: an entry read may go to a job that came later (fairest), and the
+  -- job it named then waits behind a new entry, which the next read brings
   local wanted = room
-  if read(1, wanted) < wanted then read(2, math.min(room, bulk_room)) end
+  while wanted > 0 and read(1, wanted) == wanted do wanted = room end
+  if room > 0 then read(2, math.min(room, bulk_room)) end
 end
 return out
 """

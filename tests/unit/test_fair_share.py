@@ -112,6 +112,17 @@ async def test_within_a_key_lower_priority_goes_first_then_the_earlier_deadline(
     assert await taken(worker, 4) == ["urgent", "default-early", "default-late", "background"]
 
 
+async def test_one_claim_takes_every_waiting_job_it_has_room_for_when_a_more_urgent_one_came_later(
+    queue: RedisJobQueue, worker: JobSource
+) -> None:
+    # the later job is its key's most urgent, so the first tag goes to it: the job it swapped with still waits, and a
+    # claim with room for both must take it too (a job skipped here waited for the next poll: 0.5 s, by default)
+    await queue.submit(job("early", None, deadline_in=60))
+    await queue.submit(job("urgent", None, deadline_in=30))
+    claims = await worker.claim(2)
+    assert sorted(c.job_id for c in claims) == ["early", "urgent"]
+
+
 async def test_a_priority_orders_only_its_own_keys_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
     a, b = await tenant(redis, "a"), await tenant(redis, "b")
     for i in range(3):
