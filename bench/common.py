@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -160,3 +161,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_worker_env(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--worker-env NAME=VALUE`` (repeatable): settings for Conveyor's workers; read them with ``worker_env``."""
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a setting of Conveyor's worker, e.g. {example} (repeatable)",
+    )
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in args.worker_env)

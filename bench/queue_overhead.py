@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from bench.common import machine, ms, percentile, stack, table
+from bench.common import add_worker_env, machine, ms, percentile, stack, table, worker_env
 from conveyor.contract import JobKind, QueueBackend
 from worker.engines.fake import FakeEngine
 
@@ -121,14 +121,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per cell")
     parser.add_argument("--poll-delay", default="0.5", help="workers' fallback poll delay (jobs start on wake-ups)")
     parser.add_argument("--backend", choices=[b.value for b in QueueBackend], default=QueueBackend.ARQ.value)
+    add_worker_env(parser, "CONVEYOR_WORKER_MIGRATE=false")
     args = parser.parse_args()
+    env = worker_env(args)
     with stack(["bench-chat", "bench-embed"], backend=QueueBackend(args.backend)) as conveyor:
-        conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay)
-        conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay)
+        conveyor.worker("bench-chat", "--engine", "fake", "--poll-delay", args.poll_delay, env=env)
+        conveyor.worker("bench-embed", "--engine", "fake", "--task", "embed", "--poll-delay", args.poll_delay, env=env)
         rows = asyncio.run(run(args.requests, conveyor.base_url))
     print(
         f"Queue-path overhead, fake engine, {args.requests} requests per row, {args.backend} backend (arq: workers "
-        f"woken on enqueue, fallback poll {args.poll_delay} s); {machine()}; client, gateway, worker and Redis share "
+        f"woken on enqueue, fallback poll {args.poll_delay} s{''.join(f', {item}' for item in args.worker_env)}); "
+        f"{machine()}; client, gateway, worker and Redis share "
         "the cores.\n"
     )
     print(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bulk import offline_rate
-from bench.common import machine, table
+from bench.common import add_worker_env, machine, table, worker_env
 from bench.vs_vllm import CHAT, EMBED, Urls, conveyor, vllm
 from tests.conftest import scrape
 from worker import model_prep
@@ -204,13 +204,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few prompts per cell (a smoke run)")
     parser.add_argument("--concurrencies", help="comma-separated, instead of each workload's own list")
     parser.add_argument("--offline", action="store_true", help="also vLLM's offline LLM.embed on such prompts")
-    parser.add_argument(
-        "--worker-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a setting of Conveyor's worker, e.g. CONVEYOR_WORKER_EMBED_BATCH_WAIT=0.002 (repeatable)",
-    )
+    add_worker_env(parser, "CONVEYOR_WORKER_EMBED_BATCH_WAIT=0.002")
     args = parser.parse_args()
     names = {"conveyor": "Conveyor", "vllm": "vLLM server"}
     systems = [names[s.strip()] for s in args.systems.split(",") if s.strip()]
@@ -218,8 +212,7 @@ def main() -> None:
     if args.concurrencies:
         wanted = tuple(int(c) for c in args.concurrencies.split(","))
         workloads = [dataclasses.replace(w, concurrencies=wanted) for w in workloads]
-    worker_env = dict(item.split("=", 1) for item in args.worker_env)
-    results = measure(systems, workloads, args.quick, worker_env)
+    results = measure(systems, workloads, args.quick, worker_env(args))
     earlier = saved(systems, workloads)
     embed = WORKLOADS[0]
     ceiling = offline_ceiling(embed) if args.offline and any(w.task == embed.task for w in workloads) else None
