@@ -32,6 +32,7 @@ from pathlib import Path
 import redis
 
 from bench.common import closed_loop, cpu_seconds, machine, stack
+from tests.conftest import descendants
 from worker import model_prep
 from worker.model_prep import MINILM, SMOLLM2
 
@@ -73,12 +74,7 @@ def machine_busy() -> float:
 def named_children(pid: int) -> dict[str, int]:
     """A process's descendants by their own name: vLLM's engine core (``VLLM::EngineCore``) and, on the CPU, the
     worker process that runs the model under it."""
-    named = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
-            named[Path(f"/proc/{child}/comm").read_text().strip() or str(child)] = child
-            named |= named_children(child)
-    return named
+    return {Path(f"/proc/{child}/comm").read_text().strip() or str(child): child for child in sorted(descendants(pid))}
 
 
 def preemptions(pid: int) -> int:
