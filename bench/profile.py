@@ -32,6 +32,7 @@ from pathlib import Path
 import redis
 
 from bench.common import closed_loop, cpu_seconds, machine, stack
+from bench.vs_vllm import BIND
 from tests.conftest import descendants
 from worker import model_prep
 from worker.model_prep import MINILM, SMOLLM2
@@ -168,7 +169,7 @@ def conveyor(model: str, engine: str, task: str) -> Iterator[Served]:
     if engine == "fake":
         worker_args, env = ["--engine", "fake", "--task", task], None
     else:
-        worker_args, env = ["--task", task], {"CONVEYOR_WORKER_CPU_THREADS_BIND": "0-1"}
+        worker_args, env = ["--task", task], {"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND}
     with stack([model]) as running:
         worker = running.worker(model, *worker_args, env=env, timeout=900)
         sampled = {"gateway": running.children[0].pid, "worker": worker.pid}
@@ -181,7 +182,7 @@ def vllm_own_server(model: str, task: str) -> Iterator[Served]:
     from tests.engine.vllm_server import vllm_server
 
     weights = str(model_prep.resolve(model))
-    with vllm_server(weights, model, task=task, cpu_threads_bind="0-1", timeout=900) as server:
+    with vllm_server(weights, model, task=task, cpu_threads_bind=BIND, timeout=900) as server:
         yield Served(server.base_url, {"vLLM API server": server.pid}, named_children(server.pid))
 
 
