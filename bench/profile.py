@@ -31,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from bench.common import closed_loop, cpu_seconds, machine, stack
+from bench.common import add_worker_env, closed_loop, cpu_seconds, machine, stack, worker_env
 from bench.vs_vllm import BIND
 from tests.conftest import descendants
 from worker import model_prep
@@ -164,12 +164,12 @@ def redis_commands(port: int, requests: int, top: int = 8) -> list[str]:
 
 
 @contextlib.contextmanager
-def conveyor(model: str, engine: str, task: str) -> Iterator[Served]:
-    """Gateway, Redis and one worker (and its engine core, with the real engine)."""
+def conveyor(model: str, engine: str, task: str, settings: dict[str, str]) -> Iterator[Served]:
+    """Gateway, Redis and one worker (and its engine core, with the real engine) with the worker ``settings``."""
     if engine == "fake":
-        worker_args, env = ["--engine", "fake", "--task", task], None
+        worker_args, env = ["--engine", "fake", "--task", task], settings
     else:
-        worker_args, env = ["--task", task], {"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND}
+        worker_args, env = ["--task", task], {"CONVEYOR_WORKER_CPU_THREADS_BIND": BIND, **settings}
     with stack([model]) as running:
         worker = running.worker(model, *worker_args, env=env, timeout=900)
         sampled = {"gateway": running.children[0].pid, "worker": worker.pid}
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=int, default=200, help="py-spy samples per second; 0: no stacks, only the CPU counters"
     )
+    add_worker_env(parser, "CONVEYOR_WORKER_FAKE_TOKEN_DELAY=0.07")
     args = parser.parse_args()
     chat = args.workload == "chat"
     task = "generate" if chat else "embed"
@@ -208,7 +209,10 @@ def main() -> None:
     if py_spy is None:
         raise SystemExit("py-spy is not installed (it is a dev dependency: uv sync)")
     out = Path(tempfile.mkdtemp(prefix="conveyor-profile-"))
-    served = conveyor(model, args.engine, task) if args.system == "conveyor" else vllm_own_server(model, task)
+    settings = worker_env(args)
+    if settings and args.system == "vllm":
+        parser.error("--worker-env sets Conveyor's worker: not with --system vllm")
+    served = conveyor(model, args.engine, task, settings) if args.system == "conveyor" else vllm_own_server(model, task)
     with served as system:
         pids = system.sampled | system.engine
         asyncio.run(load(system.base_url, model, 2, args.concurrency, chat))  # warm-up
