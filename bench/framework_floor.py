@@ -3,11 +3,12 @@
     uv run --frozen --extra cpu python -m bench.framework_floor [--seconds 10] [--concurrency 16]
 
 A bare uvicorn process (the gateway's own server: uvloop, httptools) under the same aiohttp client as
-``bench.profile``, three ways: an embeddings-shaped POST whose body FastAPI validates into Conveyor's
+``bench.profile``, four ways: an embeddings-shaped POST whose body FastAPI validates into Conveyor's
 ``EmbeddingRequest`` and which answers a constant JSON body; the same route making one Lua call to a real
-redis-server through redis-py first (what admission makes); a raw ASGI callable answering the same bytes. Prints the
-server's CPU per request for each: the part of the gateway's CPU per request that no change inside Conveyor's own
-code can remove.
+redis-server through redis-py first (what admission makes); a raw ASGI callable answering the same bytes; and the raw
+callable validating the body as the hot routes do (``model_validate_json``) and making the same Lua call. redis-py
+packs commands with hiredis, as in Conveyor (``conveyor.redis_packing``). Prints the server's CPU per request for
+each: the part of the gateway's CPU per request that no change inside Conveyor's own code can remove.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import sys
 import uvicorn
 from fastapi import FastAPI, Response
 from redis.asyncio import Redis
+from conveyor import redis_packing
 from conveyor.protocol import EmbeddingRequest
+
+redis_packing.install()
 
 ANSWER = %r
 app = FastAPI()
@@ -49,9 +53,13 @@ async def embeddings(body: EmbeddingRequest) -> Response:
 async def raw(scope, receive, send):
     if scope["type"] != "http":
         return
-    more = True
+    body, more = b"", True
     while more:
-        more = (await receive()).get("more_body", False)
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if script is not None and scope["method"] == "POST":  # as the hot routes: the body validated in pydantic's core
+        await script(keys=["k"], args=[EmbeddingRequest.model_validate_json(body).model])
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": ANSWER})
 
@@ -98,6 +106,11 @@ def main() -> None:
                     f"redis://127.0.0.1:{port}",
                 ),
                 ("raw", "raw ASGI", None),
+                (
+                    "raw",
+                    "raw ASGI, body validated (model_validate_json) + one Lua call, as the hot routes make",
+                    f"redis://127.0.0.1:{port}",
+                ),
             ]
             for kind, label, redis_url in kinds:
                 rate, cpu = measure(kind, args.seconds, args.concurrency, redis_url)
