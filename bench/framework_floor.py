@@ -32,6 +32,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI, Response
 from redis.asyncio import Redis
+from bench.raw_asgi import read_body
 from conveyor import redis_packing
 from conveyor.protocol import EmbeddingRequest
 
@@ -53,11 +54,7 @@ async def embeddings(body: EmbeddingRequest) -> Response:
 async def raw(scope, receive, send):
     if scope["type"] != "http":
         return
-    body, more = b"", True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     if script is not None and scope["method"] == "POST":  # as the hot routes: the body validated in pydantic's core
         await script(keys=["k"], args=[EmbeddingRequest.model_validate_json(body).model])
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})

@@ -1,7 +1,7 @@
 """Where the queue path's CPU goes: py-spy samples the gateway and a fake embedding worker under load.
 
     uv run --frozen --extra cpu python -m bench.profile [--seconds 20] [--concurrency 16] [--engine vllm]
-        [--workload chat] [--system vllm]
+        [--workload chat] [--system vllm] [--worker-env CONVEYOR_WORKER_FAKE_TOKEN_DELAY=0.07]
 
 Prints the request rate, each process's CPU per request, and per process the frames with the most samples: where
 the time is spent itself (self) and which of Conveyor's own functions hold it (inclusive). With ``--engine vllm`` the

@@ -5,14 +5,14 @@ as ``bench.profile`` measures Conveyor.
 
 Each request crosses the path Conveyor's takes, with nothing else: a uvicorn process (uvloop, httptools) with a raw
 ASGI callable validates the body into ``EmbeddingRequest`` (pydantic's ``model_validate_json``), enqueues it with one
-Lua call through redis-py (a depth check and an ``RPUSH``; commands packed by hiredis, as in Conveyor), and waits for its answer, which one task reads from the
-process's reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands over by request id. One worker process
-takes jobs with ``BLPOP`` and ``LPOP`` and pushes a constant answer (32 floats, as the fake engine gives) for each to
-its gateway's list in one pipeline. No fair order, deadlines, leases, API keys, metrics, disconnect watch, retries
-or errors: what is left is the web server, the Redis client, the event loop and the kernel's sockets. Prints the CPU
-per request of each process and Redis next to the goal of issue 20 (gateway + worker <= 0.35 ms, Redis <= 0.05 ms),
-so the part of Conveyor's own figures that its features cost, and the part no Conveyor built on these libraries can
-remove, can be told apart.
+Lua call through redis-py (a depth check and an ``RPUSH``; commands packed by hiredis, as in Conveyor), and waits for
+its answer, which one task reads from the process's reply list (``BLPOP``, then ``LPOP`` of what else is there) and
+hands over by request id. One worker process takes jobs with ``BLPOP`` and ``LPOP`` and pushes a constant answer (32
+floats, as the fake engine gives) for each to its gateway's list in one pipeline. No fair order, deadlines, leases,
+API keys, metrics, disconnect watch, retries or errors: what is left is the web server, the Redis client, the event
+loop and the kernel's sockets. Prints the CPU per request of each process and Redis next to the goal of issue 20
+(gateway + worker <= 0.35 ms, Redis <= 0.05 ms), so the part of Conveyor's own figures that its features cost, and
+the part no Conveyor built on these libraries can remove, can be told apart.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ GATEWAY = """
 import asyncio, os, sys
 import uvicorn
 from redis.asyncio import Redis
+from bench.raw_asgi import read_body
 from conveyor import redis_packing
 from conveyor.protocol import EmbeddingRequest
 
@@ -66,11 +67,7 @@ async def app(scope, receive, send):
                 await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    body, more = b"", True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     answer = b"{}"
     if scope["method"] == "POST":
         EmbeddingRequest.model_validate_json(body)
