@@ -14,14 +14,12 @@ each: the part of the gateway's CPU per request that no change inside Conveyor's
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import cpu_seconds, machine, table
-from bench.profile import load
+from bench.common import machine, table
+from bench.profile import cpu_per_request
 from launcher import processes, redis_server
 from launcher.redis_server import free_port
 
@@ -76,11 +74,8 @@ def measure(kind: str, seconds: float, concurrency: int, redis_url: str | None =
     try:
         base = f"http://127.0.0.1:{port}"
         processes.wait_http_ok(f"{base}/openapi.json", server, 30)  # FastAPI's schema; the raw callable answers all
-        asyncio.run(load(base, "m", 2, concurrency))  # warm-up
-        before, started = cpu_seconds(server.pid), time.monotonic()
-        done, _ = asyncio.run(load(base, "m", seconds, concurrency))
-        elapsed = time.monotonic() - started
-        return done / elapsed, 1000 * (cpu_seconds(server.pid) - before) / done
+        done, elapsed, used = cpu_per_request(base, "m", seconds, concurrency, {"server": server.pid})
+        return done / elapsed, used["server"]
     finally:
         processes.stop(server, grace=5)
 

@@ -18,14 +18,12 @@ the part no Conveyor built on these libraries can remove, can be told apart.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import cpu_seconds, machine, table
-from bench.profile import FAKE_MODEL, load
+from bench.common import machine, table
+from bench.profile import FAKE_MODEL, cpu_per_request
 from launcher import processes, redis_server
 from launcher.redis_server import free_port
 
@@ -128,12 +126,8 @@ def main() -> None:
         try:
             base = f"http://127.0.0.1:{gateway_port}"
             processes.wait_http_ok(f"{base}/ready", gateway, 30)  # a GET is answered without the queue
-            asyncio.run(load(base, FAKE_MODEL, 2, args.concurrency))  # warm-up
             pids = {"gateway": gateway.pid, "worker": worker.pid, "Redis": redis.pid}
-            before, started = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic()
-            done, _ = asyncio.run(load(base, FAKE_MODEL, args.seconds, args.concurrency))
-            elapsed = time.monotonic() - started
-            used = {name: 1000 * (cpu_seconds(pid) - before[name]) / done for name, pid in pids.items()}
+            done, elapsed, used = cpu_per_request(base, FAKE_MODEL, args.seconds, args.concurrency, pids)
         finally:
             for process in (gateway, worker, redis):
                 processes.stop(process, grace=5)
