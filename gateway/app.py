@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from conveyor import VERSION, redis_client
+from conveyor import VERSION, gc_tuning, redis_client
 from conveyor.filestore import open_store
 from conveyor.key_renames import rename_old_keys
 from conveyor.keys import KeyStore
@@ -79,6 +79,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
             asyncio.create_task(driver.run_forever(), name="batch-driver"),
             asyncio.create_task(sweeper.run_forever(), name="sweeper"),
         ]
+        gc_tuning.settle()
         try:
             yield
         finally:

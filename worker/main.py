@@ -20,7 +20,7 @@ import uuid
 import uvloop
 from redis.asyncio import Redis
 
-from conveyor import redis_client, registry
+from conveyor import gc_tuning, redis_client, registry
 from conveyor.filestore import open_store
 from conveyor.netaddr import address_towards
 from conveyor.outage import REDIS_DOWN, Outage
@@ -164,6 +164,7 @@ async def _serve_engine(
         log.exception("the engine for %s failed to start", settings.model)
         await heartbeat.leave("engine_start_failed")
         return EXIT_ENGINE_FAILED
+    gc_tuning.settle()  # the engine is loaded: its objects need no more walks by the collector
     info.max_jobs = settings.max_jobs or engine.concurrency
     info.capabilities = sorted(engine.capabilities)
     info.max_model_len = engine.max_model_len
