@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -56,6 +57,31 @@ def test_envelope_round_trips_through_json() -> None:
     again = JobEnvelope.model_validate(contract.loads(contract.dumps(envelope.model_dump(mode="json"))))
     assert again == envelope
     assert 4 < again.seconds_left() <= 5
+
+
+def test_an_engines_answer_is_written_as_vllms_server_writes_it() -> None:
+    answer = {"object": "list", "data": [{"embedding": [0.1, -2.5e-07, 1e16], "index": 0}], "text": "café ✓"}
+    written = contract.json_bytes(answer)
+    assert json.loads(written) == answer
+    assert "café ✓".encode() in written  # UTF-8, not escaped to ASCII
+    assert b" " not in written.replace("café ✓".encode(), b"")  # compact
+    not_finite = {"logprob": float("-inf"), "x": float("nan")}
+    assert json.loads(contract.json_bytes(not_finite)) == {"logprob": None, "x": None}  # as pydantic writes them
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"big": 2**70}, {"text": "\ud800"}, {"top_logprobs": {1: -0.5}}],
+    ids=["integer past 64 bits", "lone surrogate", "key not a string"],
+)
+def test_what_orjson_refuses_is_still_written(answer: dict[str, object]) -> None:
+    written = contract.json_bytes(answer)
+    assert written == json.dumps(answer, separators=(",", ":")).encode()
+
+
+def test_json_text_passes_through_untouched() -> None:
+    assert contract.json_bytes(b'{"a": 1}') == b'{"a": 1}'
+    assert contract.json_bytes('{"é": 1}') == '{"é": 1}'.encode()
 
 
 def model_keys(model: str, request_id: str) -> list[str]:
