@@ -28,22 +28,33 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client disconnects first; then cancel it (which cancels the job), wait until it has
-    cleaned up, and raise ``ClientGone``."""
-    task = asyncio.ensure_future(work)
+    cleaned up, and raise ``ClientGone``. ``work`` runs in the request's own task, which a watcher of the client
+    cancels when it leaves: no task of its own and no ``asyncio.wait`` per request."""
+    request_task = asyncio.current_task()
+    assert request_task is not None
+    awaiting, gone = True, False
+
+    def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if watcher.cancelled():
+            return
+        watcher.exception()  # a watcher that failed reading is a client gone too
+        if awaiting:
+            gone = True
+            request_task.cancel()
+
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    watcher.add_done_callback(on_watcher_done)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        request_task.uncancel()
+        raise ClientGone() from None
     finally:
+        awaiting = False
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):  # whatever the cancelled work raises, the client is gone
-            await task
-        raise ClientGone()
-    return task.result()
 
 
 class EventStream(StreamingResponse):
