@@ -111,10 +111,10 @@ class ErrorInfo(BaseModel):
 
 
 def json_bytes(body: dict[str, Any] | bytes | str) -> bytes:
-    """An engine's answer as JSON text: JSON text passes through untouched; a dict is written by orjson, as vLLM's
-    server writes its answers (pydantic's JSON: compact UTF-8, NaN and infinities as ``null``). What orjson refuses (an
-    integer past 64 bits, a lone surrogate, a key that is not a string) is written by the standard library, with
-    non-ASCII escaped."""
+    """An engine's answer as JSON text: JSON text passes through untouched; a dict is written by orjson, as the vLLM
+    adapter's generation answers are already written (pydantic's ``model_dump_json``: compact UTF-8, NaN and
+    infinities as ``null``). What orjson refuses (an integer past 64 bits, a lone surrogate, a key that is not a
+    string) is written by the standard library, with non-ASCII escaped."""
     if isinstance(body, bytes):
         return body
     if isinstance(body, str):

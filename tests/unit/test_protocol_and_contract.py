@@ -59,14 +59,14 @@ def test_envelope_round_trips_through_json() -> None:
     assert 4 < again.seconds_left() <= 5
 
 
-def test_an_engines_answer_is_written_as_vllms_server_writes_it() -> None:
+def test_an_engines_answer_is_written_compact_in_utf8_with_nan_as_null() -> None:
     answer = {"object": "list", "data": [{"embedding": [0.1, -2.5e-07, 1e16], "index": 0}], "text": "café ✓"}
     written = contract.json_bytes(answer)
     assert json.loads(written) == answer
     assert "café ✓".encode() in written  # UTF-8, not escaped to ASCII
     assert b" " not in written.replace("café ✓".encode(), b"")  # compact
     not_finite = {"logprob": float("-inf"), "x": float("nan")}
-    assert json.loads(contract.json_bytes(not_finite)) == {"logprob": None, "x": None}  # as pydantic writes them
+    assert json.loads(contract.json_bytes(not_finite)) == {"logprob": None, "x": None}  # as model_dump_json writes them
 
 
 @pytest.mark.parametrize(
