@@ -15,6 +15,7 @@ import pytest
 from openai.types import Batch
 
 from conveyor import key_layout
+from conveyor.keys import USAGE_COUNTERS
 from tests.conftest import metric, sync_redis, wait_for
 from tests.tenancy.conftest import CHAT, EMBED, SLOW, STATIC_KEY, Fleet
 
@@ -114,8 +115,7 @@ def test_estimated_output_is_reserved_then_reconciled_with_the_real_usage(fleet:
     assert used is not None
     # on a Redis Cluster the key's accounting (usage and tokens window, one script) runs just after the answer is
     # delivered (``worker.streams_source``): the next request is sent once the usage counts the first
-    total = used.total_tokens
-    wait_for(lambda: _tokens_used(fleet, key) == total, what="the first request's usage counted")
+    wait_for(lambda: _usage_totals(fleet, key)["requests"] == 1, what="the first request's usage counted")
     after = openai_client.chat.completions.with_raw_response.create(
         model=CHAT, messages=[{"role": "user", "content": "one two three"}], max_tokens=300
     )
@@ -123,14 +123,11 @@ def test_estimated_output_is_reserved_then_reconciled_with_the_real_usage(fleet:
     assert int(after.headers["x-ratelimit-remaining-tokens"]) == 1000 - used.total_tokens - charged
 
 
-def _usage_rows(fleet: Fleet, key: dict[str, Any]) -> list[dict[str, Any]]:
+def _usage_totals(fleet: Fleet, key: dict[str, Any]) -> dict[str, int]:
+    """The key's usage of the day, every counter summed over its models, as the admin API lists it."""
     with fleet.admin() as admin:
-        rows: list[dict[str, Any]] = admin.get(f"/admin/keys/{key['name']}/usage", params={"days": 1}).json()["data"]
-    return rows
-
-
-def _tokens_used(fleet: Fleet, key: dict[str, Any]) -> int:
-    return sum(row["prompt_tokens"] + row["completion_tokens"] for row in _usage_rows(fleet, key))
+        rows = admin.get(f"/admin/keys/{key['name']}/usage", params={"days": 1}).json()["data"]
+    return {name: sum(row[name] for row in rows) for name in USAGE_COUNTERS}
 
 
 def test_max_queued_bounds_a_keys_unfinished_jobs(fleet: Fleet) -> None:
@@ -220,16 +217,13 @@ def test_usage_per_key_is_the_engines_own_count_streams_included(fleet: Fleet) -
     expected["embedding_tokens"] += vectors.usage.prompt_tokens
     expected["requests"] = 4
 
-    # on a Redis Cluster each job's accounting runs just after its answer is delivered
-    wait_for(lambda: _tokens_used(fleet, key) == expected["prompt_tokens"] + expected["completion_tokens"]
-             and sum(row["embedding_tokens"] for row in _usage_rows(fleet, key)) == expected["embedding_tokens"],
-             what="the four requests' usage counted")  # fmt: skip
+    # on a Redis Cluster each job's accounting (its request and tokens, one script) runs just after its answer
+    wait_for(lambda: _usage_totals(fleet, key)["requests"] == 4, what="the four requests' usage counted")
     rows = fleet.cli_json("usage", key["id"])
     totals = {name: sum(row[name] for row in rows) for name in expected}
     assert totals == expected
     assert {row["model"] for row in rows} == {CHAT, EMBED} and {row["key_name"] for row in rows} == {key["name"]}
-    listed = _usage_rows(fleet, key)
-    assert {name: sum(row[name] for row in listed) for name in expected} == expected
+    assert _usage_totals(fleet, key) == expected
     tokens = sum(
         metric(worker.metrics(), "conveyor_key_tokens_total", key=key["name"]) for worker in fleet.workers.values()
     )
