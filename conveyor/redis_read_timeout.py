@@ -18,6 +18,7 @@ becomes ``TimeoutError`` unless the task was also cancelled from elsewhere, in w
 from __future__ import annotations
 
 import asyncio
+import weakref
 from types import TracebackType
 
 import redis.asyncio.connection as redis_connection
@@ -75,8 +76,9 @@ class ReadTimeout:
 class _Watch:
     """One loop's pending reads with a long bound, looked at every ``TICK_SECONDS`` while there are any."""
 
-    #: the watch of each loop with reads pending (a watch with none left forgets itself)
-    of_loop: dict[asyncio.AbstractEventLoop, _Watch] = {}
+    #: the watch of each loop with reads pending (a watch with none left forgets itself; a loop closed with reads
+    #: pending is forgotten with the loop)
+    of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
