@@ -12,6 +12,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from conveyor.metric_labels import Children
+
 log = logging.getLogger("conveyor.gateway")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -22,6 +24,7 @@ OTHER = "other"
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.labelled = Children()
         #: models that may appear as label values (kept current by the service's gauge refresh)
         self.known_models: set[str] = set()
         r = self.registry
@@ -82,8 +85,8 @@ class GatewayMetrics:
         logged here too, once each (the line names the request: see ``conveyor.logs``)."""
         label = self.model_label(model)
         seconds = time.time() - arrived
-        self.requests.labels(label, endpoint, str(status)).inc()
-        self.duration.labels(label, endpoint).observe(seconds)
+        self.labelled(self.requests, label, endpoint, str(status)).inc()
+        self.labelled(self.duration, label, endpoint).observe(seconds)
         if status >= 400:
             self.failures.labels(label, reason or "unknown").inc()
             level = logging.WARNING if status >= 500 else logging.INFO

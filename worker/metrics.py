@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
-
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
-M = TypeVar("M", bound=MetricWrapperBase)
+from conveyor.metric_labels import Children
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -53,14 +50,5 @@ EMBED_CALL_REQUESTS = Histogram(
 )
 
 
-_children: dict[tuple[Any, ...], Any] = {}
-
-
-def labelled(metric: M, *values: str) -> M:
-    """``metric.labels(*values)``, looked up once per label set: prometheus-client's own lookup costs ~2.5 us a call,
-    five calls a job. The sets are few: this worker's model, the job kinds and outcomes."""
-    key = (metric, *values)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*values)
-    return cast(M, child)
+#: ``labelled(metric, *values)``: the child of that label set (``conveyor.metric_labels``)
+labelled = Children()
