@@ -143,7 +143,7 @@ async def measure(url: str, pid: int, jobs: int, group: int) -> list[tuple[str, 
 
         async def claim_block(ids: list[str] = ids) -> None:
             while len(ids) < BLOCK:
-                ids.extend(claim.job_id for claim in await source.claim(group))
+                ids.extend(taken.job_id for taken in await source.claim(group))
 
         phases = (admit, claim, finish) if block >= 0 else (Phase(""), Phase(""), Phase(""))
         await phases[0].measure(redis, pid, lambda admissions=admissions: in_groups(admissions, group))
