@@ -88,6 +88,6 @@ class GatewayMetrics:
         self.labelled(self.requests, label, endpoint, str(status)).inc()
         self.labelled(self.duration, label, endpoint).observe(seconds)
         if status >= 400:
-            self.failures.labels(label, reason or "unknown").inc()
+            self.labelled(self.failures, label, reason or "unknown").inc()
             level = logging.WARNING if status >= 500 else logging.INFO
             log.log(level, "%s answered %d %s after %.2f s", endpoint, status, reason or "", seconds)

@@ -118,7 +118,8 @@ class ServingService:
             if enqueued:
                 self._later(self.queue.cancel(envelope))
             raise
-        self.metrics.ttft.labels(self.metrics.model_label(envelope.model)).observe(time.time() - envelope.created)
+        ttft = self.metrics.labelled(self.metrics.ttft, self.metrics.model_label(envelope.model))
+        ttft.observe(time.time() - envelope.created)
         return StreamRelay(envelope, reader, first, self.queue, self.mux, self.metrics, endpoint)
 
     # --- models and readiness ----------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ class JobRunner:
         self, fence: Fence | None, request_id: str, frame: StreamFrame, deadline: float, entry: bytes = b""
     ) -> None:
         await self.migration.publish(fence, request_id, frame.seq, frame.encode(), entry, deadline)
-        metrics.STREAM_MESSAGES.labels(self.model).inc()
+        metrics.labelled(metrics.STREAM_MESSAGES, self.model).inc()
 
 
 #: a continuation with nothing left to generate: the cut came after the finish and the usage were sent
