@@ -124,9 +124,13 @@ def test_estimated_output_is_reserved_then_reconciled_with_the_real_usage(fleet:
 
 
 def _usage_totals(fleet: Fleet, key: dict[str, Any]) -> dict[str, int]:
-    """The key's usage of the day, every counter summed over its models, as the admin API lists it."""
+    """The key's usage of the day as the admin API lists it, summed (``_summed``)."""
     with fleet.admin() as admin:
-        rows = admin.get(f"/admin/keys/{key['name']}/usage", params={"days": 1}).json()["data"]
+        return _summed(admin.get(f"/admin/keys/{key['name']}/usage", params={"days": 1}).json()["data"])
+
+
+def _summed(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Usage rows (one per model), every counter summed over them."""
     return {name: sum(row[name] for row in rows) for name in USAGE_COUNTERS}
 
 
@@ -220,8 +224,7 @@ def test_usage_per_key_is_the_engines_own_count_streams_included(fleet: Fleet) -
     # on a Redis Cluster each job's accounting (its request and tokens, one script) runs just after its answer
     wait_for(lambda: _usage_totals(fleet, key)["requests"] == 4, what="the four requests' usage counted")
     rows = fleet.cli_json("usage", key["id"])
-    totals = {name: sum(row[name] for row in rows) for name in expected}
-    assert totals == expected
+    assert _summed(rows) == expected
     assert {row["model"] for row in rows} == {CHAT, EMBED} and {row["key_name"] for row in rows} == {key["name"]}
     assert _usage_totals(fleet, key) == expected
     tokens = sum(
