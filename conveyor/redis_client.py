@@ -44,12 +44,13 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from conveyor import redis_packing, redis_read_timeout
+from conveyor import redis_packing, redis_read_timeout, redis_reuse_check
 from conveyor.contract import QueueBackend
 from conveyor.outage import REDIS_DOWN
 
 redis_packing.install()  # every client is built here: its commands are packed in C
 redis_read_timeout.install()  # ... and its reads bounded in fewer steps
+redis_reuse_check.install()  # ... and a pooled connection checked before reuse without a loop turn
 
 #: where every process looks for Redis unless ``CONVEYOR_REDIS_URL`` (or ``--redis-url``) says otherwise
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
