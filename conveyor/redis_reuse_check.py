@@ -16,6 +16,7 @@ reuse, as bytes arriving just after the old check were.
 
 from __future__ import annotations
 
+import asyncio
 from typing import cast
 
 import hiredis
@@ -23,12 +24,16 @@ from redis._parsers.hiredis import _AsyncHiredisParser
 from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+_redis_pys_check = _AsyncHiredisParser.can_read_destructive
+
 
 async def _has_unread_bytes(self: _AsyncHiredisParser) -> bool:
     """True when the connection holds bytes nobody asked for, or its server closed it: the pool replaces it."""
     reader, stream = cast(hiredis.Reader, self._reader), self._stream
     if not self._connected or stream is None:
         raise RedisConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+    if not isinstance(stream, asyncio.StreamReader):  # another kind of stream (fakeredis's): checked as redis-py does
+        return bool(await _redis_pys_check(self))
     return bool(reader.has_data() or stream.at_eof() or stream._buffer)  # type: ignore[attr-defined]
 
 
