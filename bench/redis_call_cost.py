@@ -70,7 +70,7 @@ async def measure(port: int, calls: int) -> list[tuple[str, float]]:
     pipeliner = Pipeliner(client)
 
     async def five() -> None:
-        await asyncio.gather(*(pipeliner.send(lambda pipe: script(keys=["k"], client=pipe)) for _ in range(5)))
+        await asyncio.gather(*(pipeliner.call(script, ["k"], []) for _ in range(5)))
 
     rows.append(("Conveyor's pipeliner, a script call, groups of 5", await cpu_per_call(five, calls, per_round=5)))
     await client.aclose()

@@ -157,7 +157,7 @@ async def measure(url: str, pid: int, jobs: int, group: int) -> list[tuple[str, 
     tenfold = redis.register_script("for i = 1, 10 do redis.call('EXISTS', KEYS[1]) end return 0")
     keys, args, pipeliner = [f"k{i}" for i in range(6)], list(range(10)), Pipeliner(redis)
     for name, script in (("a script with no command (6 keys)", empty), ("the same with 10 EXISTS", tenfold)):
-        calls = [lambda script=script: pipeliner.send(lambda pipe: script(keys=keys, args=args, client=pipe))] * counted
+        calls = [lambda script=script: pipeliner.call(script, keys, args)] * counted
         phase = Phase(name)
         await phase.measure(redis, pid, lambda calls=calls: in_groups(calls, group))
         rows.append(phase.row(counted))

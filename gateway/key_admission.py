@@ -123,7 +123,7 @@ class KeyLimits:
             envelope.request_id,
         ]
         with redis_errors():
-            code, *limits = await self._reservations.send(lambda pipe: self._reserve(keys=keys, args=args, client=pipe))
+            code, *limits = await self._reservations.call(self._reserve, keys, args)
         return int(code), _windows([int(v) for v in limits])
 
     async def refund(self, tenant: TenantRef, windows: dict[str, rate_limits.Window], request_id: str) -> None:

@@ -181,9 +181,7 @@ class RedisJobQueue(ABC):
             *fair_args(envelope),
         ]
         with redis_errors():  # a failed call may have enqueued the job: its key keeps the charge
-            code, depth = await self._admissions.send(
-                lambda pipe: self._admit_and_enqueue(keys=keys, args=args, client=pipe)
-            )
+            code, depth = await self._admissions.call(self._admit_and_enqueue, keys, args)
         if code != Admission.ENQUEUED and tenant is not None:
             await self.key_limits.refund(tenant, windows, envelope.request_id)
         admitted = code == Admission.ENQUEUED

@@ -202,7 +202,7 @@ class ArqJobSource:
             *tail_keys,
         ]
         args = [self.worker_id, job_id, *tail_args]
-        return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
+        return bool(await self._pipeliner.call(self._finish, keys, args))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:

@@ -61,7 +61,7 @@ class Migration:
         """What an earlier worker sent of this job, or None when this is its first start (nothing sent)."""
         keys = [key_layout.progress_key(self.model, request_id), key_layout.migrations_key(self.model, request_id)]
         args = [_expire_at_ms(deadline)]
-        reply = await self._pipeliner.send(lambda pipe: self._read(keys=keys, args=args, client=pipe))
+        reply = await self._pipeliner.call(self._read, keys, args)
         entries, migrations = cast(tuple[list[bytes], int], reply)
         return Cut(StreamProgress.decode(entries), int(migrations)) if entries else None
 

@@ -371,7 +371,7 @@ class StreamsJobSource:
             return False
         if usage is not None:
             keys, args = tail_arguments(None, usage)
-            await self._pipeliner.send(lambda pipe: self._account(keys=keys, args=[job_id, *args], client=pipe))
+            await self._pipeliner.call(self._account, keys, [job_id, *args])
         return True
 
     async def _finish_at_once(self, job_id: str, delivery: Delivery | None, usage: KeyUsage | None) -> bool:
@@ -386,7 +386,7 @@ class StreamsJobSource:
             *tail_keys,
         ]
         args = [self.worker_id, job_id, key_layout.STREAM_GROUP, *tail_args]
-        return bool(await self._pipeliner.send(lambda pipe: self._finish(keys=keys, args=args, client=pipe)))
+        return bool(await self._pipeliner.call(self._finish, keys, args))
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:

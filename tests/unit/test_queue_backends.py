@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 
 from conveyor import contract, key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
@@ -188,24 +190,24 @@ async def test_finish_delivers_once_and_only_while_the_lease_is_ours(layout: Lay
     assert await layout.depth() == 0
 
 
-async def test_jobs_finishing_together_go_to_redis_in_one_pipeline_each_with_its_own_result(
-    layout: Layout, queue: RedisJobQueue
+async def test_jobs_finishing_together_go_to_redis_in_one_round_trip_each_with_its_own_result(
+    layout: Layout, queue: RedisJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     redis = layout.redis
     a = await three_held_by_a(layout, queue)
     await redis.set(layout.lease("j1"), "B")  # j1 was taken over: its finish must say so
-    pipelines = 0
-    make_pipeline = redis.pipeline
+    script_calls_per_send: list[int] = []
+    send = AbstractConnection.send_packed_command
 
-    def counting(*args: object, **kwargs: object) -> object:
-        nonlocal pipelines
-        pipelines += 1
-        return make_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
+        await send(self, command, check_health)
 
-    redis.pipeline = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     inbox = key_layout.inbox_key("gw")
     results = await asyncio.gather(*(a.finish(f"j{i}", Delivery(inbox, f"answer {i}".encode())) for i in range(3)))
-    assert results == [True, False, True] and pipelines == 1
+    assert results == [True, False, True]
+    assert [n for n in script_calls_per_send if n] == [3]  # one send carried the three finishes
     assert sorted(await redis.lrange(inbox, 0, -1)) == [b"answer 0", b"answer 2"]
 
 
