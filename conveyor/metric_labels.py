@@ -3,9 +3,9 @@
 prometheus-client's own ``labels()`` takes a lock and checks and joins the values into a key on every call, and the
 serving paths call it on every request: two or three times in the gateway (and once a stream for its first token),
 five times in the worker per job (and once a published chunk). A gateway request's two usual look-ups cost 2.3 us
-through ``labels()`` and 0.6 us here (200,000 rounds). Their label values are
-few and bounded (models, routes, statuses, job kinds and outcomes), so the children are kept. No label set is ever
-removed from these metrics, so a kept child is always the exported one.
+through ``labels()`` and 0.6 us here (200,000 rounds). Their label values are few and bounded (models, routes,
+statuses, job kinds and outcomes), so the children are kept. No label set is ever removed from these metrics, so a
+kept child is always the exported one.
 """
 
 from __future__ import annotations
