@@ -78,7 +78,7 @@ class Pipeliner(Grouped[ScriptCall, Any]):
         super().__init__(self._execute)
         self.redis = redis
         self.cluster = is_cluster(redis)
-        #: the scripts this pipeliner loaded into Redis (or saw answered)
+        #: the scripts this pipeliner loaded into Redis and has not seen answered ``NOSCRIPT`` since
         self._loaded: set[str] = set()
 
     async def call(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -89,7 +89,7 @@ class Pipeliner(Grouped[ScriptCall, Any]):
         """One round trip for the group, once its scripts are loaded (a round trip each, the first time only). Calls
         that Redis answers ``NOSCRIPT`` (it lost its scripts: a restart) did not run: they go again, loaded first."""
         if self.cluster:  # a cluster takes no pipelined scripts: the group's calls go at once, each to its node
-            return list(await asyncio.gather(*(script(keys=keys, args=args) for script, keys, args in calls)))
+            return list(await asyncio.gather(*(script(keys, args, self.redis) for script, keys, args in calls)))
         for script in {script.sha: script for script, _, _ in calls if script.sha not in self._loaded}.values():
             await self.redis.script_load(script.script)
             self._loaded.add(script.sha)
