@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from conveyor import logs
 from conveyor.errors import ConveyorError, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, error_body
@@ -18,6 +19,8 @@ from gateway.metrics import OTHER
 log = logging.getLogger("conveyor.gateway")
 #: FastAPI's detail when reading the body raised anything but a JSON syntax error
 FASTAPI_PARSE_FAILURE = "There was an error parsing the body"
+#: what pydantic puts before the message of a ValueError a validator raised
+PYDANTIC_VALUE_ERROR = "Value error, "
 #: the client API: every path under these prefixes, and these paths outside them (vLLM's rerank and score paths)
 API_PREFIXES = ("/v1/", "/v2/")
 API_PATHS = frozenset({"/rerank", "/score"})
@@ -41,7 +44,10 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if param is None and isinstance(first.get("input"), bytes):  # FastAPI read the body as bytes: not sent as JSON
         message = "The request body must be JSON, sent with the header Content-Type: application/json."
         return InvalidRequest(message, code="invalid_content_type")
-    message = str(first.get("msg", "invalid request"))
+    message = str(first.get("msg", "invalid request")).removeprefix(PYDANTIC_VALUE_ERROR)
+    if first.get("type") == "missing" and param is None:  # no body at all
+        message = "The request has no body: send a JSON object, with the header Content-Type: application/json."
+        return InvalidRequest(message, code="missing_body")
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
@@ -85,9 +91,19 @@ def as_error(request: Request, exc: Exception) -> ConveyorError | None:
     if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_FAILURE:  # e.g. nested past the JSON parser's depth
         message = "The request body could not be parsed as JSON (malformed, or nested too deeply)."
         return InvalidRequest(message, code="invalid_json")
-    error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # RFC 9110 requires Allow; starlette names only the first route on the path's methods
+        headers["Allow"] = ", ".join(_methods_at(request))
+    error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}", headers=headers)
     error.status = exc.status_code
     return error
+
+
+def _methods_at(request: Request) -> list[str]:
+    """Every method some route of the app takes at the request's path."""
+    routes = request.app.routes
+    at_path = [route for route in routes if route.matches(request.scope)[0] != Match.NONE]
+    return sorted({method for route in at_path for method in getattr(route, "methods", None) or ()})
 
 
 def install(app: FastAPI) -> None:

@@ -161,3 +161,29 @@ async def test_a_json_body_without_the_json_content_type_is_told_so(gateway: Fas
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_content_type"
     assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+async def test_a_request_without_a_body_is_told_so(gateway: FastAPI) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as http:
+        response = await http.post("/v1/embeddings")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "missing_body"
+    assert "no body" in response.json()["error"]["message"]
+
+
+async def test_a_validator_s_message_is_given_without_pydantic_s_prefix(gateway: FastAPI) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as http:
+        response = await http.post("/v1/embeddings", json=EMBED | {"input": ""})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "input must not be empty"
+
+
+@pytest.mark.parametrize(("path", "methods"), [("/v1/batches", "GET, POST"), ("/v1/files/f1", "DELETE, GET")])
+async def test_a_method_the_path_does_not_take_is_405_with_every_method_it_does(
+    gateway: FastAPI, path: str, methods: str
+) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as http:
+        response = await http.put(path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == methods
+    assert response.json()["error"]["code"] == "http_405"
