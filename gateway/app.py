@@ -19,7 +19,7 @@ from conveyor.key_renames import rename_old_keys
 from conveyor.keys import KeyStore
 from conveyor.netaddr import address_towards, host_port
 from conveyor.outage import REDIS_DOWN, Outage
-from gateway import errors, rate_limits
+from gateway import errors, openapi, rate_limits
 from gateway.admin_routes import admin
 from gateway.batch_driver import BatchDriver
 from gateway.batch_store import BatchStore
@@ -97,6 +97,7 @@ def create_app(settings: GatewaySettings, connect: Callable[[str], Redis] = redi
     app = FastAPI(title="Conveyor", version=VERSION, lifespan=lifespan, **docs)  # type: ignore[arg-type]
     app.state.metrics = metrics
     errors.install(app)
+    openapi.install(app)
     app.include_router(router)
     app.include_router(bulk)
     app.include_router(targets)

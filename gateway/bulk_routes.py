@@ -68,7 +68,11 @@ async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@bulk.get("/files/{file_id}/content")
+@bulk.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 async def file_content(request: Request, file_id: str) -> StreamingResponse:
     blocks = await files_of(request).content(file_id, viewer(request))
     return StreamingResponse(blocks, media_type="application/octet-stream")

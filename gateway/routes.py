@@ -94,12 +94,16 @@ router = APIRouter()
 api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gateway.guard (and on the paths below)
 
 
-@api.post("/chat/completions")
+#: a job route answers a stream as server-sent events
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@api.post("/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await serve(request, JobKind.CHAT, body)
 
 
-@api.post("/completions")
+@api.post("/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await serve(request, JobKind.COMPLETION, body)
 
@@ -156,7 +160,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+#: /ready's report, ready or not
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"description": "Not ready: the report says why", "content": {"application/json": {}}}
+}
+
+
+@router.get("/ready", responses=NOT_READY)
 async def ready(request: Request, scope: Literal["system", "gateway"] = "system") -> JSONResponse:
     """``system``: Redis answers and every configured model has a live worker. ``gateway``: this gateway can serve
     (Redis answers); the readiness probe of a gateway replica, which one model's outage must not fail."""
@@ -164,7 +174,7 @@ async def ready(request: Request, scope: Literal["system", "gateway"] = "system"
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus's classic text format whatever the scraper asks (see ``worker/http_endpoints.py``); queue depth
     and live workers, and the progress of unfinished batches, are read from Redis now."""
