@@ -16,6 +16,7 @@ the answers (its few engine steps finish with the others').
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,13 @@ def inputs_of(value: Any) -> list[Any]:
 
 def params_key(body: dict[str, Any]) -> bytes:
     """Requests with the same key (every field but ``input``) may share an engine call."""
-    return orjson.dumps({k: v for k, v in body.items() if k != "input"}, option=orjson.OPT_SORT_KEYS)
+    params = {k: v for k, v in body.items() if k != "input"}
+    try:
+        return orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    except (
+        orjson.JSONEncodeError
+    ):  # what orjson refuses (an extra field's integer past 64 bits) the standard library writes
+        return json.dumps(params, sort_keys=True).encode()
 
 
 def mergeable(body: dict[str, Any]) -> bool:

@@ -69,6 +69,15 @@ async def test_requests_with_other_parameters_or_token_inputs_do_not_share_a_cal
     assert sorted(engine.calls) == [["a", "c"], ["b"]]
 
 
+async def test_an_extra_field_orjson_cannot_write_still_groups_and_is_answered() -> None:
+    engine = Recording()
+    batcher = EmbeddingBatcher(engine, "m")
+    huge = {"extra": -(2**70)}  # an integer past 64 bits: the grouping key failed on it, the job with it
+    answers = await asyncio.gather(batcher.embed(_body("a", **huge), "a"), batcher.embed(_body("b", **huge), "b"))
+    assert engine.calls == [["a", "b"]]
+    assert all(isinstance(answer, dict) and answer["data"] for answer in answers)
+
+
 async def test_a_group_runs_when_it_holds_max_inputs() -> None:
     engine = Recording()
     batcher = EmbeddingBatcher(engine, "m", max_inputs=3)
