@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from openai import OpenAI
 
@@ -98,6 +99,9 @@ def test_embeddings_rank_paraphrases_and_match_sentence_transformers(client: Ope
         assert cosine(mine, theirs.tolist()) > 0.999
     single = client.embeddings.create(model=EMBED, input=texts[2], encoding_format="float").data[0].embedding
     assert math.isclose(cosine(single, ours[2]), 1.0, abs_tol=1e-5)
+    with pytest.raises(openai.BadRequestError) as refused:  # MiniLM has no Matryoshka sizes: vLLM refuses any
+        client.embeddings.create(model=EMBED, input=texts[2], dimensions=10**10)
+    assert "dimensions" in str(refused.value.message)
 
 
 def test_a_dropped_stream_frees_the_engine(real_stack: RealStack) -> None:

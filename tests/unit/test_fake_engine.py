@@ -73,6 +73,15 @@ async def test_embeddings_float_and_base64_agree() -> None:
     assert sum(x * x for x in fake_vector("a", 8)) == pytest.approx(1.0)
 
 
+async def test_dimensions_past_the_embedding_size_are_refused_as_vllm_refuses_them() -> None:
+    engine = FakeEngine("m", embed=True, embedding_dim=8)
+    short = await engine.run(JobKind.EMBEDDING, {"model": "m", "input": "a", "dimensions": 4}, "r1")
+    assert len(short["data"][0]["embedding"]) == 4
+    with pytest.raises(InvalidRequest) as refused:  # it built a vector of that size: 10**10 floats filled the memory
+        await engine.run(JobKind.EMBEDDING, {"model": "m", "input": "a", "dimensions": 10**10}, "r2")
+    assert refused.value.param == "dimensions" and "[1, 8]" in refused.value.message
+
+
 async def test_a_continuation_cut_after_its_last_token_only_ends() -> None:
     engine = FakeEngine("m")
     body = CHAT | {"max_tokens": 4, "stream_options": {"include_usage": True}}

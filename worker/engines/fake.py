@@ -271,6 +271,11 @@ class FakeEngine(Engine):
     def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
         items: list[str | list[int]] = inputs_of(body["input"])
         dim = int(body.get("dimensions") or self.embedding_dim)
+        if not 1 <= dim <= self.embedding_dim:  # as vLLM refuses it for a Matryoshka model of this size
+            raise InvalidRequest(
+                f"Model {self.model!r} only supports dimensions in range [1, {self.embedding_dim}], got {dim}.",
+                param="dimensions",
+            )
         longest = max((_item_tokens(item) for item in items), default=0)
         if longest > MAX_MODEL_LEN:  # as vLLM refuses it
             raise InvalidRequest(
