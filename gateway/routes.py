@@ -95,7 +95,7 @@ api = APIRouter(prefix="/v1")  # the API key is checked before parsing, by gatew
 
 
 #: a job route answers a stream as server-sent events
-STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 @api.post("/chat/completions", responses=STREAMED)
