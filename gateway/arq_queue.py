@@ -22,16 +22,20 @@ from gateway.queue import JobState, redis_errors
 from gateway.redis_queue import RedisJobQueue, unencodable
 
 #: the lane is a sorted set of job ids by fair tag (``conveyor.fair_share``: jobs are taken in that order), listing
-#: running jobs too (arq removes one when it finishes)
+#: running jobs too (arq removes one when it finishes). The wake-up is published only when no job waited before this
+#: script's first: a job that waits was announced, and every worker claims all it has room for (a worker that had
+#: none looks again when a job of its ends), so the later ones are claimed with it or after it.
 LANE_LUA = (
     FAIR_LUA
     + """
 local function depth_of(lane) return redis.call('ZCARD', lane) end
+local waited
 local function enqueue(lane, job, data, expiry_ms, id, tenant, weight, priority, deadline)
+  waited = waited or redis.call('HLEN', fair_key(lane, 'jobs'))
   redis.call('PSETEX', job, expiry_ms, data)
   redis.call('ZADD', lane, fair_enter(lane, id, tenant, weight, priority, deadline), id)
 end
-local function wake(channel) publish(channel, 'job') end  -- key_layout.WAKE_JOB
+local function wake(channel) if not waited or waited == 0 then publish(channel, 'job') end end  -- WAKE_JOB
 """
 )
 

@@ -4,6 +4,7 @@ finishes, hand-backs, cancels. Each test runs on arq's layout and on Redis Strea
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,14 @@ from conveyor import contract, key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
 from conveyor.errors import NoLiveWorker
 from conveyor.keys import KeyCreate, KeyStore
+from conveyor.outage import Outage
 from gateway.directory import ModelDirectory
 from gateway.queue import JobState
 from gateway.queue_backends import BACKENDS
 from gateway.redis_queue import RedisJobQueue
 from gateway.settings import GatewaySettings
-from worker.job_source import Delivery, JobSource
+from worker.consumer import Consumer, Done
+from worker.job_source import Claim, Delivery, JobSource
 from worker.key_usage import KeyUsage
 from worker.queue_backends import open_source
 from worker.streams_source import HANDED_BACK_IDLE_MS, StreamsJobSource
@@ -320,3 +323,63 @@ async def test_on_a_cluster_a_finish_answers_then_removes_then_accounts_apart(re
     assert await redis.zcard(key_layout.key_jobs_key(key.id)) == 0
     rows = await keys.usage(key.id, days=1)
     assert [(r.model, r.requests, r.prompt_tokens) for r in rows] == [(MODEL, 1, 12)]
+
+
+async def _wake_ups(redis: Redis, pubsub: Any) -> list[bytes]:
+    """The wake-ups published on MODEL's channel since the last call: read up to a marker published now."""
+    marker = b"marker"
+    await redis.publish(key_layout.wake_channel(MODEL), marker)
+    seen: list[bytes] = []
+    async with asyncio.timeout(5):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None and message["data"] == marker:
+                return seen
+            if message is not None:
+                seen.append(message["data"])
+
+
+async def test_on_arq_a_job_joining_waiting_ones_wakes_no_worker(redis: Redis) -> None:
+    queue = await served_queue(redis, QueueBackend.ARQ)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(key_layout.wake_channel(MODEL))
+    await asyncio.gather(*(queue.submit(envelope(f"j{i}")) for i in range(3)))  # one round trip together
+    await queue.submit(envelope("j3"))
+    assert await _wake_ups(redis, pubsub) == [key_layout.WAKE_JOB]  # the first announced them all
+    assert len(await open_source(QueueBackend.ARQ, redis, MODEL, "A", 5).claim(8)) == 4
+    await queue.submit(envelope("j4"))  # nothing waits: announced
+    chunk = contract.ChunkRef(
+        batch_id="b1", index=0, input_file="f", start=0, end=1, first_line=0, lines=1, expires_at=time.time() + 60
+    )
+    chunks = [envelope(f"c{i}").model_copy(update={"chunk": chunk.model_copy(update={"index": i})}) for i in range(3)]
+    await queue.release("b1", chunks, 1.0, time.time())  # three chunks into the empty bulk lane: one wake-up
+    assert await _wake_ups(redis, pubsub) == [key_layout.WAKE_JOB, key_layout.WAKE_JOB]
+    await pubsub.aclose()
+
+
+async def test_on_arq_a_burst_is_all_run_by_a_worker_with_fewer_slots_without_its_poll_timer(redis: Redis) -> None:
+    queue = await served_queue(redis, QueueBackend.ARQ)
+    source = open_source(QueueBackend.ARQ, redis, MODEL, "A", 5)
+    ran: list[str] = []
+
+    async def handler(claim: Claim) -> Done:
+        ran.append(claim.job_id)
+        await asyncio.sleep(0)
+        return Done(time.time() + 5)
+
+    worker = Consumer(
+        source,
+        handler,
+        max_jobs=2,
+        poll_delay=3600.0,  # never fires here: every claim comes from a wake-up or a freed slot
+        renew_interval=60.0,
+        outage=Outage(logging.getLogger("test"), "test"),
+    )
+    running = asyncio.create_task(worker.run())
+    burst = [f"j{i}" for i in range(10)]
+    await asyncio.gather(*(queue.submit(envelope(job_id)) for job_id in burst))
+    async with asyncio.timeout(10):
+        while sorted(ran) != sorted(burst):  # noqa: ASYNC110 - a bounded wait on the consumer under test
+            await asyncio.sleep(0.01)
+    await worker.drain(grace=1)
+    await running
