@@ -101,8 +101,7 @@ def as_error(request: Request, exc: Exception) -> ConveyorError | None:
 
 def _methods_at(request: Request) -> list[str]:
     """Every method some route of the app takes at the request's path."""
-    routes = request.app.routes
-    at_path = [route for route in routes if route.matches(request.scope)[0] != Match.NONE]
+    at_path = [route for route in request.app.routes if route.matches(request.scope)[0] != Match.NONE]
     return sorted({method for route in at_path for method in getattr(route, "methods", None) or ()})
 
 

@@ -51,9 +51,7 @@ def params_key(body: dict[str, Any]) -> bytes:
     params = {k: v for k, v in body.items() if k != "input"}
     try:
         return orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-    except (
-        orjson.JSONEncodeError
-    ):  # what orjson refuses (an extra field's integer past 64 bits) the standard library writes
+    except orjson.JSONEncodeError:  # e.g. an extra field's integer past 64 bits, which the standard library writes
         return json.dumps(params, sort_keys=True).encode()
 
 
