@@ -108,7 +108,8 @@ def bulk_queue_name(model: str) -> str:
 
 
 #: A lane's fair-share state (``conveyor.fair_share``) is under ``<lane key><FAIR_SUFFIX>``: ``tags`` and ``jobs``
-#: (hashes), ``tenant:<key id>`` (sorted sets); in the lane's slot, as the lane's hash tag is kept
+#: (hashes), ``tenant:<key id>`` (sorted sets), on arq ``behind`` (a job given back waits behind the clock:
+#: ``worker.arq_source``); in the lane's slot, as the lane's hash tag is kept
 FAIR_SUFFIX = ":fair:"
 
 

@@ -6,7 +6,8 @@ not used: it exits on a lost connection, holds a claim for ``job_timeout + 10 s`
 ten minutes, then found its data expired), and scans the whole ``arq:abort`` set on every poll. Here:
 
 - a claim is a lease: the in-progress key holds the worker's id and lives ``lease_seconds``, renewed while the job
-  runs; a job whose lease lapsed is claimed again by the next poll of any worker;
+  runs; a job whose lease lapsed is claimed again by the next sweep of any worker (each sweeps every third of a
+  lease; a claim between sweeps walks only the waiting part of the queue);
 - the try count is arq's retry key, expiring with the job; the job's data expires at its deadline, so a job is never
   run after it;
 - a cancel is a per-job marker with an expiry (``key_layout.abort_key``) plus a wake-up naming the job, so nothing
@@ -35,12 +36,14 @@ from worker.key_usage import KeyUsage
 
 #: Lease due jobs nobody holds, in fair order (``conveyor.fair_share``: the job taken at a tag is its key's most
 #: urgent): interactive ones first, up to a limit; then, only when no interactive job is left waiting, bulk ones
-#: (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it finishes), so the
-#: whole due range is walked, a page at a time; its size is bounded by the admission limit. Jobs a gateway of a version
-#: before fair order queued (scored by enqueue time) go first, so a rolling upgrade leaves none behind. A job whose
-#: data expired (deadline passed) is removed. KEYS: interactive queue, bulk queue. ARGV: lease prefix, job prefix,
-#: retry prefix, now ms, lease ms, limit, worker id, bulk limit. Returns id, job data, try count, bulk (0/1) for each
-#: claim, flattened.
+#: (batch chunks) up to their own limit. A queue also lists running jobs (arq removes a job when it finishes). Every
+#: waiting job's tag is at or after the lane's clock (the tag last taken) and every running one's at or before it, so
+#: a claim walks from the clock, a page at a time. A sweep walks from the lane's start instead, where a job taken before
+#: and given up waits (its lease lapsed: a lost worker; or handed back, which marks the lane ``behind`` for the next
+#: claim). Jobs a gateway of a version before fair order queued (scored by enqueue time) go first, so a rolling
+#: upgrade leaves none behind. A job whose data expired (deadline passed) is removed. KEYS: interactive queue, bulk
+#: queue. ARGV: lease prefix, job prefix, retry prefix, now ms, lease ms, limit, worker id, bulk limit, 1 to sweep.
+#: Returns id, job data, try count, bulk (0/1) for each claim, flattened.
 CLAIM_SCRIPT = (
     FAIR_LUA
     + f"local UNFAIR_SCORES = '{UNFAIR_SCORES}'\n"
@@ -52,12 +55,20 @@ local function walk(queue, left, bulk, low, high)
     local page = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, 256)
     if #page == 0 then break end
     offset = offset + #page / 2
+    -- the job taken at a tag may be another of its key's, later in the lane (fair_take): the two swap tags, so the
+    -- page's entry for that job's tag now holds this one (taken there in its turn: tags are taken in order).
+    -- moved: page entry -> the job now at its tag; at: job -> the page entry whose tag it holds
+    local moved, at = {}, {}
     for i = 1, #page, 2 do
-      local id, tag = page[i], page[i + 1]
-      -- the job taken at a tag may be another of its key's (fair_take): this one then waits at that job's tag, which
-      -- this walk has passed, so it is taken (or handed on) again here while there is room
-      while left > 0 and redis.call('EXISTS', ARGV[1] .. id) == 0 do
+      if left == 0 then break end
+      local entry, tag = page[i], page[i + 1]
+      local id = moved[entry] or entry
+      if redis.call('EXISTS', ARGV[1] .. id) == 0 then
         local taken = fair_take(queue, id, tag)
+        if taken ~= id then
+          local held = at[taken] or taken
+          moved[held], at[id] = id, held
+        end
         local job = redis.call('GET', ARGV[2] .. taken)
         if job then
           redis.call('PSETEX', ARGV[1] .. taken, ARGV[5], ARGV[7])
@@ -74,15 +85,19 @@ local function walk(queue, left, bulk, low, high)
           redis.call('DEL', ARGV[3] .. taken)
           offset = offset - 1
         end
-        if taken == id then break end
-        tag = nil
       end
     end
   end
   return left
 end
 local function claim_from(queue, left, bulk)  -- what a gateway before fair order queued (by enqueue ms) goes first
-  return walk(queue, walk(queue, left, bulk, '(' .. UNFAIR_SCORES, ARGV[4]), bulk, '-inf', UNFAIR_SCORES)
+  left = walk(queue, left, bulk, '(' .. UNFAIR_SCORES, ARGV[4])
+  local behind = fair_key(queue, 'behind')
+  local sweep = ARGV[9] == '1' or redis.call('EXISTS', behind) == 1
+  local low = not sweep and redis.call('HGET', fair_key(queue, 'tags'), '') or '-inf'
+  left = walk(queue, left, bulk, low, UNFAIR_SCORES)
+  if sweep and left > 0 then redis.call('DEL', behind) end  -- walked to the end: nothing given up is left behind
+  return left
 end
 local left = claim_from(KEYS[1], tonumber(ARGV[6]), 0)
 if left > 0 then
@@ -122,16 +137,24 @@ redis.call('ZREM', KEYS[8], ARGV[2])
 local k, a, job_id = 9, 3, ARGV[2]
 """
 
-#: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, wake the other workers.
-#: KEYS: wake channel. ARGV: lease prefix, retry prefix, worker id, 1 to keep the try counted, job ids...
+#: Give held jobs back: drop this worker's lease, un-count the try unless told to keep it, mark both lanes ``behind``
+#: (a job given back waits behind the clock: the next claim sweeps; the mark lapses with a lease, as every worker
+#: sweeps that often) and wake the other workers. KEYS: queue, bulk queue, wake channel. ARGV: lease prefix, retry
+#: prefix, worker id, 1 to keep the try counted, lease ms, job ids...
 HAND_BACK_SCRIPT = """
-for i = 5, #ARGV do
+local handed = 0
+for i = 6, #ARGV do
   if redis.call('GET', ARGV[1] .. ARGV[i]) == ARGV[3] then
     redis.call('DEL', ARGV[1] .. ARGV[i])
     if ARGV[4] == '0' and redis.call('EXISTS', ARGV[2] .. ARGV[i]) == 1 then redis.call('DECR', ARGV[2] .. ARGV[i]) end
+    handed = handed + 1
   end
 end
-publish(KEYS[1], 'job')
+if handed > 0 then
+  redis.call('PSETEX', fair_key(KEYS[1], 'behind'), ARGV[5], 1)
+  redis.call('PSETEX', fair_key(KEYS[2], 'behind'), ARGV[5], 1)
+end
+publish(KEYS[3], 'job')
 return 0
 """
 
@@ -150,8 +173,9 @@ class ArqJobSource:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
-        self._hand_back = redis.register_script(redis_client.publish_lua(redis) + HAND_BACK_SCRIPT)
+        self._hand_back = redis.register_script(FAIR_LUA + redis_client.publish_lua(redis) + HAND_BACK_SCRIPT)
         self._pipeliner = Pipeliner(redis)
+        self._next_sweep = 0.0  # the first claim sweeps
 
     @property
     def _lease_ms(self) -> int:
@@ -161,9 +185,12 @@ class ArqJobSource:
         if limit <= 0:
             return []
         now_ms = int(time.time() * 1000)
+        sweep = time.monotonic() >= self._next_sweep  # a third of a lease: a lapsed lease is taken up soon after
+        if sweep:
+            self._next_sweep = time.monotonic() + self.lease_seconds / 3
         args: list[str | int] = [
             *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
-            *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit),
+            *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit, int(sweep)),
         ]
         flat = await self._claim(keys=[self.queue, self.bulk_queue], args=args)
         claims = []
@@ -206,8 +233,9 @@ class ArqJobSource:
 
     async def hand_back(self, job_ids: Sequence[str], count_try: bool) -> None:
         if job_ids:
-            args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, int(count_try), *job_ids]
-            await self._hand_back(keys=[key_layout.wake_channel(self.model)], args=args)
+            args: list[str | int] = [in_progress_key_prefix, retry_key_prefix, self.worker_id, int(count_try)]
+            keys = [self.queue, self.bulk_queue, key_layout.wake_channel(self.model)]
+            await self._hand_back(keys=keys, args=[*args, self._lease_ms, *job_ids])
 
     async def listen(self, on_job: Callable[[], None], on_abort: Callable[[str], None]) -> None:
         await wakeups.listen(self.redis, self.model, on_job, on_abort)

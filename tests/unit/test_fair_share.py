@@ -3,6 +3,7 @@ claim. Each test runs on arq's layout and on Redis Streams."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -121,6 +122,33 @@ async def test_one_claim_takes_every_waiting_job_it_has_room_for_when_a_more_urg
     await queue.submit(job("urgent", None, deadline_in=30))
     claims = await worker.claim(2)
     assert sorted(c.job_id for c in claims) == ["early", "urgent"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_claims_of_any_size_fill_their_room_while_jobs_of_mixed_keys_and_urgency_wait(
+    redis: Redis, queue: RedisJobQueue, seed: int
+) -> None:
+    """Jobs of three keys with mixed priorities and deadlines arrive between claims of random sizes, so fair order
+    hands tags around within each key: every claim takes as many as it has room for while jobs wait (on arq a claim
+    between sweeps walks from the lane's clock, and one job passed over would wait for a sweep), each job once."""
+    rng = random.Random(seed)
+    owners = [await tenant(redis, name) for name in "abc"]
+    worker = open_source(queue.BACKEND, redis, MODEL, "w1", 3600.0)  # sweeps at its first claim only
+    submitted: list[str] = []
+    claimed: list[str] = []
+    while len(submitted) < 80 or len(claimed) < len(submitted):
+        for _ in range(rng.randint(0, 4) if len(submitted) < 80 else 0):
+            urgency = {"priority": rng.choice([None, -1, 1]), "deadline_in": rng.uniform(30, 90)}
+            await queue.submit(job(f"j{len(submitted)}", rng.choice(owners), **urgency))
+            submitted.append(f"j{len(submitted)}")
+        waiting = len(submitted) - len(claimed)
+        if waiting:
+            room = rng.randint(1, 4)
+            claims = await worker.claim(room)
+            if queue.BACKEND is QueueBackend.ARQ:  # Streams: see the README's Limits (a claim may come up short)
+                assert len(claims) == min(room, waiting)
+            claimed += [c.job_id for c in claims]
+    assert sorted(claimed) == sorted(submitted)
 
 
 async def test_a_priority_orders_only_its_own_keys_jobs(redis: Redis, queue: RedisJobQueue, worker: JobSource) -> None:
