@@ -67,6 +67,7 @@ TAKE_SCRIPT = (
 local group, me = ARGV[1], ARGV[2]
 local room, bulk_room = tonumber(ARGV[6]), tonumber(ARGV[7])
 local out = {ARGV[9], ARGV[10], 0}
+local appended = 0  -- entries this script added to a lane for a job whose entry went to another (fairest)
 local function drop(lane, entry)
   redis.call('XACK', lane, group, entry)
   redis.call('XDEL', lane, entry)
@@ -87,6 +88,7 @@ local function fairest(lane, entry, id)
         drop(lane, theirs)
         if redis.call('EXISTS', ARGV[3] .. id) == 1 then
           redis.call('HSET', ARGV[3] .. id, 'entry', redis.call('XADD', lane, '*', 'id', id))
+          appended = appended + 1
         else
           fair_leave(ready, id)
           redis.call('ZREM', ready, id)
@@ -156,12 +158,18 @@ local function read(l, count)  -- how many new entries there were
   for _, item in ipairs(got[1][2]) do take(l, item[1], item[2][2]) end
   return #got[1][2]
 end
+-- until the room is filled or the lane read dry: an entry read may go to a job that came later (fairest), and the
+-- job it named then waits behind a new entry at the lane's end, which the next read brings
+local function read_dry(l)
+  while room > 0 and (l == 1 or bulk_room > 0) do
+    local wanted = l == 1 and room or math.min(room, bulk_room)
+    appended = 0
+    if read(l, wanted) < wanted and appended == 0 then return end
+  end
+end
 if ARGV[11] == '1' then
-  -- until the room is filled or the lane read dry: an entry read may go to a job that came later (fairest), and the
-  -- job it named then waits behind a new entry, which the next read brings
-  local wanted = room
-  while wanted > 0 and read(1, wanted) == wanted do wanted = room end
-  if room > 0 then read(2, math.min(room, bulk_room)) end
+  read_dry(1)
+  read_dry(2)
 end
 return out
 """
