@@ -12,7 +12,8 @@ order is exact however many gateways and workers there are. Per lane (``key_layo
 its waiting jobs by priority whose members start with the deadline (equal scores sort by member). A tenant's entries
 leave when its last waiting job does, so the state is bounded by the jobs waiting.
 
-A job taken once leaves the fair state: if its worker is lost, its tag, already behind the clock, puts it first.
+A job taken once leaves the fair state: if its worker is lost, its tag, already behind the clock, puts it first
+(on arq, at the next sweep: claims between sweeps start at the clock, ``worker.arq_source``).
 """
 
 from __future__ import annotations
