@@ -266,7 +266,7 @@ def main() -> None:
     print(f"(the load generator, py-spy, the rest): {outside:.0f}% of one core")
     if system.redis_pid:
         per_chunk = f", {1000 * redis_used / chunks:.3f} ms per stream chunk" if chunks else ""
-        print(f"Redis: {1000 * redis_used / requests:.2f} ms of CPU per request{per_chunk}")
+        print(f"Redis: {1000 * redis_used / requests:.3f} ms of CPU per request{per_chunk}")
         print("\n".join(commands))
     for name in pids:
         per_chunk = f", {1000 * used[name] / chunks:.3f} ms per stream chunk ({chunks} chunks)" if chunks else ""
