@@ -185,9 +185,10 @@ class ArqJobSource:
         if limit <= 0:
             return []
         now_ms = int(time.time() * 1000)
-        sweep = time.monotonic() >= self._next_sweep  # a third of a lease: a lapsed lease is taken up soon after
+        now = time.monotonic()
+        sweep = now >= self._next_sweep  # every third of a lease: a lapsed lease is taken up soon after
         if sweep:
-            self._next_sweep = time.monotonic() + self.lease_seconds / 3
+            self._next_sweep = now + self.lease_seconds / 3
         args: list[str | int] = [
             *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
             *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit, int(sweep)),
