@@ -4,7 +4,7 @@ An item goes at once when nothing is on its way; items that arrive while a group
 in the next one. Each caller awaits its own item's result, or the group's failure as its own; a caller cancelled
 before its group went takes its item back. A caller's items leave in the order it sends them (it awaits each before
 sending the next). ``Pipeliner`` sends a group of script calls in one round trip; ``worker.frames`` sends a group of
-stream frames as one script call.
+stream frames, and ``gateway.redis_queue`` a group of one model's admissions, as one script call.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ class Pipeliner(Grouped[ScriptCall, Any]):
     async def call(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """The script's reply, sent in the next group."""
         return await self.send((script, keys, args))
+
+    async def run(self, calls: list[ScriptCall]) -> list[Any]:
+        """These calls' replies, at once in one round trip (for a caller that groups its own items)."""
+        return await self._execute(calls)
 
     async def _execute(self, calls: list[ScriptCall], again: bool = False) -> list[Any]:
         """One round trip for the group, once its scripts are loaded (a round trip each, the first time only). Calls

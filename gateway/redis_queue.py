@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import ClassVar
@@ -21,7 +22,7 @@ from conveyor.contract import CAPABILITY_FOR_KIND, JobEnvelope, QueueBackend
 from conveyor.errors import InvalidRequest, NoLiveWorker, Overloaded
 from conveyor.fair_share import fair_args
 from conveyor.outage import REDIS_DOWN
-from conveyor.pipeliner import Pipeliner
+from conveyor.pipeliner import Grouped, Pipeliner, ScriptCall
 from gateway import rate_limits
 from gateway.directory import ModelDirectory
 from gateway.key_admission import KeyAdmission, KeyLimits
@@ -78,6 +79,15 @@ return 1
 RELEASED_GRACE_SECONDS = 86_400.0
 
 
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """One job's part of its model's admission call: its key, and its arguments (``admission.lua``, per job)."""
+
+    model: str
+    job_key: str
+    args: list[str | int | float | bytes]
+
+
 class Admission(IntEnum):
     """Result codes of ``admission.lua``."""
 
@@ -121,8 +131,10 @@ class RedisJobQueue(ABC):
         self._charge = redis.register_script(key_layout.RATE_WINDOW_LUA + CHARGE_LUA)
         self._enqueue_chunks = redis.register_script(publish + self.LANE_LUA + ENQUEUE_LUA)
         self._cancel = redis.register_script(publish + self.CANCEL_LUA)
-        #: admissions of requests arriving together go to Redis in one pipeline: one write and one read for them all
-        self._admissions = Pipeliner(redis)
+        #: admissions of requests arriving together go to Redis together: one script call per model for them all, in
+        #: one round trip
+        self._admissions: Grouped[Admit, tuple[int, int]] = Grouped(self._admit_group)
+        self._pipeliner = Pipeliner(redis)
 
     # --- the backend's layout -----------------------------------------------------------------------------------
 
@@ -163,25 +175,16 @@ class RedisJobQueue(ABC):
             reserved, windows = await self.key_limits.reserve(tenant, envelope, now)
             if reserved != KeyAdmission.RESERVED:
                 raise rate_limits.refusal(reserved, tenant, model, windows, cost, self.settings.retry_after_seconds)
-        keys = [
-            key_layout.model_workers_key(model),
-            key_layout.model_card_key(model),
-            self.lane(model),
-            self.job_prefix(model) + envelope.request_id,
-            key_layout.wake_channel(model),
-            key_layout.scale_to_zero_key(model),
-        ]
         args: list[str | int | float | bytes] = [
-            repr(now),
-            self.settings.max_queue_depth,
             CAPABILITY_FOR_KIND[envelope.kind],
             job,
             max(int(envelope.seconds_left() * 1000), 1),
             envelope.request_id,
             *fair_args(envelope),
         ]
+        admit = Admit(model, self.job_prefix(model) + envelope.request_id, args)
         with redis_errors():  # a failed call may have enqueued the job: its key keeps the charge
-            code, depth = await self._admissions.call(self._admit_and_enqueue, keys, args)
+            code, depth = await self._admissions.send(admit)
         if code != Admission.ENQUEUED and tenant is not None:
             await self.key_limits.refund(tenant, windows, envelope.request_id)
         admitted = code == Admission.ENQUEUED
@@ -209,6 +212,30 @@ class RedisJobQueue(ABC):
         if code == Admission.DUPLICATE:
             raise InvalidRequest(f"request id {envelope.request_id} is already queued", code="duplicate_request")
         return rate_headers
+
+    async def _admit_group(self, group: list[Admit]) -> list[tuple[int, int]]:
+        """Admit a group: one ``admission.lua`` call per model, in one round trip; (code, depth before) per item."""
+        by_model: dict[str, list[int]] = {}
+        for i, admit in enumerate(group):
+            by_model.setdefault(admit.model, []).append(i)
+        now = repr(time.time())
+        calls: list[ScriptCall] = []
+        for model, items in by_model.items():
+            keys = [
+                key_layout.model_workers_key(model),
+                key_layout.model_card_key(model),
+                self.lane(model),
+                key_layout.wake_channel(model),
+                key_layout.scale_to_zero_key(model),
+                *(group[i].job_key for i in items),
+            ]
+            args = [now, self.settings.max_queue_depth, *(arg for i in items for arg in group[i].args)]
+            calls.append((self._admit_and_enqueue, keys, args))
+        results: list[tuple[int, int]] = [(0, 0)] * len(group)
+        for items, replies in zip(by_model.values(), await self._pipeliner.run(calls), strict=True):
+            for n, i in enumerate(items):
+                results[i] = (int(replies[2 * n]), int(replies[2 * n + 1]))
+        return results
 
     async def cancel(self, envelope: JobEnvelope) -> None:
         """Cancel a job; it no longer counts against its API key's queued jobs (on the key's slot, apart)."""

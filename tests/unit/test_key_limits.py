@@ -55,9 +55,9 @@ class Admission:
             key_layout.model_workers_key(MODEL),
             key_layout.model_card_key(MODEL),
             key_layout.queue_name(MODEL),
-            f"arq:job:{job_id}",
             key_layout.wake_channel(MODEL),
             key_layout.scale_to_zero_key(MODEL),
+            f"arq:job:{job_id}",
         ]
         args: list[Any] = [repr(now), 1000, "generate", b"job", 60_000, job_id, *fair_args(envelope)]
         code, depth = await self.script(keys=keys, args=args)

@@ -16,7 +16,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from conveyor import contract, key_layout, registry
 from conveyor.contract import JobEnvelope, JobKind, QueueBackend, TenantRef
-from conveyor.errors import NoLiveWorker
+from conveyor.errors import NoLiveWorker, Overloaded
 from conveyor.keys import KeyCreate, KeyStore
 from conveyor.outage import Outage
 from gateway.directory import ModelDirectory
@@ -287,6 +287,48 @@ async def test_a_gateway_on_another_backend_than_the_models_workers_is_refused_n
     assert await layout.depth() == 0 and await mismatched.state(envelope("lost")) is JobState.GONE
     await queue.submit(envelope("served"))  # the workers' own backend is admitted as ever
     assert await layout.depth() == 1
+
+
+async def test_admissions_arriving_together_go_as_one_script_call_per_model_each_answered_on_its_own(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = layout.redis
+    queue = await served_queue(redis, layout.backend, max_depth=3)
+    other = registry.WorkerInfo(
+        worker_id="w2", model="m2", capabilities=["generate"], max_jobs=8, host="h", pid=1, started=time.time()
+    )
+    await registry.heartbeat(redis, other.model_copy(update={"queue_backend": layout.backend}), ttl=60)
+    await queue.submit(envelope("queued"))
+    script_calls_per_send: list[int] = []
+    send = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    group = [
+        envelope("a"),
+        envelope("queued"),  # its id is queued already
+        envelope("e").model_copy(update={"kind": JobKind.EMBEDDING}),  # the model's workers cannot embed
+        envelope("b"),
+        envelope("c"),  # the model's depth is 3 with b: full
+        envelope("o").model_copy(update={"model": "m2"}),
+    ]
+    results = await asyncio.gather(*(queue.submit(e) for e in group), return_exceptions=True)
+    assert [n for n in script_calls_per_send if n] == [2]  # one send: a script call for each model
+    assert [r if isinstance(r, dict) else getattr(r, "code", r) for r in results] == [
+        {},
+        "duplicate_request",
+        "unsupported_model_capability",
+        {},
+        "queue_full",
+        {},
+    ]
+    assert isinstance(results[4], Overloaded) and "has 3 jobs queued or running (limit 3)" in results[4].message
+    assert [await queue.state(envelope(i)) for i in ("a", "b", "c", "e")] == [JobState.QUEUED] * 2 + [JobState.GONE] * 2
+    assert await queue.state(envelope("o").model_copy(update={"model": "m2"})) is JobState.QUEUED
+    assert await layout.depth() == 3
 
 
 async def test_on_a_cluster_a_finish_answers_then_removes_then_accounts_apart(redis: Redis) -> None:
