@@ -42,8 +42,8 @@ from worker.key_usage import KeyUsage
 #: and given up waits (its lease lapsed: a lost worker; or handed back, which marks the lane ``behind`` for the next
 #: claim). Jobs a gateway of a version before fair order queued (scored by enqueue time) go first, so a rolling
 #: upgrade leaves none behind. A job whose data expired (deadline passed) is removed. KEYS: interactive queue, bulk
-#: queue. ARGV: lease prefix, job prefix, retry prefix, now ms, lease ms, limit, worker id, bulk limit, 1 to sweep.
-#: Returns id, job data, try count, bulk (0/1) for each claim, flattened.
+#: queue. ARGV: lease prefix, job prefix, retry prefix, now ms, lease ms, limit, worker id, bulk limit, 1 to sweep,
+#: progress prefix. Returns id, job data, try count, bulk (0/1), has progress (0/1) for each claim, flattened.
 CLAIM_SCRIPT = (
     FAIR_LUA
     + f"local UNFAIR_SCORES = '{UNFAIR_SCORES}'\n"
@@ -79,6 +79,7 @@ local function walk(queue, left, bulk, low, high)
           out[#out + 1] = job
           out[#out + 1] = tries
           out[#out + 1] = bulk
+          out[#out + 1] = redis.call('EXISTS', ARGV[10] .. taken)
           left = left - 1
         else
           redis.call('ZREM', queue, taken)
@@ -192,13 +193,14 @@ class ArqJobSource:
         args: list[str | int] = [
             *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
             *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit, int(sweep)),
+            key_layout.progress_key(self.model, ""),
         ]
         flat = await self._claim(keys=[self.queue, self.bulk_queue], args=args)
         claims = []
-        for i in range(0, len(flat), 4):
+        for i in range(0, len(flat), 5):
             job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
             fence = Fence(in_progress_key_prefix + job_id, self.worker_id)
-            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence))
+            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence, progress=bool(flat[i + 4])))
         return claims
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:

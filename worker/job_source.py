@@ -35,6 +35,10 @@ class Claim:
     bulk: bool = False
     #: the lease's fence: what a stream's frames are published under (``worker.migration``)
     fence: Fence | None = None
+    #: whether the job had progress recorded when it was claimed (a generation cut on another worker: its cut is read
+    #: before it goes on, ``worker.migration``); False: it starts afresh, with nothing to read. No other worker can
+    #: record any once the claim holds the lease.
+    progress: bool = True
 
 
 @dataclass(frozen=True, slots=True)

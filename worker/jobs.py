@@ -94,9 +94,11 @@ class JobRunner:
         with logs.about(envelope.request_id, envelope.model):
             if claim.tries > 1:
                 log.info("running again (try %d) after its worker was lost", claim.tries)
-            return await self.run(envelope, claim.fence)
+            return await self.run(envelope, claim.fence, claim.progress)
 
-    async def run(self, envelope: JobEnvelope, fence: Fence | None = None) -> Done:
+    async def run(self, envelope: JobEnvelope, fence: Fence | None = None, progress: bool = True) -> Done:
+        """Run a job; ``progress``: it may have been cut on another worker (False when its claim found nothing
+        recorded: no cut is read)."""
         kind = _kind(envelope)
         started = time.time()
         metrics.labelled(metrics.QUEUE_WAIT, self.model).observe(max(0.0, started - envelope.created))
@@ -115,10 +117,10 @@ class JobRunner:
                 return done
             async with self.share.interactive():
                 if envelope.stream:
-                    outcome, tokens = await self._stream(envelope, left, fence)
+                    outcome, tokens = await self._stream(envelope, left, fence, progress)
                     return Done(envelope.deadline, usage=KeyUsage.of(envelope, int(outcome == "ok"), *tokens))
                 if self._continuable(envelope):
-                    outcome, reply = await self._generate(envelope, left, fence)
+                    outcome, reply = await self._generate(envelope, left, fence, progress)
                 else:
                     outcome, reply = await self._complete(envelope, left)
             tokens = key_usage.tokens_in_body(reply.body) if envelope.tenant and reply.body else (0, 0)
@@ -149,7 +151,9 @@ class JobRunner:
             return _outcome(error), Reply(envelope.request_id, error=error.info())
         return "ok", Reply(envelope.request_id, body=contract.json_bytes(body))
 
-    async def _stream(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, tuple[int, int]]:
+    async def _stream(
+        self, envelope: JobEnvelope, left: float, fence: Fence | None, progress: bool
+    ) -> tuple[str, tuple[int, int]]:
         """Publish the stream's frames, each with what it adds to the completion (``worker.migration``), going on
         where an earlier worker was cut; returns the outcome and, for a job with an API key, the engine's usage (asked
         of the engine even when the client did not ask for it, and then not passed on)."""
@@ -157,7 +161,7 @@ class JobRunner:
         asked = bool((body.get("stream_options") or {}).get("include_usage"))
         if counted and not asked:
             body = body | {"stream_options": (body.get("stream_options") or {}) | {"include_usage": True}}
-        cut = await self.migration.cut(rid, envelope.deadline)
+        cut = await self.migration.cut(rid, envelope.deadline) if progress else None
         seq, tokens = (cut.progress.seq if cut else 0), (0, 0)
         try:
             resume, body = self._continuation(envelope, cut, body)
@@ -191,14 +195,16 @@ class JobRunner:
         kind, body = envelope.kind, envelope.body
         return kind.generates and self.migration.enabled and not self.engine.unresumable(kind, body)
 
-    async def _generate(self, envelope: JobEnvelope, left: float, fence: Fence | None) -> tuple[str, Reply]:
+    async def _generate(
+        self, envelope: JobEnvelope, left: float, fence: Fence | None, progress: bool
+    ) -> tuple[str, Reply]:
         """A non-streamed chat or completion run as a stream whose chunks (with their tokens) are recorded every
         ``RECORD_SECONDS``: a worker that continues it after a cut regenerates at most what was not recorded, and the
         answer is built from every chunk at the end (``Engine.answer``)."""
         rid, kind = envelope.request_id, envelope.kind
         body = envelope.body | {"stream_options": {"include_usage": True}}
         try:
-            cut = await self.migration.cut(rid, envelope.deadline)
+            cut = await self.migration.cut(rid, envelope.deadline) if progress else None
         except REDIS_DOWN:  # unreadable: run it from the start, recording nothing (nothing was sent of it)
             cut, recorded = None, -1
         else:

@@ -58,8 +58,8 @@ CONSUMER_IDLE_SECONDS = 600.0
 #: holds is left to it; one beyond this claim's room goes back to its lane's end; a nudge (no job id: a hand-back's) is
 #: dropped and reported. KEYS: lane, bulk lane. ARGV: 1 group, 2 worker id, 3 record prefix, 4 lease prefix, 5 lease ms,
 #: 6 room, 7 bulk room, 8 sweep min idle ms (0: no sweep), 9 and 10 the lanes' sweep cursors, 11 read new entries
-#: (1/0), then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, 1 if a nudge was read (else 0),
-#: then id, data, tries, bulk (0/1) per job taken up}.
+#: (1/0), 12 progress prefix, then (lane 1|2, entry, job id) per entry read. Returns {the two next cursors, 1 if a
+#: nudge was read (else 0), then id, data, tries, bulk (0/1), has progress (0/1) per job taken up}.
 TAKE_SCRIPT = (
     FAIR_LUA
     + f"local READY, OWNERS = '{key_layout.STREAM_READY_SUFFIX}', '{key_layout.STREAM_OWNERS_SUFFIX}'\n"
@@ -131,6 +131,7 @@ local function take(l, entry, id, owned)  -- owned: id is the entry's noted owne
   out[#out + 1] = job[1]
   out[#out + 1] = redis.call('HINCRBY', record, 'tries', 1)
   out[#out + 1] = l - 1
+  out[#out + 1] = redis.call('EXISTS', ARGV[12] .. id)
 end
 if tonumber(ARGV[8]) > 0 then
   for l = 1, 2 do
@@ -150,7 +151,7 @@ if tonumber(ARGV[8]) > 0 then
     end
   end
 end
-for i = 12, #ARGV, 3 do take(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
+for i = 13, #ARGV, 3 do take(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]) end
 local function read(l, count)  -- how many new entries there were
   if count <= 0 then return 0 end
   local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', KEYS[l], '>')
@@ -302,6 +303,7 @@ class StreamsJobSource:
     ) -> list[Claim]:
         args: list[str | int | bytes] = [key_layout.STREAM_GROUP, self.worker_id, self.records, self.leases]
         args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors, int(read_new)]
+        args.append(key_layout.progress_key(self.model, ""))
         for lane, entry, job_id in read:
             args += [lane, entry, job_id]
         first, second, nudged, *flat = await self._take(keys=list(self.lanes), args=args)
@@ -309,9 +311,10 @@ class StreamsJobSource:
         if nudged:  # a job was handed back: take it up before new work
             self._next_sweep = 0.0
         claims = []
-        for i in range(0, len(flat), 4):
+        for i in range(0, len(flat), 5):
             job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
-            claims.append(Claim(job_id, _envelope(raw), tries, bulk, Fence(self.leases + job_id, self.worker_id)))
+            fence = Fence(self.leases + job_id, self.worker_id)
+            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence, progress=bool(flat[i + 4])))
         return claims
 
     async def _wait_for_entries(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:

@@ -120,6 +120,20 @@ async def _frames_of_a_run(redis: Redis, body: dict[str, Any]) -> list[StreamFra
     return frames
 
 
+async def test_a_generation_claimed_with_no_progress_recorded_reads_no_cut(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = JobRunner(redis, FakeEngine("m"), "m")
+
+    async def no_cut(request_id: str, deadline: float) -> None:
+        raise AssertionError("read a cut its claim said was not there")
+
+    monkeypatch.setattr(runner.migration, "cut", no_cut)
+    for stream in (False, True):  # a non-streamed chat runs as a stream too, recording its progress
+        done = await runner.job(Claim("req", envelope(stream).model_dump(mode="json"), 1, progress=False))
+        assert done.delivery is None if stream else reply_of(done).error is None
+
+
 @pytest.mark.parametrize("cut_after", [1, 3, 4, 5, 6], ids=lambda n: f"{n}-frames")
 async def test_a_stream_cut_anywhere_goes_on_with_exactly_the_frames_left(redis: Redis, cut_after: int) -> None:
     """An uninterrupted stream (role, 3 tokens, finish, usage, end: 7 frames), then the same stream cut after

@@ -147,6 +147,18 @@ async def test_a_lapsed_lease_is_claimed_again_with_its_try_counted(layout: Layo
     assert await layout.redis.pttl(layout.tries("j")) > 0  # the try count expires with the job
 
 
+async def test_a_claim_says_whether_its_job_was_cut_with_progress_recorded(
+    layout: Layout, queue: RedisJobQueue
+) -> None:
+    await queue.submit(envelope("j"))
+    (first,) = await source(layout, "A").claim(1)
+    assert not first.progress  # a fresh start: the runner reads no cut
+    await layout.redis.rpush(key_layout.progress_key(MODEL, "j"), b"a frame's entry")  # as A's stream recorded
+    await layout.lapse("j", "A")
+    (again,) = await source(layout, "B").claim(1)
+    assert again.job_id == "j" and again.progress
+
+
 async def test_a_live_lease_is_not_taken_over(layout: Layout, queue: RedisJobQueue) -> None:
     await queue.submit(envelope("j"))
     assert len(await source(layout, "A").claim(1)) == 1
