@@ -212,18 +212,18 @@ class JobRunner:
         chunks = [orjson.loads(chunk) for chunk in cut.progress.chunks] if cut else []
         try:
             resume, body = self._continuation(envelope, cut, body)
-            pending: list[bytes] = []
+            pending: list[Piece] = []  # not recorded yet (their entries are written only when recorded)
             last = time.monotonic()
             async with asyncio.timeout(left):
                 pieces = self.engine.stream(kind, body, rid, resume) if resume is not DONE else _nothing()
                 async for piece in pieces:
-                    raw = contract.json_bytes(piece.chunk)
-                    chunks.append(orjson.loads(raw))
-                    pending.append(StreamProgress.entry(piece.token_ids, piece.prompt_token_ids, "", raw, *piece.marks))
+                    chunks.append(piece.chunk if isinstance(piece.chunk, dict) else orjson.loads(piece.chunk))
+                    pending.append(piece)
                     if recorded >= 0 and time.monotonic() - last >= RECORD_SECONDS:
                         last = time.monotonic()
+                        entries = [_recorded(p) for p in pending]
                         with contextlib.suppress(*REDIS_DOWN):  # an outage: recorded later, the answer still comes
-                            await self.migration.record(fence, rid, pending, recorded, envelope.deadline)
+                            await self.migration.record(fence, rid, entries, recorded, envelope.deadline)
                             recorded, pending = recorded + len(pending), []
         except LeaseLost:
             raise
@@ -298,6 +298,12 @@ class JobRunner:
 
 #: a continuation with nothing left to generate: the cut came after the finish and the usage were sent
 DONE = Resume(())
+
+
+def _recorded(piece: Piece) -> bytes:
+    """A non-streamed generation's piece as its progress entry: its tokens, and its chunk to build the answer from."""
+    raw = contract.json_bytes(piece.chunk)
+    return StreamProgress.entry(piece.token_ids, piece.prompt_token_ids, "", raw, *piece.marks)
 
 
 async def _nothing() -> AsyncIterator[Piece]:
