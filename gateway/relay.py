@@ -60,6 +60,13 @@ class FrameReader:
             raw = self.messages.get_nowait()  # the common case mid-stream, and far cheaper than a timed wait
         except asyncio.QueueEmpty:
             raw = await self._wait()
+        return self._frame(raw)
+
+    def ready(self) -> StreamFrame | None:
+        """The next frame if it has arrived already, else None."""
+        return None if self.messages.empty() else self._frame(self.messages.get_nowait())
+
+    def _frame(self, raw: Any) -> StreamFrame:
         if raw is CONNECTION_LOST:
             raise BackendUnavailable("Lost the connection to the queue backend mid-stream.")
         frame = StreamFrame.decode(raw)
@@ -118,6 +125,9 @@ class StreamRelay:
         return self._events
 
     async def _relay(self, frame: StreamFrame) -> AsyncIterator[bytes]:
+        """The stream's events. Frames that have arrived together (a worker sends a job's ready frames in one go) are
+        written together: one write to the client's socket for them, each still its own event."""
+        events = b""  # not written yet
         try:
             while True:
                 if frame.seq != self.reader.relayed:
@@ -129,13 +139,18 @@ class StreamRelay:
                     break
                 if frame.type == "error":
                     raise RemoteError(frame.error_info())
-                yield b"data: " + frame.payload + b"\n\n"
+                events += b"data: " + frame.payload + b"\n\n"
                 self.reader.relayed += 1
-                frame = await self.reader.next()
+                ready = self.reader.ready()
+                if ready is None:
+                    yield events
+                    events = b""
+                    ready = await self.reader.next()
+                frame = ready
         except ConveyorError as exc:  # failed mid-stream: an error event, then the end of the stream
             self._end(exc.status, exc.code or exc.type)
-            yield sse(exc.body())
-        yield DONE
+            events += sse(exc.body())
+        yield events + DONE
 
     def _end(self, status: int, reason: str | None) -> None:
         self.status, self.reason = status, reason
