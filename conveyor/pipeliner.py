@@ -97,8 +97,8 @@ class Pipeliner(Grouped[ScriptCall, Any]):
         for script in {script.sha: script for script, _, _ in calls if script.sha not in self._loaded}.values():
             await self.redis.script_load(script.script)
             self._loaded.add(script.sha)
-        with connection_closed_in_use():
-            results = await self._round_trip(calls)
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+        results = await round_trip(self.redis, commands)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         self._loaded -= {calls[i][0].sha for i in missing}
         if missing and not again:
@@ -110,17 +110,20 @@ class Pipeliner(Grouped[ScriptCall, Any]):
                 raise result
         return results
 
-    async def _round_trip(self, calls: list[ScriptCall]) -> list[Any]:
-        pool = self.redis.connection_pool
+
+async def round_trip(redis: Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Commands written at once on one connection of the client's pool (not a cluster's), and their raw replies read
+    in order; a command that failed has its ``ResponseError`` as its reply, the others' replies follow."""
+    pool = redis.connection_pool
+    with connection_closed_in_use():
         connection = await pool.get_connection()
         try:
-            commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
             await connection.send_packed_command(connection.pack_commands(commands))
             results: list[Any] = []
-            for _ in calls:
+            for _ in commands:
                 try:
                     results.append(await connection.read_response())
-                except ResponseError as exc:  # that call's error: the others' replies follow
+                except ResponseError as exc:  # that command's error: the others' replies follow
                     results.append(exc)
             return results
         except BaseException:

@@ -17,10 +17,13 @@ from collections.abc import Awaitable
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from conveyor import key_layout
 from conveyor.contract import Reply
 from conveyor.outage import REDIS_DOWN, Outage
+from conveyor.pipeliner import round_trip
+from conveyor.redis_client import is_cluster
 
 log = logging.getLogger("conveyor.gateway")
 
@@ -38,6 +41,7 @@ class ReplyInbox:
         self.key = key_layout.inbox_key(self.gateway_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self.cluster = is_cluster(redis)
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_forever(), name="reply-inbox")
@@ -64,9 +68,8 @@ class ReplyInbox:
     async def _read_forever(self) -> None:
         while True:
             try:
-                popped = await cast(Awaitable[list[bytes] | None], self.redis.blpop([self.key], timeout=READ_SECONDS))
+                popped, more = await self._pop()
                 if popped is not None:
-                    more = await cast(Awaitable[list[bytes] | None], self.redis.lpop(self.key, BATCH))
                     for raw in [popped[1], *(more or [])]:
                         self._dispatch(raw)
                 self.outage.ok()
@@ -77,6 +80,19 @@ class ReplyInbox:
             except Exception as exc:  # every non-streamed answer comes through here: the reader must not end
                 log.exception("the reply inbox's reader failed; reading on")
                 await asyncio.sleep(self.outage.failed(exc))
+
+    async def _pop(self) -> tuple[list[bytes] | None, list[bytes] | None]:
+        """The first answer to arrive (``BLPOP``), and those that had arrived with it (``LPOP``). Both go in one round
+        trip: Redis runs the ``LPOP`` as soon as the ``BLPOP`` is answered (on a cluster: one after the other)."""
+        if self.cluster:
+            popped = await cast(Awaitable[list[bytes] | None], self.redis.blpop([self.key], timeout=READ_SECONDS))
+            more = await cast(Awaitable[list[bytes] | None], self.redis.lpop(self.key, BATCH)) if popped else None
+            return popped, more
+        replies = await round_trip(self.redis, [("BLPOP", self.key, READ_SECONDS), ("LPOP", self.key, BATCH)])
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies[0], replies[1]
 
     def _dispatch(self, raw: bytes) -> None:
         try:

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+import gateway.inbox
 from conveyor.contract import Reply
 from conveyor.outage import Outage
+from conveyor.pipeliner import round_trip
 from gateway.inbox import ReplyInbox
 
 
@@ -19,15 +21,14 @@ async def test_the_reader_reads_on_after_an_error_that_is_not_redis_being_down(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inbox = ReplyInbox(redis, Outage(logging.getLogger("test"), "gateway"))
-    blpop = redis.blpop
     failures = [RuntimeError("a client library's own failure")]
 
     async def failing_once(*args: Any, **kwargs: Any) -> Any:
         if failures:
             raise failures.pop()
-        return await blpop(*args, **kwargs)
+        return await round_trip(*args, **kwargs)
 
-    monkeypatch.setattr(redis, "blpop", failing_once)
+    monkeypatch.setattr(gateway.inbox, "round_trip", failing_once)
     answer = inbox.expect("request-1")
     inbox.start()
     try:
