@@ -48,11 +48,11 @@ CLAIM_SCRIPT = (
     FAIR_LUA
     + f"local UNFAIR_SCORES = '{UNFAIR_SCORES}'\n"
     + """
-local out = {}
+local out, PAGE = {}, 256
 local function walk(queue, left, bulk, low, high)
   local offset = 0
   while left > 0 do
-    local page = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, 256)
+    local page = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, PAGE)
     if #page == 0 then break end
     offset = offset + #page / 2
     -- the job taken at a tag may be another of its key's, later in the lane (fair_take): the two swap tags, so the
@@ -88,6 +88,7 @@ local function walk(queue, left, bulk, low, high)
         end
       end
     end
+    if #page < 2 * PAGE then break end  -- the page held every entry left in the range
   end
   return left
 end
@@ -100,9 +101,9 @@ local function claim_from(queue, left, bulk)  -- what a gateway before fair orde
   if sweep and left > 0 then redis.call('DEL', behind) end  -- walked to the end: nothing given up is left behind
   return left
 end
-local left = claim_from(KEYS[1], tonumber(ARGV[6]), 0)
-if left > 0 then
-  claim_from(KEYS[2], math.min(left, tonumber(ARGV[8])), 1)
+local left = math.min(claim_from(KEYS[1], tonumber(ARGV[6]), 0), tonumber(ARGV[8]))
+if left > 0 and redis.call('EXISTS', KEYS[2]) == 1 then  -- bulk work, when there is any (an empty lane has no key)
+  claim_from(KEYS[2], left, 1)
 end
 return out
 """
