@@ -112,6 +112,19 @@ def source(layout: Layout, worker: str, lease: float = 5.0) -> JobSource:
     return open_source(layout.backend, layout.redis, MODEL, worker, lease)
 
 
+def count_script_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, how many script calls each write to Redis carries (one entry per write)."""
+    script_calls_per_send: list[int] = []
+    send = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return script_calls_per_send
+
+
 async def three_held_by_a(layout: Layout, queue: RedisJobQueue) -> JobSource:
     """Jobs j0, j1, j2 queued and claimed by worker A; A's source."""
     for i in range(3):
@@ -211,14 +224,7 @@ async def test_jobs_finishing_together_go_to_redis_in_one_round_trip_each_with_i
     redis = layout.redis
     a = await three_held_by_a(layout, queue)
     await redis.set(layout.lease("j1"), "B")  # j1 was taken over: its finish must say so
-    script_calls_per_send: list[int] = []
-    send = AbstractConnection.send_packed_command
-
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
-        await send(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    script_calls_per_send = count_script_calls(monkeypatch)
     inbox = key_layout.inbox_key("gw")
     results = await asyncio.gather(*(a.finish(f"j{i}", Delivery(inbox, f"answer {i}".encode())) for i in range(3)))
     assert results == [True, False, True]
@@ -311,14 +317,7 @@ async def test_admissions_arriving_together_go_as_one_script_call_per_model_each
     )
     await registry.heartbeat(redis, other.model_copy(update={"queue_backend": layout.backend}), ttl=60)
     await queue.submit(envelope("queued"))
-    script_calls_per_send: list[int] = []
-    send = AbstractConnection.send_packed_command
-
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
-        await send(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    script_calls_per_send = count_script_calls(monkeypatch)
     group = [
         envelope("a"),
         envelope("queued"),  # its id is queued already
