@@ -31,7 +31,7 @@ from conveyor.fair_share import FAIR_LUA, UNFAIR_SCORES
 from conveyor.pipeliner import Pipeliner
 from worker import wakeups
 from worker.finish_tail import finish_script, tail_arguments
-from worker.job_source import Claim, Delivery, Fence, Renewal
+from worker.job_source import Claim, Delivery, Renewal, claims_of
 from worker.key_usage import KeyUsage
 
 #: Lease due jobs nobody holds, in fair order (``conveyor.fair_share``: the job taken at a tag is its key's most
@@ -172,6 +172,7 @@ class ArqJobSource:
         self.lease_seconds = lease_seconds
         self.queue = key_layout.queue_name(model)
         self.bulk_queue = key_layout.bulk_queue_name(model)
+        self.progress_prefix = key_layout.progress_key(model, "")
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
@@ -194,15 +195,10 @@ class ArqJobSource:
         args: list[str | int] = [
             *(in_progress_key_prefix, job_key_prefix, retry_key_prefix),
             *(now_ms, self._lease_ms, limit, self.worker_id, bulk_limit, int(sweep)),
-            key_layout.progress_key(self.model, ""),
+            self.progress_prefix,
         ]
         flat = await self._claim(keys=[self.queue, self.bulk_queue], args=args)
-        claims = []
-        for i in range(0, len(flat), 5):
-            job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
-            fence = Fence(in_progress_key_prefix + job_id, self.worker_id)
-            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence, progress=bool(flat[i + 4])))
-        return claims
+        return claims_of(flat, in_progress_key_prefix, self.worker_id, _envelope)
 
     async def renew(self, job_ids: Sequence[str]) -> Renewal:
         if not job_ids:

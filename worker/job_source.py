@@ -41,6 +41,20 @@ class Claim:
     progress: bool = True
 
 
+def claims_of(
+    flat: Sequence[Any], lease_prefix: str, worker_id: str, envelope: Callable[[bytes], dict[str, Any]]
+) -> list[Claim]:
+    """The claims in a claim script's reply (both backends'): id, data, try count, bulk (0/1), has progress (0/1) per
+    job, flattened; each fenced by its lease key (``lease_prefix`` + id) holding ``worker_id``; ``envelope`` reads the
+    backend's job data."""
+    claims = []
+    for i in range(0, len(flat), 5):
+        job_id, raw, tries, bulk, progress = flat[i].decode(), flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]
+        fence = Fence(lease_prefix + job_id, worker_id)
+        claims.append(Claim(job_id, envelope(raw), int(tries), bool(bulk), fence, bool(progress)))
+    return claims
+
+
 @dataclass(frozen=True, slots=True)
 class Renewal:
     #: held jobs whose lease another worker holds now: stop them without answering

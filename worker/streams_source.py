@@ -39,7 +39,7 @@ from conveyor.pipeliner import Pipeliner
 from conveyor.redis_client import is_cluster, publish_lua
 from worker import wakeups
 from worker.finish_tail import ACCOUNT_LUA, deliver, finish_script, tail_arguments
-from worker.job_source import Claim, Delivery, Fence, Renewal
+from worker.job_source import Claim, Delivery, Renewal, claims_of
 from worker.key_usage import KeyUsage
 
 #: a claim waits in Redis at most this long for an entry (below ``redis_client.READ_TIMEOUT_SECONDS``), so a drain
@@ -256,6 +256,7 @@ class StreamsJobSource:
         self.lanes = (key_layout.stream_lane_key(model), key_layout.stream_lane_key(model, bulk=True))
         self.records = key_layout.stream_job_prefix(model)
         self.leases = key_layout.stream_lease_prefix(model)
+        self.progress_prefix = key_layout.progress_key(model, "")
         self._take = redis.register_script(TAKE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._finish = redis.register_script(finish_script(FINISH_HEAD))
@@ -303,19 +304,14 @@ class StreamsJobSource:
     ) -> list[Claim]:
         args: list[str | int | bytes] = [key_layout.STREAM_GROUP, self.worker_id, self.records, self.leases]
         args += [self._lease_ms, limit, bulk_limit, self._lease_ms if sweep else 0, *self._cursors, int(read_new)]
-        args.append(key_layout.progress_key(self.model, ""))
+        args.append(self.progress_prefix)
         for lane, entry, job_id in read:
             args += [lane, entry, job_id]
         first, second, nudged, *flat = await self._take(keys=list(self.lanes), args=args)
         self._cursors = [_text(first), _text(second)]
         if nudged:  # a job was handed back: take it up before new work
             self._next_sweep = 0.0
-        claims = []
-        for i in range(0, len(flat), 5):
-            job_id, raw, tries, bulk = flat[i].decode(), flat[i + 1], int(flat[i + 2]), bool(flat[i + 3])
-            fence = Fence(self.leases + job_id, self.worker_id)
-            claims.append(Claim(job_id, _envelope(raw), tries, bulk, fence, progress=bool(flat[i + 4])))
-        return claims
+        return claims_of(flat, self.leases, self.worker_id, _envelope)
 
     async def _wait_for_entries(self, limit: int, bulk_limit: int) -> list[tuple[int, bytes, bytes]]:
         """With nothing waiting: the first new entries to arrive (up to ``BLOCK_SECONDS``), interactive ones up to
