@@ -173,7 +173,7 @@ def saved(systems: list[str], workloads: list[Workload]) -> Results:
 
 
 def report(results: Results, ceiling: float | None = None) -> str:
-    rounds = max(len(cells) for cells in results.values())
+    rounds = max((len(cells) for cells in results.values()), default=1)
     lines = [f"vllm.benchmarks.serve against Conveyor and vLLM's server, {machine()}; client on the same machine."]
     if rounds > 1:
         lines.append(f"{rounds} rounds: a system's figures are its medians; the ratio, the median of each round's.")
@@ -246,6 +246,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, in turns")
     add_worker_env(parser, "CONVEYOR_WORKER_EMBED_BATCH_WAIT=0.002")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     names = {"conveyor": "Conveyor", "vllm": "vLLM server"}
     systems = [names[s.strip()] for s in args.systems.split(",") if s.strip()]
     workloads = [w for w in WORKLOADS if args.only in (None, w.task)]
