@@ -119,8 +119,10 @@ def test_an_expired_file_is_gone_from_every_route_the_store_and_redis(spawn: Pro
     gateway = spawn.gateway(models=SHORT, min_expiry_seconds="1")
     client = gateway.client()
     kept = create(client, embedding_lines(1, SHORT))
-    expiring = create(client, embedding_lines(1, SHORT), expires_after={"anchor": "created_at", "seconds": 1})
-    assert expiring.expires_at == expiring.created_at + 1
+    # created_at is in whole seconds, so a file given N seconds lives between N - 1 and N: 3 leaves the checks below
+    # at least 2 s before it goes (with 1, a file made late in a second was gone before it could be read)
+    expiring = create(client, embedding_lines(1, SHORT), expires_after={"anchor": "created_at", "seconds": 3})
+    assert expiring.expires_at == expiring.created_at + 3
     path = spawn.files_dir / key_layout.stored_file_name(expiring.id)
     assert path.exists() and client.files.content(expiring.id).text
 
@@ -131,7 +133,7 @@ def test_an_expired_file_is_gone_from_every_route_the_store_and_redis(spawn: Pro
             return True
         return False
 
-    wait_for(expired, 10, "the file to expire")  # a second of the gateway's clock
+    wait_for(expired, 10, "the file to expire")  # at most 3 s of the gateway's clock
     for call in (client.files.retrieve, client.files.content, client.files.delete):
         with pytest.raises(openai.NotFoundError):
             call(expiring.id)
