@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -139,20 +140,39 @@ def vllm_server_bulk(count: int) -> tuple[float, int]:
 
 OFFLINE = """
 import json, sys, time
+import psutil
 from vllm import LLM
 llm = LLM(model=sys.argv[1], runner="pooling", dtype="float32", enforce_eager=True)
 with open(sys.argv[2]) as f:
     texts = json.load(f)
+def cpu():  # this process and its engine core's, user and system
+    tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in tree)
 llm.embed(texts[:640], use_tqdm=False)
-started = time.perf_counter()
+started, cpu_before = time.perf_counter(), cpu()
 llm.embed(texts, use_tqdm=False)
-print("RATE", len(texts) / (time.perf_counter() - started))
+print("RATE", len(texts) / (time.perf_counter() - started), (cpu() - cpu_before) / len(texts))
 """
 
 
+@dataclass(frozen=True)
+class Offline:
+    """vLLM's offline ``LLM.embed`` over a list of texts in one call."""
+
+    texts_per_second: float
+    #: CPU seconds per text, its whole process tree (the caller's process and the engine core's)
+    cpu_per_text: float
+
+
 def offline_rate(inputs: list[str]) -> float | None:
-    """Texts/s of ``LLM.embed`` over ``inputs`` in one call, with the engine arguments Conveyor and vLLM's server run
-    (both cores); None (and why, on stderr) when the offline engine failed before measuring."""
+    """Texts/s of ``LLM.embed`` over ``inputs`` in one call (``offline_run``)."""
+    run = offline_run(inputs)
+    return run.texts_per_second if run else None
+
+
+def offline_run(inputs: list[str]) -> Offline | None:
+    """``LLM.embed`` over ``inputs`` in one call, with the engine arguments Conveyor and vLLM's server run (both
+    cores); None (and why, on stderr) when the offline engine failed before measuring."""
     from worker.engines.vllm_engine import engine_environment
 
     env = {**os.environ, **engine_environment(2, "0-1")}
@@ -165,7 +185,10 @@ def offline_rate(inputs: list[str]) -> float | None:
     rate = next((line for line in done.stdout.splitlines() if line.startswith("RATE")), None)
     if done.returncode != 0:  # vLLM's CPU backend may abort at interpreter exit, after the rate was printed
         print(f"offline LLM.embed exited {done.returncode}:\n{done.stderr[-2000:]}", file=sys.stderr)
-    return float(rate.split()[1]) if rate else None
+    if rate is None:
+        return None
+    _, texts_per_second, cpu_per_text = rate.split()
+    return Offline(float(texts_per_second), float(cpu_per_text))
 
 
 def probe(client: OpenAI, count: int, until: threading.Event | None = None) -> dict[str, list[float]]:

@@ -69,8 +69,11 @@ WORKLOADS = (
 )
 
 
-def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, label: str) -> dict[str, Any]:
-    """One ``vllm bench serve`` run; its result dictionary (the JSON it saves)."""
+def run_client(
+    urls: Urls, workload: Workload, concurrency: int, quick: bool, label: str, prompts: int | None = None
+) -> dict[str, Any]:
+    """One ``vllm bench serve`` run (``prompts`` requests, or the cell's usual count); its result dictionary (the JSON
+    it saves)."""
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -81,7 +84,7 @@ def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, la
         *("--backend", workload.backend, "--base-url", urls.base, "--endpoint", workload.endpoint),
         *("--model", workload.model, "--tokenizer", str(model_prep.resolve(workload.model))),
         *("--dataset-name", "random", "--random-input-len", str(workload.input_len), "--seed", "0"),
-        *("--num-prompts", str(workload.prompts(concurrency, quick)), "--max-concurrency", str(concurrency)),
+        *("--num-prompts", str(prompts or workload.prompts(concurrency, quick)), "--max-concurrency", str(concurrency)),
         *("--percentile-metrics", metrics, "--metric-percentiles", "50,95,99", "--disable-tqdm"),
         *("--save-result", "--result-dir", str(OUT), "--result-filename", f"{label}.json", "--label", label),
     ]
@@ -93,8 +96,13 @@ def run_client(urls: Urls, workload: Workload, concurrency: int, quick: bool, la
 
 
 def offline_ceiling(workload: Workload, count: int = 2560) -> float | None:
-    """Texts/s of vLLM's offline ``LLM.embed`` over prompts like the client's (its random dataset, same length): the
-    engine's own ceiling for this work, with no server in front of it."""
+    """Texts/s of vLLM's offline ``LLM.embed`` over prompts like the client's: the engine's own ceiling for this work,
+    with no server in front of it."""
+    return offline_rate(random_prompts(workload, count))
+
+
+def random_prompts(workload: Workload, count: int) -> list[str]:
+    """``count`` prompts as the client sends them (its random dataset, same seed and length)."""
     from transformers import AutoTokenizer
     from vllm.benchmarks.datasets import RandomDataset
 
@@ -105,7 +113,7 @@ def offline_ceiling(workload: Workload, count: int = 2560) -> float | None:
         input_len=workload.input_len,
         output_len=1,
     )
-    return offline_rate([str(request.prompt) for request in sampled])
+    return [str(request.prompt) for request in sampled]
 
 
 def measure(

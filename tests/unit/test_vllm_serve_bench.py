@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,7 @@ def test_cells_alternate_between_the_systems_and_the_order_swaps_each_round(monk
     monkeypatch.setattr(vllm_serve, "SYSTEMS", {name: starter(name) for name in systems})
     monkeypatch.setattr(vllm_serve, "run_client", run_client)
     monkeypatch.setattr(vllm_serve, "call_sizes", lambda urls: (0.0, 0.0))
-    workload = vllm_serve.dataclasses.replace(EMBED, concurrencies=(16, 8))
+    workload = dataclasses.replace(EMBED, concurrencies=(16, 8))
 
     results = vllm_serve.measure(systems, [workload], quick=False, rounds=2)
 
