@@ -26,8 +26,6 @@ import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import psutil
-
 from bench.bulk import offline_run
 from bench.common import machine, table
 from bench.vllm_serve import SYSTEMS, WORKLOADS, random_prompts, run_client
@@ -60,6 +58,8 @@ def own_cpu() -> float:
 
 def tree_cpu() -> dict[int, float]:
     """CPU seconds of each process under this one, by pid."""
+    import psutil  # vLLM's dependency, as the CPU engine's extra installs it
+
     out = {}
     for process in psutil.Process().children(recursive=True):
         try:
