@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from conveyor.contract import JobKind
+from conveyor.contract import JobKind, json_bytes, loads
 from conveyor.errors import (
     ConveyorError,
     EngineFailure,
@@ -437,7 +437,7 @@ class VLLMEngine(Engine):
         else:
             pieces = self._stream_events(kind, body | {"return_token_ids": True}, request_id)
         async for payload in pieces:
-            chunk = json.loads(payload)
+            chunk = loads(payload)
             keep_prompt = keep_ids and resume is None  # a continuation's prompt is not the one the client sent
             prompt_ids = chunk.get("prompt_token_ids") if keep_prompt else chunk.pop("prompt_token_ids", None)
             ids: list[int] = []
@@ -448,7 +448,7 @@ class VLLMEngine(Engine):
             finished = any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
             if resume is not None:
                 chunk = vllm_continuation.as_original(kind, chunk, request_id, self.settings.model, resume)
-            payload = json.dumps(chunk, separators=(",", ":"))
+            payload = json_bytes(chunk).decode()
             prompt = tuple(int(i) for i in prompt_ids) if isinstance(prompt_ids, list) else None
             yield Piece(payload, tuple(ids), prompt, finished, bool(chunk.get("usage")))
 
