@@ -21,13 +21,13 @@ so none can pass it. It is printed as a fraction of offline's rate, next to what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.bulk import offline_run
-from bench.common import machine, table
+from bench.common import cpu_seconds, machine, table
 from bench.vllm_serve import SYSTEMS, WORKLOADS, random_prompts, run_client
 
 
@@ -52,8 +52,7 @@ class Served:
 
 
 def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return cpu_seconds(os.getpid())
 
 
 def tree_cpu() -> dict[int, float]:
@@ -62,11 +61,8 @@ def tree_cpu() -> dict[int, float]:
 
     out = {}
     for process in psutil.Process().children(recursive=True):
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        out[process.pid] = times.user + times.system
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            out[process.pid] = cpu_seconds(process.pid)
     return out
 
 
