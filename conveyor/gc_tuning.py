@@ -1,6 +1,6 @@
 """The garbage collector set for a long-running server, once its start-up is done (gateway and worker alike).
 
-Two changes, each measured (README, "The garbage collector, and engines' answers written in C"):
+Two changes, each measured (docs/performance-log.md, "The garbage collector, and engines' answers written in C"):
 
 - ``gc.freeze()``: everything start-up built (FastAPI's routes, pydantic's schemas, the engine and its model) moves to
   a permanent generation that collections no longer walk. vLLM's own API server does the same after its warm-up.

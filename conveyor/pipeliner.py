@@ -72,7 +72,7 @@ class Grouped(Generic[T, R]):
 class Pipeliner(Grouped[ScriptCall, Any]):
     """Script calls of many tasks, a group in one round trip. The group is written and its replies read on one
     connection of the client's pool, without redis-py's pipeline object: its per-command bookkeeping cost ~7 us a call
-    (README, "Script calls sent without redis-py's pipeline")."""
+    (docs/performance-log.md, "Script calls sent without redis-py's pipeline")."""
 
     def __init__(self, redis: Redis) -> None:
         super().__init__(self._execute)

@@ -3,7 +3,8 @@
 redis-py's synchronous client packs commands with ``hiredis.pack_command`` when hiredis is installed; its asyncio
 client (5.3) always packs them in Python, one ``Encoder.encode`` and a few joins per argument. Conveyor's scripts take
 many arguments (an admission carries 19, a group of stream frames 8 or more per frame): packing an admission took
-13 us instead of 2, and the worker's CPU per stream chunk was a tenth higher (README, "Commands packed in C").
+13 us instead of 2, and the worker's CPU per stream chunk was a tenth higher (docs/performance-log.md, "Commands
+packed in C").
 ``install`` gives the asyncio connections the synchronous client's packing: the same bytes for every str,
 bytes, int and float (a unit test compares them), one buffer per command. Anything else hiredis refuses (a
 memoryview, a bool, None) goes to redis-py's own packing, which sends the memoryview and raises ``DataError`` for

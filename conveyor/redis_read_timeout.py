@@ -4,7 +4,7 @@ Every reply a Conveyor process reads from Redis is bounded by ``redis_client.REA
 hangs is noticed. redis-py 5.3's asyncio connection puts ``asyncio.timeout`` around each read for that (and around
 each connect). That costs ~5 us a read here: a timer set and cancelled on the loop (uvloop: ~1.7 us), three
 ``get_running_loop`` calls (each a ``getpid`` system call on Python 3.11) and a state machine in Python. A worker reads
-about three replies per job (README, "Reads bounded without a timer each").
+about three replies per job (docs/performance-log.md, "Reads bounded without a timer each").
 
 ``ReadTimeout`` does the same job. A read bounded by ``WATCHED_FROM_SECONDS`` or more (the 5 s read timeout, the 2 s
 connect, the 1 s pub/sub polls) joins its loop's watch: one timer per loop, ticking every ``TICK_SECONDS`` while any

@@ -4,8 +4,8 @@ redis-py's asyncio pool checks every connection it hands out for bytes nobody re
 server's end of the stream): a command must never read an earlier command's reply. redis-py 5.3 does it, with hiredis,
 by reading the socket under ``asyncio.timeout(0)``: the caller's task sleeps for one loop turn and is woken by a
 cancellation turned into ``TimeoutError``. That is paid on every command and pipeline taken from a pool: ~7.5 us of
-CPU in the process here, and a plain ``GET`` costs ~13 us less without it (README, "A connection's reuse checked
-without a loop turn").
+CPU in the process here, and a plain ``GET`` costs ~13 us less without it (docs/performance-log.md, "A connection's
+reuse checked without a loop turn").
 
 redis-py 7 replaced that read with a look at what has already arrived (redis/redis-py#4063): bytes the hiredis reader
 holds, bytes in the connection's stream buffer, or the stream's end. ``install`` gives redis-py 5.3 (arq keeps it below
