@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from conveyor.held_connection import HeldConnection
 from conveyor.redis_client import connection_closed_in_use, is_cluster
 
 #: a Lua script's call: the script, its keys, its arguments
@@ -70,14 +71,16 @@ class Grouped(Generic[T, R]):
 
 
 class Pipeliner(Grouped[ScriptCall, Any]):
-    """Script calls of many tasks, a group in one round trip. The group is written and its replies read on one
-    connection of the client's pool, without redis-py's pipeline object: its per-command bookkeeping cost ~7 us a call
-    (docs/performance-log.md, "Script calls sent without redis-py's pipeline")."""
+    """Script calls of many tasks, a group in one round trip. The group is written on a connection the pipeliner holds
+    and its replies read by that connection's reader (``conveyor.held_connection``), without redis-py's pipeline object
+    (its per-command bookkeeping cost ~7 us a call: docs/performance-log.md, "Script calls sent without redis-py's
+    pipeline") or its command path."""
 
     def __init__(self, redis: Redis) -> None:
         super().__init__(self._execute)
         self.redis = redis
         self.cluster = is_cluster(redis)
+        self._held = None if self.cluster else HeldConnection(redis)
         #: the scripts this pipeliner loaded into Redis and has not seen answered ``NOSCRIPT`` since
         self._loaded: set[str] = set()
 
@@ -92,13 +95,13 @@ class Pipeliner(Grouped[ScriptCall, Any]):
     async def _execute(self, calls: list[ScriptCall], again: bool = False) -> list[Any]:
         """One round trip for the group, once its scripts are loaded (a round trip each, the first time only). Calls
         that Redis answers ``NOSCRIPT`` (it lost its scripts: a restart) did not run: they go again, loaded first."""
-        if self.cluster:  # a cluster takes no pipelined scripts: the group's calls go at once, each to its node
+        if self._held is None:  # a cluster takes no pipelined scripts: the group's calls go at once, each to its node
             return list(await asyncio.gather(*(script(keys, args, self.redis) for script, keys, args in calls)))
         for script in {script.sha: script for script, _, _ in calls if script.sha not in self._loaded}.values():
             await self.redis.script_load(script.script)
             self._loaded.add(script.sha)
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
-        results = await round_trip(self.redis, commands)
+        results = await self._held.execute(commands)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         self._loaded -= {calls[i][0].sha for i in missing}
         if missing and not again:

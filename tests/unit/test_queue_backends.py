@@ -113,15 +113,16 @@ def source(layout: Layout, worker: str, lease: float = 5.0) -> JobSource:
 
 
 def count_script_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """From now on, how many script calls each write to Redis carries (one entry per write)."""
+    """From now on, how many script calls each group of commands written at once carries (one entry per group)."""
     script_calls_per_send: list[int] = []
-    send = AbstractConnection.send_packed_command
+    pack = AbstractConnection.pack_commands
 
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        script_calls_per_send.append(b"".join(command).count(b"EVALSHA"))
-        await send(self, command, check_health)
+    def counting(self: AbstractConnection, commands: Any) -> list[bytes]:
+        packed = pack(self, commands)
+        script_calls_per_send.append(b"".join(packed).count(b"EVALSHA"))
+        return packed
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(AbstractConnection, "pack_commands", counting)
     return script_calls_per_send
 
 
