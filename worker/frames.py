@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from conveyor import redis_client
-from conveyor.pipeliner import Grouped
+from conveyor.pipeliner import Grouped, Pipeliner
 
 #: For each frame, KEYS: progress list; ARGV: entry count, lease key ('' for no check), lease holder, stream channel
 #: ('' for none), frame, expire-at ms, the progress list's length it follows, entries. Every key and the channel carry
@@ -62,9 +62,10 @@ class Frame:
 class FrameSender(Grouped[Frame, int]):
     """``send(frame)`` answers 1 once the frame is published and recorded, 0 when another worker holds its job."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, pipeliner: Pipeliner) -> None:
         super().__init__(self._send_group)
         self._script = redis.register_script(redis_client.publish_lua(redis) + SEND_SCRIPT)
+        self._pipeliner = pipeliner
 
     async def _send_group(self, frames: list[Frame]) -> list[int]:
         keys: list[str] = []
@@ -73,4 +74,5 @@ class FrameSender(Grouped[Frame, int]):
             keys.append(frame.progress_key)
             args += [len(frame.entries), frame.lease_key, frame.holder, frame.channel, frame.frame]
             args += [frame.expire_at_ms, frame.after, *frame.entries]
-        return [int(ok) for ok in await self._script(keys=keys, args=args)]
+        (done,) = await self._pipeliner.run([(self._script, keys, args)])
+        return [int(ok) for ok in done]

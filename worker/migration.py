@@ -54,7 +54,7 @@ class Migration:
         self.enabled = enabled
         self.max_migrations = max_migrations
         self._pipeliner = Pipeliner(redis)
-        self._frames = FrameSender(redis)
+        self._frames = FrameSender(redis, self._pipeliner)
         self._read = redis.register_script(READ_SCRIPT)
 
     async def cut(self, request_id: str, deadline: float) -> Cut | None:
