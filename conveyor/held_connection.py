@@ -2,18 +2,19 @@
 once, and the replies owed are read in order by one reader task and handed to the commands they answer.
 
 Through redis-py's command path a script call costs its caller 88-107 us of CPU here, and 79-89 on a connection taken
-from the pool for the group: a checkout and release, the send in a task of its own (``asyncio.wait_for`` on Python
-3.11) and the read in the caller's. Written to the held connection and answered by its reader it costs 61-81
+from the pool for the group: a checkout and release, the send in a task of its own (``asyncio.wait_for`` on Python 3.11)
+and the read in the caller's. Written to the held connection and answered by its reader it costs 61-81
 (docs/performance-log.md, "Script calls on a held connection").
 
-The connection is one the client's pool made, so its address, TLS, password and database, and Sentinel's current
-master, are the client's; it stays taken from the pool, so closing the client closes it too. Replies are read with the
+The connection is one the client's pool made, so its address, TLS, password and database, and Sentinel's current master,
+are the client's; it stays taken from the pool, so closing the client closes it too. Replies are read with the
 connection's own ``read_response``, so each read is bounded by the client's read timeout and a demoted Sentinel master
 is a ``ConnectionError``, as anywhere else. A reply that is an error is that command's reply. A connection that fails
 (closed, unreachable, or a read that timed out) fails every command still waiting on it with that error, and the next
-group takes a new connection from the pool. A caller cancelled while its replies are on their way leaves them to the
-reader: the commands after it still get their own. The reader runs only while replies are owed. Not for a Redis
-Cluster, and not for blocking commands.
+group takes a new connection from the pool; one closed while it owed nothing (a Redis restart) is found before the next
+group is written, as the pool finds it, and replaced without failing anyone. A caller cancelled while its replies are on
+their way leaves them to the reader: the commands after it still get their own. The reader runs only while replies are
+owed. Not for a Redis Cluster, and not for blocking commands.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class HeldConnection:
 
     async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Each command's reply, in order (a command Redis refused has its ``ResponseError`` as its reply)."""
-        line = self._line or await self._take()
+        line = await self._usable_line()
         loop = asyncio.get_running_loop()
         replies = [loop.create_future() for _ in commands]
         line.waiting.extend(replies)
@@ -65,6 +66,20 @@ class HeldConnection:
             line.reader = loop.create_task(self._read_owed(line), name="redis-held-connection")
         await replies[-1]  # replies come in order: once the last is in, so are the others
         return [reply.result() for reply in replies]
+
+    async def _usable_line(self) -> _Line:
+        """The held line; while it owes nothing, checked as the pool checks a connection before reuse (a Redis that
+        restarted or closed it while idle), and replaced quietly if it fails that check."""
+        line = self._line
+        if line is not None and not line.waiting:
+            try:
+                stale = await line.connection.can_read_destructive()  # type: ignore[no-untyped-call]
+            except RedisError:
+                stale = True
+            if stale:
+                await self._drop(line, RedisConnectionError("the held connection was closed while idle"))
+                line = None
+        return line or await self._take()
 
     async def _take(self) -> _Line:
         async with self._taking:
