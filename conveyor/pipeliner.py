@@ -79,8 +79,8 @@ class Pipeliner(Grouped[ScriptCall, Any]):
     def __init__(self, redis: Redis) -> None:
         super().__init__(self._execute)
         self.redis = redis
-        self.cluster = is_cluster(redis)
-        self._held = None if self.cluster else HeldConnection(redis)
+        #: None on a cluster, which takes no pipelined scripts
+        self._held = None if is_cluster(redis) else HeldConnection(redis)
         #: the scripts this pipeliner loaded into Redis and has not seen answered ``NOSCRIPT`` since
         self._loaded: set[str] = set()
 
